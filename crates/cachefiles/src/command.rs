@@ -119,7 +119,10 @@ mod tests {
 
     #[test]
     fn commands_have_the_kernel_syntax() {
-        assert_eq!(enc(Command::Dir("/var/cache/lp".into())), "dir /var/cache/lp");
+        assert_eq!(
+            enc(Command::Dir("/var/cache/lp".into())),
+            "dir /var/cache/lp"
+        );
         assert_eq!(enc(Command::Tag("lazypull".into())), "tag lazypull");
         assert_eq!(enc(Command::BindOndemand), "bind ondemand");
         assert_eq!(

@@ -84,9 +84,13 @@ impl CacheDevice {
             Ok(Request::Open(open)) => Some(open.fd),
             // A malformed OPEN still carried an fd that the kernel installed: take it
             // so it is closed rather than leaked.
-            Err(_) if n >= MSG_HEADER_SIZE + 12 && raw[4..8] == OP_OPEN.to_le_bytes() => Some(
-                u32::from_le_bytes(raw[MSG_HEADER_SIZE + 8..MSG_HEADER_SIZE + 12].try_into().unwrap()),
-            ),
+            Err(_) if n >= MSG_HEADER_SIZE + 12 && raw[4..8] == OP_OPEN.to_le_bytes() => {
+                Some(u32::from_le_bytes(
+                    raw[MSG_HEADER_SIZE + 8..MSG_HEADER_SIZE + 12]
+                        .try_into()
+                        .unwrap(),
+                ))
+            }
             _ => None,
         }
         .and_then(AnonFd::adopt_from_kernel);

@@ -9,8 +9,7 @@
 //!   `bind ondemand`, `copen`, `restore`, culling limits).
 //! - [`device`]: the open `/dev/cachefiles` file itself.
 //! - [`object`]: the anonymous fd the kernel installs for each cache object, with the
-//!   aligned writes and the `CACHEFILES_IOC_READ_COMPLETE` ioctl it requires, and
-//!   [`object::AlignedBuf`] for building those writes.
+//!   aligned writes and the `CACHEFILES_IOC_READ_COMPLETE` ioctl it requires.
 //!
 //! It must not know about images, blobs or backends: it is equally usable by a
 //! daemon serving EROFS images or by a test harness poking the kernel by hand.
@@ -24,4 +23,4 @@ pub mod object;
 pub use command::Command;
 pub use device::CacheDevice;
 pub use msg::{CloseRequest, OpenRequest, ParseError, ReadRequest, Request};
-pub use object::{AlignedBuf, AnonFd, CACHE_ALIGN};
+pub use object::{AnonFd, CACHE_ALIGN};

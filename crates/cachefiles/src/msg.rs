@@ -376,10 +376,7 @@ mod tests {
     fn length_disagreement_is_an_error() {
         let mut b = encode(&open(b"erofs,x\0", b"x"));
         b.push(0);
-        assert!(matches!(
-            parse(&b),
-            Err(ParseError::LengthMismatch { .. })
-        ));
+        assert!(matches!(parse(&b), Err(ParseError::LengthMismatch { .. })));
         let b = encode(&open(b"erofs,x\0", b"x"));
         assert!(matches!(
             parse(&b[..b.len() - 1]),

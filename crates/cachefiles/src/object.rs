@@ -10,6 +10,9 @@
 //!   which is how a daemon reports a failed READ (there is no error field).
 //! - `lseek(SEEK_DATA / SEEK_HOLE)` tells which ranges the cache already holds.
 //! - Closing the fd releases the object (the answer to a CLOSE request).
+//!
+//! Callers build aligned buffers themselves (lazypull's engine has one); this
+//! module only refuses unaligned ones before the kernel does, with a clearer error.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -48,7 +51,7 @@ impl AnonFd {
     /// (use [`AlignedBuf`]); `off` and `buf.len()` should be aligned except at the
     /// end of the object.
     pub fn write_all_at(&self, mut buf: &[u8], mut off: u64) -> io::Result<()> {
-        if buf.as_ptr() as usize % CACHE_ALIGN != 0 {
+        if !(buf.as_ptr() as usize).is_multiple_of(CACHE_ALIGN) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "anon fd writes need a 4096-aligned buffer (the kernel writes it with O_DIRECT)",
@@ -110,71 +113,29 @@ impl AsFd for AnonFd {
     }
 }
 
-/// A heap buffer whose contents start on a [`CACHE_ALIGN`] boundary, built in safe
-/// code: over-allocate by one alignment unit and start at the first aligned byte.
-/// The heap allocation never moves, so the alignment holds for the buffer's life.
-pub struct AlignedBuf {
-    storage: Vec<u8>,
-    start: usize,
-    capacity: usize,
-}
-
-impl AlignedBuf {
-    pub fn new(capacity: usize) -> Self {
-        let storage = vec![0u8; capacity + CACHE_ALIGN];
-        let start = storage.as_ptr().align_offset(CACHE_ALIGN);
-        assert!(start < CACHE_ALIGN, "align_offset on u8 is always satisfiable");
-        AlignedBuf {
-            storage,
-            start,
-            capacity,
-        }
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// The first `len` bytes (`len` ≤ capacity), aligned.
-    pub fn slice(&self, len: usize) -> &[u8] {
-        &self.storage[self.start..self.start + len.min(self.capacity)]
-    }
-
-    /// The first `len` bytes (`len` ≤ capacity), aligned, writable.
-    pub fn slice_mut(&mut self, len: usize) -> &mut [u8] {
-        let len = len.min(self.capacity);
-        &mut self.storage[self.start..self.start + len]
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn aligned_buf_is_aligned_for_any_capacity() {
-        for cap in [0, 1, 4095, 4096, 131072, 1 << 20] {
-            let mut b = AlignedBuf::new(cap);
-            assert_eq!(b.slice(cap).as_ptr() as usize % CACHE_ALIGN, 0);
-            assert_eq!(b.slice_mut(cap).len(), cap);
-            assert_eq!(b.slice(cap + 10).len(), cap);
-        }
-    }
-
-    #[test]
     fn ioctl_number_matches_iow_0x98_1_int() {
         // _IOW(type, nr, size) = (1 << 30) | (size << 16) | (type << 8) | nr
         let expect = (1u64 << 30) | (4 << 16) | (0x98 << 8) | 1;
-        assert_eq!(CACHEFILES_IOC_READ_COMPLETE as u64, expect);
+        assert_eq!(u64::from(CACHEFILES_IOC_READ_COMPLETE), expect);
     }
 
     #[test]
     fn unaligned_write_is_refused_before_reaching_the_kernel() {
         let f = std::fs::File::create(std::env::temp_dir().join("lp-anon-test")).unwrap();
         let fd = AnonFd::from_owned(f.into());
-        let b = AlignedBuf::new(8192);
-        let err = fd.write_all_at(&b.slice(8192)[1..], 0).unwrap_err();
+        // Find a 4096-aligned window inside an ordinary Vec.
+        let v = vec![0u8; 3 * CACHE_ALIGN];
+        let start = v.as_ptr().align_offset(CACHE_ALIGN);
+        let aligned = &v[start..start + CACHE_ALIGN];
+        let err = fd
+            .write_all_at(&v[start + 1..start + 1 + 512], 0)
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
-        fd.write_all_at(b.slice(4096), 0).unwrap();
+        fd.write_all_at(aligned, 0).unwrap();
     }
 }

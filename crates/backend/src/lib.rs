@@ -1,0 +1,209 @@
+//! Blob backends: where the stored bytes of blobs live, and how to read them.
+//!
+//! A blob is named by the key the kernel uses for it (an EROFS `fsid` or a device
+//! tag, normally a sha256 hex digest). This crate turns such a name into a
+//! [`BlobSource`] that answers positional reads. It owns name validation (a name
+//! from the kernel must never escape the blob directory) and the mapping of I/O
+//! failures to errno values a transport can hand back to the kernel.
+//!
+//! It must not decompress, verify, cache, or know which transport asked.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Random access to one blob's bytes.
+pub trait BlobSource: Send + Sync + std::fmt::Debug {
+    /// The blob's name (its key).
+    fn name(&self) -> &str;
+    /// Its size in bytes, as known when it was opened.
+    fn size(&self) -> u64;
+    /// Reads as many bytes as are available at `off` into `buf`; fewer than
+    /// `buf.len()` only at the end of the blob.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+}
+
+/// Why a blob could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("invalid blob name {name:?}: {why}")]
+    InvalidName { name: String, why: &'static str },
+    #[error("blob {name:?} not found at {path}")]
+    NotFound { name: String, path: PathBuf },
+    #[error("blob {name:?} at {path} is not a regular file")]
+    NotAFile { name: String, path: PathBuf },
+    #[error("cannot open blob {name:?} at {path}: {source}")]
+    Io {
+        name: String,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+impl OpenError {
+    /// The errno a transport should report for this failure.
+    pub fn errno(&self) -> i32 {
+        match self {
+            OpenError::InvalidName { .. } => libc::EINVAL,
+            OpenError::NotFound { .. } => libc::ENOENT,
+            OpenError::NotAFile { .. } => libc::EISDIR,
+            OpenError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// Checks that a kernel-supplied key is a plain file name: no path separators,
+/// no `.`/`..`, no control bytes, at most 255 bytes.
+pub fn validate_name(name: &[u8]) -> Result<&str, OpenError> {
+    let invalid = |why| OpenError::InvalidName {
+        name: String::from_utf8_lossy(name).into_owned(),
+        why,
+    };
+    let s = std::str::from_utf8(name).map_err(|_| invalid("not UTF-8"))?;
+    if s.is_empty() {
+        return Err(invalid("empty"));
+    }
+    if s.len() > 255 {
+        return Err(invalid("longer than 255 bytes"));
+    }
+    if s == "." || s == ".." {
+        return Err(invalid("is a directory reference"));
+    }
+    if s.bytes().any(|b| b == b'/' || b < 0x20 || b == 0x7f) {
+        return Err(invalid("contains '/' or a control character"));
+    }
+    Ok(s)
+}
+
+/// Blobs stored as files named by their key in one directory.
+#[derive(Debug, Clone)]
+pub struct LocalDir {
+    root: PathBuf,
+}
+
+impl LocalDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Opens the blob named `name` (raw bytes as the kernel sent them).
+    pub fn open(&self, name: &[u8]) -> Result<Arc<LocalBlob>, OpenError> {
+        let name = validate_name(name)?;
+        let path = self.root.join(name);
+        let file = File::open(&path).map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => OpenError::NotFound {
+                name: name.to_owned(),
+                path: path.clone(),
+            },
+            _ => OpenError::Io {
+                name: name.to_owned(),
+                path: path.clone(),
+                source,
+            },
+        })?;
+        let meta = file.metadata().map_err(|source| OpenError::Io {
+            name: name.to_owned(),
+            path: path.clone(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(OpenError::NotAFile {
+                name: name.to_owned(),
+                path,
+            });
+        }
+        Ok(Arc::new(LocalBlob {
+            name: name.to_owned(),
+            path,
+            size: meta.len(),
+            file,
+        }))
+    }
+}
+
+/// One blob file in a [`LocalDir`].
+#[derive(Debug)]
+pub struct LocalBlob {
+    name: String,
+    path: PathBuf,
+    size: u64,
+    file: File,
+}
+
+impl LocalBlob {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl BlobSource for LocalBlob {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_could_escape_are_refused() {
+        for bad in [
+            &b""[..],
+            b".",
+            b"..",
+            b"a/b",
+            b"../etc/passwd",
+            b"x\0y",
+            b"\xff\xfe",
+            &[b'a'; 256],
+        ] {
+            let err = validate_name(bad).unwrap_err();
+            assert_eq!(err.errno(), libc::EINVAL, "{err}");
+        }
+        assert_eq!(
+            validate_name(b"sha256-abc.meta").unwrap(),
+            "sha256-abc.meta"
+        );
+    }
+
+    #[test]
+    fn opens_reads_and_reports_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("blob1"), b"hello world").unwrap();
+        std::fs::create_dir(dir.path().join("adir")).unwrap();
+        let store = LocalDir::new(dir.path());
+        let blob = store.open(b"blob1").unwrap();
+        assert_eq!(blob.size(), 11);
+        let mut buf = [0u8; 8];
+        assert_eq!(blob.read_at(&mut buf, 6).unwrap(), 5);
+        assert_eq!(&buf[..5], b"world");
+        let err = store.open(b"nope").unwrap_err();
+        assert_eq!(err.errno(), libc::ENOENT);
+        assert!(err.to_string().contains("nope"), "{err}");
+        assert_eq!(store.open(b"adir").unwrap_err().errno(), libc::EISDIR);
+    }
+}

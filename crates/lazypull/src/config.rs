@@ -1,0 +1,230 @@
+//! Daemon configuration: a TOML file, overridden by command-line flags.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// Default location of the config file, read if present when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/lazypull/config.toml";
+
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// Cache directory for cachefiles (must be on ext4, xfs or similar; not tmpfs).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Directory holding blobs as files named by their key (fsid or device tag).
+    #[arg(long, value_name = "DIR")]
+    pub blob_dir: Option<PathBuf>,
+
+    /// Config file (TOML). Default: /etc/lazypull/config.toml if it exists.
+    /// Keys: cache_dir, blob_dir, tag, device, max_in_flight, fill_window, io_size.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Cachefiles cache tag.
+    #[arg(long)]
+    pub tag: Option<String>,
+
+    /// The cachefiles device node.
+    #[arg(long, value_name = "PATH")]
+    pub device: Option<PathBuf>,
+
+    /// Most READs filled at once.
+    #[arg(long, value_name = "N")]
+    pub max_in_flight: Option<usize>,
+
+    /// Bytes filled per kernel miss: the READ is widened to whole windows of this
+    /// size (power of two ≥ 4KiB; suffixes K, M, KiB, MiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub fill_window: Option<u64>,
+}
+
+/// The config file's schema. Every key is optional; flags win.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub cache_dir: Option<PathBuf>,
+    pub blob_dir: Option<PathBuf>,
+    pub tag: Option<String>,
+    pub device: Option<PathBuf>,
+    pub max_in_flight: Option<usize>,
+    pub fill_window: Option<SizeValue>,
+    pub io_size: Option<SizeValue>,
+}
+
+/// A size given as a number of bytes or a string such as "1MiB".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn bytes(&self) -> anyhow::Result<u64> {
+        match self {
+            SizeValue::Bytes(n) => Ok(*n),
+            SizeValue::Text(s) => parse_size(s).map_err(anyhow::Error::msg),
+        }
+    }
+}
+
+/// Parses "4096", "512K", "512KiB", "1M", "1MiB", "1G".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        format!("invalid size {s:?}: expected a number with an optional K/M/G suffix")
+    })?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        other => return Err(format!("invalid size unit {other:?} in {s:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// The resolved daemon settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    pub cache_dir: PathBuf,
+    pub blob_dir: PathBuf,
+    pub tag: String,
+    pub device: PathBuf,
+    pub max_in_flight: usize,
+    pub fill_window: u64,
+    pub io_size: usize,
+}
+
+impl DaemonArgs {
+    /// Merges flags over the config file over defaults and validates the result.
+    pub fn resolve(&self) -> anyhow::Result<DaemonConfig> {
+        let file = match &self.config {
+            Some(path) => load(path)?,
+            None if Path::new(DEFAULT_CONFIG).exists() => load(Path::new(DEFAULT_CONFIG))?,
+            None => FileConfig::default(),
+        };
+        let cache_dir = self.cache_dir.clone().or(file.cache_dir).context(
+            "no cache directory: pass --cache-dir DIR or set cache_dir in the config file",
+        )?;
+        let blob_dir =
+            self.blob_dir.clone().or(file.blob_dir).context(
+                "no blob directory: pass --blob-dir DIR or set blob_dir in the config file",
+            )?;
+        let fill_window = match (self.fill_window, &file.fill_window) {
+            (Some(n), _) => n,
+            (None, Some(v)) => v.bytes().context("config key fill_window")?,
+            (None, None) => lazypull_engine::FillPolicy::default().window,
+        };
+        let io_size = match &file.io_size {
+            Some(v) => v.bytes().context("config key io_size")? as usize,
+            None => lazypull_engine::FillPolicy::default().io_size,
+        };
+        let cfg = DaemonConfig {
+            cache_dir,
+            blob_dir,
+            tag: self
+                .tag
+                .clone()
+                .or(file.tag)
+                .unwrap_or_else(|| "lazypull".into()),
+            device: self
+                .device
+                .clone()
+                .or(file.device)
+                .unwrap_or_else(|| "/dev/cachefiles".into()),
+            max_in_flight: self.max_in_flight.or(file.max_in_flight).unwrap_or(8),
+            fill_window,
+            io_size,
+        };
+        if cfg.max_in_flight == 0 {
+            bail!("max_in_flight must be at least 1");
+        }
+        lazypull_engine::FillPolicy {
+            window: cfg.fill_window,
+            io_size: cfg.io_size,
+        }
+        .validate()
+        .map_err(anyhow::Error::msg)?;
+        Ok(cfg)
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> DaemonArgs {
+        DaemonArgs {
+            cache_dir: None,
+            blob_dir: None,
+            config: None,
+            tag: None,
+            device: None,
+            max_in_flight: None,
+            fill_window: None,
+        }
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("2 GiB"), Ok(2 << 30));
+        assert!(parse_size("1.5M").is_err());
+        assert!(parse_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn flags_override_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "cache_dir = \"/c\"\nblob_dir = \"/b\"\nmax_in_flight = 3\nfill_window = \"256KiB\"\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        a.blob_dir = Some("/flag-blobs".into());
+        let c = a.resolve().unwrap();
+        assert_eq!(c.cache_dir, PathBuf::from("/c"));
+        assert_eq!(c.blob_dir, PathBuf::from("/flag-blobs"));
+        assert_eq!(c.max_in_flight, 3);
+        assert_eq!(c.fill_window, 256 << 10);
+        assert_eq!(c.tag, "lazypull");
+    }
+
+    #[test]
+    fn missing_and_bad_settings_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.config = Some(dir.path().join("absent.toml"));
+        assert!(format!("{:#}", a.resolve().unwrap_err()).contains("absent.toml"));
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "cache_dirr = \"/c\"\n").unwrap();
+        a.config = Some(path);
+        assert!(format!("{:#}", a.resolve().unwrap_err()).contains("unknown field"));
+        let mut a = args();
+        a.cache_dir = Some("/c".into());
+        a.config = Some(dir.path().join("none.toml"));
+        std::fs::write(dir.path().join("none.toml"), "").unwrap();
+        assert!(format!("{:#}", a.resolve().unwrap_err()).contains("--blob-dir"));
+        a.blob_dir = Some("/b".into());
+        a.fill_window = Some(3000);
+        assert!(format!("{:#}", a.resolve().unwrap_err()).contains("power of two"));
+    }
+}
