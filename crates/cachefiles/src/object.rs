@@ -120,8 +120,8 @@ mod tests {
     #[test]
     fn ioctl_number_matches_iow_0x98_1_int() {
         // _IOW(type, nr, size) = (1 << 30) | (size << 16) | (type << 8) | nr
-        let expect = (1u64 << 30) | (4 << 16) | (0x98 << 8) | 1;
-        assert_eq!(u64::from(CACHEFILES_IOC_READ_COMPLETE), expect);
+        let expect: libc::c_ulong = (1 << 30) | (4 << 16) | (0x98 << 8) | 1;
+        assert_eq!(CACHEFILES_IOC_READ_COMPLETE, expect);
     }
 
     #[test]
