@@ -1,5 +1,7 @@
 //! Tracing setup: levels from `--log-level` or `LAZYPULL_LOG`, text or JSON lines on stderr.
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use tracing_subscriber::EnvFilter;
 
@@ -16,7 +18,9 @@ pub fn init(level: Option<&str>, format: Format) -> anyhow::Result<()> {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only on a terminal: log files and journald get plain text.
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         Format::Text => builder.init(),
         Format::Json => builder.json().init(),

@@ -1,0 +1,3 @@
+#!/bin/bash
+echo hang-scenario-sleeping
+sleep 1000

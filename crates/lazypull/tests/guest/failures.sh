@@ -1,0 +1,40 @@
+#!/bin/bash
+# Missing blobs fail the mount with a clear log line; a blob truncated under the
+# daemon gives the reader EIO (not a hang); the daemon keeps serving good images.
+source "$LP_SCENARIOS/lib.sh"
+setup_disks
+start_daemon
+A=$(cat "$LP_DATA/img-a")
+C=$(cat "$LP_DATA/img-c")
+D=$(cat "$LP_DATA/img-d")
+C_BLOB=$(cat "$LP_DATA/blob-c")
+
+# 1. No such meta blob.
+if mount_image no-such-image /mnt/x 2>"$LP_OUT/mount-missing-meta.err"; then
+	fail "mount of a missing image succeeded"
+fi
+echo "missing meta blob: mount failed as expected: $(cat "$LP_OUT/mount-missing-meta.err")"
+
+# 2. Meta blob present, one data blob missing.
+if mount_image "$D" /mnt/d 2>"$LP_OUT/mount-missing-data.err"; then
+	fail "mount of an image with a missing data blob succeeded"
+fi
+echo "missing data blob: mount failed as expected"
+daemon_alive || fail "daemon died after refusing OPENs"
+
+# 3. Truncate C's data blob while the daemon serves it.
+mount_image "$C" /mnt/c || fail "mount C"
+truncate -s 4096 "$BLOBS/$C_BLOB"
+sync
+rc=0
+timeout 120 cat /mnt/c/big.bin >/dev/null 2>"$LP_OUT/read-truncated.err" || rc=$?
+echo "$rc" >"$LP_OUT/read-truncated.rc"
+echo "read of truncated blob: rc=$rc $(cat "$LP_OUT/read-truncated.err")"
+umount /mnt/c
+daemon_alive || fail "daemon died after a failed READ"
+
+# 4. A good image still mounts and reads correctly.
+mount_image "$A" /mnt/a || fail "mount A after failures"
+(cd /mnt/a && sha256sum -c --quiet "$LP_DATA/sample-a.sha256") >"$LP_OUT/check-a" 2>&1 || fail "A differs after failures"
+umount /mnt/a
+stop_daemon

@@ -1,0 +1,40 @@
+#!/bin/bash
+# One image (two data blobs) served through cachefiles: 32 concurrent cold readers,
+# then every file and its metadata, then a second pass after drop_caches that must
+# not reach the daemon, then umount → CLOSE and every anon fd released.
+source "$LP_SCENARIOS/lib.sh"
+setup_disks
+start_daemon
+IMG=$(cat "$LP_DATA/img-a")
+
+mount_image "$IMG" /mnt/a || fail "mount of image A failed: $(tail -5 "$LOG")"
+echo "mounted A; daemon holds $(anon_fds) anon fds"
+
+# 32 concurrent readers of different files, all cold.
+mkdir -p /run/lp/sums
+i=0
+while read -r sum path; do
+	( sha256sum "/mnt/a/$path" >"/run/lp/sums/$i" ) &
+	i=$((i + 1))
+done <"$LP_DATA/concurrent.sha256"
+wait
+cat /run/lp/sums/* | sed 's#  /mnt/a/#  #' | sort -k2 >"$LP_OUT/concurrent.got"
+echo "concurrent readers done: $i"
+
+# Every file: bytes and metadata.
+"$LP_TESTKIT" manifest /mnt/a >"$LP_OUT/manifest.first"
+reads_first=$(read_count)
+
+echo 3 >/proc/sys/vm/drop_caches
+"$LP_TESTKIT" manifest /mnt/a >"$LP_OUT/manifest.second"
+reads_second=$(read_count)
+echo "reads_first=$reads_first reads_second=$reads_second" | tee "$LP_OUT/reads"
+
+fds_mounted=$(anon_fds)
+umount /mnt/a
+# CLOSE arrives asynchronously after umount; give the daemon a moment.
+for _ in $(seq 100); do [ "$(anon_fds)" = 0 ] && break; sleep 0.05; done
+echo "anon_fds_mounted=$fds_mounted anon_fds_after_umount=$(anon_fds)" | tee "$LP_OUT/fds"
+echo "hwm_kib=$(daemon_hwm_kib)" | tee "$LP_OUT/rss"
+daemon_alive || fail "daemon died"
+stop_daemon

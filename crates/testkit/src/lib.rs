@@ -1,0 +1,25 @@
+//! `lazypull-testkit`: test helpers for lazypull (not shipped to users).
+//!
+//! - [`manifest`]: a canonical, line-per-entry description of a directory
+//!   tree (types, modes, owners, sizes, mtimes, devices, symlink targets,
+//!   xattrs, content hashes, hard-link structure), and the expected result
+//!   of stacking layers ([`manifest::merge_layers`]).
+//! - [`compare`]: differences between two manifests or two trees.
+//! - [`maketree`]: a deterministic tree exercising every feature the EROFS
+//!   builder supports.
+//!
+//! The `lazypull-testkit` binary exposes `manifest`, `compare` and
+//! `make-tree` on the command line.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod compare;
+pub mod maketree;
+pub mod manifest;
+
+pub use compare::{
+    compare_dirs, compare_dirs_with, compare_entries, format_differences, Difference,
+};
+pub use maketree::{make_tree, TreeOptions, TreeReport};
+pub use manifest::{merge_layers, render, scan, scan_with, Entry, Kind, ScanOptions};
