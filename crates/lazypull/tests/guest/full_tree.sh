@@ -13,20 +13,23 @@ echo "mounted A; daemon holds $(anon_fds) anon fds"
 # 32 concurrent readers of different files, all cold.
 mkdir -p /run/lp/sums
 i=0
+pids=()
 while read -r sum path; do
-	( sha256sum "/mnt/a/$path" >"/run/lp/sums/$i" ) &
+	sha256sum "/mnt/a/$path" >"/run/lp/sums/$i" &
+	pids+=($!)
 	i=$((i + 1))
 done <"$LP_DATA/concurrent.sha256"
-wait
+wait_all 300 "${pids[@]}"
+[ "$(cat /run/lp/sums/* | wc -l)" = "$i" ] || fail "a concurrent reader failed or hung"
 cat /run/lp/sums/* | sed 's#  /mnt/a/#  #' | sort -k2 >"$LP_OUT/concurrent.got"
 echo "concurrent readers done: $i"
 
 # Every file: bytes and metadata.
-"$LP_TESTKIT" manifest /mnt/a >"$LP_OUT/manifest.first"
+timeout 1200 "$LP_TESTKIT" manifest /mnt/a >"$LP_OUT/manifest.first" || fail "first walk"
 reads_first=$(read_count)
 
 echo 3 >/proc/sys/vm/drop_caches
-"$LP_TESTKIT" manifest /mnt/a >"$LP_OUT/manifest.second"
+timeout 1200 "$LP_TESTKIT" manifest /mnt/a >"$LP_OUT/manifest.second" || fail "second walk"
 reads_second=$(read_count)
 echo "reads_first=$reads_first reads_second=$reads_second" | tee "$LP_OUT/reads"
 

@@ -16,8 +16,36 @@ DPID=
 
 fail() {
 	echo "SCENARIO FAILED: $*"
+	dump_state
 	save_log
 	exit 1
+}
+
+# What every daemon thread and every other process is blocked in, plus the
+# daemon's counters, so that a hang is diagnosable from the test output.
+dump_state() {
+	{
+		echo "== daemon threads (syscall number, state)"
+		local t p
+		for t in /proc/"$DPID"/task/*; do
+			echo "$(cat "$t/comm" 2>/dev/null) sys=$(cut -d' ' -f1 "$t/syscall" 2>/dev/null) $(grep State "$t/status" 2>/dev/null)"
+		done
+		echo "== processes not sleeping interruptibly (state, syscall)"
+		for p in /proc/[0-9]*; do
+			case "$(grep State "$p/status" 2>/dev/null)" in
+			*"(sleeping)"* | "") ;;
+			*) echo "$(cat "$p/comm" 2>/dev/null) pid=${p#/proc/} $(grep State "$p/status") sys=$(cut -d' ' -f1 "$p/syscall" 2>/dev/null)" ;;
+			esac
+		done
+		echo "== readers"
+		for p in $(pgrep -x sha256sum; pgrep -f lazypull-testkit); do
+			echo "pid=$p $(grep State /proc/$p/status 2>/dev/null) sys=$(cut -d' ' -f1,2,3 /proc/$p/syscall 2>/dev/null)"
+		done
+		echo "== READs seen $(read_count), completed $(grep -c 'READ completed' "$LOG" || true)"
+		echo "== daemon log tail"
+		tail -30 "$LOG"
+	} >"$LP_OUT/state.txt" 2>&1
+	cat "$LP_OUT/state.txt"
 }
 
 check() {
@@ -72,7 +100,7 @@ read_count() {
 anon_fds() {
 	local n=0 f
 	for f in /proc/"$DPID"/fd/*; do
-		case "$(readlink "$f" 2>/dev/null)" in *cachefiles*) n=$((n + 1)) ;; esac
+		case "$(readlink "$f" 2>/dev/null)" in "anon_inode:[cachefiles]") n=$((n + 1)) ;; esac
 	done
 	echo "$n"
 }
@@ -86,4 +114,19 @@ mount_image() {
 # Peak RSS of the daemon, in KiB.
 daemon_hwm_kib() {
 	awk '/^VmHWM:/ {print $2}' /proc/"$DPID"/status
+}
+
+# wait_all DEADLINE_S PID...: waits for every PID, failing with a state dump if
+# any is still running after DEADLINE_S seconds (a hung reader may be in an
+# uninterruptible sleep that `wait` and `timeout` cannot end).
+wait_all() {
+	local deadline=$1 t p alive
+	shift
+	for t in $(seq $((deadline * 10))); do
+		alive=0
+		for p in "$@"; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
+		[ "$alive" = 0 ] && return 0
+		sleep 0.1
+	done
+	fail "$alive of $# readers still running after ${deadline}s"
 }

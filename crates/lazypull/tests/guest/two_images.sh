@@ -8,7 +8,7 @@ B=$(cat "$LP_DATA/img-b")
 BASE=$(cat "$LP_DATA/blob-base")
 
 verify() { # verify MOUNTPOINT SUMFILE OUTNAME
-	(cd "$1" && sha256sum -c --quiet "$2") >"$LP_OUT/$3" 2>&1 || fail "checksums differ under $1: $(head -5 "$LP_OUT/$3")"
+	(cd "$1" && timeout 600 sha256sum -c --quiet "$2") >"$LP_OUT/$3" 2>&1 || fail "checksums differ under $1: $(head -5 "$LP_OUT/$3")"
 }
 
 mount_image "$A" /mnt/a || fail "mount A"
