@@ -10,6 +10,16 @@ mount -t ext4 /dev/vda "$BLOBS"
 mount -t ext4 /dev/vdb "$CACHE"
 META=$(cat "$LP_BENCH/meta")
 DEVOPTS=$(for b in $(cat "$LP_BENCH/blobs"); do printf ',device=%s/%s' "$BLOBS" "$b"; done)
+
+# File-backed EROFS mount through mount(2): mount(8) would put a loop device under
+# a regular-file source, and EROFS then refuses `device=` files.
+# Both kinds of mount go through it, and it prints how long mount(2) itself took in
+# microseconds, so process start-up (slow under TCG) is not counted.
+mount_erofs() { # SRC DIR OPTS
+	perl -MTime::HiRes=time -e 'my ($src, $dir, $opts) = @ARGV; my $type = "erofs";
+		my $t0 = time; syscall(165, $src, $dir, $type, 1, $opts) == 0 or die "mount(2) erofs $src: $!\n";
+		printf "%d\n", (time - $t0) * 1e6' "$@"
+}
 RESULTS="$LP_OUT/results"
 : >"$RESULTS"
 
@@ -25,7 +35,6 @@ start_daemon() {
 	mkdir -p "$CACHE/fscache"
 	drop
 	local t0
-	t0=$(now)
 	"$LP_BIN" daemon --cache-dir "$CACHE/fscache" --blob-dir "$BLOBS" --fill-window "$FILL_WINDOW" \
 		--log-level info >"$LOG" 2>&1 &
 	DPID=$!
@@ -33,7 +42,7 @@ start_daemon() {
 		kill -0 "$DPID" || { echo "daemon died"; cat "$LOG"; exit 1; }
 		sleep 0.005
 	done
-	echo "round=$round kind=daemon what=start ms=$((($(now) - t0) / 1000000))" >>"$RESULTS"
+	echo "round=$round kind=daemon what=start ms=$(sed -n 's/.*startup_ms=\([0-9.]*\).*/\1/p' "$LOG")" >>"$RESULTS"
 }
 stop_daemon() {
 	echo "round=$round kind=daemon what=rss_kib value=$(awk '/^VmHWM:/ {print $2}' /proc/$DPID/status)" >>"$RESULTS"
@@ -43,19 +52,18 @@ stop_daemon() {
 
 # measure KIND WHAT: mount cold, time the read, unmount.
 measure() {
-	local kind=$1 what=$2 t0 t1 t2
+	local kind=$1 what=$2 mount_us t1 t2
 	drop
-	t0=$(now)
 	if [ "$kind" = limit ]; then
-		mount -t erofs -o "ro$DEVOPTS" "$BLOBS/$META" /mnt/img
+		mount_us=$(mount_erofs "$BLOBS/$META" /mnt/img "${DEVOPTS#,}")
 	else
-		mount -t erofs -o "fsid=$META" none /mnt/img
+		mount_us=$(mount_erofs none /mnt/img "fsid=$META")
 	fi
 	t1=$(now)
 	"read_$what"
 	t2=$(now)
 	umount /mnt/img
-	echo "round=$round kind=$kind what=$what ms=$(((t2 - t1) / 1000000)) mount_us=$(((t1 - t0) / 1000))" >>"$RESULTS"
+	echo "round=$round kind=$kind what=$what ms=$(((t2 - t1) / 1000000)) mount_us=$mount_us" >>"$RESULTS"
 }
 
 for round in $(seq "$ROUNDS"); do

@@ -174,7 +174,11 @@ fn report(results: &str, rounds: u32, fill_window: &str, files: usize) -> Result
         let round: u32 = kv["round"].parse()?;
         match (kv["kind"], kv["what"]) {
             (_, "rss_kib") => rss.push(kv["value"].parse()?),
-            (_, "start") => start.push(kv["ms"].parse()?),
+            (_, "start") => start.push(
+                kv["ms"]
+                    .parse()
+                    .with_context(|| format!("startup time in {line:?}"))?,
+            ),
             (kind, what) => {
                 ms.entry((kind.into(), what.into()))
                     .or_default()

@@ -1,7 +1,7 @@
 //! `lazypull daemon`: the cachefiles transport over a local blob directory.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lazypull_backend::{BlobSource, LocalDir, OpenError};
@@ -12,7 +12,7 @@ use tracing::info;
 
 use crate::config::DaemonArgs;
 
-pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
+pub fn run(args: DaemonArgs, started: Instant) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
     if !cfg.blob_dir.is_dir() {
         anyhow::bail!("blob directory {} does not exist", cfg.blob_dir.display());
@@ -30,9 +30,10 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let store = LocalDir::new(cfg.blob_dir.clone());
-        let resolver = move |_volume: &[u8], cookie: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
-            Ok(store.open(cookie)? as Arc<dyn BlobSource>)
-        };
+        let resolver =
+            move |_volume: &[u8], cookie: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
+                Ok(store.open(cookie)? as Arc<dyn BlobSource>)
+            };
         let server = Server::bind(
             Config {
                 device: cfg.device.clone(),
@@ -47,7 +48,12 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
             },
             Arc::new(resolver),
         )?;
-        info!(blob_dir = %cfg.blob_dir.display(), pid = std::process::id(), "lazypull daemon ready");
+        info!(
+            blob_dir = %cfg.blob_dir.display(),
+            pid = std::process::id(),
+            startup_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0,
+            "lazypull daemon ready"
+        );
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let shutdown = async move {

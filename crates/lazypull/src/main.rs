@@ -50,13 +50,14 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    let started = std::time::Instant::now();
     let cli = Cli::parse();
     if let Err(e) = logging::init(cli.log_level.as_deref(), cli.log_format) {
         eprintln!("lazypull: {e:#}");
         return std::process::ExitCode::from(2);
     }
     let result = match cli.command {
-        Command::Daemon(args) => daemon::run(args),
+        Command::Daemon(args) => daemon::run(args, started),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
