@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Shared set-up of scripts/test.sh and scripts/demo.sh, for a fresh Debian bookworm
+# machine, as root: installs what lazypull's tests and demo need (once) and builds
+# the Linux 6.12 guest kernel (once; cached in /var/cache/lazypull/kernel).
+# Prints the kernel's path.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+	echo "lazypull: this mounts file systems and boots a guest kernel: run as root" >&2
+	exit 1
+fi
+
+packages=(
+	linux-source-6.12 flex bison bc libelf-dev libssl-dev cpio make gcc # guest kernel build
+	qemu-system-x86                                                     # the guest
+	erofs-utils                                                         # cross-checks (fsck.erofs, mkfs.erofs)
+	e2fsprogs attr perl                                                 # ext4 disk images, xattr tools, guest init
+)
+missing=()
+for p in "${packages[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	echo "lazypull: installing ${missing[*]}" >&2
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+bash guest/build-kernel.sh
