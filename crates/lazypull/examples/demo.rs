@@ -62,7 +62,11 @@ fn main() -> Result<()> {
     )?;
     fs::write(tree.join("etc/hostname"), "lazypull-demo\n")?;
     let blobs = work.path().join("blobs");
-    let img = lazypull_erofs::build_from_layers(&[tree.clone()], &blobs, &Default::default())?;
+    let img = lazypull_erofs::build_from_layers(
+        std::slice::from_ref(&tree),
+        &blobs,
+        &Default::default(),
+    )?;
     fs::remove_file(blobs.join("manifest.json"))?;
     let data_size: u64 = img.blobs.iter().map(|b| b.size).sum();
     let info = work.path().join("info");
