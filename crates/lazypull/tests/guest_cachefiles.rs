@@ -26,17 +26,7 @@ struct Fixture {
     base_blob: String,
 }
 
-fn sh(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
+/// Runs `cmd`, panicking with its stderr unless it succeeds; returns its stdout.
 fn stdout(cmd: &mut Command) -> String {
     let out = cmd
         .output()
@@ -132,14 +122,16 @@ fn fixture() -> &'static Fixture {
         for src in ["/usr/lib/python3.11", "/usr/share/perl", "/usr/include"] {
             let dst = base.join(src.trim_start_matches('/'));
             fs::create_dir_all(dst.parent().unwrap()).unwrap();
-            sh(Command::new("cp").arg("-a").arg(src).arg(&dst));
+            stdout(Command::new("cp").arg("-a").arg(src).arg(&dst));
         }
         write_random(&base.join("data/big.bin"), 64 << 20, 1);
         let features = layers.join("features");
-        sh(Command::new(testkit())
-            .args(["make-tree"])
-            .arg(&features)
-            .args(["--seed", "7"]));
+        stdout(
+            Command::new(testkit())
+                .args(["make-tree"])
+                .arg(&features)
+                .args(["--seed", "7"]),
+        );
         let extra = layers.join("extra");
         write_random(&extra.join("extra/only-in-b.bin"), 3 << 20, 2);
         fs::write(extra.join("extra/hello.txt"), "hello from image B\n").unwrap();
