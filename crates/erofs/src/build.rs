@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use crate::blob::{self, ChunkRef};
 use crate::layout::{self, BLOCK_SIZE};
 use crate::meta::{self, DeviceInfo};
-use crate::tree::Tree;
+use crate::tree::{LayerMeta, Tree};
 use crate::BuildError;
 
 /// Name of the manifest written next to the blobs.
@@ -132,10 +132,38 @@ pub fn build_from_layers(
     out_dir: &Path,
     opts: &BuildOptions,
 ) -> Result<BuiltImage, BuildError> {
-    let cs = opts.chunk_size;
+    let inputs: Vec<LayerInput<'_>> = layers
+        .iter()
+        .map(|path| LayerInput {
+            path: path.clone(),
+            recorded: None,
+        })
+        .collect();
+    build_layers(&inputs, out_dir, opts)
+}
+
+/// One layer directory for [`build_layers`].
+pub(crate) struct LayerInput<'a> {
+    pub path: PathBuf,
+    /// Metadata recorded at extraction, overriding the filesystem's.
+    pub recorded: Option<&'a LayerMeta>,
+}
+
+pub(crate) fn check_chunk_size(cs: u32) -> Result<(), BuildError> {
     if !cs.is_power_of_two() || u64::from(cs) < BLOCK_SIZE || cs > (1 << 31) {
         return Err(BuildError::InvalidChunkSize(cs));
     }
+    Ok(())
+}
+
+/// [`build_from_layers`] for directories that may carry recorded metadata.
+pub(crate) fn build_layers(
+    layers: &[LayerInput<'_>],
+    out_dir: &Path,
+    opts: &BuildOptions,
+) -> Result<BuiltImage, BuildError> {
+    let cs = opts.chunk_size;
+    check_chunk_size(cs)?;
     if layers.is_empty() {
         return Err(BuildError::NoLayers);
     }
@@ -147,7 +175,7 @@ pub fn build_from_layers(
 
     let mut tree = Tree::new();
     for (i, layer) in layers.iter().enumerate() {
-        tree.apply_layer(i, layer)?;
+        tree.apply_layer(i, &layer.path, layer.recorded)?;
     }
 
     let (blobs, maps) =

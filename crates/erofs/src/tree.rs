@@ -99,6 +99,41 @@ pub(crate) struct FileSource {
     pub size: u64,
 }
 
+/// Inode kinds a tar layer records only in its headers: on disk they are
+/// empty regular placeholder files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Special {
+    CharDev { major: u32, minor: u32 },
+    BlockDev { major: u32, minor: u32 },
+    Fifo,
+}
+
+/// Metadata of one extracted entry, taken from its tar header.
+#[derive(Debug, Clone)]
+pub(crate) struct EntryMeta {
+    pub meta: Meta,
+    /// Set for devices and FIFOs (the file on disk is a placeholder).
+    pub special: Option<Special>,
+    /// A directory the archive did not list but that had to exist for its
+    /// children: it keeps a lower layer's metadata when there is one.
+    pub implicit: bool,
+}
+
+/// Metadata of an extracted layer, keyed by path relative to the layer
+/// root (the root itself is the empty path). When given to
+/// [`Tree::apply_layer`], it replaces what the extracted files carry on
+/// disk (mode, owner, times, xattrs, device numbers), so extraction needs no
+/// privileges and the image does not depend on the extracting filesystem.
+#[derive(Debug, Default)]
+pub(crate) struct LayerMeta {
+    pub entries: HashMap<PathBuf, EntryMeta>,
+}
+
+/// Whiteout marker prefix (OCI image spec, layer changesets).
+pub(crate) const WHITEOUT_PREFIX: &[u8] = b".wh.";
+/// Opaque directory marker.
+pub(crate) const WHITEOUT_OPAQUE: &[u8] = b".wh..wh..opq";
+
 #[derive(Debug)]
 pub(crate) struct Tree {
     pub nodes: Vec<Node>,
@@ -171,9 +206,9 @@ pub(crate) fn read_xattrs(path: &Path) -> Result<XattrList, BuildError> {
     Ok(out)
 }
 
-fn meta_of(path: &Path, md: &fs::Metadata) -> Result<Meta, BuildError> {
-    let xattrs = read_xattrs(path)?;
-    for (name, value) in &xattrs {
+/// Check that every xattr fits an EROFS name index and the on-disk limits.
+pub(crate) fn check_xattrs(path: &Path, xattrs: &XattrList) -> Result<(), BuildError> {
+    for (name, value) in xattrs {
         let Some((_, suffix)) = layout::xattr_split_name(name) else {
             return Err(BuildError::UnsupportedXattr {
                 path: path.to_path_buf(),
@@ -187,6 +222,12 @@ fn meta_of(path: &Path, md: &fs::Metadata) -> Result<Meta, BuildError> {
             });
         }
     }
+    Ok(())
+}
+
+fn meta_of(path: &Path, md: &fs::Metadata) -> Result<Meta, BuildError> {
+    let xattrs = read_xattrs(path)?;
+    check_xattrs(path, &xattrs)?;
     Ok(Meta {
         perm: (md.mode() & 0o7777) as u16,
         uid: md.uid(),
@@ -240,15 +281,49 @@ impl Tree {
         self.nodes.len() - 1
     }
 
-    /// Apply one layer directory on top of the tree.
-    pub fn apply_layer(&mut self, layer: usize, root: &Path) -> Result<(), BuildError> {
+    /// Apply one layer directory on top of the tree. `recorded`, if given,
+    /// supplies every entry's metadata instead of the filesystem (see
+    /// [`LayerMeta`]).
+    ///
+    /// OCI whiteouts are honoured: `.wh.NAME` removes `NAME` (and its
+    /// subtree) of the lower layers, `.wh..wh..opq` hides everything the
+    /// lower layers have in its directory. Markers never enter the tree.
+    pub fn apply_layer(
+        &mut self,
+        layer: usize,
+        root: &Path,
+        recorded: Option<&LayerMeta>,
+    ) -> Result<(), BuildError> {
         let md = fs::symlink_metadata(root).map_err(io_err(root))?;
         if !md.is_dir() {
             return Err(BuildError::NotADirectory(root.to_path_buf()));
         }
         let root_id = self.root;
-        self.nodes[root_id].meta = meta_of(root, &md)?;
-        self.nodes[root_id].source = root.to_path_buf();
+        let lookup = |path: &Path| -> Result<Option<&EntryMeta>, BuildError> {
+            let Some(rec) = recorded else { return Ok(None) };
+            let rel = path.strip_prefix(root).unwrap_or(path);
+            match rec.entries.get(rel) {
+                Some(e) => Ok(Some(e)),
+                None => Err(BuildError::Unsupported {
+                    path: path.to_path_buf(),
+                    what: "extracted entry without recorded metadata".into(),
+                }),
+            }
+        };
+        match recorded {
+            // A layer archive without a root entry leaves the root as is.
+            Some(rec) => match rec.entries.get(Path::new("")) {
+                Some(e) if !e.implicit => {
+                    self.nodes[root_id].meta = e.meta.clone();
+                    self.nodes[root_id].source = root.to_path_buf();
+                }
+                _ => {}
+            },
+            None => {
+                self.nodes[root_id].meta = meta_of(root, &md)?;
+                self.nodes[root_id].source = root.to_path_buf();
+            }
+        }
 
         // Hard-link groups are per layer: the same (dev, ino) seen twice in
         // this layer is one inode. Different layers never share inodes.
@@ -256,7 +331,7 @@ impl Tree {
         // Explicit stack (no recursion limit on tree depth). Entries of a
         // directory are processed in sorted order, descending into a
         // subdirectory when it is met: depth-first, sorted.
-        let mut stack: Vec<(NodeId, DirIter)> = vec![(root_id, sorted_entries(root)?.into_iter())];
+        let mut stack: Vec<(NodeId, DirIter)> = vec![(root_id, self.layer_entries(root_id, root)?)];
         while let Some((dir_id, iter)) = stack.last_mut() {
             let dir_id = *dir_id;
             let Some((name, path)) = iter.next() else {
@@ -266,12 +341,14 @@ impl Tree {
             if name.len() > layout::NAME_LEN_MAX {
                 return Err(BuildError::NameTooLong(path));
             }
-            // OCI whiteouts (".wh.<name>" removes <name> from lower layers,
-            // ".wh..wh..opq" makes this directory opaque) will be interpreted
-            // here, before the entry is treated as an ordinary file.
+            // OCI whiteouts were applied and dropped by `layer_entries`.
             let md = fs::symlink_metadata(&path).map_err(io_err(&path))?;
             let ft = md.file_type();
-            let meta = meta_of(&path, &md)?;
+            let rec = lookup(&path)?;
+            let meta = match rec {
+                Some(e) => e.meta.clone(),
+                None => meta_of(&path, &md)?,
+            };
             if ft.is_dir() {
                 let existing = match &self.nodes[dir_id].kind {
                     NodeKind::Dir { children } => children.get(&name).copied(),
@@ -279,8 +356,10 @@ impl Tree {
                 };
                 let child = match existing {
                     Some(id) if matches!(self.nodes[id].kind, NodeKind::Dir { .. }) => {
-                        self.nodes[id].meta = meta;
-                        self.nodes[id].source = path.clone();
+                        if !rec.is_some_and(|e| e.implicit) {
+                            self.nodes[id].meta = meta;
+                            self.nodes[id].source = path.clone();
+                        }
                         id
                     }
                     _ => self.push(Node {
@@ -292,15 +371,24 @@ impl Tree {
                     }),
                 };
                 self.insert(dir_id, name, child);
-                let entries = sorted_entries(&path)?;
-                stack.push((child, entries.into_iter()));
+                let entries = self.layer_entries(child, &path)?;
+                stack.push((child, entries));
                 continue;
             }
             let key = (md.dev(), md.ino());
             let id = match links.get(&key) {
                 Some(&id) if md.nlink() > 1 => id,
                 _ => {
-                    let kind = if ft.is_file() {
+                    let special = rec.and_then(|e| e.special);
+                    let kind = if let Some(sp) = special {
+                        match sp {
+                            Special::CharDev { major, minor } => NodeKind::CharDev { major, minor },
+                            Special::BlockDev { major, minor } => {
+                                NodeKind::BlockDev { major, minor }
+                            }
+                            Special::Fifo => NodeKind::Fifo,
+                        }
+                    } else if ft.is_file() {
                         self.files.push(FileSource {
                             layer,
                             path: path.clone(),
@@ -357,6 +445,49 @@ impl Tree {
             self.insert(dir_id, name, id);
         }
         Ok(())
+    }
+
+    /// The sorted entries of layer directory `path`, merged onto tree
+    /// directory `dir`, with its whiteouts applied to `dir` (which still holds
+    /// only lower-layer children) and the markers removed.
+    fn layer_entries(&mut self, dir: NodeId, path: &Path) -> Result<DirIter, BuildError> {
+        let mut entries = sorted_entries(path)?;
+        let mut opaque = false;
+        let mut removed: Vec<Vec<u8>> = Vec::new();
+        entries.retain(|(name, _)| {
+            if name.as_slice() == WHITEOUT_OPAQUE {
+                opaque = true;
+                false
+            } else if let Some(target) = name.strip_prefix(WHITEOUT_PREFIX) {
+                // ".wh..wh.*" other than the opaque marker: AUFS metadata,
+                // meaningless here; dropped like every marker.
+                if !target.starts_with(WHITEOUT_PREFIX) {
+                    removed.push(target.to_vec());
+                }
+                false
+            } else {
+                true
+            }
+        });
+        for target in &removed {
+            if target.is_empty() || target == b"." || target == b".." {
+                return Err(BuildError::Unsupported {
+                    path: path.join(std::ffi::OsStr::from_bytes(
+                        &[WHITEOUT_PREFIX, target.as_slice()].concat(),
+                    )),
+                    what: "whiteout naming no file".into(),
+                });
+            }
+        }
+        if let NodeKind::Dir { children } = &mut self.nodes[dir].kind {
+            if opaque {
+                children.clear();
+            }
+            for target in removed {
+                children.remove(&target);
+            }
+        }
+        Ok(entries.into_iter())
     }
 
     fn insert(&mut self, dir: NodeId, name: Vec<u8>, child: NodeId) {
