@@ -70,7 +70,7 @@ pub fn build_from_source(
     if md.is_dir() {
         if is_oci_layout(source) {
             let layers = oci_layers(source)?;
-            return build_blobs(&layers, out_dir, opts);
+            return build_blobs(&layers, out_dir, opts, ArchiveCheck::None);
         }
         return crate::build_from_layers(&[source.to_path_buf()], out_dir, opts);
     }
@@ -89,7 +89,7 @@ pub fn build_from_source(
             size: md.len(),
             digest: None,
         };
-        return build_blobs(&[layer], out_dir, opts);
+        return build_blobs(&[layer], out_dir, opts, ArchiveCheck::RefuseImageArchive);
     }
     if !looks_like_tar(head) {
         return Err(invalid(
@@ -97,17 +97,48 @@ pub fn build_from_source(
             "not a directory, tar archive or gzip-compressed tar archive",
         ));
     }
-    let layers = match docker_layers(source)? {
-        Some(layers) => layers,
-        None => vec![LayerBlob {
-            label: source.display().to_string(),
-            path: source.to_path_buf(),
-            offset: 0,
-            size: md.len(),
-            digest: None,
-        }],
+    match docker_layers(source)? {
+        Some(layers) => build_blobs(&layers, out_dir, opts, ArchiveCheck::None),
+        None => {
+            let layer = LayerBlob {
+                label: source.display().to_string(),
+                path: source.to_path_buf(),
+                offset: 0,
+                size: md.len(),
+                digest: None,
+            };
+            build_blobs(&[layer], out_dir, opts, ArchiveCheck::RefuseImageArchive)
+        }
+    }
+}
+
+/// Whether a single-file layer must be checked for being a whole image archive.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ArchiveCheck {
+    None,
+    /// The source was taken as one layer: refuse it if its top level is that of
+    /// an image archive (a gzip'd `docker save`, or an OCI layout packed in a
+    /// tar), which would otherwise build a wrong image without any error.
+    RefuseImageArchive,
+}
+
+fn refuse_image_archive(label: &str, root: &Path) -> Result<(), BuildError> {
+    let has = |name: &str| root.join(name).symlink_metadata().is_ok();
+    let kind = if has("oci-layout") {
+        "an OCI image layout packed in an archive: unpack it to a directory and build that"
+    } else if fs::read(root.join("manifest.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Vec<DockerImage>>(&b).ok())
+        .is_some_and(|images| !images.is_empty())
+    {
+        "a compressed `docker save` archive: decompress it (gunzip) and build the .tar"
+    } else {
+        return Ok(());
     };
-    build_blobs(&layers, out_dir, opts)
+    Err(BuildError::InvalidSource {
+        path: PathBuf::from(label),
+        reason: format!("this is not a layer but a whole image archive: {kind}"),
+    })
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BuildError + '_ {
@@ -253,6 +284,7 @@ fn build_blobs(
     layers: &[LayerBlob],
     out_dir: &Path,
     opts: &BuildOptions,
+    check: ArchiveCheck,
 ) -> Result<BuiltImage, BuildError> {
     if layers.is_empty() {
         return Err(BuildError::NoLayers);
@@ -262,6 +294,11 @@ fn build_blobs(
     for l in layers {
         // Earlier extractions are dropped (removed) if this one fails.
         extracted.push(extract_blob(l, out_dir)?);
+    }
+    if check == ArchiveCheck::RefuseImageArchive {
+        for (l, e) in layers.iter().zip(&extracted) {
+            refuse_image_archive(&l.label, e.dir.path())?;
+        }
     }
     let inputs: Vec<LayerInput<'_>> = extracted
         .iter()

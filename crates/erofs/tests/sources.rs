@@ -903,3 +903,38 @@ fn hostile_and_broken_sources_are_clear_errors_and_leave_no_image() {
     let meta = fs::read(good.meta_path(&out)).unwrap();
     assert_eq!(sha256_hex(&meta), good.meta_digest);
 }
+
+#[test]
+fn whole_image_archives_given_as_one_layer_are_refused() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let (l1, l2) = (tar_of(&layer1()), tar_of(&layer2()));
+    let out = work.path().join("out");
+    // `docker save ... | gzip`: not a layer.
+    let save = work.path().join("save.tar");
+    make_docker_save(&save, &l1, &l2);
+    let gz = work.path().join("save.tar.gz");
+    fs::write(&gz, gzip(&fs::read(&save).unwrap())).unwrap();
+    let err = build_from_source(&gz, &out, &BuildOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, BuildError::InvalidSource { .. }) && err.to_string().contains("docker save"),
+        "{err}"
+    );
+    // An OCI layout packed in a tar (oci-archive).
+    let layout = work.path().join("layout");
+    make_oci(&layout, &[gzip(&l1), gzip(&l2)]);
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_dir_all(".", &layout).unwrap();
+    let archive = work.path().join("oci.tar");
+    fs::write(&archive, b.into_inner().unwrap()).unwrap();
+    let err = build_from_source(&archive, &out, &BuildOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, BuildError::InvalidSource { .. })
+            && err.to_string().contains("OCI image layout"),
+        "{err}"
+    );
+    // Nothing was written, and the plain forms still build.
+    assert!(fs::read_dir(&out).map_or(true, |mut d| d.next().is_none()));
+    build_from_source(&save, &out, &BuildOptions::default()).unwrap();
+    build_from_source(&layout, &out, &BuildOptions::default()).unwrap();
+}
