@@ -374,6 +374,7 @@ pub(crate) fn write_blobs(
     out_dir: &Path,
     chunk_size: u32,
     sparse_holes: bool,
+    progress: &crate::Progress,
 ) -> Result<(Vec<BlobOut>, Vec<Vec<ChunkRef>>), BuildError> {
     let zero_digest = {
         let mut h = Sha256::new();
@@ -402,6 +403,7 @@ pub(crate) fn write_blobs(
         let mut cur: Option<Current> = None;
         while next < files.len() && files[next].layer == layer {
             let refs = w.add_file(&files[next], &mut cur)?;
+            progress.advance(files[next].size);
             maps.push(refs);
             next += 1;
         }

@@ -31,6 +31,8 @@ pub struct BuildOptions {
     /// read wrong through Linux 6.12's EROFS fscache path (a hole chunk zeroes
     /// the rest of the read request), so only for file-backed use. Default off.
     pub sparse_holes: bool,
+    /// Where progress goes (nothing by default).
+    pub progress: crate::Progress,
 }
 
 impl Default for BuildOptions {
@@ -39,6 +41,7 @@ impl Default for BuildOptions {
             chunk_size: 1 << 20,
             build_time: None,
             sparse_holes: false,
+            progress: crate::Progress::default(),
         }
     }
 }
@@ -178,8 +181,19 @@ pub(crate) fn build_layers(
         tree.apply_layer(i, &layer.path, layer.recorded)?;
     }
 
-    let (blobs, maps) =
-        blob::write_blobs(&tree.files, layers.len(), out_dir, cs, opts.sparse_holes)?;
+    opts.progress.stage(crate::Stage::Chunking {
+        files: tree.files.len() as u64,
+        bytes: tree.files.iter().map(|f| f.size).sum(),
+    });
+    let (blobs, maps) = blob::write_blobs(
+        &tree.files,
+        layers.len(),
+        out_dir,
+        cs,
+        opts.sparse_holes,
+        &opts.progress,
+    )?;
+    opts.progress.stage(crate::Stage::Meta);
     let mut devices = Vec::with_capacity(blobs.len());
     for b in &blobs {
         let mut tag = [0u8; layout::DEVICE_TAG_LEN];

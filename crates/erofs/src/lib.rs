@@ -28,6 +28,7 @@ mod build;
 mod extract;
 pub mod layout;
 mod meta;
+mod progress;
 mod reader;
 mod source;
 #[cfg(test)]
@@ -35,6 +36,7 @@ mod tests;
 mod tree;
 
 pub use build::{build_from_layers, BlobInfo, BuildOptions, BuiltImage, Manifest, MANIFEST_FILE};
+pub use progress::{BuildProgress, Progress, Stage};
 pub use reader::{ChunkEntry, ChunkMap, DirEntry, Image, Inode, ReadError, WalkEntry, Xattr};
 pub use source::build_from_source;
 

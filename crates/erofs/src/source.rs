@@ -291,7 +291,12 @@ fn build_blobs(
     }
     fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
     let mut extracted = Vec::with_capacity(layers.len());
-    for l in layers {
+    for (index, l) in layers.iter().enumerate() {
+        opts.progress.stage(crate::Stage::Extracting {
+            index,
+            count: layers.len(),
+            label: l.label.clone(),
+        });
         // Earlier extractions are dropped (removed) if this one fails.
         extracted.push(extract_blob(l, out_dir)?);
     }

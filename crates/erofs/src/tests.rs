@@ -103,6 +103,7 @@ fn small_chunks() -> BuildOptions {
         chunk_size: 4096,
         build_time: None,
         sparse_holes: true,
+        ..BuildOptions::default()
     }
 }
 
@@ -454,6 +455,7 @@ fn chunks_larger_than_the_read_buffer() {
             chunk_size: 4 << 20,
             build_time: Some(7),
             sparse_holes: true,
+            ..BuildOptions::default()
         },
     );
     assert_eq!(b.info.blobs.len(), 1);
@@ -854,4 +856,43 @@ fn zero_chunks_point_at_one_stored_chunk_by_default() {
     assert_eq!(b.info.blobs[0].chunks, 2);
     assert_eq!(b.content(&e["mixed"]), content);
     assert_eq!(b.content(&e["sparse"]), vec![0u8; 5 * 4096]);
+}
+
+#[test]
+fn progress_reports_every_byte_of_file_data() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    #[derive(Default)]
+    struct Seen {
+        stages: Mutex<Vec<crate::Stage>>,
+        bytes: AtomicU64,
+    }
+    impl crate::BuildProgress for Seen {
+        fn stage(&self, stage: crate::Stage) {
+            self.stages.lock().unwrap().push(stage);
+        }
+        fn advance(&self, bytes: u64) {
+            self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+    let l = tempfile::tempdir().unwrap();
+    write(&l.path().join("a"), &[1u8; 10_000]);
+    write(&l.path().join("b"), b"bb");
+    let seen = Arc::new(Seen::default());
+    let opts = BuildOptions {
+        progress: crate::Progress::new(seen.clone()),
+        ..BuildOptions::default()
+    };
+    build(&[l.path()], &opts);
+    assert_eq!(seen.bytes.load(Ordering::Relaxed), 10_002);
+    assert_eq!(
+        *seen.stages.lock().unwrap(),
+        [
+            crate::Stage::Chunking {
+                files: 2,
+                bytes: 10_002
+            },
+            crate::Stage::Meta
+        ]
+    );
 }
