@@ -4,6 +4,7 @@
 
 mod config;
 mod daemon;
+mod image;
 mod logging;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +48,22 @@ enum Command {
     /// Images sharing data blobs can share their cache with `-o fsid=<name>,domain_id=<domain>`.
     #[command(verbatim_doc_comment)]
     Daemon(config::DaemonArgs),
+
+    /// Build a lazy image: an EROFS meta blob plus chunked, deduplicated data blobs.
+    ///
+    /// SOURCE is a directory, a tar (plain or gzip), an OCI image layout directory
+    /// or a `docker save` archive; image layers are applied in order with OCI
+    /// whiteouts, one data blob per layer. Every file is named by its sha256, so
+    /// images built from the same layers share blobs.
+    Build(image::BuildArgs),
+
+    /// Describe an image: entries, chunks, blobs, deduplication, sizes.
+    Inspect(image::InspectArgs),
+
+    /// Re-read an image completely and check every digest and chunk reference.
+    ///
+    /// Exits non-zero, listing the problems, if anything does not match.
+    Verify(image::ImageArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,11 +75,13 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Daemon(args) => daemon::run(args, started),
+        Command::Build(args) => image::build(args),
+        Command::Inspect(args) => image::inspect(args),
+        Command::Verify(args) => image::verify(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("lazypull: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
