@@ -6,7 +6,11 @@
 //! same image cold through lazypull over cachefiles and through a plain file-backed
 //! EROFS mount of the same meta and data blobs (the limit: no daemon at all).
 //!
+//! `build`: `lazypull build` against Debian's `mkfs.erofs` on the same ~500 MB tree
+//! (wall time, peak RSS), and the deduplication of two overlapping layers.
+//!
 //! Run: `cargo build --release -p lazypull -p lazypull-bench && target/release/lazypull-bench cachefiles`
+//! (or `... build`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -39,6 +43,21 @@ enum Bench {
         #[arg(long, default_value = "target/bench-cachefiles")]
         work: PathBuf,
     },
+    /// Image build throughput and memory vs. mkfs.erofs; dedup of overlapping layers.
+    Build {
+        /// Rounds per builder.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Work directory (rebuilt).
+        #[arg(long, default_value = "target/bench-build")]
+        work: PathBuf,
+    },
+    /// Internal: run a command and print its wall time and peak RSS as JSON.
+    #[command(hide = true)]
+    Measure {
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -48,7 +67,193 @@ fn main() -> Result<()> {
             fill_window,
             work,
         } => cachefiles(rounds, &fill_window, &work),
+        Bench::Build { rounds, work } => build_bench(rounds, &work),
+        Bench::Measure { command } => measure(&command),
     }
+}
+
+/// Runs `command` as this process's only child; prints `{"secs":..,"maxrss_kib":..}`.
+fn measure(command: &[String]) -> Result<()> {
+    let started = std::time::Instant::now();
+    let status = Command::new(&command[0])
+        .args(&command[1..])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("running {command:?}"))?;
+    let secs = started.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one `struct rusage` into the pointer it is given,
+    // which points at a properly sized and aligned, zero-initialised value.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) };
+    if rc != 0 {
+        bail!("getrusage: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: getrusage succeeded, so the value is initialised (it was zeroed too).
+    let usage = unsafe { usage.assume_init() };
+    println!(
+        "{}",
+        serde_json::json!({"secs": secs, "maxrss_kib": usage.ru_maxrss})
+    );
+    Ok(())
+}
+
+fn copy_tree(sources: &[&str], dst: &Path) -> Result<()> {
+    for src in sources {
+        let to = dst.join(src.trim_start_matches('/'));
+        fs::create_dir_all(to.parent().unwrap())?;
+        if !Command::new("cp")
+            .arg("-a")
+            .arg(src)
+            .arg(&to)
+            .status()?
+            .success()
+        {
+            bail!("copying {src}");
+        }
+    }
+    Ok(())
+}
+
+fn du_bytes(dir: &Path) -> Result<u64> {
+    let out = Command::new("du").args(["-sb"]).arg(dir).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .split_whitespace()
+        .next()
+        .context("du output")?
+        .parse()?)
+}
+
+fn build_bench(rounds: u32, work: &Path) -> Result<()> {
+    let lazypull = sibling("lazypull")?;
+    let me = std::env::current_exe()?;
+    let mkfs = lazypull_guest::find_tool("mkfs.erofs", "erofs-utils")?;
+    let _ = fs::remove_dir_all(work);
+    let tree = work.join("tree");
+    copy_tree(
+        &[
+            "/usr/lib/python3.11",
+            "/usr/share/perl",
+            "/usr/include",
+            "/usr/lib/gcc",
+            "/usr/share/locale",
+        ],
+        &tree,
+    )?;
+    let input = du_bytes(&tree)?;
+    let files = walk_count(&tree)?;
+    // Warm the page cache so every builder reads the input from memory alike.
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("tar cf - -C {} . > /dev/null", tree.display()))
+        .status()?;
+    let out = work.join("out");
+    let tree_s = tree.to_str().unwrap().to_owned();
+    let out_s = out.to_str().unwrap().to_owned();
+    let img = format!("{out_s}/plain.erofs");
+    let blob = format!("{out_s}/blob");
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        (
+            "lazypull build (1 MiB chunks, dedup, 1 blob)",
+            vec![
+                lazypull.to_str().unwrap().into(),
+                "build".into(),
+                tree_s.clone(),
+                "-o".into(),
+                out_s.clone(),
+            ],
+        ),
+        (
+            "mkfs.erofs (plain image)",
+            vec![
+                mkfs.to_str().unwrap().into(),
+                "--quiet".into(),
+                img,
+                tree_s.clone(),
+            ],
+        ),
+        (
+            "mkfs.erofs --chunksize=1MiB --blobdev",
+            vec![
+                mkfs.to_str().unwrap().into(),
+                "--quiet".into(),
+                "--chunksize=1048576".into(),
+                format!("--blobdev={blob}"),
+                format!("{out_s}/meta.erofs"),
+                tree_s.clone(),
+            ],
+        ),
+    ];
+    let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); cases.len()];
+    for round in 0..rounds {
+        for (i, (_, cmd)) in cases.iter().enumerate() {
+            let _ = fs::remove_dir_all(&out);
+            fs::create_dir_all(&out)?;
+            let o = Command::new(&me).arg("measure").args(cmd).output()?;
+            if !o.status.success() {
+                bail!("round {round}: {}", String::from_utf8_lossy(&o.stderr));
+            }
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+            results[i].push((
+                v["secs"].as_f64().unwrap(),
+                v["maxrss_kib"].as_f64().unwrap(),
+            ));
+        }
+    }
+    let base = {
+        let mut t: Vec<f64> = results[1].iter().map(|r| r.0).collect();
+        median(&mut t)
+    };
+    println!(
+        "## Image build, {} of input ({files} files), warm page cache, {rounds} rounds",
+        fmt_mb(input)
+    );
+    println!();
+    println!("| builder | median time | input MB/s | ratio to mkfs.erofs (plain) | peak RSS |");
+    println!("|---|---|---|---|---|");
+    for (i, (name, _)) in cases.iter().enumerate() {
+        let mut t: Vec<f64> = results[i].iter().map(|r| r.0).collect();
+        let rss = results[i].iter().map(|r| r.1).fold(0.0, f64::max);
+        let m = median(&mut t);
+        println!(
+            "| {name} | {m:.2} s | {:.0} | {:.2}× | {:.1} MB |",
+            input as f64 / 1e6 / m,
+            m / base,
+            rss / 1024.0
+        );
+    }
+
+    // Deduplication of two overlapping layers: A = python + perl, B = perl + include.
+    let layer_a = work.join("layer-a");
+    let layer_b = work.join("layer-b");
+    copy_tree(&["/usr/lib/python3.11", "/usr/share/perl"], &layer_a)?;
+    copy_tree(&["/usr/share/perl", "/usr/include"], &layer_b)?;
+    let dedup_out = work.join("dedup");
+    let img = lazypull_erofs::build_from_layers(
+        &[layer_a.clone(), layer_b.clone()],
+        &dedup_out,
+        &BuildOptions::default(),
+    )?;
+    let stored: u64 = img.blobs.iter().map(|b| b.size).sum();
+    let (a, b) = (du_bytes(&layer_a)?, du_bytes(&layer_b)?);
+    println!();
+    println!(
+        "Two overlapping layers (A = python3.11 + perl, B = perl + include; {} + {}): {} chunks stored, {} deduplicated; data blobs {} (layer B's blob {} — its perl files are A's chunks).",
+        fmt_mb(a),
+        fmt_mb(b),
+        img.chunks_stored,
+        img.chunks_deduplicated,
+        fmt_mb(stored),
+        fmt_mb(img.blobs.last().map_or(0, |b| b.size)),
+    );
+    Ok(())
+}
+
+fn fmt_mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
 fn sibling(name: &str) -> Result<PathBuf> {
