@@ -1,0 +1,305 @@
+//! Serving the uncompressed blob from its stored form.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use lazypull_backend::BlobSource;
+use sha2::{Digest, Sha256};
+
+use crate::format::{ChunkTable, FormatError, UnitEntry, UnitKind};
+
+/// Random access to stored bytes (a local file now; an HTTP range fetcher later).
+pub trait StoredRead: Send + Sync + fmt::Debug {
+    /// Fills all of `buf` from `off`, or fails; running out of bytes is an error
+    /// of kind `UnexpectedEof`.
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+}
+
+impl StoredRead for File {
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, off)
+    }
+}
+
+impl<T: StoredRead + ?Sized> StoredRead for std::sync::Arc<T> {
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        (**self).read_exact_at(buf, off)
+    }
+}
+
+/// An uncompressed blob served from its stored form: a [`BlobSource`] whose every
+/// byte handed out belongs to a unit that hashed to its table entry.
+#[derive(Debug)]
+pub struct StoredBlob<R: StoredRead> {
+    name: String,
+    table: ChunkTable,
+    stored: R,
+}
+
+/// Per-call working memory: at most one stored unit and one uncompressed unit.
+struct Work {
+    stored: Vec<u8>,
+    unit: Vec<u8>,
+    dctx: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl<R: StoredRead> StoredBlob<R> {
+    pub fn new(name: String, table: ChunkTable, stored: R) -> Self {
+        StoredBlob {
+            name,
+            table,
+            stored,
+        }
+    }
+
+    pub fn table(&self) -> &ChunkTable {
+        &self.table
+    }
+
+    pub fn stored(&self) -> &R {
+        &self.stored
+    }
+
+    fn corrupt(&self, index: u64, cause: impl fmt::Display) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("blob {}: unit {index}: {cause}", self.name),
+        )
+    }
+
+    /// Writes unit `e`'s verified uncompressed bytes into `dst` (exactly `e.len`
+    /// bytes). On error, `dst` is zeroed: it never keeps unverified bytes.
+    fn load_unit(&self, index: u64, e: &UnitEntry, dst: &mut [u8], w: &mut Work) -> io::Result<()> {
+        debug_assert_eq!(dst.len(), e.len as usize);
+        let result = self.load_unit_unchecked(index, e, dst, w);
+        if result.is_err() {
+            dst.fill(0);
+        }
+        result
+    }
+
+    fn load_unit_unchecked(
+        &self,
+        index: u64,
+        e: &UnitEntry,
+        dst: &mut [u8],
+        w: &mut Work,
+    ) -> io::Result<()> {
+        let read = |buf: &mut [u8]| {
+            self.stored
+                .read_exact_at(buf, e.stored_offset)
+                .map_err(|err| match err.kind() {
+                    io::ErrorKind::UnexpectedEof => self.corrupt(
+                        index,
+                        format_args!(
+                            "stored data truncated (need bytes {:?}): {err}",
+                            e.stored_range()
+                        ),
+                    ),
+                    kind => io::Error::new(
+                        kind,
+                        format!(
+                            "blob {}: unit {index}: reading stored bytes {:?}: {err}",
+                            self.name,
+                            e.stored_range()
+                        ),
+                    ),
+                })
+        };
+        match e.kind {
+            UnitKind::Raw => read(dst)?,
+            UnitKind::Zstd => {
+                w.stored.resize(e.stored_len as usize, 0);
+                read(&mut w.stored)?;
+                if w.dctx.is_none() {
+                    w.dctx = Some(zstd::bulk::Decompressor::new().map_err(|err| {
+                        io::Error::new(err.kind(), format!("zstd decompressor: {err}"))
+                    })?);
+                }
+                let dctx = w.dctx.as_mut().expect("just set");
+                // `dst` is exactly the declared length, so a frame that would
+                // produce more fails here instead of growing anything.
+                let n = dctx
+                    .decompress_to_buffer(&w.stored[..], dst)
+                    .map_err(|err| {
+                        self.corrupt(
+                            index,
+                            format_args!(
+                                "zstd decompression failed (declared length {}): {err}",
+                                e.len
+                            ),
+                        )
+                    })?;
+                if n != dst.len() {
+                    return Err(self.corrupt(
+                        index,
+                        format_args!("decompressed to {n} bytes, declared {}", e.len),
+                    ));
+                }
+            }
+        }
+        let actual = Sha256::digest(&*dst);
+        if actual.as_slice() != e.sha256 {
+            return Err(self.corrupt(
+                index,
+                format_args!(
+                    "sha256 mismatch: expected {}, got {}",
+                    hex::encode(e.sha256),
+                    hex::encode(actual)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<R: StoredRead> BlobSource for StoredBlob<R> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size(&self) -> u64 {
+        self.table.uncompressed_size()
+    }
+
+    /// Whole units covered by the request are decompressed straight into `buf`
+    /// (and zeroed again if they fail verification); partly covered units go
+    /// through a scratch buffer and are verified before any byte is copied.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        let size = self.table.uncompressed_size();
+        let end = off.saturating_add(buf.len() as u64).min(size);
+        if off >= end {
+            return Ok(0);
+        }
+        let mut w = Work {
+            stored: Vec::new(),
+            unit: Vec::new(),
+            dctx: None,
+        };
+        for index in self.table.units_for(off, end - off) {
+            let e = self.table.unit(index).expect("index from units_for");
+            let from = off.max(e.offset);
+            let to = end.min(e.offset + u64::from(e.len));
+            let dst = &mut buf[(from - off) as usize..(to - off) as usize];
+            if from == e.offset && dst.len() == e.len as usize {
+                self.load_unit(index, e, dst, &mut w)?;
+            } else {
+                let mut unit = std::mem::take(&mut w.unit);
+                unit.resize(e.len as usize, 0);
+                let result = self.load_unit(index, e, &mut unit, &mut w);
+                if result.is_ok() {
+                    let at = (from - e.offset) as usize;
+                    dst.copy_from_slice(&unit[at..at + dst.len()]);
+                }
+                w.unit = unit;
+                result?;
+            }
+        }
+        Ok((end - off) as usize)
+    }
+}
+
+/// Why [`open_local`] could not open a stored blob.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenStoredError {
+    #[error(transparent)]
+    Name(#[from] lazypull_backend::OpenError),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("chunk table {path} is corrupt: {source}")]
+    Table { path: PathBuf, source: FormatError },
+    #[error("chunk table {path} describes blob {actual}, expected {expected}")]
+    WrongBlob {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("stored data {path} is missing (its chunk table exists)")]
+    MissingData { path: PathBuf },
+    #[error("stored data {path} is {actual} bytes, its chunk table says {expected}")]
+    DataSize {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+}
+
+impl OpenStoredError {
+    /// The errno a transport should report for this failure.
+    pub fn errno(&self) -> i32 {
+        match self {
+            OpenStoredError::Name(e) => e.errno(),
+            OpenStoredError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            OpenStoredError::MissingData { .. } => libc::ENOENT,
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// Opens the stored form of blob `digest` in `dir`: `None` when
+/// `<digest>.table` does not exist (the caller may fall back to a plain
+/// `<digest>` file); an error when the table exists but is unreadable, corrupt
+/// or for another blob, or when `<digest>.zst` is missing or of the wrong length.
+pub fn open_local(dir: &Path, digest: &str) -> Result<Option<StoredBlob<File>>, OpenStoredError> {
+    let name = lazypull_backend::validate_name(digest.as_bytes())?;
+    let table_path = dir.join(format!("{name}.table"));
+    let data_path = dir.join(format!("{name}.zst"));
+    let bytes = match std::fs::read(&table_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(OpenStoredError::Io {
+                op: "reading",
+                path: table_path,
+                source,
+            })
+        }
+    };
+    let table = ChunkTable::decode(&bytes).map_err(|source| OpenStoredError::Table {
+        path: table_path.clone(),
+        source,
+    })?;
+    if table.digest() != name.to_ascii_lowercase() {
+        return Err(OpenStoredError::WrongBlob {
+            path: table_path,
+            expected: name.to_owned(),
+            actual: table.digest(),
+        });
+    }
+    let file = match File::open(&data_path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(OpenStoredError::MissingData { path: data_path })
+        }
+        Err(source) => {
+            return Err(OpenStoredError::Io {
+                op: "opening",
+                path: data_path,
+                source,
+            })
+        }
+    };
+    let len = file
+        .metadata()
+        .map_err(|source| OpenStoredError::Io {
+            op: "inspecting",
+            path: data_path.clone(),
+            source,
+        })?
+        .len();
+    if len != table.stored_size() {
+        return Err(OpenStoredError::DataSize {
+            path: data_path,
+            expected: table.stored_size(),
+            actual: len,
+        });
+    }
+    Ok(Some(StoredBlob::new(name.to_owned(), table, file)))
+}
