@@ -157,13 +157,25 @@ fn build_bench(rounds: u32, work: &Path) -> Result<()> {
     let blob = format!("{out_s}/blob");
     let cases: Vec<(&str, Vec<String>)> = vec![
         (
-            "lazypull build (1 MiB chunks, dedup, 1 blob)",
+            "lazypull build (zstd-3 units, the default)",
             vec![
                 lazypull.to_str().unwrap().into(),
                 "build".into(),
                 tree_s.clone(),
                 "-o".into(),
                 out_s.clone(),
+            ],
+        ),
+        (
+            "lazypull build --compression none",
+            vec![
+                lazypull.to_str().unwrap().into(),
+                "build".into(),
+                tree_s.clone(),
+                "-o".into(),
+                out_s.clone(),
+                "--compression".into(),
+                "none".into(),
             ],
         ),
         (
@@ -204,7 +216,7 @@ fn build_bench(rounds: u32, work: &Path) -> Result<()> {
         }
     }
     let base = {
-        let mut t: Vec<f64> = results[1].iter().map(|r| r.0).collect();
+        let mut t: Vec<f64> = results[2].iter().map(|r| r.0).collect();
         median(&mut t)
     };
     println!(
@@ -225,6 +237,39 @@ fn build_bench(rounds: u32, work: &Path) -> Result<()> {
             rss / 1024.0
         );
     }
+
+    // Stored size: the default (zstd) image against a gzip'd tar of the same tree.
+    let _ = fs::remove_dir_all(&out);
+    let st = Command::new(&lazypull)
+        .arg("build")
+        .arg(&tree)
+        .arg("-o")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("lazypull build failed");
+    }
+    let image_bytes = du_bytes(&out)?;
+    let t0 = std::time::Instant::now();
+    let gz = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar cf - -C {} . | gzip -6 | wc -c",
+            tree.display()
+        ))
+        .output()?;
+    let gz_secs = t0.elapsed().as_secs_f64();
+    let gz_bytes: u64 = String::from_utf8_lossy(&gz.stdout).trim().parse()?;
+    println!();
+    println!(
+        "Stored size: the zstd image (meta blob + compressed data blobs + chunk tables) is {} for {} of input; `tar | gzip -6` of the same tree is {} ({:.0} s): ratio {:.2}.",
+        fmt_mb(image_bytes),
+        fmt_mb(input),
+        fmt_mb(gz_bytes),
+        gz_secs,
+        image_bytes as f64 / gz_bytes as f64
+    );
 
     // Deduplication of two overlapping layers: A = python + perl, B = perl + include.
     let layer_a = work.join("layer-a");

@@ -23,6 +23,13 @@ pub trait BlobSource: Send + Sync + std::fmt::Debug {
     /// Reads as many bytes as are available at `off` into `buf`; fewer than
     /// `buf.len()` only at the end of the blob.
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+
+    /// The read size this source serves best, if it has one (e.g. the unit a
+    /// compressed blob must decompress whole): callers read in pieces of at
+    /// least this size where they can.
+    fn preferred_read_size(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Why a blob could not be opened.

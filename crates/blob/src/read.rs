@@ -165,6 +165,11 @@ impl<R: StoredRead> BlobSource for StoredBlob<R> {
         self.table.uncompressed_size()
     }
 
+    /// A whole unit: reading less still decompresses and verifies all of it.
+    fn preferred_read_size(&self) -> Option<usize> {
+        Some(self.table.unit_size() as usize)
+    }
+
     /// Whole units covered by the request are decompressed straight into `buf`
     /// (and zeroed again if they fail verification); partly covered units go
     /// through a scratch buffer and are verified before any byte is copied.

@@ -73,6 +73,20 @@ impl FillPolicy {
     pub fn buffer_size(&self) -> usize {
         self.io_size.min(self.window as usize)
     }
+
+    /// The buffer capacity for fills from `source`: larger when the source
+    /// reads best in bigger pieces (up to one window), so that a compressed unit
+    /// is decompressed once per window rather than once per piece.
+    pub fn buffer_size_for(&self, source: &dyn BlobSource) -> usize {
+        let base = self.buffer_size();
+        match source.preferred_read_size() {
+            Some(p) => {
+                let p = p.min(self.window as usize).next_multiple_of(ALIGN as usize);
+                p.max(base)
+            }
+            None => base,
+        }
+    }
 }
 
 /// Which fill windows of one object have been written.
@@ -165,7 +179,8 @@ pub struct Target<'a> {
 }
 
 /// Fills the windows of `[off, off + len)` (clamped to the object size) from the
-/// target's source into its sink, using `buf` (capacity ≥ `policy.buffer_size()`).
+/// target's source into its sink, reading and writing in pieces of `buf`'s
+/// capacity (a non-zero multiple of [`ALIGN`]; see [`FillPolicy::buffer_size_for`]).
 pub fn fill(
     target: &Target<'_>,
     off: u64,
@@ -193,7 +208,7 @@ pub fn fill(
         let stop = (start + w).min(object_size);
         let mut pos = start;
         while pos < stop {
-            let n = (stop - pos).min(policy.buffer_size() as u64) as usize;
+            let n = (stop - pos).min(buf.capacity() as u64) as usize;
             let piece = buf.slice_mut(n);
             let got = source.read_at(piece, pos).map_err(|e| FillError::Read {
                 blob: source.name().to_owned(),

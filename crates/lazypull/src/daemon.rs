@@ -12,6 +12,21 @@ use tracing::info;
 
 use crate::config::DaemonArgs;
 
+/// A blob in the blob dir: its stored form (`<name>.table` + `<name>.zst`,
+/// decompressed and verified unit by unit) when present, else the plain file.
+fn resolve(store: &LocalDir, cookie: &[u8]) -> Result<Arc<dyn BlobSource>, OpenError> {
+    let name = lazypull_backend::validate_name(cookie)?;
+    match lazypull_blob::open_local(store.root(), name) {
+        Ok(Some(stored)) => Ok(Arc::new(stored)),
+        Ok(None) => Ok(store.open(cookie)?),
+        Err(e) => Err(OpenError::Io {
+            name: name.to_owned(),
+            path: store.root().join(format!("{name}.table")),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        }),
+    }
+}
+
 pub fn run(args: DaemonArgs, started: Instant) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
     if !cfg.blob_dir.is_dir() {
@@ -30,10 +45,7 @@ pub fn run(args: DaemonArgs, started: Instant) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let store = LocalDir::new(cfg.blob_dir.clone());
-        let resolver =
-            move |_volume: &[u8], cookie: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
-                Ok(store.open(cookie)? as Arc<dyn BlobSource>)
-            };
+        let resolver = move |_volume: &[u8], cookie: &[u8]| resolve(&store, cookie);
         let server = Server::bind(
             Config {
                 device: cfg.device.clone(),

@@ -29,14 +29,21 @@ fn sample_tree(root: &Path) {
     std::os::unix::fs::symlink("etc/hostname", root.join("link")).unwrap();
 }
 
-#[test]
-fn build_inspect_verify_round_trip_and_detect_corruption() {
+fn round_trip(compression: &str) {
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");
     sample_tree(&src);
     let out_dir = work.path().join("img");
     let out = out_dir.to_str().unwrap();
-    let built = lazypull(&["build", src.to_str().unwrap(), "-o", out, "--json"]);
+    let built = lazypull(&[
+        "build",
+        src.to_str().unwrap(),
+        "-o",
+        out,
+        "--json",
+        "--compression",
+        compression,
+    ]);
     assert!(built.status.success(), "{}", text(&built));
     let built: serde_json::Value = serde_json::from_slice(&built.stdout).unwrap();
     assert_eq!(built["files"], 3);
@@ -44,6 +51,18 @@ fn build_inspect_verify_round_trip_and_detect_corruption() {
         built["chunks_deduplicated"], 3,
         "copy.bin repeats data.bin's chunks"
     );
+    let blob = built["blobs"][0]["digest"].as_str().unwrap().to_owned();
+    let stored = built["stored_bytes"].as_u64().unwrap();
+    let (damaged, plain_exists) = if compression == "zstd" {
+        assert!(
+            stored < built["blobs"][0]["size"].as_u64().unwrap() / 4,
+            "compressed: {stored}"
+        );
+        (out_dir.join(format!("{blob}.zst")), false)
+    } else {
+        (out_dir.join(&blob), true)
+    };
+    assert_eq!(out_dir.join(&blob).exists(), plain_exists);
 
     let inspected = lazypull(&["inspect", out, "--json", "--files"]);
     assert!(inspected.status.success(), "{}", text(&inspected));
@@ -52,23 +71,36 @@ fn build_inspect_verify_round_trip_and_detect_corruption() {
     assert_eq!(report["entries_by_type"]["symlink"], 1);
     assert_eq!(report["chunk_refs"], 7, "3 + 3 + 1 chunks");
     assert_eq!(report["unique_chunks"], 4);
+    assert_eq!(report["blobs"][0]["present"], true);
     assert!(report["files"].as_array().unwrap().len() >= 6);
 
     let verified = lazypull(&["verify", out]);
     assert!(verified.status.success(), "{}", text(&verified));
     assert!(text(&verified).contains("ok: meta blob, 1 data blob(s) and 3 files"));
 
-    // One flipped byte in the data blob is found and named.
-    let blob = built["blobs"][0]["digest"].as_str().unwrap();
-    let path = out_dir.join(blob);
-    let mut bytes = fs::read(&path).unwrap();
-    bytes[5000] ^= 0xff;
-    fs::write(&path, bytes).unwrap();
+    // One flipped byte in the stored data is found and named.
+    let mut bytes = fs::read(&damaged).unwrap();
+    let at = bytes.len() / 3;
+    bytes[at] ^= 0xff;
+    fs::write(&damaged, bytes).unwrap();
     let bad = lazypull(&["verify", "--json", out]);
     assert!(!bad.status.success());
     let report: serde_json::Value = serde_json::from_slice(&bad.stdout).unwrap();
     assert_eq!(report["ok"], false);
-    assert!(report["problems"][0].as_str().unwrap().contains(blob));
+    assert!(
+        report["problems"][0].as_str().unwrap().contains(&blob),
+        "{report}"
+    );
+}
+
+#[test]
+fn build_inspect_verify_round_trip_and_detect_corruption_zstd() {
+    round_trip("zstd");
+}
+
+#[test]
+fn build_inspect_verify_round_trip_and_detect_corruption_plain() {
+    round_trip("none");
 }
 
 #[test]

@@ -139,12 +139,15 @@ fn fixture() -> &'static Fixture {
         write_random(&cdata.join("big.bin"), 8 << 20, 3);
         let ddata = layers.join("ddata");
         write_random(&ddata.join("file.bin"), 1 << 20, 4);
+        let edata = layers.join("edata");
+        write_random(&edata.join("file.bin"), 3 << 20, 5);
 
         let out = root.join("out");
         let a = build(&[&base, &features], &out.join("a"));
         let b = build(&[&base, &extra], &out.join("b"));
         let c = build(&[&cdata], &out.join("c"));
         let d = build(&[&ddata], &out.join("d"));
+        let e = build(&[&edata], &out.join("e"));
         assert!(
             a.blobs.len() >= 2,
             "image A must have two data blobs: {:?}",
@@ -157,7 +160,7 @@ fn fixture() -> &'static Fixture {
 
         let blobs = root.join("blobs");
         fs::create_dir_all(&blobs).unwrap();
-        for img in ["a", "b", "c", "d"] {
+        for img in ["a", "b", "c", "d", "e"] {
             for e in fs::read_dir(out.join(img)).unwrap() {
                 let e = e.unwrap();
                 if e.file_name() != "manifest.json" {
@@ -166,6 +169,19 @@ fn fixture() -> &'static Fixture {
             }
         }
         fs::remove_file(blobs.join(&d.blobs[0].digest)).unwrap();
+        // Stored (zstd + chunk table) forms: the shared base blob, so the realistic
+        // tree and the shared domain are served decompressed and verified unit by
+        // unit; and E's blob with one byte of its stored data flipped.
+        for digest in [&a.blobs[0].digest, &e.blobs[0].digest] {
+            let plain = blobs.join(digest);
+            lazypull_blob::pack(&plain, &blobs, &Default::default()).unwrap();
+            fs::remove_file(&plain).unwrap();
+        }
+        let zst = blobs.join(format!("{}.zst", e.blobs[0].digest));
+        let mut stored = fs::read(&zst).unwrap();
+        let middle = stored.len() / 2;
+        stored[middle] ^= 0x5a;
+        fs::write(&zst, stored).unwrap();
 
         let data = root.join("data");
         fs::create_dir_all(&data).unwrap();
@@ -173,6 +189,7 @@ fn fixture() -> &'static Fixture {
         fs::write(data.join("img-b"), &b.meta_digest).unwrap();
         fs::write(data.join("img-c"), &c.meta_digest).unwrap();
         fs::write(data.join("img-d"), &d.meta_digest).unwrap();
+        fs::write(data.join("img-e"), &e.meta_digest).unwrap();
         fs::write(data.join("blob-base"), &a.blobs[0].digest).unwrap();
         fs::write(data.join("blob-c"), &c.blobs[0].digest).unwrap();
 

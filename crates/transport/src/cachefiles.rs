@@ -440,7 +440,7 @@ fn serve_read(object: &Object, read: ReadRequest, policy: &FillPolicy, stats: &S
         object,
         msg_id: read.msg_id,
     };
-    let mut buf = AlignedBuf::new(policy.buffer_size());
+    let mut buf = AlignedBuf::new(policy.buffer_size_for(object.blob.as_ref()));
     let target = Target {
         source: object.blob.as_ref(),
         object_size: object.size,

@@ -42,7 +42,18 @@ echo "read of truncated blob: rc=$rc $(cat "$LP_OUT/read-truncated.err")"
 umount /mnt/c
 daemon_alive || fail "daemon died after a failed READ"
 
-# 4. A good image still mounts and reads correctly.
+# 4. A stored (compressed) blob with a corrupted unit: the reader gets EIO, and
+# no byte of that unit reaches the cache.
+E=$(cat "$LP_DATA/img-e")
+mount_image "$E" /mnt/e || fail "mount E"
+rc=0
+timeout 120 cat /mnt/e/file.bin >/dev/null 2>"$LP_OUT/read-corrupt.err" || rc=$?
+echo "$rc" >"$LP_OUT/read-corrupt.rc"
+echo "read of a corrupt stored blob: rc=$rc $(cat "$LP_OUT/read-corrupt.err")"
+umount /mnt/e
+daemon_alive || fail "daemon died after a digest mismatch"
+
+# 5. A good image still mounts and reads correctly.
 mount_image "$A" /mnt/a || fail "mount A after failures"
 (cd /mnt/a && timeout 600 sha256sum -c --quiet "$LP_DATA/sample-a.sha256") >"$LP_OUT/check-a" 2>&1 || fail "A differs after failures"
 umount /mnt/a
