@@ -21,6 +21,9 @@ static GUEST: Mutex<()> = Mutex::new(());
 
 struct Fixture {
     data: PathBuf,
+    /// Build output of image A, plain blobs (the guest's blob dir has some packed).
+    out_a: PathBuf,
+    a: BuiltImage,
     blobs: PathBuf,
     kernel: PathBuf,
     base_blob: String,
@@ -251,6 +254,8 @@ fn fixture() -> &'static Fixture {
 
         Fixture {
             data,
+            out_a: out.join("a"),
+            a: a.clone(),
             blobs,
             kernel,
             base_blob: a.blobs[0].digest.clone(),
@@ -415,5 +420,52 @@ fn missing_and_truncated_blobs_fail_cleanly_and_the_daemon_keeps_serving() {
     assert!(
         log.contains("is truncated"),
         "the daemon logs the truncation"
+    );
+}
+
+/// Unmounts on drop, so a failed assertion leaves no mount behind.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+/// The same image mounted by the host kernel (6.18) file-backed, no daemon: the
+/// meta blob as the source and the plain data blobs as `device=` files, through
+/// mount(2) (mount(8) would put a loop device under the file and EROFS then
+/// refuses `device=` files). It must read back identical to the source tree.
+#[test]
+fn the_same_image_mounted_file_backed_on_the_host_is_identical() {
+    let fx = fixture();
+    let mnt = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("host-mount-a");
+    fs::create_dir_all(&mnt).unwrap();
+    let devices: Vec<String> =
+        fx.a.blobs
+            .iter()
+            .map(|b| format!("device={}", fx.out_a.join(&b.digest).display()))
+            .collect();
+    let options = std::ffi::CString::new(devices.join(",")).unwrap();
+    rustix::mount::mount(
+        fx.out_a.join(&fx.a.meta_digest),
+        &mnt,
+        "erofs",
+        rustix::mount::MountFlags::RDONLY,
+        Some(options.as_c_str()),
+    )
+    .unwrap_or_else(|e| panic!("file-backed mount of image A on the host: {e}"));
+    let _mounted = Mounted(mnt.clone());
+    let got = stdout(Command::new(testkit()).arg("manifest").arg(&mnt));
+    let mut got: Vec<&str> = got.lines().filter(|l| !is_root_line(l)).collect();
+    got.sort_unstable();
+    let expected = fs::read_to_string(fx.data.join("manifest.expected")).unwrap();
+    let want: Vec<&str> = expected.lines().collect();
+    let first_diff = want.iter().zip(&got).find(|(w, g)| w != g);
+    assert!(
+        first_diff.is_none() && want.len() == got.len(),
+        "host mount differs ({} vs {} entries), first: {first_diff:?}",
+        got.len(),
+        want.len()
     );
 }
