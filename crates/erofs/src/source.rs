@@ -82,13 +82,7 @@ pub fn build_from_source(
     let n = read_up_to(&mut f, &mut head).map_err(io_err(source))?;
     let head = &head[..n];
     if head.starts_with(&GZIP_MAGIC) || head.starts_with(&ZSTD_MAGIC) {
-        let layer = LayerBlob {
-            label: source.display().to_string(),
-            path: source.to_path_buf(),
-            offset: 0,
-            size: md.len(),
-            digest: None,
-        };
+        let layer = LayerBlob::whole_file(source, md.len());
         return build_blobs(&[layer], out_dir, opts, ArchiveCheck::RefuseImageArchive);
     }
     if !looks_like_tar(head) {
@@ -100,13 +94,7 @@ pub fn build_from_source(
     match docker_layers(source)? {
         Some(layers) => build_blobs(&layers, out_dir, opts, ArchiveCheck::None),
         None => {
-            let layer = LayerBlob {
-                label: source.display().to_string(),
-                path: source.to_path_buf(),
-                offset: 0,
-                size: md.len(),
-                digest: None,
-            };
+            let layer = LayerBlob::whole_file(source, md.len());
             build_blobs(&[layer], out_dir, opts, ArchiveCheck::RefuseImageArchive)
         }
     }
@@ -202,6 +190,19 @@ struct LayerBlob {
     size: u64,
     /// Expected SHA-256 (hex) of those bytes.
     digest: Option<String>,
+}
+
+impl LayerBlob {
+    /// A whole file as one layer, with no digest to check.
+    fn whole_file(path: &Path, size: u64) -> Self {
+        LayerBlob {
+            label: path.display().to_string(),
+            path: path.to_path_buf(),
+            offset: 0,
+            size,
+            digest: None,
+        }
+    }
 }
 
 /// Reader that hashes what passes through.

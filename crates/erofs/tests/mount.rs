@@ -115,23 +115,6 @@ fn write(path: &Path, data: &[u8]) {
     fs::write(path, data).unwrap();
 }
 
-fn set_mtime(path: &Path, sec: i64, nsec: u32) {
-    let ts = rustix::fs::Timespec {
-        tv_sec: sec,
-        tv_nsec: i64::from(nsec),
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        path,
-        &rustix::fs::Timestamps {
-            last_access: ts,
-            last_modification: ts,
-        },
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .unwrap();
-}
-
 /// Every directory's link count is 2 + its subdirectories.
 fn check_dir_nlinks(root: &Path) {
     let mut stack = vec![root.to_path_buf()];
@@ -201,7 +184,7 @@ fn make_layer2(l1: &Path, l2: &Path) {
     }
     all.push(l2.to_path_buf());
     for p in all {
-        set_mtime(&p, 1_700_000_000, 777);
+        common::set_mtime(&p, 1_700_000_000, 777);
     }
 }
 

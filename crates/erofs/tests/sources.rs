@@ -142,23 +142,6 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
-fn set_mtime(path: &Path, (sec, nsec): (i64, u32)) {
-    let ts = rustix::fs::Timespec {
-        tv_sec: sec,
-        tv_nsec: i64::from(nsec),
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        path,
-        &rustix::fs::Timestamps {
-            last_access: ts,
-            last_modification: ts,
-        },
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .unwrap();
-}
-
 /// Write `specs` as real files under `root` (which gets the `.` spec's
 /// metadata if there is one). Parents must be listed before children.
 fn materialize(root: &Path, specs: &[Spec]) {
@@ -221,7 +204,7 @@ fn materialize(root: &Path, specs: &[Spec]) {
     // Times last, children before parents.
     for s in specs.iter().rev() {
         if !matches!(s.kind, K::Hard(_)) {
-            set_mtime(&p(s), s.mtime);
+            common::set_mtime(&p(s), s.mtime.0, s.mtime.1);
         }
     }
 }

@@ -407,6 +407,29 @@ fn missing_and_truncated_blobs_fail_cleanly_and_the_daemon_keeps_serving() {
         missing >= 2,
         "both missing blobs logged (image {d_meta}):\n{log}"
     );
+    // A missing data blob: the mount fails, or (Linux 6.12 does not fail a mount
+    // whose device OPEN was refused) every read of that blob's data fails: the
+    // kernel reports ENOBUFS (no cache object) or EIO, never data, never a hang.
+    let missing = run.read_out("mount-missing-data.result").unwrap();
+    if missing.trim() == "mounted" {
+        let rc: i32 = run
+            .read_out("read-missing-data.rc")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let err = run.read_out("read-missing-data.err").unwrap();
+        assert!(
+            rc != 0 && rc != 124,
+            "read of a missing blob must fail, not hang: rc={rc}"
+        );
+        assert!(
+            err.contains("Input/output error") || err.contains("No buffer space available"),
+            "reader gets an I/O error: {err}"
+        );
+    } else {
+        assert_eq!(missing.trim(), "refused");
+    }
     let rc: i32 = run
         .read_out("read-truncated.rc")
         .unwrap()
@@ -420,6 +443,23 @@ fn missing_and_truncated_blobs_fail_cleanly_and_the_daemon_keeps_serving() {
     assert!(
         log.contains("is truncated"),
         "the daemon logs the truncation"
+    );
+    // A stored blob whose bytes do not match its chunk table's digest: EIO, logged.
+    let rc: i32 = run
+        .read_out("read-corrupt.rc")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let err = run.read_out("read-corrupt.err").unwrap();
+    assert!(
+        rc != 0 && rc != 124,
+        "read of a corrupt blob must fail, not hang: rc={rc}"
+    );
+    assert!(err.contains("Input/output error"), "reader gets EIO: {err}");
+    assert!(
+        log.contains("sha256 mismatch"),
+        "the daemon logs the digest mismatch"
     );
 }
 

@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests (each test binary uses some of them).
+#![allow(dead_code)]
 
 use std::fs::File;
 
@@ -67,4 +68,22 @@ pub fn image_manifest(img: &Image, blobs: &[File]) -> Vec<Entry> {
     out.sort_by(|a, b| a.path.cmp(&b.path));
     assign_links(&mut out);
     out
+}
+
+/// Sets `path`'s mtime (and atime) without following a symlink.
+pub fn set_mtime(path: &std::path::Path, sec: i64, nsec: u32) {
+    let ts = rustix::fs::Timespec {
+        tv_sec: sec,
+        tv_nsec: i64::from(nsec),
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        path,
+        &rustix::fs::Timestamps {
+            last_access: ts,
+            last_modification: ts,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
 }

@@ -20,11 +20,8 @@ echo "missing meta blob: mount failed as expected: $(cat "$LP_OUT/mount-missing-
 # blob's data must then fail with EIO (not hang, not return zeros).
 if mount_image "$D" /mnt/d 2>"$LP_OUT/mount-missing-data.err"; then
 	echo "mounted" >"$LP_OUT/mount-missing-data.result"
-	rc=0
-	timeout 120 cat /mnt/d/file.bin >/dev/null 2>"$LP_OUT/read-missing-data.err" || rc=$?
-	echo "$rc" >"$LP_OUT/read-missing-data.rc"
+	try_read missing-data /mnt/d/file.bin
 	umount /mnt/d
-	echo "missing data blob: mount succeeded, read rc=$rc $(cat "$LP_OUT/read-missing-data.err")"
 else
 	echo "refused" >"$LP_OUT/mount-missing-data.result"
 	echo "missing data blob: mount failed"
@@ -35,10 +32,7 @@ daemon_alive || fail "daemon died after refusing OPENs"
 mount_image "$C" /mnt/c || fail "mount C"
 truncate -s 4096 "$BLOBS/$C_BLOB"
 sync
-rc=0
-timeout 120 cat /mnt/c/big.bin >/dev/null 2>"$LP_OUT/read-truncated.err" || rc=$?
-echo "$rc" >"$LP_OUT/read-truncated.rc"
-echo "read of truncated blob: rc=$rc $(cat "$LP_OUT/read-truncated.err")"
+try_read truncated /mnt/c/big.bin
 umount /mnt/c
 daemon_alive || fail "daemon died after a failed READ"
 
@@ -46,10 +40,7 @@ daemon_alive || fail "daemon died after a failed READ"
 # no byte of that unit reaches the cache.
 E=$(cat "$LP_DATA/img-e")
 mount_image "$E" /mnt/e || fail "mount E"
-rc=0
-timeout 120 cat /mnt/e/file.bin >/dev/null 2>"$LP_OUT/read-corrupt.err" || rc=$?
-echo "$rc" >"$LP_OUT/read-corrupt.rc"
-echo "read of a corrupt stored blob: rc=$rc $(cat "$LP_OUT/read-corrupt.err")"
+try_read corrupt /mnt/e/file.bin
 umount /mnt/e
 daemon_alive || fail "daemon died after a digest mismatch"
 

@@ -130,3 +130,12 @@ wait_all() {
 	done
 	fail "$alive of $# readers still running after ${deadline}s"
 }
+
+# try_read NAME PATH: reads PATH (bounded to 120 s), recording the exit status and
+# stderr in $LP_OUT/read-NAME.rc and .err for the host test; prints a summary.
+try_read() {
+	local rc=0
+	timeout 120 cat "$2" >/dev/null 2>"$LP_OUT/read-$1.err" || rc=$?
+	echo "$rc" >"$LP_OUT/read-$1.rc"
+	echo "read $2 ($1): rc=$rc $(cat "$LP_OUT/read-$1.err")"
+}
