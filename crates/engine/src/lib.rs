@@ -139,8 +139,9 @@ impl FillMap {
 pub struct FillOutcome {
     pub bytes_written: u64,
     pub windows_written: u64,
-    /// Windows the request covered that had already been written before.
-    pub windows_refilled: u64,
+    /// Windows the request covered that were already written when it ran
+    /// (another request filled them meanwhile); they are written again.
+    pub windows_overlapped: u64,
 }
 
 /// Why a fill failed. Bytes written before the failure are correct blob bytes.
@@ -202,7 +203,7 @@ pub fn fill(
     let w = policy.window;
     for index in off / w..=(end - 1) / w {
         if map.is_filled(index) {
-            outcome.windows_refilled += 1;
+            outcome.windows_overlapped += 1;
         }
         let start = index * w;
         let stop = (start + w).min(object_size);
@@ -342,7 +343,7 @@ mod tests {
         assert_eq!(out.bytes_written, 1000);
         // Asking again for a filled window is counted.
         let out = fill(&target(&blob, &map, &sink), 65536, 4096, &policy, &mut buf).unwrap();
-        assert_eq!(out.windows_refilled, 1);
+        assert_eq!(out.windows_overlapped, 1);
     }
 
     #[test]

@@ -452,13 +452,13 @@ fn serve_read(object: &Object, read: ReadRequest, policy: &FillPolicy, stats: &S
         Ok(out) => {
             bump(&stats.bytes_written, out.bytes_written);
             bump(&stats.windows_written, out.windows_written);
-            if out.windows_refilled > 0 {
-                bump(&stats.windows_overlapped, out.windows_refilled);
+            if out.windows_overlapped > 0 {
+                bump(&stats.windows_overlapped, out.windows_overlapped);
                 debug!(
                     object = object.id,
                     off = read.off,
                     len = read.len,
-                    windows = out.windows_refilled,
+                    windows = out.windows_overlapped,
                     "READ overlapped windows filled meanwhile by a concurrent READ"
                 );
             }
