@@ -32,6 +32,27 @@ pub trait BlobSource: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Random access to a blob's *stored* bytes (a local file, an HTTP or registry
+/// blob fetched by Range): the engine's view of a backend. Retries and timeouts
+/// are the implementation's business; what it returns is exactly what was asked.
+pub trait RangeRead: Send + Sync + std::fmt::Debug {
+    /// Fills all of `buf` from `off`, or fails; running out of bytes is an error
+    /// of kind `UnexpectedEof`.
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+}
+
+impl RangeRead for File {
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, off)
+    }
+}
+
+impl<T: RangeRead + ?Sized> RangeRead for Arc<T> {
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        (**self).read_exact_at(buf, off)
+    }
+}
+
 /// Why a blob could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {

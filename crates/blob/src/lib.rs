@@ -21,7 +21,8 @@ mod read;
 
 pub use format::{ChunkTable, FormatError, UnitEntry, UnitKind};
 pub use pack::{pack, Compression, PackError, PackOptions, Packed};
-pub use read::{open_local, OpenStoredError, StoredBlob, StoredRead};
+pub use lazypull_backend::RangeRead as StoredRead;
+pub use read::{open_local, OpenStoredError, StoredBlob};
 
 #[cfg(test)]
 mod tests;

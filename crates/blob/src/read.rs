@@ -3,32 +3,12 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use lazypull_backend::BlobSource;
+use lazypull_backend::{BlobSource, RangeRead as StoredRead};
 use sha2::{Digest, Sha256};
 
 use crate::format::{ChunkTable, FormatError, UnitEntry, UnitKind};
-
-/// Random access to stored bytes (a local file now; an HTTP range fetcher later).
-pub trait StoredRead: Send + Sync + fmt::Debug {
-    /// Fills all of `buf` from `off`, or fails; running out of bytes is an error
-    /// of kind `UnexpectedEof`.
-    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
-}
-
-impl StoredRead for File {
-    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        FileExt::read_exact_at(self, buf, off)
-    }
-}
-
-impl<T: StoredRead + ?Sized> StoredRead for std::sync::Arc<T> {
-    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        (**self).read_exact_at(buf, off)
-    }
-}
 
 /// An uncompressed blob served from its stored form: a [`BlobSource`] whose every
 /// byte handed out belongs to a unit that hashed to its table entry.
