@@ -30,6 +30,26 @@ pub trait BlobSource: Send + Sync + std::fmt::Debug {
     fn preferred_read_size(&self) -> Option<usize> {
         None
     }
+
+    /// Announces that `[off, off + len)` is about to be read: a source that
+    /// fetches remotely can fetch it now in as few requests as it likes.
+    fn will_read(&self, _off: u64, _len: u64, _priority: Priority) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// [`read_at`](Self::read_at) on behalf of work of the given priority.
+    fn read_at_priority(&self, buf: &mut [u8], off: u64, _priority: Priority) -> io::Result<usize> {
+        self.read_at(buf, off)
+    }
+}
+
+/// Whether a read is for a reader who waits (foreground) or ahead of need
+/// (background: prefetch), which yields to foreground work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    #[default]
+    Foreground,
+    Background,
 }
 
 /// Random access to a blob's *stored* bytes (a local file, an HTTP or registry

@@ -20,9 +20,9 @@ mod pack;
 mod read;
 
 pub use format::{ChunkTable, FormatError, UnitEntry, UnitKind};
-pub use pack::{pack, Compression, PackError, PackOptions, Packed};
 pub use lazypull_backend::RangeRead as StoredRead;
-pub use read::{open_local, OpenStoredError, StoredBlob};
+pub use pack::{pack, Compression, PackError, PackOptions, Packed};
+pub use read::{corrupt_unit, open_local, read_stored, OpenStoredError, StoredBlob, UnitDecoder};
 
 #[cfg(test)]
 mod tests;

@@ -19,11 +19,128 @@ pub struct StoredBlob<R: StoredRead> {
     stored: R,
 }
 
+/// Turns one unit's stored bytes into its verified uncompressed bytes. Reusable
+/// across units (it keeps a zstd context); one per thread.
+pub struct UnitDecoder {
+    dctx: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl Default for UnitDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for UnitDecoder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UnitDecoder").finish_non_exhaustive()
+    }
+}
+
+/// An `InvalidData` error naming blob `name` and unit `index`.
+pub fn corrupt_unit(name: &str, index: u64, cause: impl fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("blob {name}: unit {index}: {cause}"),
+    )
+}
+
+impl UnitDecoder {
+    pub fn new() -> Self {
+        UnitDecoder { dctx: None }
+    }
+
+    /// Writes the uncompressed bytes of unit `index` (entry `e` of blob `name`)
+    /// into `dst` (exactly `e.len` bytes), from `stored` (exactly its
+    /// `e.stored_len` stored bytes). Succeeds only if they decompress to the
+    /// declared length and hash to the entry's SHA-256; on error `dst` is
+    /// zeroed, so it never keeps unverified bytes.
+    pub fn decode(
+        &mut self,
+        name: &str,
+        index: u64,
+        e: &UnitEntry,
+        stored: &[u8],
+        dst: &mut [u8],
+    ) -> io::Result<()> {
+        let result = self.decode_unchecked(name, index, e, stored, dst);
+        if result.is_err() {
+            dst.fill(0);
+        }
+        result
+    }
+
+    fn decode_unchecked(
+        &mut self,
+        name: &str,
+        index: u64,
+        e: &UnitEntry,
+        stored: &[u8],
+        dst: &mut [u8],
+    ) -> io::Result<()> {
+        if dst.len() != e.len as usize || stored.len() != e.stored_len as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "blob {name}: unit {index}: buffers of {} / {} bytes for a unit of {} / {} bytes",
+                    dst.len(),
+                    stored.len(),
+                    e.len,
+                    e.stored_len
+                ),
+            ));
+        }
+        match e.kind {
+            UnitKind::Raw => dst.copy_from_slice(stored),
+            UnitKind::Zstd => {
+                if self.dctx.is_none() {
+                    self.dctx = Some(zstd::bulk::Decompressor::new().map_err(|err| {
+                        io::Error::new(err.kind(), format!("zstd decompressor: {err}"))
+                    })?);
+                }
+                let dctx = self.dctx.as_mut().expect("just set");
+                // `dst` is exactly the declared length, so a frame that would
+                // produce more fails here instead of growing anything.
+                let n = dctx.decompress_to_buffer(stored, dst).map_err(|err| {
+                    corrupt_unit(
+                        name,
+                        index,
+                        format_args!(
+                            "zstd decompression failed (declared length {}): {err}",
+                            e.len
+                        ),
+                    )
+                })?;
+                if n != dst.len() {
+                    return Err(corrupt_unit(
+                        name,
+                        index,
+                        format_args!("decompressed to {n} bytes, declared {}", e.len),
+                    ));
+                }
+            }
+        }
+        let actual = Sha256::digest(&*dst);
+        if actual.as_slice() != e.sha256 {
+            return Err(corrupt_unit(
+                name,
+                index,
+                format_args!(
+                    "sha256 mismatch: expected {}, got {}",
+                    hex::encode(e.sha256),
+                    hex::encode(actual)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Per-call working memory: at most one stored unit and one uncompressed unit.
 struct Work {
     stored: Vec<u8>,
     unit: Vec<u8>,
-    dctx: Option<zstd::bulk::Decompressor<'static>>,
+    decoder: UnitDecoder,
 }
 
 impl<R: StoredRead> StoredBlob<R> {
@@ -43,97 +160,51 @@ impl<R: StoredRead> StoredBlob<R> {
         &self.stored
     }
 
-    fn corrupt(&self, index: u64, cause: impl fmt::Display) -> io::Error {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("blob {}: unit {index}: {cause}", self.name),
-        )
+    /// Its name, chunk table and stored bytes, for a caller that serves them
+    /// another way (the engine's fetcher).
+    pub fn into_parts(self) -> (String, ChunkTable, R) {
+        (self.name, self.table, self.stored)
     }
 
-    /// Writes unit `e`'s verified uncompressed bytes into `dst` (exactly `e.len`
-    /// bytes). On error, `dst` is zeroed: it never keeps unverified bytes.
+    /// Reads unit `index`'s stored bytes and decodes them into `dst`.
     fn load_unit(&self, index: u64, e: &UnitEntry, dst: &mut [u8], w: &mut Work) -> io::Result<()> {
-        debug_assert_eq!(dst.len(), e.len as usize);
-        let result = self.load_unit_unchecked(index, e, dst, w);
-        if result.is_err() {
+        w.stored.resize(e.stored_len as usize, 0);
+        if let Err(err) = read_stored(&self.name, index, e, &self.stored, &mut w.stored) {
             dst.fill(0);
+            return Err(err);
         }
-        result
+        w.decoder.decode(&self.name, index, e, &w.stored, dst)
     }
+}
 
-    fn load_unit_unchecked(
-        &self,
-        index: u64,
-        e: &UnitEntry,
-        dst: &mut [u8],
-        w: &mut Work,
-    ) -> io::Result<()> {
-        let read = |buf: &mut [u8]| {
-            self.stored
-                .read_exact_at(buf, e.stored_offset)
-                .map_err(|err| match err.kind() {
-                    io::ErrorKind::UnexpectedEof => self.corrupt(
-                        index,
-                        format_args!(
-                            "stored data truncated (need bytes {:?}): {err}",
-                            e.stored_range()
-                        ),
-                    ),
-                    kind => io::Error::new(
-                        kind,
-                        format!(
-                            "blob {}: unit {index}: reading stored bytes {:?}: {err}",
-                            self.name,
-                            e.stored_range()
-                        ),
-                    ),
-                })
-        };
-        match e.kind {
-            UnitKind::Raw => read(dst)?,
-            UnitKind::Zstd => {
-                w.stored.resize(e.stored_len as usize, 0);
-                read(&mut w.stored)?;
-                if w.dctx.is_none() {
-                    w.dctx = Some(zstd::bulk::Decompressor::new().map_err(|err| {
-                        io::Error::new(err.kind(), format!("zstd decompressor: {err}"))
-                    })?);
-                }
-                let dctx = w.dctx.as_mut().expect("just set");
-                // `dst` is exactly the declared length, so a frame that would
-                // produce more fails here instead of growing anything.
-                let n = dctx
-                    .decompress_to_buffer(&w.stored[..], dst)
-                    .map_err(|err| {
-                        self.corrupt(
-                            index,
-                            format_args!(
-                                "zstd decompression failed (declared length {}): {err}",
-                                e.len
-                            ),
-                        )
-                    })?;
-                if n != dst.len() {
-                    return Err(self.corrupt(
-                        index,
-                        format_args!("decompressed to {n} bytes, declared {}", e.len),
-                    ));
-                }
-            }
-        }
-        let actual = Sha256::digest(&*dst);
-        if actual.as_slice() != e.sha256 {
-            return Err(self.corrupt(
+/// Reads unit `index`'s stored bytes into `buf`, naming the blob and unit in
+/// errors (a short read is corruption: the table promised those bytes).
+pub fn read_stored(
+    name: &str,
+    index: u64,
+    e: &UnitEntry,
+    stored: &dyn StoredRead,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    stored
+        .read_exact_at(buf, e.stored_offset)
+        .map_err(|err| match err.kind() {
+            io::ErrorKind::UnexpectedEof => corrupt_unit(
+                name,
                 index,
                 format_args!(
-                    "sha256 mismatch: expected {}, got {}",
-                    hex::encode(e.sha256),
-                    hex::encode(actual)
+                    "stored data truncated (need bytes {:?}): {err}",
+                    e.stored_range()
                 ),
-            ));
-        }
-        Ok(())
-    }
+            ),
+            kind => io::Error::new(
+                kind,
+                format!(
+                    "blob {name}: unit {index}: reading stored bytes {:?}: {err}",
+                    e.stored_range()
+                ),
+            ),
+        })
 }
 
 impl<R: StoredRead> BlobSource for StoredBlob<R> {
@@ -162,7 +233,7 @@ impl<R: StoredRead> BlobSource for StoredBlob<R> {
         let mut w = Work {
             stored: Vec::new(),
             unit: Vec::new(),
-            dctx: None,
+            decoder: UnitDecoder::new(),
         };
         for index in self.table.units_for(off, end - off) {
             let e = self.table.unit(index).expect("index from units_for");

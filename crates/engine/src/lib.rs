@@ -18,9 +18,14 @@
 //! blob lives.
 
 mod buf;
+pub mod chunked;
 
 pub use buf::AlignedBuf;
+pub use chunked::{
+    ChunkedBlob, FetchContext, FetchOptions, FetchStats, FetchStatsSnapshot, PriorityGate,
+};
 use lazypull_backend::BlobSource;
+pub use lazypull_backend::Priority;
 use std::io;
 use std::sync::Mutex;
 
@@ -140,7 +145,8 @@ pub struct FillOutcome {
     pub bytes_written: u64,
     pub windows_written: u64,
     /// Windows the request covered that were already written when it ran
-    /// (another request filled them meanwhile); they are written again.
+    /// (another request or a prefetch filled them meanwhile): they are neither
+    /// fetched nor written again.
     pub windows_overlapped: u64,
 }
 
@@ -177,6 +183,8 @@ pub struct Target<'a> {
     pub object_size: u64,
     pub map: &'a FillMap,
     pub sink: &'a dyn CacheSink,
+    /// Foreground for a reader's miss, background for prefetch.
+    pub priority: Priority,
 }
 
 /// Fills the windows of `[off, off + len)` (clamped to the object size) from the
@@ -194,6 +202,7 @@ pub fn fill(
         object_size,
         map,
         sink,
+        priority,
     } = *target;
     let mut outcome = FillOutcome::default();
     let end = off.saturating_add(len).min(object_size);
@@ -201,22 +210,31 @@ pub fn fill(
         return Ok(outcome);
     }
     let w = policy.window;
-    for index in off / w..=(end - 1) / w {
-        if map.is_filled(index) {
-            outcome.windows_overlapped += 1;
-        }
+    let (first, last) = (off / w, (end - 1) / w);
+    let wanted: Vec<u64> = (first..=last).filter(|&i| !map.is_filled(i)).collect();
+    outcome.windows_overlapped = (last - first + 1) - wanted.len() as u64;
+    if let (Some(&a), Some(&b)) = (wanted.first(), wanted.last()) {
+        // One announcement for the whole span lets a remote source fetch it
+        // in as few requests as it likes; failures surface from the reads below.
+        let span_end = ((b + 1) * w).min(object_size);
+        let _ = source.will_read(a * w, span_end - a * w, priority);
+    }
+    for index in wanted {
         let start = index * w;
         let stop = (start + w).min(object_size);
         let mut pos = start;
         while pos < stop {
             let n = (stop - pos).min(buf.capacity() as u64) as usize;
             let piece = buf.slice_mut(n);
-            let got = source.read_at(piece, pos).map_err(|e| FillError::Read {
-                blob: source.name().to_owned(),
-                off: pos,
-                len: n,
-                source: e,
-            })?;
+            let got =
+                source
+                    .read_at_priority(piece, pos, priority)
+                    .map_err(|e| FillError::Read {
+                        blob: source.name().to_owned(),
+                        off: pos,
+                        len: n,
+                        source: e,
+                    })?;
             if got < n {
                 return Err(FillError::Truncated {
                     blob: source.name().to_owned(),
@@ -303,6 +321,7 @@ mod tests {
             object_size: blob.1,
             map,
             sink,
+            priority: Priority::Foreground,
         }
     }
 
@@ -365,6 +384,7 @@ mod tests {
                 object_size: size as u64,
                 map: &map,
                 sink: &sink,
+                priority: Priority::Foreground,
             },
             0,
             16384,

@@ -7,13 +7,15 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lazypull_backend::{BlobSource, OpenError};
 use lazypull_cachefiles::device::Received;
 use lazypull_cachefiles::{AnonFd, CacheDevice, Command, OpenRequest, ReadRequest, Request};
-use lazypull_engine::{fill, AlignedBuf, CacheSink, FillMap, FillPolicy, Target};
+use lazypull_engine::{
+    fill, AlignedBuf, CacheSink, FillError, FillMap, FillOutcome, FillPolicy, Priority, Target,
+};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
@@ -61,11 +63,13 @@ pub struct Stats {
     pub read_failures: AtomicU64,
     pub bytes_written: AtomicU64,
     pub windows_written: AtomicU64,
-    /// Windows a READ covered that another READ had filled meanwhile (concurrent
-    /// requests for one window; the kernel never re-asks for data once written).
+    /// Windows a READ covered that were already filled (by a concurrent READ for
+    /// the same window, or by prefetch): skipped, neither fetched nor written again.
     pub windows_overlapped: AtomicU64,
     pub malformed: AtomicU64,
     pub unknown_objects: AtomicU64,
+    /// Bytes written ahead of need by prefetch.
+    pub prefetched_bytes: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -81,6 +85,7 @@ pub struct StatsSnapshot {
     pub windows_overlapped: u64,
     pub malformed: u64,
     pub unknown_objects: u64,
+    pub prefetched_bytes: u64,
 }
 
 impl Stats {
@@ -97,6 +102,7 @@ impl Stats {
             windows_overlapped: g(&self.windows_overlapped),
             malformed: g(&self.malformed),
             unknown_objects: g(&self.unknown_objects),
+            prefetched_bytes: g(&self.prefetched_bytes),
         }
     }
 }
@@ -132,12 +138,91 @@ impl AsRawFd for DeviceFd {
     }
 }
 
+/// The objects the kernel has open, shared between the serving loop and
+/// whoever fills them ahead of need (prefetch).
+#[derive(Debug, Clone, Default)]
+pub struct OpenObjects {
+    map: Arc<Mutex<HashMap<u32, Arc<Object>>>>,
+    policy: FillPolicy,
+    stats: Arc<Stats>,
+}
+
+/// One open object, as [`OpenObjects::list`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ObjectInfo {
+    pub object_id: u32,
+    pub blob: String,
+    pub size: u64,
+    pub windows_filled: u64,
+}
+
+impl OpenObjects {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Object>>> {
+        // Inserts and removes are single calls: a poisoned map is still consistent.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn find(&self, blob: &str) -> Option<Arc<Object>> {
+        self.lock()
+            .values()
+            .find(|o| o.blob.name() == blob)
+            .cloned()
+    }
+
+    /// Every open object.
+    pub fn list(&self) -> Vec<ObjectInfo> {
+        let mut v: Vec<_> = self
+            .lock()
+            .values()
+            .map(|o| ObjectInfo {
+                object_id: o.id,
+                blob: o.blob.name().to_owned(),
+                size: o.size,
+                windows_filled: o.filled.filled_windows(),
+            })
+            .collect();
+        v.sort_by_key(|o| o.object_id);
+        v
+    }
+
+    /// Size of the open object serving `blob`, if the kernel has one open.
+    pub fn size_of(&self, blob: &str) -> Option<u64> {
+        self.find(blob).map(|o| o.size)
+    }
+
+    /// Fills `[off, off + len)` of the object serving `blob` ahead of need, at
+    /// background priority: the kernel then finds the data in its cache and
+    /// never asks. `Ok(None)` when no object for `blob` is open.
+    pub fn prefetch(
+        &self,
+        blob: &str,
+        off: u64,
+        len: u64,
+    ) -> Result<Option<FillOutcome>, FillError> {
+        let Some(object) = self.find(blob) else {
+            return Ok(None);
+        };
+        let mut buf = AlignedBuf::new(self.policy.buffer_size_for(object.blob.as_ref()));
+        let target = Target {
+            source: object.blob.as_ref(),
+            object_size: object.size,
+            map: &object.filled,
+            sink: &AnonSink(&object.fd),
+            priority: Priority::Background,
+        };
+        let out = fill(&target, off, len, &self.policy, &mut buf)?;
+        bump(&self.stats.prefetched_bytes, out.bytes_written);
+        Ok(Some(out))
+    }
+}
+
 /// A bound cachefiles cache, ready to serve.
 pub struct Server {
     device: CacheDevice,
     config: Config,
     resolver: Arc<dyn BlobResolver>,
     stats: Arc<Stats>,
+    objects: OpenObjects,
 }
 
 impl Server {
@@ -179,16 +264,27 @@ impl Server {
             fill_window = config.policy.window,
             "cachefiles cache bound in on-demand mode"
         );
+        let stats = Arc::new(Stats::default());
         Ok(Server {
             device,
+            objects: OpenObjects {
+                map: Arc::default(),
+                policy: config.policy,
+                stats: stats.clone(),
+            },
             config,
             resolver,
-            stats: Arc::new(Stats::default()),
+            stats,
         })
     }
 
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
+    }
+
+    /// The objects the kernel has open (for prefetch and status).
+    pub fn objects(&self) -> OpenObjects {
+        self.objects.clone()
     }
 
     /// Serves requests until `shutdown` resolves, then waits (bounded) for READs
@@ -199,6 +295,7 @@ impl Server {
             config,
             resolver,
             stats,
+            objects: open_objects,
         } = self;
         // SAFETY: `DeviceFd` owns the device's OwnedFd and never replaces it, so the
         // registered fd stays open and the same for the whole life of the AsyncFd.
@@ -207,7 +304,6 @@ impl Server {
         }
         .map_err(|e| e.into_parts().1)?;
         let slots = Arc::new(Semaphore::new(config.max_in_flight));
-        let mut objects: HashMap<u32, Arc<Object>> = HashMap::new();
         tokio::pin!(shutdown);
         'serve: loop {
             let mut ready = tokio::select! {
@@ -227,7 +323,11 @@ impl Server {
                     }
                 };
                 let dev = &ready.get_inner().0;
-                match dispatch(dev, received, &mut objects, &resolver, &config, &stats) {
+                let work = {
+                    let mut objects = open_objects.lock();
+                    dispatch(dev, received, &mut objects, &resolver, &config, &stats)
+                };
+                match work {
                     Some((object, read)) => {
                         let permit = slots.clone().acquire_owned().await.expect("never closed");
                         let stats = stats.clone();
@@ -268,7 +368,7 @@ impl Server {
         let snapshot = stats.snapshot();
         info!(
             ?snapshot,
-            open_objects = objects.len(),
+            open_objects = open_objects.lock().len(),
             "cachefiles server stopped"
         );
         Ok(snapshot)
@@ -446,6 +546,7 @@ fn serve_read(object: &Object, read: ReadRequest, policy: &FillPolicy, stats: &S
         object_size: object.size,
         map: &object.filled,
         sink: &AnonSink(&object.fd),
+        priority: Priority::Foreground,
     };
     let result = fill(&target, read.off, read.len, policy, &mut buf);
     match result {
@@ -459,7 +560,7 @@ fn serve_read(object: &Object, read: ReadRequest, policy: &FillPolicy, stats: &S
                     off = read.off,
                     len = read.len,
                     windows = out.windows_overlapped,
-                    "READ overlapped windows filled meanwhile by a concurrent READ"
+                    "READ covered windows already filled (by a concurrent READ or prefetch): skipped"
                 );
             }
         }

@@ -1,0 +1,793 @@
+//! Serving a blob from its stored form (chunk table + zstd units) wherever the
+//! stored bytes live — a local file or a registry reached by Range requests —
+//! with the fewest, largest useful fetches.
+//!
+//! [`ChunkedBlob`] is a [`BlobSource`] that owns, for one blob:
+//! * **in-flight dedup**: a unit being fetched is fetched once; concurrent
+//!   readers of it wait for that fetch and share its result (or its error);
+//! * **merging**: a request's missing units that are adjacent in the stored
+//!   data are fetched with one range read, up to [`FetchOptions::max_merge`]
+//!   stored bytes;
+//! * **verification** before anything leaves it: a unit's bytes are handed out
+//!   only after they decompressed to the declared length and hashed to the
+//!   table's SHA-256; a mismatch is an `InvalidData` error, logged and counted,
+//!   and nothing of that unit is kept, so a later read fetches it again;
+//! * a small **unit cache** of verified units, so the windows of one request
+//!   (and units a merged fetch brought along) are not fetched twice;
+//! * **priority**: background (prefetch) fetches wait while reads someone is
+//!   waiting on are fetching ([`PriorityGate`]).
+//!
+//! Claim-then-wait ordering keeps it deadlock-free: a caller first fetches every
+//! unit it claimed, and only then waits for units others claimed; a claimed unit
+//! is always resolved (with data or an error), even if its fetch panics.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use lazypull_backend::{BlobSource, Priority, RangeRead};
+use lazypull_blob::{ChunkTable, UnitDecoder};
+
+/// Limits of the fetcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchOptions {
+    /// Largest range request, in stored bytes, that adjacent units are merged
+    /// into (a single unit larger than this is still fetched whole).
+    pub max_merge: u64,
+    /// Verified units kept per blob, in uncompressed bytes.
+    pub cache_bytes: usize,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            max_merge: 4 << 20,
+            cache_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Counters of all fetches through one [`FetchContext`].
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    /// Range reads issued to backends.
+    pub range_requests: AtomicU64,
+    /// Stored bytes those reads returned.
+    pub stored_bytes: AtomicU64,
+    /// Units fetched, verified and handed out.
+    pub units_fetched: AtomicU64,
+    /// Units a caller got from another caller's in-flight fetch.
+    pub dedup_waits: AtomicU64,
+    /// Units served from the unit cache.
+    pub cache_hits: AtomicU64,
+    /// Units whose bytes failed decompression or their SHA-256 check.
+    pub verify_failures: AtomicU64,
+    /// Range reads that failed (after the backend's own retries).
+    pub fetch_failures: AtomicU64,
+    /// Units fetched at background priority (prefetch).
+    pub background_units: AtomicU64,
+}
+
+/// A plain copy of [`FetchStats`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct FetchStatsSnapshot {
+    pub range_requests: u64,
+    pub stored_bytes: u64,
+    pub units_fetched: u64,
+    pub dedup_waits: u64,
+    pub cache_hits: u64,
+    pub verify_failures: u64,
+    pub fetch_failures: u64,
+    pub background_units: u64,
+}
+
+impl FetchStats {
+    pub fn snapshot(&self) -> FetchStatsSnapshot {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        FetchStatsSnapshot {
+            range_requests: l(&self.range_requests),
+            stored_bytes: l(&self.stored_bytes),
+            units_fetched: l(&self.units_fetched),
+            dedup_waits: l(&self.dedup_waits),
+            cache_hits: l(&self.cache_hits),
+            verify_failures: l(&self.verify_failures),
+            fetch_failures: l(&self.fetch_failures),
+            background_units: l(&self.background_units),
+        }
+    }
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Lets background work yield to foreground work: background fetches start
+/// only while no foreground fetch is running.
+#[derive(Debug, Default)]
+pub struct PriorityGate {
+    foreground: AtomicUsize,
+    lock: Mutex<()>,
+    idle: Condvar,
+}
+
+/// Held while foreground work runs.
+pub struct ForegroundGuard<'a>(&'a PriorityGate);
+
+impl Drop for ForegroundGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.foreground.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _g = self.0.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+impl PriorityGate {
+    /// Marks foreground work as running until the guard drops.
+    pub fn foreground(&self) -> ForegroundGuard<'_> {
+        self.foreground.fetch_add(1, Ordering::AcqRel);
+        ForegroundGuard(self)
+    }
+
+    /// Number of foreground fetches running now.
+    pub fn foreground_active(&self) -> usize {
+        self.foreground.load(Ordering::Acquire)
+    }
+
+    /// Blocks until no foreground work runs.
+    pub fn wait_idle(&self) {
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.foreground.load(Ordering::Acquire) > 0 {
+            // A timeout as well as the notification: a guard dropped between the
+            // load and the wait must not strand the waiter.
+            g = self
+                .idle
+                .wait_timeout(g, Duration::from_millis(20))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// What every [`ChunkedBlob`] of one daemon shares.
+#[derive(Debug, Default)]
+pub struct FetchContext {
+    pub options: FetchOptions,
+    pub stats: FetchStats,
+    pub gate: PriorityGate,
+}
+
+impl FetchContext {
+    pub fn new(options: FetchOptions) -> Arc<Self> {
+        Arc::new(FetchContext {
+            options,
+            ..Default::default()
+        })
+    }
+}
+
+type Unit = Arc<Vec<u8>>;
+type UnitResult = Result<Unit, (io::ErrorKind, String)>;
+
+/// One unit being fetched: its result, once there is one.
+#[derive(Default)]
+struct Slot {
+    result: Mutex<Option<UnitResult>>,
+    ready: Condvar,
+}
+
+impl Slot {
+    fn set(&self, r: UnitResult) {
+        let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(r);
+        }
+        self.ready.notify_all();
+    }
+
+    fn wait(&self) -> UnitResult {
+        let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = &*g {
+                return r.clone();
+            }
+            g = self.ready.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Verified units, least recently used first.
+#[derive(Default)]
+struct UnitCache {
+    order: VecDeque<u64>,
+    units: HashMap<u64, Unit>,
+    bytes: usize,
+}
+
+impl UnitCache {
+    fn get(&mut self, index: u64) -> Option<Unit> {
+        let unit = self.units.get(&index)?.clone();
+        if let Some(pos) = self.order.iter().position(|&i| i == index) {
+            self.order.remove(pos);
+        }
+        self.order.push_back(index);
+        Some(unit)
+    }
+
+    fn insert(&mut self, index: u64, unit: Unit, budget: usize) {
+        if unit.len() > budget {
+            return;
+        }
+        if let Some(old) = self.units.insert(index, unit.clone()) {
+            self.bytes -= old.len();
+            if let Some(pos) = self.order.iter().position(|&i| i == index) {
+                self.order.remove(pos);
+            }
+        }
+        self.bytes += unit.len();
+        self.order.push_back(index);
+        while self.bytes > budget {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(u) = self.units.remove(&oldest) {
+                self.bytes -= u.len();
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    inflight: HashMap<u64, Arc<Slot>>,
+    cache: UnitCache,
+}
+
+/// Units this caller claimed: resolved as they are fetched, and on drop any
+/// still unresolved get an error (a panic or early return never strands the
+/// callers waiting on them).
+struct Claims<'a> {
+    blob: &'a ChunkedBlob,
+    pending: Vec<(u64, Arc<Slot>)>,
+}
+
+impl Claims<'_> {
+    fn resolve(&mut self, index: u64, result: UnitResult) {
+        if let Some(pos) = self.pending.iter().position(|(i, _)| *i == index) {
+            let (_, slot) = self.pending.swap_remove(pos);
+            let mut st = self.blob.lock();
+            st.inflight.remove(&index);
+            if let Ok(unit) = &result {
+                st.cache
+                    .insert(index, unit.clone(), self.blob.ctx.options.cache_bytes);
+            }
+            drop(st);
+            slot.set(result);
+        }
+    }
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        for (index, _) in self.pending.clone() {
+            self.resolve(
+                index,
+                Err((io::ErrorKind::Other, "fetch abandoned".to_owned())),
+            );
+        }
+    }
+}
+
+/// A blob served from its stored form through the fetcher (see the module doc).
+pub struct ChunkedBlob {
+    name: String,
+    table: ChunkTable,
+    stored: Arc<dyn RangeRead>,
+    ctx: Arc<FetchContext>,
+    state: Mutex<State>,
+}
+
+impl fmt::Debug for ChunkedBlob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChunkedBlob")
+            .field("name", &self.name)
+            .field("stored", &self.stored)
+            .finish_non_exhaustive()
+    }
+}
+
+thread_local! {
+    static DECODER: std::cell::RefCell<UnitDecoder> = std::cell::RefCell::new(UnitDecoder::new());
+}
+
+impl ChunkedBlob {
+    pub fn new(
+        name: String,
+        table: ChunkTable,
+        stored: Arc<dyn RangeRead>,
+        ctx: Arc<FetchContext>,
+    ) -> Self {
+        ChunkedBlob {
+            name,
+            table,
+            stored,
+            ctx,
+            state: Mutex::default(),
+        }
+    }
+
+    pub fn table(&self) -> &ChunkTable {
+        &self.table
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the maps consistent before it can panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The verified bytes of units `first..=last`, fetching what is neither
+    /// cached nor already being fetched.
+    pub fn units(&self, first: u64, last: u64, priority: Priority) -> io::Result<Vec<Unit>> {
+        let count = (last + 1).saturating_sub(first) as usize;
+        let mut out: Vec<Option<Unit>> = vec![None; count];
+        let mut waits = Vec::new();
+        let mut claims = Claims {
+            blob: self,
+            pending: Vec::new(),
+        };
+        {
+            let mut st = self.lock();
+            for index in first..=last {
+                if let Some(unit) = st.cache.get(index) {
+                    bump(&self.ctx.stats.cache_hits, 1);
+                    out[(index - first) as usize] = Some(unit);
+                } else if let Some(slot) = st.inflight.get(&index) {
+                    waits.push((index, slot.clone()));
+                } else {
+                    let slot = Arc::new(Slot::default());
+                    st.inflight.insert(index, slot.clone());
+                    claims.pending.push((index, slot));
+                }
+            }
+        }
+        let mut first_error: Option<io::Error> = None;
+        let mine: Vec<u64> = claims.pending.iter().map(|(i, _)| *i).collect();
+        for run in self.runs(&mine) {
+            let results = self.fetch_run(run, priority);
+            for (index, result) in run.iter().copied().zip(results) {
+                if let Ok(unit) = &result {
+                    out[(index - first) as usize] = Some(unit.clone());
+                } else if first_error.is_none() {
+                    let (kind, msg) = result.clone().unwrap_err();
+                    first_error = Some(io::Error::new(kind, msg));
+                }
+                claims.resolve(index, result);
+            }
+        }
+        drop(claims);
+        for (index, slot) in waits {
+            bump(&self.ctx.stats.dedup_waits, 1);
+            match slot.wait() {
+                Ok(unit) => out[(index - first) as usize] = Some(unit),
+                Err((kind, msg)) => {
+                    first_error.get_or_insert_with(|| io::Error::new(kind, msg));
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        Ok(out
+            .into_iter()
+            .map(|u| u.expect("every unit resolved or an error returned"))
+            .collect())
+    }
+
+    /// Splits sorted unit indices into runs of consecutive units whose stored
+    /// bytes together stay within `max_merge` (a run has at least one unit).
+    fn runs<'a>(&self, indices: &'a [u64]) -> Vec<&'a [u64]> {
+        let mut runs = Vec::new();
+        let mut start = 0;
+        let mut stored = 0u64;
+        for (k, &index) in indices.iter().enumerate() {
+            let len = self
+                .table
+                .unit(index)
+                .map_or(0, |e| u64::from(e.stored_len));
+            let joins = k > start
+                && index == indices[k - 1] + 1
+                && stored + len <= self.ctx.options.max_merge;
+            if k > start && !joins {
+                runs.push(&indices[start..k]);
+                start = k;
+                stored = 0;
+            }
+            stored += len;
+        }
+        if start < indices.len() {
+            runs.push(&indices[start..]);
+        }
+        runs
+    }
+
+    /// Fetches one run of adjacent units with one range read and verifies each.
+    fn fetch_run(&self, run: &[u64], priority: Priority) -> Vec<UnitResult> {
+        let entries: Vec<_> = run
+            .iter()
+            .map(|&i| self.table.unit(i).expect("index within the table").clone())
+            .collect();
+        let start = entries[0].stored_offset;
+        let end = entries.last().map_or(start, |e| e.stored_range().end);
+        let _fg = match priority {
+            Priority::Foreground => Some(self.ctx.gate.foreground()),
+            Priority::Background => {
+                self.ctx.gate.wait_idle();
+                None
+            }
+        };
+        let mut stored = vec![0u8; (end - start) as usize];
+        let stats = &self.ctx.stats;
+        bump(&stats.range_requests, 1);
+        if let Err(e) = self.stored.read_exact_at(&mut stored, start) {
+            bump(&stats.fetch_failures, 1);
+            tracing::warn!(
+                blob = %self.name,
+                units = ?(run[0]..=run[run.len() - 1]),
+                stored_range = ?(start..end),
+                error = %e,
+                "fetch failed"
+            );
+            let msg = format!(
+                "blob {}: fetching units {}..={} (stored bytes {start}..{end}): {e}",
+                self.name,
+                run[0],
+                run[run.len() - 1]
+            );
+            return run.iter().map(|_| Err((e.kind(), msg.clone()))).collect();
+        }
+        bump(&stats.stored_bytes, end - start);
+        run.iter()
+            .zip(&entries)
+            .map(|(&index, e)| {
+                let at = (e.stored_offset - start) as usize;
+                let src = &stored[at..at + e.stored_len as usize];
+                let mut dst = vec![0u8; e.len as usize];
+                let r =
+                    DECODER.with(|d| d.borrow_mut().decode(&self.name, index, e, src, &mut dst));
+                match r {
+                    Ok(()) => {
+                        bump(&stats.units_fetched, 1);
+                        if priority == Priority::Background {
+                            bump(&stats.background_units, 1);
+                        }
+                        Ok(Arc::new(dst))
+                    }
+                    Err(err) => {
+                        bump(&stats.verify_failures, 1);
+                        tracing::error!(blob = %self.name, unit = index, error = %err,
+                            "chunk failed verification: nothing of it is written");
+                        Err((err.kind(), err.to_string()))
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Fetches (at `priority`) every unit of `[off, off + len)` not yet cached,
+    /// bounded to what the unit cache can hold.
+    pub fn ensure(&self, off: u64, len: u64, priority: Priority) -> io::Result<()> {
+        let size = self.table.uncompressed_size();
+        let end = off.saturating_add(len).min(size);
+        if off >= end {
+            return Ok(());
+        }
+        let unit = u64::from(self.table.unit_size());
+        let first = off / unit;
+        let budget_units = (self.ctx.options.cache_bytes as u64 / unit).max(1);
+        let last = ((end - 1) / unit).min(first + budget_units - 1);
+        self.units(first, last, priority).map(|_| ())
+    }
+}
+
+impl BlobSource for ChunkedBlob {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size(&self) -> u64 {
+        self.table.uncompressed_size()
+    }
+
+    fn preferred_read_size(&self) -> Option<usize> {
+        Some(self.table.unit_size() as usize)
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        self.read_at_priority(buf, off, Priority::Foreground)
+    }
+
+    fn will_read(&self, off: u64, len: u64, priority: Priority) -> io::Result<()> {
+        self.ensure(off, len, priority)
+    }
+
+    fn read_at_priority(&self, buf: &mut [u8], off: u64, priority: Priority) -> io::Result<usize> {
+        let size = self.table.uncompressed_size();
+        let end = off.saturating_add(buf.len() as u64).min(size);
+        if off >= end {
+            return Ok(0);
+        }
+        let unit = u64::from(self.table.unit_size());
+        let first = off / unit;
+        let units = self.units(first, (end - 1) / unit, priority)?;
+        for (k, data) in units.iter().enumerate() {
+            let ustart = (first + k as u64) * unit;
+            let from = off.max(ustart);
+            let to = end.min(ustart + data.len() as u64);
+            buf[(from - off) as usize..(to - off) as usize]
+                .copy_from_slice(&data[(from - ustart) as usize..(to - ustart) as usize]);
+        }
+        Ok((end - off) as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lazypull_blob::{pack, Compression, PackOptions};
+    use std::sync::atomic::AtomicBool;
+
+    /// Stored bytes in memory that log every range read and can be told to
+    /// corrupt or fail them, or to be slow.
+    #[derive(Debug, Default)]
+    struct Remote {
+        data: Vec<u8>,
+        log: Mutex<Vec<(u64, usize)>>,
+        corrupt: AtomicBool,
+        fail: AtomicBool,
+        delay_ms: AtomicU64,
+    }
+
+    impl RangeRead for Remote {
+        fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+            self.log.lock().unwrap().push((off, buf.len()));
+            std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::Relaxed)));
+            if self.fail.load(Ordering::Relaxed) {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "injected reset",
+                ));
+            }
+            let start = off as usize;
+            let src = self
+                .data
+                .get(start..start + buf.len())
+                .ok_or(io::ErrorKind::UnexpectedEof)?;
+            buf.copy_from_slice(src);
+            if self.corrupt.load(Ordering::Relaxed) {
+                let mid = buf.len() / 2;
+                buf[mid] ^= 0xff;
+            }
+            Ok(())
+        }
+    }
+
+    /// A 64 KiB-unit blob of `units` units (the last one short), packed with
+    /// zstd; returns its bytes, the remote and the blob.
+    fn fixture(units: usize, opts: FetchOptions) -> (Vec<u8>, Arc<Remote>, ChunkedBlob) {
+        let dir = tempfile::tempdir().unwrap();
+        let unit = 64 << 10;
+        let data: Vec<u8> = (0..units * unit - 1000)
+            .map(|i| ((i / 7) % 251) as u8 ^ (i % 13) as u8)
+            .collect();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, &data).unwrap();
+        let packed = pack(
+            &path,
+            dir.path(),
+            &PackOptions {
+                unit_size: unit as u32,
+                compression: Compression::Zstd { level: 1 },
+            },
+        )
+        .unwrap();
+        let table = ChunkTable::decode(&std::fs::read(&packed.table_path).unwrap()).unwrap();
+        let remote = Arc::new(Remote {
+            data: std::fs::read(&packed.data_path).unwrap(),
+            ..Default::default()
+        });
+        let blob = ChunkedBlob::new(
+            packed.digest,
+            table,
+            remote.clone(),
+            FetchContext::new(opts),
+        );
+        (data, remote, blob)
+    }
+
+    fn read(blob: &ChunkedBlob, off: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let n = blob.read_at(&mut buf, off)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    #[test]
+    fn reads_return_the_blob_bytes() {
+        let (data, _remote, blob) = fixture(5, FetchOptions::default());
+        assert_eq!(blob.size(), data.len() as u64);
+        for (off, len) in [
+            (0, 10),
+            (65530, 20),
+            (100_000, 200_000),
+            (0, data.len() + 50),
+        ] {
+            let got = read(&blob, off as u64, len).unwrap();
+            let end = (off + len).min(data.len());
+            assert_eq!(got, &data[off..end], "at {off} +{len}");
+        }
+        assert!(read(&blob, data.len() as u64, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn adjacent_units_are_merged_up_to_the_limit() {
+        let (data, remote, blob) = fixture(
+            8,
+            FetchOptions {
+                max_merge: 1 << 30,
+                cache_bytes: 16 << 20,
+            },
+        );
+        blob.ensure(0, data.len() as u64, Priority::Foreground)
+            .unwrap();
+        assert_eq!(
+            remote.log.lock().unwrap().len(),
+            1,
+            "one range read for 8 units"
+        );
+        // Everything is cached now: reading it all costs no request.
+        assert_eq!(read(&blob, 0, data.len()).unwrap(), data);
+        assert_eq!(remote.log.lock().unwrap().len(), 1);
+
+        // A limit below two units' stored size: one request per unit.
+        let (data, remote, blob) = fixture(
+            4,
+            FetchOptions {
+                max_merge: 1,
+                cache_bytes: 16 << 20,
+            },
+        );
+        assert_eq!(read(&blob, 0, data.len()).unwrap(), data);
+        let log = remote.log.lock().unwrap();
+        assert_eq!(log.len(), 4, "{log:?}");
+        let expected: Vec<_> = (0..4)
+            .map(|i| {
+                let e = blob.table().unit(i).unwrap();
+                (e.stored_offset, e.stored_len as usize)
+            })
+            .collect();
+        assert_eq!(*log, expected);
+    }
+
+    #[test]
+    fn concurrent_readers_of_the_same_units_fetch_each_once() {
+        let (data, remote, blob) = fixture(
+            4,
+            FetchOptions {
+                max_merge: 1,
+                cache_bytes: 0,
+            },
+        );
+        remote.delay_ms.store(100, Ordering::Relaxed);
+        let blob = Arc::new(blob);
+        let start = Arc::new(std::sync::Barrier::new(64));
+        let threads: Vec<_> = (0..64)
+            .map(|t| {
+                let (blob, start) = (blob.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    // Different shapes over the same units: whole, halves, a byte.
+                    let (off, len) = match t % 3 {
+                        0 => (0, 4 << 16),
+                        1 => (1 << 16, 2 << 16),
+                        _ => (3 << 16, 1),
+                    };
+                    (off, read(&blob, off as u64, len).unwrap())
+                })
+            })
+            .collect();
+        for t in threads {
+            let (off, got) = t.join().unwrap();
+            assert_eq!(got, &data[off..off + got.len()]);
+        }
+        let mut log = remote.log.lock().unwrap().clone();
+        log.sort();
+        let before = log.len();
+        log.dedup();
+        assert_eq!(before, log.len(), "a unit was fetched twice: {log:?}");
+        assert_eq!(log.len(), 4);
+        let stats = blob.ctx.stats.snapshot();
+        assert_eq!(stats.units_fetched, 4);
+        assert!(stats.dedup_waits > 0, "{stats:?}");
+    }
+
+    #[test]
+    fn corrupt_bytes_are_an_error_and_never_kept() {
+        let (data, remote, blob) = fixture(3, FetchOptions::default());
+        remote.corrupt.store(true, Ordering::Relaxed);
+        let err = read(&blob, 70_000, 100).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("unit 1"), "{err}");
+        assert_eq!(blob.ctx.stats.snapshot().verify_failures, 1);
+        // Nothing of the bad fetch was cached: with the network healed, the
+        // next read fetches again and gets the right bytes.
+        remote.corrupt.store(false, Ordering::Relaxed);
+        assert_eq!(read(&blob, 70_000, 100).unwrap(), &data[70_000..70_100]);
+        assert_eq!(remote.log.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_failed_fetch_fails_its_waiters_too_and_is_retried_later() {
+        let (data, remote, blob) = fixture(2, FetchOptions::default());
+        remote.fail.store(true, Ordering::Relaxed);
+        remote.delay_ms.store(100, Ordering::Relaxed);
+        let blob = Arc::new(blob);
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let blob = blob.clone();
+                std::thread::spawn(move || read(&blob, 10, 10))
+            })
+            .collect();
+        for t in threads {
+            let err = t.join().unwrap().unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+            assert!(err.to_string().contains("injected reset"), "{err}");
+        }
+        assert_eq!(
+            remote.log.lock().unwrap().len(),
+            1,
+            "waiters shared the one failure"
+        );
+        remote.fail.store(false, Ordering::Relaxed);
+        remote.delay_ms.store(0, Ordering::Relaxed);
+        assert_eq!(read(&blob, 10, 10).unwrap(), &data[10..20]);
+        assert_eq!(blob.ctx.stats.snapshot().fetch_failures, 1);
+    }
+
+    #[test]
+    fn background_fetches_wait_for_foreground_ones() {
+        let (_data, remote, blob) = fixture(2, FetchOptions::default());
+        let blob = Arc::new(blob);
+        let guard = blob.ctx.gate.foreground();
+        let bg = {
+            let blob = blob.clone();
+            std::thread::spawn(move || blob.ensure(0, 1, Priority::Background))
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            remote.log.lock().unwrap().is_empty(),
+            "background ran during foreground work"
+        );
+        drop(guard);
+        bg.join().unwrap().unwrap();
+        assert_eq!(remote.log.lock().unwrap().len(), 1);
+        assert_eq!(blob.ctx.stats.snapshot().background_units, 1);
+    }
+
+    #[test]
+    fn unit_cache_stays_within_budget() {
+        let mut cache = UnitCache::default();
+        for i in 0..10 {
+            cache.insert(i, Arc::new(vec![0; 100]), 350);
+        }
+        assert_eq!(cache.bytes, 300);
+        assert!(cache.get(9).is_some() && cache.get(6).is_none());
+        cache.insert(100, Arc::new(vec![0; 1000]), 350);
+        assert!(
+            cache.get(100).is_none(),
+            "a unit larger than the budget is not kept"
+        );
+    }
+}
