@@ -37,7 +37,9 @@ mod tree;
 
 pub use build::{build_from_layers, BlobInfo, BuildOptions, BuiltImage, Manifest, MANIFEST_FILE};
 pub use progress::{BuildProgress, Progress, Stage};
-pub use reader::{ChunkEntry, ChunkMap, DirEntry, Image, Inode, ReadError, WalkEntry, Xattr};
+pub use reader::{
+    ChunkEntry, ChunkMap, DirEntry, Extent, Image, Inode, ReadError, WalkEntry, Xattr,
+};
 pub use source::build_from_source;
 
 use std::path::PathBuf;

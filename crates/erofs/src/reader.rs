@@ -104,7 +104,49 @@ pub struct ChunkMap {
     pub entries: Vec<ChunkEntry>,
 }
 
+/// A byte range of one device holding part of a file, from [`ChunkMap::extents`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Device id (0 = the meta blob, n = device table slot n).
+    pub device_id: u16,
+    /// Byte offset on that device.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
 impl ChunkMap {
+    /// Where the bytes of a file of `size` bytes live, in file order, with
+    /// ranges that continue each other on the same device merged. Holes have
+    /// no extent.
+    pub fn extents(&self, size: u64) -> Vec<Extent> {
+        let mut out: Vec<Extent> = Vec::new();
+        for (i, e) in self.entries.iter().enumerate() {
+            let start = i as u64 * self.chunk_size;
+            if start >= size {
+                break;
+            }
+            let ChunkEntry::Mapped { device_id, blkaddr } = *e else {
+                continue;
+            };
+            let Some(offset) = blkaddr.checked_mul(BLOCK_SIZE) else {
+                continue;
+            };
+            let len = self.chunk_size.min(size - start);
+            match out.last_mut() {
+                Some(last) if last.device_id == device_id && last.offset + last.len == offset => {
+                    last.len += len
+                }
+                _ => out.push(Extent {
+                    device_id,
+                    offset,
+                    len,
+                }),
+            }
+        }
+        out
+    }
+
     /// `(device_id, byte offset on that device)` holding file offset `pos`,
     /// or `None` inside a hole or past the map.
     pub fn locate(&self, pos: u64) -> Option<(u16, u64)> {

@@ -896,3 +896,46 @@ fn progress_reports_every_byte_of_file_data() {
         ]
     );
 }
+
+#[test]
+fn extents_cover_exactly_the_stored_bytes_of_a_file() {
+    let src = tempfile::tempdir().unwrap();
+    let mut data = pseudo(7, 5 * 4096 + 100);
+    data[4096..8192].fill(0); // a hole with sparse_holes
+    write(&src.path().join("f"), &data);
+    write(&src.path().join("g"), &pseudo(8, 3 * 4096));
+    let b = build(&[src.path()], &small_chunks());
+    let entries = b.entries();
+    let blobs = b.blobs();
+    for name in ["f", "g"] {
+        let inode = &entries[name];
+        let map = inode.chunks.as_ref().expect("chunk-based");
+        let extents = map.extents(inode.size);
+        let mut rebuilt = vec![0u8; inode.size as usize];
+        let mut pos = 0u64;
+        for (i, e) in map.entries.iter().enumerate() {
+            let start = i as u64 * map.chunk_size;
+            if let ChunkEntry::Mapped { .. } = e {
+                let (dev, off) = map.locate(start).unwrap();
+                let len = map.chunk_size.min(inode.size - start);
+                // Each mapped chunk lies inside one extent of its device.
+                assert!(extents.iter().any(|x| x.device_id == dev
+                    && x.offset <= off
+                    && off + len <= x.offset + x.len));
+                blobs[usize::from(dev) - 1]
+                    .read_exact_at(&mut rebuilt[start as usize..(start + len) as usize], off)
+                    .unwrap();
+            }
+            pos = start;
+        }
+        assert!(pos < inode.size);
+        assert_eq!(rebuilt, b.content(inode), "{name}");
+        let total: u64 = extents.iter().map(|x| x.len).sum();
+        let holes = map
+            .entries
+            .iter()
+            .filter(|e| **e == ChunkEntry::Hole)
+            .count() as u64;
+        assert_eq!(total, inode.size - holes * 4096, "{name}: {extents:?}");
+    }
+}
