@@ -16,6 +16,7 @@
 //! through the small [`StoredRead`] trait.
 
 pub mod format;
+pub mod oci;
 mod pack;
 mod read;
 

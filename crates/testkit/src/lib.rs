@@ -7,9 +7,11 @@
 //! - [`compare`]: differences between two manifests or two trees.
 //! - [`maketree`]: a deterministic tree exercising every feature the EROFS
 //!   builder supports.
+//! - [`proxy`]: a fault-injecting, logging HTTP/1.1 reverse proxy to put
+//!   in front of a registry.
 //!
-//! The `lazypull-testkit` binary exposes `manifest`, `compare` and
-//! `make-tree` on the command line.
+//! The `lazypull-testkit` binary exposes `manifest`, `compare`,
+//! `make-tree` and `proxy` on the command line.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -17,9 +19,11 @@
 pub mod compare;
 pub mod maketree;
 pub mod manifest;
+pub mod proxy;
 
 pub use compare::{
     compare_dirs, compare_dirs_with, compare_entries, format_differences, Difference,
 };
 pub use maketree::{make_tree, TreeOptions, TreeReport};
 pub use manifest::{merge_layers, render, scan, scan_with, Entry, Kind, ScanOptions};
+pub use proxy::{parse_faults, read_log, Fault, FaultSource, Faults, LogEntry, Proxy};
