@@ -16,6 +16,7 @@ packages=(
 	qemu-system-x86                                                     # the guest
 	erofs-utils                                                         # cross-checks (fsck.erofs, mkfs.erofs)
 	e2fsprogs attr perl                                                 # ext4 disk images, xattr tools, guest init
+	docker-registry apache2-utils iproute2                              # a real OCI registry (+ htpasswd) for the registry tests; guest networking
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -25,6 +26,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 	echo "lazypull: installing ${missing[*]}" >&2
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+	# The package starts a system registry on :5000 where systemd runs; the tests
+	# start their own on free ports and do not need it.
+	if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null; then
+		systemctl disable --now docker-registry >/dev/null 2>&1 || true
+	fi
 fi
 
 bash guest/build-kernel.sh

@@ -6,7 +6,26 @@
 //! from the kernel must never escape the blob directory) and the mapping of I/O
 //! failures to errno values a transport can hand back to the kernel.
 //!
-//! It must not decompress, verify, cache, or know which transport asked.
+//! Besides local directories it reaches blobs over the network: [`http`] (a
+//! blob at a URL, read by Range requests) and [`registry`] (an OCI
+//! distribution registry: manifests, whole blobs, Range reads, pushes), with
+//! [`retry`] for transient failures. Those check the sha256 of whole blobs and
+//! manifests they download by digest.
+//!
+//! It must not decompress, verify chunk contents, cache, or know which
+//! transport asked.
+
+pub mod http;
+pub mod registry;
+pub mod retry;
+mod transport;
+
+pub use http::HttpBlob;
+pub use registry::{
+    docker_config_credentials, ClientOptions, Credentials, Manifest, Reference, Registry,
+    RegistryError, RequestStats,
+};
+pub use retry::RetryPolicy;
 
 use std::fs::File;
 use std::io;

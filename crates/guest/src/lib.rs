@@ -77,6 +77,10 @@ pub struct GuestConfig {
     pub qemu: Option<PathBuf>,
     /// Extra kernel command-line words, appended last (e.g. `loglevel=8`; no whitespace).
     pub kernel_args: Vec<String>,
+    /// A virtio network card on qemu's user-mode network: the guest reaches the
+    /// host's 127.0.0.1 at 10.0.2.2 once it configures `eth0` (see
+    /// `guest_network_setup` in the scenario helpers).
+    pub network: bool,
 }
 
 impl GuestConfig {
@@ -92,7 +96,14 @@ impl GuestConfig {
             name: "lazypull-guest".to_string(),
             qemu: None,
             kernel_args: Vec::new(),
+            network: false,
         }
+    }
+
+    /// Attaches a user-mode network card (see [`GuestConfig::network`]).
+    pub fn network(mut self) -> Self {
+        self.network = true;
+        self
     }
 
     /// Adds a disk (the next `/dev/vdX`).
@@ -605,6 +616,14 @@ fn run_in(
         ));
     for d in &disk_args {
         cmd.arg("-drive").arg(d);
+    }
+    if cfg.network {
+        cmd.args([
+            "-netdev",
+            "user,id=net0",
+            "-device",
+            "virtio-net-pci,netdev=net0",
+        ]);
     }
     cmd.stdin(Stdio::null())
         .stdout(File::create(&console_path)?)

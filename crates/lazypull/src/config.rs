@@ -14,14 +14,45 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
 
-    /// Directory holding blobs as files named by their key (fsid or device tag).
+    /// Local directory of blobs named by their key (fsid or device tag), for
+    /// images not mounted by reference. Optional.
     #[arg(long, value_name = "DIR")]
     pub blob_dir: Option<PathBuf>,
 
+    /// Where the daemon keeps what it fetched at mount (meta blobs).
+    /// Default /var/lib/lazypull.
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+
+    /// Control socket for `lazypull mount`, `umount` and `status`.
+    /// Default /run/lazypull/lazypull.sock.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
     /// Config file (TOML). Default: /etc/lazypull/config.toml if it exists.
-    /// Keys: cache_dir, blob_dir, tag, device, max_in_flight, fill_window, io_size.
+    /// Keys: cache_dir, blob_dir, work_dir, socket, tag, device, max_in_flight,
+    /// fill_window, io_size, max_connections, max_merge, unit_cache,
+    /// insecure_registries, ca_files, docker_config, request_timeout_secs, retries.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// A registry (host[:port]) to reach over plain HTTP; repeatable. Loopback
+    /// registries always are.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+
+    /// Extra trusted root certificates (PEM) for registries; repeatable.
+    #[arg(long = "ca-file", value_name = "FILE")]
+    pub ca_files: Vec<PathBuf>,
+
+    /// Docker-style config file with registry credentials (`docker login`
+    /// writes one). Default: $DOCKER_CONFIG/config.json, ~/.docker/config.json.
+    #[arg(long, value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
+
+    /// Most concurrent requests to one registry.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
 
     /// Cachefiles cache tag.
     #[arg(long)]
@@ -52,6 +83,18 @@ pub struct FileConfig {
     pub max_in_flight: Option<usize>,
     pub fill_window: Option<SizeValue>,
     pub io_size: Option<SizeValue>,
+    pub work_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub max_connections: Option<usize>,
+    pub max_merge: Option<SizeValue>,
+    pub unit_cache: Option<SizeValue>,
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    #[serde(default)]
+    pub ca_files: Vec<PathBuf>,
+    pub docker_config: Option<PathBuf>,
+    pub request_timeout_secs: Option<u64>,
+    pub retries: Option<u32>,
 }
 
 /// A size given as a number of bytes or a string such as "1MiB".
@@ -94,7 +137,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonConfig {
     pub cache_dir: PathBuf,
-    pub blob_dir: PathBuf,
+    pub blob_dir: Option<PathBuf>,
+    pub work_dir: PathBuf,
+    pub socket: PathBuf,
+    pub max_connections: usize,
+    pub max_merge: u64,
+    pub unit_cache: usize,
+    pub insecure_registries: Vec<String>,
+    pub ca_files: Vec<PathBuf>,
+    pub docker_config: Option<PathBuf>,
+    pub request_timeout_secs: u64,
+    pub retries: u32,
     pub tag: String,
     pub device: PathBuf,
     pub max_in_flight: usize,
@@ -113,10 +166,20 @@ impl DaemonArgs {
         let cache_dir = self.cache_dir.clone().or(file.cache_dir).context(
             "no cache directory: pass --cache-dir DIR or set cache_dir in the config file",
         )?;
-        let blob_dir =
-            self.blob_dir.clone().or(file.blob_dir).context(
-                "no blob directory: pass --blob-dir DIR or set blob_dir in the config file",
-            )?;
+        let blob_dir = self.blob_dir.clone().or(file.blob_dir);
+        let fetch = lazypull_engine::FetchOptions::default();
+        let max_merge = match &file.max_merge {
+            Some(v) => v.bytes().context("config key max_merge")?,
+            None => fetch.max_merge,
+        };
+        let unit_cache = match &file.unit_cache {
+            Some(v) => v.bytes().context("config key unit_cache")? as usize,
+            None => fetch.cache_bytes,
+        };
+        let mut insecure_registries = file.insecure_registries;
+        insecure_registries.extend(self.insecure_registries.iter().cloned());
+        let mut ca_files = file.ca_files;
+        ca_files.extend(self.ca_files.iter().cloned());
         let fill_window = match (self.fill_window, &file.fill_window) {
             (Some(n), _) => n,
             (None, Some(v)) => v.bytes().context("config key fill_window")?,
@@ -129,6 +192,24 @@ impl DaemonArgs {
         let cfg = DaemonConfig {
             cache_dir,
             blob_dir,
+            work_dir: self
+                .work_dir
+                .clone()
+                .or(file.work_dir)
+                .unwrap_or_else(|| "/var/lib/lazypull".into()),
+            socket: self
+                .socket
+                .clone()
+                .or(file.socket)
+                .unwrap_or_else(|| crate::control::DEFAULT_SOCKET.into()),
+            max_connections: self.max_connections.or(file.max_connections).unwrap_or(8),
+            max_merge,
+            unit_cache,
+            insecure_registries,
+            ca_files,
+            docker_config: self.docker_config.clone().or(file.docker_config),
+            request_timeout_secs: file.request_timeout_secs.unwrap_or(30),
+            retries: file.retries.unwrap_or(5),
             tag: self
                 .tag
                 .clone()
@@ -145,6 +226,12 @@ impl DaemonArgs {
         };
         if cfg.max_in_flight == 0 {
             bail!("max_in_flight must be at least 1");
+        }
+        if cfg.max_connections == 0 {
+            bail!("max_connections must be at least 1");
+        }
+        if cfg.retries == 0 {
+            bail!("retries counts attempts and must be at least 1");
         }
         lazypull_engine::FillPolicy {
             window: cfg.fill_window,
@@ -170,6 +257,12 @@ mod tests {
         DaemonArgs {
             cache_dir: None,
             blob_dir: None,
+            work_dir: None,
+            socket: None,
+            insecure_registries: vec![],
+            ca_files: vec![],
+            docker_config: None,
+            max_connections: None,
             config: None,
             tag: None,
             device: None,
@@ -202,7 +295,7 @@ mod tests {
         a.blob_dir = Some("/flag-blobs".into());
         let c = a.resolve().unwrap();
         assert_eq!(c.cache_dir, PathBuf::from("/c"));
-        assert_eq!(c.blob_dir, PathBuf::from("/flag-blobs"));
+        assert_eq!(c.blob_dir, Some(PathBuf::from("/flag-blobs")));
         assert_eq!(c.max_in_flight, 3);
         assert_eq!(c.fill_window, 256 << 10);
         assert_eq!(c.tag, "lazypull");
@@ -222,8 +315,9 @@ mod tests {
         a.cache_dir = Some("/c".into());
         a.config = Some(dir.path().join("none.toml"));
         std::fs::write(dir.path().join("none.toml"), "").unwrap();
-        assert!(format!("{:#}", a.resolve().unwrap_err()).contains("--blob-dir"));
-        a.blob_dir = Some("/b".into());
+        let c = a.resolve().unwrap();
+        assert_eq!(c.blob_dir, None, "a blob dir is optional");
+        assert_eq!(c.socket, PathBuf::from(crate::control::DEFAULT_SOCKET));
         a.fill_window = Some(3000);
         assert!(format!("{:#}", a.resolve().unwrap_err()).contains("power of two"));
     }

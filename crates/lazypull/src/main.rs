@@ -2,10 +2,15 @@
 //! sets up logging and signals, and wires a backend to a transport. Format, fetch
 //! and protocol logic live in the library crates.
 
+mod catalog;
 mod config;
+mod control;
 mod daemon;
 mod image;
 mod logging;
+mod mount;
+mod prefetch;
+mod publish;
 
 use clap::{Parser, Subcommand};
 
@@ -64,6 +69,40 @@ enum Command {
     ///
     /// Exits non-zero, listing the problems, if anything does not match.
     Verify(image::ImageArgs),
+
+    /// Upload a built image to an OCI registry as a lazy image.
+    ///
+    /// Pushes the meta blob, every data blob's chunk table and stored units, and
+    /// a config tying them together, as an OCI manifest with lazypull media
+    /// types (any OCI registry stores it). Blobs already there are skipped.
+    ///
+    ///     lazypull push ./out 127.0.0.1:5000/lazy/app:v1
+    #[command(verbatim_doc_comment)]
+    Push(publish::PushArgs),
+
+    /// Pull an ordinary OCI/Docker image from a registry, build it into a lazy
+    /// image and push that.
+    ///
+    ///     lazypull convert registry.example.com/app:v1 registry.example.com/app:v1-lazy
+    #[command(verbatim_doc_comment)]
+    Convert(publish::ConvertArgs),
+
+    /// Mount a lazy image from a registry through the running daemon.
+    ///
+    /// The daemon fetches the manifest, the meta blob and the chunk tables now
+    /// (verified), and data only when something reads it. Credentials: --username
+    /// with --password-stdin, LAZYPULL_REGISTRY_USER / LAZYPULL_REGISTRY_PASSWORD,
+    /// or a docker config file.
+    ///
+    ///     lazypull mount 127.0.0.1:5000/lazy/app:v1 /mnt/app
+    #[command(verbatim_doc_comment)]
+    Mount(mount::MountArgs),
+
+    /// Unmount an image mounted with `lazypull mount`.
+    Umount(mount::UmountArgs),
+
+    /// Show the running daemon's counters, images and open cache objects.
+    Status(mount::StatusArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -78,6 +117,11 @@ fn main() -> std::process::ExitCode {
         Command::Build(args) => image::build(args),
         Command::Inspect(args) => image::inspect(args),
         Command::Verify(args) => image::verify(args),
+        Command::Push(args) => publish::push(args),
+        Command::Convert(args) => publish::convert(args),
+        Command::Mount(args) => mount::mount(args),
+        Command::Umount(args) => mount::umount(args),
+        Command::Status(args) => mount::status(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

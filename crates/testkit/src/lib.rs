@@ -9,6 +9,7 @@
 //!   builder supports.
 //! - [`proxy`]: a fault-injecting, logging HTTP/1.1 reverse proxy to put
 //!   in front of a registry.
+//! - [`registry`]: a real `docker-registry` on 127.0.0.1 for tests.
 //!
 //! The `lazypull-testkit` binary exposes `manifest`, `compare`,
 //! `make-tree` and `proxy` on the command line.
@@ -20,6 +21,7 @@ pub mod compare;
 pub mod maketree;
 pub mod manifest;
 pub mod proxy;
+pub mod registry;
 
 pub use compare::{
     compare_dirs, compare_dirs_with, compare_entries, format_differences, Difference,

@@ -139,3 +139,27 @@ try_read() {
 	echo "$rc" >"$LP_OUT/read-$1.rc"
 	echo "read $2 ($1): rc=$rc $(cat "$LP_OUT/read-$1.err")"
 }
+
+# network_up: configures the user-mode network card (the host's 127.0.0.1 is 10.0.2.2).
+network_up() {
+	ip link set lo up || fail "lo up"
+	ip link set eth0 up || fail "eth0 up (no network card? GuestConfig::network)"
+	ip addr add 10.0.2.15/24 dev eth0 || fail "eth0 address"
+	ip route add default via 10.0.2.2 || fail "default route"
+}
+
+# now_ms: monotonic-enough wall clock in milliseconds.
+now_ms() {
+	echo $(($(date +%s%N) / 1000000))
+}
+
+# lp_mount NAME REFERENCE MOUNTPOINT [flags...]: `lazypull mount --json`, saving the
+# reply in $LP_OUT/mount-NAME.json and stderr in mount-NAME.err; returns its status.
+lp_mount() {
+	local name=$1 ref=$2 mp=$3 rc=0
+	shift 3
+	"$LP_BIN" mount --json "$ref" "$mp" "$@" >"$LP_OUT/mount-$name.json" 2>"$LP_OUT/mount-$name.err" || rc=$?
+	echo "$rc" >"$LP_OUT/mount-$name.rc"
+	echo "lazypull mount $ref ($name): rc=$rc $(head -c 400 "$LP_OUT/mount-$name.err")"
+	return "$rc"
+}

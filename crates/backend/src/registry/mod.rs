@@ -1,0 +1,966 @@
+//! A client for OCI distribution registries (`/v2/` API): manifests and blobs
+//! by digest, Range reads of blobs, pushes, and the registry's authentication
+//! dance (Basic, or Bearer tokens from the realm a `401` names).
+//!
+//! It owns transport correctness: authentication, redirects, retries, the
+//! connection limit, exact-length Range bodies, and the sha256 of every
+//! whole blob or manifest it downloads or pushes by digest. It must not
+//! decompress or verify the *chunks* of a blob read by range; that is the
+//! engine's job.
+
+mod auth;
+mod error;
+mod options;
+mod reference;
+
+pub use auth::{docker_config_credentials, Credentials};
+pub use error::RegistryError;
+pub use options::ClientOptions;
+pub use reference::{validate_digest, Reference};
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::{Body, Client, RequestBuilder, Response};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE,
+    WWW_AUTHENTICATE,
+};
+use reqwest::Url;
+use sha2::Digest as _;
+
+use crate::retry;
+use crate::transport::{self, inc, Limiter, Permit, Stats};
+use crate::RangeRead;
+use auth::{parse_www_authenticate, Challenge};
+use reference::{validate_manifest_reference, validate_registry, validate_repository};
+
+/// Manifest media types.
+pub mod media_type {
+    pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    pub const DOCKER_MANIFEST_LIST: &str =
+        "application/vnd.docker.distribution.manifest.list.v2+json";
+}
+
+/// Largest manifest fetched or pushed.
+pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
+const MAX_TOKEN_RESPONSE: u64 = 1 << 20;
+
+/// A manifest as the registry stored it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    /// The exact bytes (their sha256 is `digest`).
+    pub bytes: Vec<u8>,
+    /// From `Content-Type`, else the manifest's own `mediaType` field, else "".
+    pub media_type: String,
+    /// `sha256:<hex>` of `bytes`.
+    pub digest: String,
+}
+
+/// Counters of one [`Registry`] (or [`HttpBlob`](crate::http::HttpBlob)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestStats {
+    /// HTTP requests sent, token requests and retries included.
+    pub requests: u64,
+    /// Of those, requests with a `Range` header.
+    pub range_requests: u64,
+    /// Response body bytes received (blobs, manifests, tokens).
+    pub bytes_received: u64,
+    /// Tries repeated after a retryable failure.
+    pub retries: u64,
+    /// Operations that returned an error, after any retries.
+    pub failures: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    Pull,
+    Push,
+}
+
+#[derive(Debug)]
+enum Scheme {
+    /// Nothing learned yet: requests go out without credentials.
+    Unknown,
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+}
+
+struct AuthState {
+    scheme: Scheme,
+    /// Bearer tokens by scope, with the instant they should be renewed.
+    tokens: HashMap<String, (String, Instant)>,
+}
+
+/// A client for one repository of one registry. Cheap to clone (shared
+/// state); `Send + Sync`.
+///
+/// It uses `reqwest`'s blocking client, which runs its own small runtime:
+/// create, use and drop a `Registry` on plain threads (or inside
+/// `tokio::task::spawn_blocking`), never directly in async code, where
+/// creating or dropping it panics.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    /// As given (`host[:port]`), for messages.
+    registry: String,
+    /// `scheme://host[:port]` the API is spoken to.
+    base: String,
+    /// The same, parsed: credentials go only to this origin.
+    base_url: Url,
+    repository: String,
+    creds: Option<Credentials>,
+    opts: ClientOptions,
+    auth: Mutex<AuthState>,
+    limiter: Arc<Limiter>,
+    stats: Stats,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("base", &self.inner.base)
+            .field("repository", &self.inner.repository)
+            .field(
+                "username",
+                &self.inner.creds.as_ref().map(|c| c.username.as_str()),
+            )
+            .finish()
+    }
+}
+
+type BuildRequest<'a> = &'a dyn Fn(&Client) -> Result<RequestBuilder, RegistryError>;
+
+impl Registry {
+    /// A client for `repository` on `registry` (`host[:port]`; `docker.io`
+    /// means Docker Hub's API host). Plain HTTP for loopback and
+    /// [`ClientOptions::insecure_hosts`], HTTPS otherwise. Sends no request.
+    pub fn new(
+        registry: &str,
+        repository: &str,
+        creds: Option<Credentials>,
+        opts: &ClientOptions,
+    ) -> Result<Registry, RegistryError> {
+        let bad = |why: &str| RegistryError::InvalidReference {
+            input: format!("{registry}/{repository}"),
+            why: why.to_string(),
+        };
+        validate_registry(registry).map_err(bad)?;
+        validate_repository(repository).map_err(bad)?;
+        let host = match registry.to_ascii_lowercase().as_str() {
+            "docker.io" | "index.docker.io" => "registry-1.docker.io".to_string(),
+            _ => registry.to_string(),
+        };
+        let base = format!("{}://{host}", opts.scheme_for(&host));
+        let base_url = Url::parse(&base).map_err(|e| bad(&e.to_string()))?;
+        Ok(Registry {
+            inner: Arc::new(Inner {
+                client: opts.build_client()?,
+                registry: registry.to_string(),
+                base,
+                base_url,
+                repository: repository.to_string(),
+                creds,
+                opts: opts.clone(),
+                auth: Mutex::new(AuthState {
+                    scheme: Scheme::Unknown,
+                    tokens: HashMap::new(),
+                }),
+                limiter: Limiter::new(opts.max_connections),
+                stats: Stats::default(),
+            }),
+        })
+    }
+
+    /// `host[:port]` as given to [`new`](Self::new).
+    pub fn registry(&self) -> &str {
+        &self.inner.registry
+    }
+
+    pub fn repository(&self) -> &str {
+        &self.inner.repository
+    }
+
+    /// `scheme://host[:port]` the API is spoken to.
+    pub fn base_url(&self) -> &str {
+        &self.inner.base
+    }
+
+    pub fn stats(&self) -> RequestStats {
+        self.inner.stats.snapshot()
+    }
+
+    fn url(&self, tail: &str) -> String {
+        format!("{}/v2/{}/{tail}", self.inner.base, self.inner.repository)
+    }
+
+    fn scope(&self, access: Access) -> String {
+        let actions = match access {
+            Access::Pull => "pull",
+            Access::Push => "pull,push",
+        };
+        format!("repository:{}:{actions}", self.inner.repository)
+    }
+
+    fn rejected(&self) -> RegistryError {
+        match &self.inner.creds {
+            None => RegistryError::AuthRequired {
+                registry: self.inner.registry.clone(),
+            },
+            Some(c) => RegistryError::AuthFailed {
+                registry: self.inner.registry.clone(),
+                username: c.username.clone(),
+            },
+        }
+    }
+
+    fn protocol(&self, why: String) -> RegistryError {
+        RegistryError::Protocol {
+            url: self.inner.base.clone(),
+            why,
+        }
+    }
+
+    fn auth_state(&self) -> std::sync::MutexGuard<'_, AuthState> {
+        self.inner.auth.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The `Authorization` value for a request needing `access`, fetching a
+    /// token if the registry is known to want one.
+    fn auth_header(&self, access: Access) -> Result<Option<String>, RegistryError> {
+        let scope = self.scope(access);
+        let (realm, service) = {
+            let st = self.auth_state();
+            match &st.scheme {
+                Scheme::Unknown => return Ok(None),
+                Scheme::Basic => return Ok(self.inner.creds.as_ref().map(|c| c.basic_header())),
+                Scheme::Bearer { realm, service } => {
+                    if let Some((tok, renew)) = st.tokens.get(&scope) {
+                        if Instant::now() < *renew {
+                            return Ok(Some(format!("Bearer {tok}")));
+                        }
+                    }
+                    (realm.clone(), service.clone())
+                }
+            }
+        };
+        let (tok, renew) =
+            self.fetch_token(&realm, service.as_deref(), std::slice::from_ref(&scope))?;
+        let header = format!("Bearer {tok}");
+        self.auth_state().tokens.insert(scope, (tok, renew));
+        Ok(Some(header))
+    }
+
+    /// Learns from a 401's challenges how to authenticate, and gets a token
+    /// if that is the way.
+    fn answer_challenge(
+        &self,
+        challenges: &[Challenge],
+        access: Access,
+    ) -> Result<(), RegistryError> {
+        if let Some(b) = challenges.iter().find(|c| c.scheme == "bearer") {
+            let realm = b
+                .param("realm")
+                .ok_or_else(|| self.protocol("Bearer challenge without a realm".into()))?
+                .to_string();
+            let service = b.param("service").map(str::to_string);
+            let scope = self.scope(access);
+            let mut scopes = vec![scope.clone()];
+            if let Some(s) = b.param("scope") {
+                if s != scope {
+                    scopes.push(s.to_string());
+                }
+            }
+            let (tok, renew) = self.fetch_token(&realm, service.as_deref(), &scopes)?;
+            let mut st = self.auth_state();
+            st.scheme = Scheme::Bearer { realm, service };
+            st.tokens.insert(scope, (tok, renew));
+            Ok(())
+        } else if challenges.iter().any(|c| c.scheme == "basic") {
+            if self.inner.creds.is_none() {
+                return Err(self.rejected());
+            }
+            self.auth_state().scheme = Scheme::Basic;
+            Ok(())
+        } else if self.inner.creds.is_none() {
+            Err(self.rejected())
+        } else {
+            Err(self.protocol(format!(
+                "HTTP 401 without a Basic or Bearer challenge ({} offered)",
+                challenges
+                    .iter()
+                    .map(|c| c.scheme.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+    }
+
+    /// GET `realm?service=…&scope=…`, with Basic credentials if we have any.
+    fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scopes: &[String],
+    ) -> Result<(String, Instant), RegistryError> {
+        let mut url = Url::parse(realm)
+            .map_err(|e| self.protocol(format!("Bearer realm {realm:?} is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(self.protocol(format!("Bearer realm {realm:?} is not http(s)")));
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            for s in scopes {
+                q.append_pair("scope", s);
+            }
+        }
+        let url_s = url.to_string();
+        let mut rb = self.inner.client.get(url);
+        if let Some(c) = &self.inner.creds {
+            rb = rb.basic_auth(&c.username, Some(&c.password));
+        }
+        let _permit = self.inner.limiter.acquire();
+        inc(&self.inner.stats.requests);
+        let resp = rb.send().map_err(|source| RegistryError::Transport {
+            url: url_s.clone(),
+            source,
+        })?;
+        match resp.status().as_u16() {
+            401 => return Err(self.rejected()),
+            403 => {
+                return Err(RegistryError::Denied {
+                    registry: self.inner.registry.clone(),
+                    what: format!("repository {} ({})", self.inner.repository, scopes[0]),
+                })
+            }
+            _ => {}
+        }
+        let resp = transport::check_status(resp, &url_s, "token", &self.inner.registry)?;
+        let body = transport::read_capped(
+            resp,
+            &url_s,
+            MAX_TOKEN_RESPONSE,
+            "token response",
+            &self.inner.stats,
+        )?;
+        #[derive(serde::Deserialize)]
+        struct TokenResponse {
+            #[serde(default)]
+            token: Option<String>,
+            #[serde(default)]
+            access_token: Option<String>,
+            #[serde(default)]
+            expires_in: Option<u64>,
+        }
+        let t: TokenResponse =
+            serde_json::from_slice(&body).map_err(|e| RegistryError::Protocol {
+                url: url_s.clone(),
+                why: format!("token response is not valid JSON: {e}"),
+            })?;
+        let tok = t
+            .token
+            .filter(|t| !t.is_empty())
+            .or(t.access_token.filter(|t| !t.is_empty()))
+            .ok_or_else(|| RegistryError::Protocol {
+                url: url_s.clone(),
+                why: "token response holds neither token nor access_token".into(),
+            })?;
+        // The spec's default lifetime is 60 s; renew a little early.
+        let life = Duration::from_secs(t.expires_in.unwrap_or(60).max(1));
+        let renew = Instant::now() + life.saturating_sub(Duration::from_secs(10)).max(life / 2);
+        Ok((tok, renew))
+    }
+
+    /// Sends a request built by `build` (called again for every send, so a
+    /// streamed body can be reopened), authenticating as the registry asks.
+    /// The permit returned holds a slot of the connection limit while the
+    /// body is read. Credentials go only to the registry's own origin.
+    fn send(
+        &self,
+        access: Access,
+        url: &str,
+        build: BuildRequest<'_>,
+    ) -> Result<(Response, Permit), RegistryError> {
+        let same_origin = Url::parse(url).is_ok_and(|u| {
+            let b = &self.inner.base_url;
+            u.scheme() == b.scheme()
+                && u.host_str() == b.host_str()
+                && u.port_or_known_default() == b.port_or_known_default()
+        });
+        let mut challenged = false;
+        loop {
+            let auth = if same_origin {
+                self.auth_header(access)?
+            } else {
+                None
+            };
+            let mut rb = build(&self.inner.client)?;
+            if let Some(a) = &auth {
+                rb = rb.header(AUTHORIZATION, a);
+            }
+            let permit = self.inner.limiter.acquire();
+            inc(&self.inner.stats.requests);
+            let resp = rb.send().map_err(|source| RegistryError::Transport {
+                url: url.to_string(),
+                source,
+            })?;
+            if resp.status().as_u16() != 401 || !same_origin {
+                return Ok((resp, permit));
+            }
+            let challenges: Vec<Challenge> = resp
+                .headers()
+                .get_all(WWW_AUTHENTICATE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(parse_www_authenticate)
+                .collect();
+            drop(resp);
+            drop(permit);
+            if challenged {
+                return Err(self.rejected());
+            }
+            challenged = true;
+            self.answer_challenge(&challenges, access)?;
+        }
+    }
+
+    fn retrying<T>(
+        &self,
+        what: &dyn fmt::Display,
+        op: impl FnMut(u32) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let r = retry::run(
+            &self.inner.opts.retry,
+            what,
+            &self.inner.stats.retries,
+            RegistryError::is_retryable,
+            op,
+        );
+        if r.is_err() {
+            inc(&self.inner.stats.failures);
+        }
+        r
+    }
+
+    fn check(&self, resp: Response, url: &str, what: &str) -> Result<Response, RegistryError> {
+        transport::check_status(resp, url, what, &self.inner.registry)
+    }
+
+    fn describe(&self, kind: &str, reference: &str) -> String {
+        format!(
+            "{kind} {}/{}{}{reference}",
+            self.inner.registry,
+            self.inner.repository,
+            if reference.contains(':') { "@" } else { ":" }
+        )
+    }
+
+    /// The manifest (or index) named by a tag or digest. By digest, its
+    /// sha256 is checked; by tag, it is checked against the registry's
+    /// `Docker-Content-Digest` header when there is one.
+    pub fn get_manifest(&self, reference: &str) -> Result<Manifest, RegistryError> {
+        validate_manifest_reference(reference)?;
+        let url = self.url(&format!("manifests/{reference}"));
+        let what = self.describe("manifest", reference);
+        let accept = [
+            media_type::OCI_MANIFEST,
+            media_type::OCI_INDEX,
+            media_type::DOCKER_MANIFEST,
+            media_type::DOCKER_MANIFEST_LIST,
+        ]
+        .join(", ");
+        let (bytes, content_type, header_digest) =
+            self.retrying(&format_args!("GET {url}"), |_| {
+                let (resp, _permit) = self.send(Access::Pull, &url, &|c| {
+                    Ok(c.get(&url).header(ACCEPT, &accept))
+                })?;
+                let resp = self.check(resp, &url, &what)?;
+                let ct = transport::header_str(&resp, &CONTENT_TYPE).map(str::to_string);
+                let hd = resp
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let bytes = transport::read_capped(
+                    resp,
+                    &url,
+                    MAX_MANIFEST_SIZE,
+                    &what,
+                    &self.inner.stats,
+                )?;
+                Ok((bytes, ct, hd))
+            })?;
+        let digest = transport::sha256_digest(&bytes);
+        let expected = if reference.contains(':') {
+            Some(reference.to_string())
+        } else {
+            header_digest.filter(|d| d.starts_with("sha256:"))
+        };
+        if let Some(expected) = expected {
+            if expected != digest {
+                inc(&self.inner.stats.failures);
+                return Err(RegistryError::DigestMismatch {
+                    what,
+                    expected,
+                    actual: digest,
+                });
+            }
+        }
+        let mut media_type = content_type
+            .map(|ct| ct.split(';').next().unwrap_or("").trim().to_string())
+            .unwrap_or_default();
+        if media_type.is_empty() || media_type == "application/json" || media_type == "text/plain" {
+            media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("mediaType")?.as_str().map(str::to_string))
+                .unwrap_or_default();
+        }
+        Ok(Manifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    /// The whole blob, its sha256 checked. `progress` gets the number of
+    /// bytes received so far.
+    pub fn get_blob(&self, digest: &str, progress: &dyn Fn(u64)) -> Result<Vec<u8>, RegistryError> {
+        let mut out = Vec::new();
+        self.get_blob_to(digest, &mut out, progress)?;
+        Ok(out)
+    }
+
+    /// Streams the whole blob into `w` and returns its size. The sha256 is
+    /// checked at the end: on an error `w` may hold part (or, on a mismatch,
+    /// all) of the bad data, and the caller must discard it. A transfer that
+    /// breaks off is resumed with a Range request where it stopped. `progress`
+    /// gets the number of bytes written so far.
+    pub fn get_blob_to(
+        &self,
+        digest: &str,
+        w: &mut dyn Write,
+        progress: &dyn Fn(u64),
+    ) -> Result<u64, RegistryError> {
+        validate_digest(digest)?;
+        let url = self.url(&format!("blobs/{digest}"));
+        let what = self.describe("blob", digest);
+        let mut hasher = sha2::Sha256::new();
+        let mut written = 0u64;
+        let mut chunk = vec![0u8; 64 * 1024];
+        self.retrying(&format_args!("GET {url}"), |_| {
+            let start = written;
+            let (resp, _permit) = self.send(Access::Pull, &url, &|c| {
+                let rb = c.get(&url);
+                Ok(if start > 0 {
+                    inc(&self.inner.stats.range_requests);
+                    rb.header(RANGE, format!("bytes={start}-"))
+                } else {
+                    rb
+                })
+            })?;
+            let mut resp = self.check(resp, &url, &what)?;
+            // Bytes of this response to skip: a server that answers a resume
+            // with the whole blob (200) repeats what we already have.
+            let mut skip = 0u64;
+            match resp.status().as_u16() {
+                200 => skip = start,
+                206 => {
+                    let cr = transport::header_str(&resp, &CONTENT_RANGE).unwrap_or("");
+                    let first = transport::parse_content_range(cr).and_then(|(r, _)| r);
+                    if first.map(|(a, _)| a) != Some(start) {
+                        return Err(RegistryError::Protocol {
+                            url: url.clone(),
+                            why: format!("resuming at byte {start}, got Content-Range {cr:?}"),
+                        });
+                    }
+                }
+                s => {
+                    return Err(RegistryError::Protocol {
+                        url: url.clone(),
+                        why: format!("unexpected HTTP {s} for a blob"),
+                    })
+                }
+            }
+            let announced = transport::content_length(&resp);
+            let mut got = 0u64;
+            loop {
+                let n = match resp.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(source) => {
+                        return Err(RegistryError::BodyRead {
+                            url: url.clone(),
+                            source,
+                        })
+                    }
+                };
+                self.inner.stats.received(n);
+                got += n as u64;
+                let mut data = &chunk[..n];
+                let drop_n = skip.min(n as u64) as usize;
+                skip -= drop_n as u64;
+                data = &data[drop_n..];
+                if data.is_empty() {
+                    continue;
+                }
+                hasher.update(data);
+                w.write_all(data).map_err(|source| RegistryError::Io {
+                    what: format!("writing {what}"),
+                    source,
+                })?;
+                written += data.len() as u64;
+                progress(written);
+            }
+            if let Some(n) = announced {
+                if got != n {
+                    return Err(RegistryError::BodyLength {
+                        url: url.clone(),
+                        expected: n,
+                        got,
+                    });
+                }
+            }
+            if skip > 0 {
+                return Err(RegistryError::Protocol {
+                    url: url.clone(),
+                    why: format!("the blob got shorter than the {start} bytes already read"),
+                });
+            }
+            Ok(())
+        })?;
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if actual != digest {
+            inc(&self.inner.stats.failures);
+            return Err(RegistryError::DigestMismatch {
+                what,
+                expected: digest.to_string(),
+                actual,
+            });
+        }
+        Ok(written)
+    }
+
+    /// The blob's size from a HEAD request, or None if the registry does not
+    /// have it.
+    pub fn blob_size(&self, digest: &str) -> Result<Option<u64>, RegistryError> {
+        self.blob_size_as(digest, Access::Pull)
+    }
+
+    fn blob_size_as(&self, digest: &str, access: Access) -> Result<Option<u64>, RegistryError> {
+        validate_digest(digest)?;
+        let url = self.url(&format!("blobs/{digest}"));
+        let what = self.describe("blob", digest);
+        self.retrying(&format_args!("HEAD {url}"), |_| {
+            let (resp, _permit) = self.send(access, &url, &|c| Ok(c.head(&url)))?;
+            if resp.status().as_u16() == 404 {
+                return Ok(None);
+            }
+            let resp = self.check(resp, &url, &what)?;
+            match transport::content_length(&resp) {
+                Some(n) => Ok(Some(n)),
+                None => Err(RegistryError::Protocol {
+                    url: url.clone(),
+                    why: "HEAD of a blob without Content-Length".into(),
+                }),
+            }
+        })
+    }
+
+    /// Random access to the blob by Range requests, with retries and at most
+    /// [`ClientOptions::max_connections`] requests of this `Registry` in
+    /// flight. `size` is the blob's size (from the manifest); reads past it
+    /// fail with `UnexpectedEof` without a request. The contents are not
+    /// verified.
+    pub fn blob_reader(&self, digest: &str, size: u64) -> Arc<dyn RangeRead> {
+        Arc::new(RegistryBlob {
+            registry: self.clone(),
+            url: self.url(&format!("blobs/{digest}")),
+            digest: digest.to_string(),
+            size,
+        })
+    }
+
+    fn read_range(
+        &self,
+        url: &str,
+        digest: &str,
+        buf: &mut [u8],
+        off: u64,
+        size: u64,
+    ) -> Result<(), RegistryError> {
+        validate_digest(digest)?;
+        let last = off + buf.len() as u64 - 1;
+        let what = self.describe("blob", digest);
+        self.retrying(&format_args!("GET {url} bytes {off}-{last}"), |_| {
+            let (resp, _permit) = self.send(Access::Pull, url, &|c| {
+                inc(&self.inner.stats.range_requests);
+                Ok(c.get(url).header(RANGE, format!("bytes={off}-{last}")))
+            })?;
+            let resp = self.check(resp, url, &what)?;
+            transport::read_range_body(resp, url, buf, off, size, &self.inner.stats)
+        })
+    }
+
+    /// Uploads a blob unless the registry has it already (then `Ok(false)`).
+    /// `open` gives the `size` bytes whose sha256 is `digest`; it is called
+    /// again for every try. `progress` gets the number of bytes sent so far
+    /// in the current try (called from a helper thread).
+    pub fn push_blob(
+        &self,
+        digest: &str,
+        size: u64,
+        open: &dyn Fn() -> io::Result<Box<dyn Read + Send>>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<bool, RegistryError> {
+        validate_digest(digest)?;
+        if self.blob_size_as(digest, Access::Push)?.is_some() {
+            return Ok(false);
+        }
+        let what = self.describe("blob", digest);
+        let start_url = self.url("blobs/uploads/");
+        // Uploads may take longer than one request timeout: allow for
+        // 256 KiB/s on top of it.
+        let timeout = self.inner.opts.request_timeout + Duration::from_secs(size / (256 << 10));
+        let (tx, rx) = mpsc::channel::<u64>();
+        let finished = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let finished = &finished;
+            s.spawn(move || loop {
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(n) => progress(n),
+                    Err(mpsc::RecvTimeoutError::Timeout) if !finished.load(Ordering::Acquire) => {}
+                    Err(_) => break,
+                }
+            });
+            let r = self.retrying(&format_args!("upload of {what}"), |_| {
+                let (resp, permit) = self.send(Access::Push, &start_url, &|c| {
+                    Ok(c.post(&start_url).header(CONTENT_LENGTH, "0"))
+                })?;
+                let resp = self.check(resp, &start_url, &format!("upload of {what}"))?;
+                if resp.status().as_u16() != 202 {
+                    return Err(RegistryError::Protocol {
+                        url: start_url.clone(),
+                        why: format!(
+                            "starting an upload answered HTTP {}, not 202",
+                            resp.status()
+                        ),
+                    });
+                }
+                let loc = transport::header_str(&resp, &LOCATION).ok_or_else(|| {
+                    RegistryError::Protocol {
+                        url: start_url.clone(),
+                        why: "upload started without a Location".into(),
+                    }
+                })?;
+                let mut put = resp.url().join(loc).map_err(|e| RegistryError::Protocol {
+                    url: start_url.clone(),
+                    why: format!("bad upload Location {loc:?}: {e}"),
+                })?;
+                drop(resp);
+                drop(permit);
+                put.query_pairs_mut().append_pair("digest", digest);
+                let put_url = put.to_string();
+                let (resp, _permit) = self.send(Access::Push, &put_url, &|c| {
+                    let reader = open().map_err(|source| RegistryError::Io {
+                        what: format!("opening {what} for upload"),
+                        source,
+                    })?;
+                    let body = Body::sized(
+                        CountingReader {
+                            inner: reader,
+                            sent: 0,
+                            progress: tx.clone(),
+                        },
+                        size,
+                    );
+                    Ok(c.put(put.clone())
+                        .header(CONTENT_TYPE, "application/octet-stream")
+                        .timeout(timeout)
+                        .body(body))
+                })?;
+                let resp = self.check(resp, &put_url, &format!("upload of {what}"))?;
+                if let Some(d) = resp
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    if d != digest {
+                        return Err(RegistryError::DigestMismatch {
+                            what: format!("upload of {what}"),
+                            expected: digest.to_string(),
+                            actual: d.to_string(),
+                        });
+                    }
+                }
+                Ok(true)
+            });
+            drop(tx);
+            finished.store(true, Ordering::Release);
+            r
+        })
+    }
+
+    /// Stores a manifest under `tag` (or a digest) and returns its digest.
+    pub fn put_manifest(
+        &self,
+        tag: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<String, RegistryError> {
+        validate_manifest_reference(tag)?;
+        let what = self.describe("manifest", tag);
+        if bytes.len() as u64 > MAX_MANIFEST_SIZE {
+            return Err(RegistryError::TooLarge {
+                what,
+                limit: MAX_MANIFEST_SIZE,
+            });
+        }
+        let digest = transport::sha256_digest(bytes);
+        if tag.contains(':') && tag != digest {
+            return Err(RegistryError::DigestMismatch {
+                what,
+                expected: tag.to_string(),
+                actual: digest,
+            });
+        }
+        let url = self.url(&format!("manifests/{tag}"));
+        self.retrying(&format_args!("PUT {url}"), |_| {
+            let (resp, _permit) = self.send(Access::Push, &url, &|c| {
+                Ok(c.put(&url)
+                    .header(CONTENT_TYPE, media_type)
+                    .body(bytes.to_vec()))
+            })?;
+            let resp = self.check(resp, &url, &what)?;
+            if let Some(d) = resp
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+            {
+                if d.starts_with("sha256:") && d != digest {
+                    return Err(RegistryError::DigestMismatch {
+                        what: what.clone(),
+                        expected: digest.clone(),
+                        actual: d.to_string(),
+                    });
+                }
+            }
+            Ok(())
+        })?;
+        Ok(digest)
+    }
+}
+
+/// The body of an upload: counts what is sent, for progress.
+struct CountingReader {
+    inner: Box<dyn Read + Send>,
+    sent: u64,
+    progress: mpsc::Sender<u64>,
+}
+
+impl Read for CountingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.sent += n as u64;
+            let _ = self.progress.send(self.sent);
+        }
+        Ok(n)
+    }
+}
+
+/// A registry blob read by Range requests.
+struct RegistryBlob {
+    registry: Registry,
+    url: String,
+    digest: String,
+    size: u64,
+}
+
+impl fmt::Debug for RegistryBlob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryBlob")
+            .field("url", &self.url)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl RangeRead for RegistryBlob {
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let context = || {
+            format!(
+                "blob {} in {}/{}",
+                self.digest, self.registry.inner.registry, self.registry.inner.repository
+            )
+        };
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let len = buf.len() as u64;
+        if off.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(RegistryError::OutOfRange {
+                what: "read".into(),
+                off,
+                len,
+                size: self.size,
+            }
+            .into_io(&context()));
+        }
+        self.registry
+            .read_range(&self.url, &self.digest, buf, off, self.size)
+            .map_err(|e| e.into_io(&context()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_are_send_and_sync_and_debug_hides_secrets() {
+        fn send_sync<T: Send + Sync + fmt::Debug>() {}
+        send_sync::<Registry>();
+        send_sync::<crate::http::HttpBlob>();
+        let reg = Registry::new(
+            "127.0.0.1:5000",
+            "a/b",
+            Some(Credentials {
+                username: "u".into(),
+                password: "hunter2".into(),
+            }),
+            &ClientOptions::default(),
+        )
+        .unwrap();
+        let dbg = format!("{reg:?}");
+        assert!(
+            dbg.contains("http://127.0.0.1:5000") && !dbg.contains("hunter2"),
+            "{dbg}"
+        );
+        let hub = Registry::new(
+            "docker.io",
+            "library/alpine",
+            None,
+            &ClientOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(hub.base_url(), "https://registry-1.docker.io");
+        assert!(Registry::new("h.io", "Bad", None, &ClientOptions::default()).is_err());
+    }
+}

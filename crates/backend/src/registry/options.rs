@@ -1,0 +1,179 @@
+//! How the network backends connect: TLS roots, timeouts, plain-HTTP hosts.
+
+use std::net::{IpAddr, Ipv6Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::RegistryError;
+use crate::retry::RetryPolicy;
+
+/// Connection settings shared by [`Registry`](super::Registry) and
+/// [`HttpBlob`](crate::http::HttpBlob).
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Registries (`host` or `host:port`) spoken to over plain HTTP. An entry
+    /// without a port matches the host on any port. Loopback hosts
+    /// (`localhost`, `127.0.0.0/8`, `[::1]`) always use plain HTTP, as docker
+    /// does.
+    pub insecure_hosts: Vec<String>,
+    /// Extra PEM files of trusted root certificates (besides the built-in
+    /// web PKI roots).
+    pub ca_files: Vec<PathBuf>,
+    /// Limit for establishing a connection. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Limit for sending a request and for each read of a response body.
+    /// Default 30 s. Uploads get extra time in proportion to their size.
+    pub request_timeout: Duration,
+    pub retry: RetryPolicy,
+    /// Most requests one [`Registry`](super::Registry) or
+    /// [`HttpBlob`](crate::http::HttpBlob) has in flight at once. Default 8.
+    pub max_connections: usize,
+    pub user_agent: String,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            insecure_hosts: Vec::new(),
+            ca_files: Vec::new(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+            max_connections: 8,
+            user_agent: concat!("lazypull/", env!("CARGO_PKG_VERSION")).to_string(),
+        }
+    }
+}
+
+impl ClientOptions {
+    /// `"http"` for loopback and insecure hosts, `"https"` for all others.
+    /// `host` is `host[:port]`, an IPv6 address in brackets.
+    pub fn scheme_for(&self, host: &str) -> &'static str {
+        let (name, _) = split_host_port(host);
+        let insecure = self.insecure_hosts.iter().any(|h| {
+            h.eq_ignore_ascii_case(host)
+                || (split_host_port(h).1.is_none() && h.eq_ignore_ascii_case(name))
+        });
+        if insecure || is_loopback(name) {
+            "http"
+        } else {
+            "https"
+        }
+    }
+
+    pub(crate) fn build_client(&self) -> Result<reqwest::blocking::Client, RegistryError> {
+        let mut b = reqwest::blocking::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.request_timeout)
+            .user_agent(self.user_agent.clone())
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .pool_max_idle_per_host(self.max_connections.max(1));
+        for path in &self.ca_files {
+            let pem = std::fs::read(path).map_err(|e| RegistryError::Setup {
+                why: format!("cannot read CA file {}: {e}", path.display()),
+            })?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| RegistryError::Setup {
+                    why: format!("CA file {} is not valid PEM: {e}", path.display()),
+                })?;
+            if certs.is_empty() {
+                return Err(RegistryError::Setup {
+                    why: format!("CA file {} holds no certificate", path.display()),
+                });
+            }
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+        }
+        b.build()
+            .map_err(|e| RegistryError::Setup { why: e.to_string() })
+    }
+}
+
+/// Splits `host[:port]` (IPv6 in brackets) into host (brackets removed) and port.
+pub(crate) fn split_host_port(s: &str) -> (&str, Option<&str>) {
+    if let Some(rest) = s.strip_prefix('[') {
+        if let Some(end) = rest.find(']') {
+            let port = rest[end + 1..].strip_prefix(':');
+            return (&rest[..end], port);
+        }
+        return (s, None);
+    }
+    match s.rsplit_once(':') {
+        // More than one colon and no brackets: a bare IPv6 address.
+        Some((h, _)) if h.contains(':') => (s, None),
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => a.is_loopback(),
+        Ok(IpAddr::V6(a)) => a == Ipv6Addr::LOCALHOST,
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_and_insecure_hosts_use_plain_http() {
+        let opts = ClientOptions {
+            insecure_hosts: vec!["reg.lan:5000".into(), "other.lan".into()],
+            ..ClientOptions::default()
+        };
+        for h in [
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1",
+            "127.1.2.3:80",
+            "[::1]:5000",
+            "[::1]",
+            "reg.lan:5000",
+            "other.lan",
+            "other.lan:1234",
+        ] {
+            assert_eq!(opts.scheme_for(h), "http", "{h}");
+        }
+        for h in [
+            "reg.lan",
+            "reg.lan:5001",
+            "ghcr.io",
+            "10.0.0.1:5000",
+            "[::2]:5000",
+            "localhost.example.com",
+        ] {
+            assert_eq!(opts.scheme_for(h), "https", "{h}");
+        }
+    }
+
+    #[test]
+    fn host_port_splitting() {
+        assert_eq!(split_host_port("a.b:5000"), ("a.b", Some("5000")));
+        assert_eq!(split_host_port("a.b"), ("a.b", None));
+        assert_eq!(split_host_port("[::1]:5000"), ("::1", Some("5000")));
+        assert_eq!(split_host_port("[::1]"), ("::1", None));
+    }
+
+    #[test]
+    fn unreadable_or_empty_ca_files_are_setup_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        for path in [dir.path().join("missing.pem"), empty] {
+            let opts = ClientOptions {
+                ca_files: vec![path.clone()],
+                ..ClientOptions::default()
+            };
+            let err = opts.build_client().unwrap_err();
+            assert!(matches!(err, RegistryError::Setup { .. }), "{err}");
+            assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! The daemon's catalog: which blob names the kernel may open and where their
+//! bytes come from.
+//!
+//! Images mounted by reference are registered here: at mount the daemon fetches
+//! the manifest, the config, the meta blob (whole, verified, kept in the work
+//! dir) and every chunk table (verified), and from then on a data blob's name
+//! resolves to a [`ChunkedBlob`] reading its stored bytes by Range from the
+//! registry. Names not registered fall back to the local blob directory.
+//!
+//! It owns no format, fetch or protocol logic: it wires the library crates.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use lazypull_backend::registry::{
+    docker_config_credentials, ClientOptions, Credentials, Reference, Registry,
+};
+use lazypull_backend::{BlobSource, LocalDir, OpenError, RangeRead};
+use lazypull_blob::oci::{ImageConfig, Manifest};
+use lazypull_blob::ChunkTable;
+use lazypull_engine::{ChunkedBlob, FetchContext};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::info;
+
+/// What `lazypull mount` asks the daemon to register.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub reference: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Speak plain HTTP to this registry (loopback registries always are).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// What registering an image did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Registered {
+    /// The meta blob's name: the `fsid` to mount.
+    pub fsid: String,
+    pub reference: String,
+    pub manifest_digest: String,
+    pub blobs: usize,
+    /// Uncompressed bytes of all data blobs.
+    pub data_bytes: u64,
+    /// Bytes fetched to register it (manifest, config, meta blob, tables).
+    pub fetched_bytes: u64,
+    pub elapsed_ms: f64,
+}
+
+/// One registered image.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageInfo {
+    pub fsid: String,
+    pub reference: String,
+    pub manifest_digest: String,
+    pub blobs: Vec<String>,
+    pub mountpoints: Vec<PathBuf>,
+}
+
+struct Image {
+    info: ImageInfo,
+    config: ImageConfig,
+}
+
+#[derive(Default)]
+struct State {
+    /// Data blob name → its fetcher (shared by every image and object using it).
+    blobs: HashMap<String, Arc<ChunkedBlob>>,
+    /// Meta blob name → path of the verified copy in the work dir.
+    metas: HashMap<String, PathBuf>,
+    images: BTreeMap<String, Image>,
+}
+
+/// Settings for remote images.
+#[derive(Debug, Clone)]
+pub struct RemoteSettings {
+    pub client: ClientOptions,
+    /// Docker-style config file for credentials (None: the default places).
+    pub docker_config: Option<PathBuf>,
+}
+
+pub struct Catalog {
+    work_dir: PathBuf,
+    blob_dir: Option<LocalDir>,
+    fetch: Arc<FetchContext>,
+    remote: RemoteSettings,
+    state: Mutex<State>,
+}
+
+impl Catalog {
+    pub fn new(
+        work_dir: PathBuf,
+        blob_dir: Option<PathBuf>,
+        fetch: Arc<FetchContext>,
+        remote: RemoteSettings,
+    ) -> Self {
+        Catalog {
+            work_dir,
+            blob_dir: blob_dir.map(LocalDir::new),
+            fetch,
+            remote,
+            state: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn fetch_context(&self) -> &Arc<FetchContext> {
+        &self.fetch
+    }
+
+    /// The blob the kernel names `cookie`: a registered data or meta blob, else
+    /// a blob in the local blob dir (stored form first, then a plain file).
+    pub fn resolve(&self, cookie: &[u8]) -> Result<Arc<dyn BlobSource>, OpenError> {
+        let name = lazypull_backend::validate_name(cookie)?;
+        {
+            let st = self.lock();
+            if let Some(blob) = st.blobs.get(name) {
+                return Ok(blob.clone());
+            }
+            if let Some(path) = st.metas.get(name) {
+                let dir = LocalDir::new(path.parent().unwrap_or(Path::new("/")));
+                return Ok(dir.open(cookie)?);
+            }
+        }
+        let Some(store) = &self.blob_dir else {
+            return Err(OpenError::NotFound {
+                name: name.to_owned(),
+                path: PathBuf::from(format!(
+                    "(no mounted image has blob {name}, and no blob dir is configured)"
+                )),
+            });
+        };
+        match lazypull_blob::open_local(store.root(), name) {
+            Ok(Some(stored)) => {
+                let (name, table, file) = stored.into_parts();
+                let stored: Arc<dyn RangeRead> = Arc::new(file);
+                Ok(Arc::new(ChunkedBlob::new(
+                    name,
+                    table,
+                    stored,
+                    self.fetch.clone(),
+                )))
+            }
+            Ok(None) => Ok(store.open(cookie)?),
+            Err(e) => Err(OpenError::Io {
+                name: name.to_owned(),
+                path: store.root().join(format!("{name}.table")),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+            }),
+        }
+    }
+
+    /// Fetches what an image needs at mount and registers its blobs. Blocking
+    /// (network I/O): call it off the async runtime.
+    pub fn register(&self, req: &RegisterRequest) -> anyhow::Result<Registered> {
+        let started = Instant::now();
+        let reference = Reference::parse(&req.reference)?;
+        let mut client = self.remote.client.clone();
+        if req.insecure && !client.insecure_hosts.contains(&reference.registry) {
+            client.insecure_hosts.push(reference.registry.clone());
+        }
+        let creds = match (&req.username, &req.password) {
+            (Some(u), Some(p)) => Some(Credentials {
+                username: u.clone(),
+                password: p.clone(),
+            }),
+            (Some(_), None) | (None, Some(_)) => {
+                bail!("give both a username and a password, or neither")
+            }
+            (None, None) => docker_config_credentials(
+                self.remote.docker_config.as_deref(),
+                &reference.registry,
+            )?,
+        };
+        let registry = Registry::new(&reference.registry, &reference.repository, creds, &client)?;
+        let manifest = registry
+            .get_manifest(&reference.reference)
+            .with_context(|| format!("fetching the manifest of {reference}"))?;
+        let mut fetched = manifest.bytes.len() as u64;
+        let parsed =
+            Manifest::parse_lazypull(&manifest.bytes).with_context(|| format!("{reference}"))?;
+        let config_bytes = registry
+            .get_blob(&parsed.config.digest, &|_| {})
+            .with_context(|| format!("fetching the config of {reference}"))?;
+        fetched += config_bytes.len() as u64;
+        let config = ImageConfig::parse(&config_bytes).with_context(|| format!("{reference}"))?;
+        let fsid = config.meta_hex().to_owned();
+
+        let meta_path = self.fetch_meta(&registry, &config, &mut fetched)?;
+        let meta = std::fs::read(&meta_path)
+            .with_context(|| format!("reading {}", meta_path.display()))?;
+        let image = lazypull_erofs::Image::from_bytes(meta)
+            .with_context(|| format!("the meta blob of {reference} is not a valid EROFS image"))?;
+        let tags: Vec<String> = image
+            .devices()
+            .iter()
+            .map(|d| String::from_utf8_lossy(d.tag_bytes()).into_owned())
+            .collect();
+        let names: Vec<String> = config.blobs.iter().map(|b| b.digest.clone()).collect();
+        if tags != names {
+            bail!(
+                "{reference}: the image config lists blobs {names:?} but its meta blob's device table names {tags:?}"
+            );
+        }
+
+        let mut blobs = Vec::new();
+        for b in &config.blobs {
+            let table_bytes = registry
+                .get_blob(&b.table.digest, &|_| {})
+                .with_context(|| format!("fetching the chunk table of blob {}", b.digest))?;
+            fetched += table_bytes.len() as u64;
+            let table = ChunkTable::decode(&table_bytes)
+                .with_context(|| format!("the chunk table of blob {} is corrupt", b.digest))?;
+            if table.digest() != b.digest
+                || table.uncompressed_size() != b.size
+                || table.stored_size() != b.data.size
+            {
+                bail!(
+                    "{reference}: chunk table {} describes blob {} ({} bytes, {} stored), the config says {} ({} bytes, {} stored)",
+                    b.table.digest, table.digest(), table.uncompressed_size(), table.stored_size(),
+                    b.digest, b.size, b.data.size
+                );
+            }
+            let stored = registry.blob_reader(&b.data.digest, b.data.size);
+            blobs.push((b.digest.clone(), table, stored));
+        }
+
+        let mut st = self.lock();
+        for (name, table, stored) in blobs {
+            // A blob already served (by another image) keeps its fetcher: the
+            // kernel may have it open, and its bytes are the same by digest.
+            st.blobs.entry(name.clone()).or_insert_with(|| {
+                Arc::new(ChunkedBlob::new(name, table, stored, self.fetch.clone()))
+            });
+        }
+        st.metas.insert(fsid.clone(), meta_path);
+        let mountpoints = st
+            .images
+            .get(&fsid)
+            .map(|i| i.info.mountpoints.clone())
+            .unwrap_or_default();
+        st.images.insert(
+            fsid.clone(),
+            Image {
+                info: ImageInfo {
+                    fsid: fsid.clone(),
+                    reference: reference.to_string(),
+                    manifest_digest: manifest.digest.clone(),
+                    blobs: names,
+                    mountpoints,
+                },
+                config: config.clone(),
+            },
+        );
+        drop(st);
+        let registered = Registered {
+            fsid,
+            reference: reference.to_string(),
+            manifest_digest: manifest.digest,
+            blobs: config.blobs.len(),
+            data_bytes: config.blobs.iter().map(|b| b.size).sum(),
+            fetched_bytes: fetched,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
+        };
+        info!(
+            reference = %registered.reference,
+            fsid = %registered.fsid,
+            blobs = registered.blobs,
+            fetched_bytes = registered.fetched_bytes,
+            elapsed_ms = registered.elapsed_ms as u64,
+            "image registered"
+        );
+        Ok(registered)
+    }
+
+    /// The meta blob in the work dir, fetched and verified unless a verified
+    /// copy is already there.
+    fn fetch_meta(
+        &self,
+        registry: &Registry,
+        config: &ImageConfig,
+        fetched: &mut u64,
+    ) -> anyhow::Result<PathBuf> {
+        let dir = self.work_dir.join("meta");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating the work dir {}", dir.display()))?;
+        let hex = config.meta_hex();
+        let path = dir.join(hex);
+        if let Ok(existing) = std::fs::read(&path) {
+            if hex::encode(Sha256::digest(&existing)) == hex {
+                return Ok(path);
+            }
+        }
+        let bytes = registry
+            .get_blob(&config.meta.digest, &|_| {})
+            .context("fetching the meta blob")?;
+        *fetched += bytes.len() as u64;
+        let tmp = dir.join(format!(".{hex}.tmp{}", std::process::id()));
+        std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Records where an image got mounted.
+    pub fn mounted(&self, fsid: &str, mountpoint: &Path) -> anyhow::Result<()> {
+        let mut st = self.lock();
+        let Some(image) = st.images.get_mut(fsid) else {
+            bail!("no image with fsid {fsid} is registered");
+        };
+        if !image.info.mountpoints.iter().any(|m| m == mountpoint) {
+            image.info.mountpoints.push(mountpoint.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Forgets a mountpoint; returns the image's fsid if one was mounted there.
+    pub fn unmounted(&self, mountpoint: &Path) -> Option<String> {
+        let mut st = self.lock();
+        for image in st.images.values_mut() {
+            if let Some(pos) = image.info.mountpoints.iter().position(|m| m == mountpoint) {
+                image.info.mountpoints.remove(pos);
+                return Some(image.info.fsid.clone());
+            }
+        }
+        None
+    }
+
+    pub fn images(&self) -> Vec<ImageInfo> {
+        self.lock()
+            .images
+            .values()
+            .map(|i| i.info.clone())
+            .collect()
+    }
+
+    /// The config and meta blob path of a registered image.
+    pub fn image(&self, fsid: &str) -> Option<(ImageConfig, PathBuf)> {
+        let st = self.lock();
+        let image = st.images.get(fsid)?;
+        Some((image.config.clone(), st.metas.get(fsid)?.clone()))
+    }
+}

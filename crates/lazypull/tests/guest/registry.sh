@@ -1,0 +1,52 @@
+#!/bin/bash
+# Images mounted by reference from a real registry (docker-registry on the host,
+# behind the logging proxy, reached at 10.0.2.2): a realistic tree read whole,
+# one small file of a 300 MB image, 64 concurrent readers of the same chunks,
+# and a registry with htpasswd auth (no / wrong / right credentials).
+source "$LP_SCENARIOS/lib.sh"
+setup_disks
+network_up
+start_daemon --work-dir "$CACHE/work"
+REG=10.0.2.2:$LP_PROXY_PORT
+AUTH=10.0.2.2:$LP_AUTH_PORT
+
+# 1. The realistic tree: time from `lazypull mount` to the first byte of a file,
+# then every file and its metadata.
+t0=$(now_ms)
+lp_mount tree "$REG/lp/tree:v1" /mnt/tree --insecure || fail "mounting the tree"
+head -c 1 "/mnt/tree/$(cat "$LP_DATA/first-byte-file")" >/dev/null || fail "first byte"
+t1=$(now_ms)
+echo "mount_to_first_byte_ms=$((t1 - t0))" | tee "$LP_OUT/first-byte"
+timeout 1200 "$LP_TESTKIT" manifest /mnt/tree >"$LP_OUT/manifest.tree" || fail "walking the tree"
+
+# 2. One small file of the 300 MB image.
+lp_mount big "$REG/lp/big:v1" /mnt/big --insecure || fail "mounting the big image"
+sha256sum /mnt/big/etc/small.txt | sed 's#  /mnt/big/#  #' >"$LP_OUT/big.sum" || fail "reading the small file"
+
+# 3. 64 concurrent readers over the same chunks, all cold.
+lp_mount conc "$REG/lp/conc:v1" /mnt/conc --insecure || fail "mounting the concurrency image"
+mkdir -p /run/lp/conc
+pids=()
+for i in $(seq 64); do
+	f=shared.bin
+	[ $((i % 4)) = 0 ] && f=other.bin
+	sha256sum "/mnt/conc/$f" >"/run/lp/conc/$i" &
+	pids+=($!)
+done
+wait_all 600 "${pids[@]}"
+cat /run/lp/conc/* | sed 's#  /mnt/conc/#  #' | sort | uniq -c | sed 's/^ *//' >"$LP_OUT/conc.sums"
+
+# 4. Authentication: none, wrong, right.
+lp_mount noauth "$AUTH/lp/private:v1" /mnt/auth --insecure && fail "mount without credentials succeeded"
+LAZYPULL_REGISTRY_USER=alice LAZYPULL_REGISTRY_PASSWORD=wrong \
+	lp_mount badauth "$AUTH/lp/private:v1" /mnt/auth --insecure && fail "mount with a wrong password succeeded"
+LAZYPULL_REGISTRY_USER=alice LAZYPULL_REGISTRY_PASSWORD=secret \
+	lp_mount auth "$AUTH/lp/private:v1" /mnt/auth --insecure || fail "mount with the right credentials failed"
+sha256sum /mnt/auth/secret.bin | sed 's#  /mnt/auth/#  #' >"$LP_OUT/auth.sum" || fail "reading through auth"
+
+"$LP_BIN" status --json >"$LP_OUT/status.json" || fail "lazypull status"
+for m in /mnt/tree /mnt/big /mnt/conc /mnt/auth; do
+	"$LP_BIN" umount "$m" || fail "lazypull umount $m"
+done
+daemon_alive || fail "daemon died"
+stop_daemon

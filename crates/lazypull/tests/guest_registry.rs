@@ -1,0 +1,543 @@
+//! Lazy pulling from a real OCI registry, against a real Linux 6.12 kernel.
+//!
+//! The host starts Debian's `docker-registry` twice on 127.0.0.1 (open, and with
+//! htpasswd auth), pushes images with `lazypull push`, and puts lazypull's
+//! logging, fault-injecting proxy (`lazypull-testkit`'s `Proxy`) in front of the
+//! open one; the guest reaches them at 10.0.2.2 through qemu's user network,
+//! runs the daemon, mounts by reference and reads (`tests/guest/registry*.sh`).
+//! The proxy's access log is the record of what crossed the network.
+//!
+//! These tests need root, qemu, the guest kernel and docker-registry; without
+//! them they fail with the reason — they never skip.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use lazypull_guest::{Disk, GuestConfig, GuestRun};
+use lazypull_testkit::proxy::{read_log, FaultSource, LogEntry, Proxy};
+use lazypull_testkit::registry::RegistryServer;
+
+static GUEST: Mutex<()> = Mutex::new(());
+
+const BIG_BYTES: usize = 300 << 20;
+
+struct Fixture {
+    root: PathBuf,
+    data: PathBuf,
+    kernel: PathBuf,
+    _open: RegistryServer,
+    _auth: RegistryServer,
+    auth_port: u16,
+    proxy: Proxy,
+    proxy_log: PathBuf,
+    faulty: Proxy,
+    faulty_log: PathBuf,
+    /// Corrupts every data fetch of the `doomed` image.
+    broken: Proxy,
+    /// Data blob digest → (image, stored size), for reading the proxy logs.
+    data_blobs: Vec<(String, String, u64)>,
+}
+
+fn stdout(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn write_random(path: &Path, len: usize, seed: u64) {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, v).unwrap();
+}
+
+fn testkit() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("lazypull-testkit");
+    assert!(
+        bin.exists(),
+        "{} not built: run the tests with `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+fn lazypull() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lazypull"))
+}
+
+/// Builds `src` with `lazypull build` (zstd) into `out` and pushes it as
+/// `addr/lp/NAME:v1`; returns the data blobs' (digest, stored digest, stored size).
+fn build_and_push(
+    src: &Path,
+    out: &Path,
+    addr: &str,
+    name: &str,
+    creds: Option<(&str, &str)>,
+) -> Vec<(String, String, u64)> {
+    stdout(
+        lazypull()
+            .arg("build")
+            .arg(src)
+            .arg("-o")
+            .arg(out)
+            .arg("--json"),
+    );
+    let mut push = lazypull();
+    push.arg("push")
+        .arg(out)
+        .arg(format!("{addr}/lp/{name}:v1"))
+        .arg("--json");
+    if let Some((u, p)) = creds {
+        push.env("LAZYPULL_REGISTRY_USER", u)
+            .env("LAZYPULL_REGISTRY_PASSWORD", p);
+    }
+    stdout(&mut push);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    manifest["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let d = d.as_str().unwrap().to_owned();
+            let data = out.join(format!("{d}.zst"));
+            let bytes = fs::read(&data).unwrap();
+            use sha2::Digest;
+            let stored = hex::encode(sha2::Sha256::digest(&bytes));
+            (d, stored, bytes.len() as u64)
+        })
+        .collect()
+}
+
+fn sums(dir: &Path, paths: &[String]) -> String {
+    let mut out = String::new();
+    for p in paths {
+        out.push_str(&stdout(Command::new("sha256sum").arg(p).current_dir(dir)));
+    }
+    out
+}
+
+fn is_root_line(line: &str) -> bool {
+    let path = line.split('\t').next().unwrap_or("");
+    path.is_empty() || path == "." || path == "/"
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        lazypull_guest::require_root().expect("guest tests need root");
+        let kernel = lazypull_guest::kernel().expect("guest kernel");
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest-registry");
+        let _ = fs::remove_dir_all(&root);
+        let open = RegistryServer::start(&root.join("registry-open"), None)
+            .expect("starting docker-registry");
+        let auth = RegistryServer::start(&root.join("registry-auth"), Some(("alice", "secret")))
+            .expect("starting docker-registry with htpasswd auth");
+        let reg = open.addr().to_string();
+        let data = root.join("data");
+        fs::create_dir_all(&data).unwrap();
+        let src = root.join("src");
+        let out = root.join("out");
+        let mut data_blobs = Vec::new();
+
+        // A realistic tree: the host's Perl library plus every EROFS feature.
+        let tree = src.join("tree");
+        stdout(Command::new("mkdir").arg("-p").arg(tree.join("usr/share")));
+        stdout(
+            Command::new("cp")
+                .args(["-a", "/usr/share/perl"])
+                .arg(tree.join("usr/share/perl")),
+        );
+        stdout(
+            Command::new(testkit())
+                .arg("make-tree")
+                .arg(tree.join("features"))
+                .args(["--seed", "11"]),
+        );
+        for (d, s, n) in build_and_push(&tree, &out.join("tree"), &reg, "tree", None) {
+            data_blobs.push((d, format!("tree:{s}"), n));
+        }
+        let private = src.join("private");
+        write_random(&private.join("secret.bin"), 1_500_000, 77);
+        fs::write(
+            data.join("auth.sum"),
+            sums(&private, &["secret.bin".into()]),
+        )
+        .unwrap();
+        build_and_push(
+            &private,
+            &out.join("private"),
+            &auth.addr().to_string(),
+            "private",
+            Some(("alice", "secret")),
+        );
+        let manifest = stdout(Command::new(testkit()).arg("manifest").arg(&tree));
+        let mut expected: Vec<&str> = manifest.lines().filter(|l| !is_root_line(l)).collect();
+        expected.sort_unstable();
+        fs::write(data.join("manifest.tree"), expected.join("\n") + "\n").unwrap();
+        let first = "usr/share/perl/5.36.0/strict.pm";
+        assert!(tree.join(first).is_file(), "{first} missing on the host");
+        fs::write(data.join("first-byte-file"), first).unwrap();
+        fs::write(data.join("first.sum"), sums(&tree, &[first.to_owned()])).unwrap();
+
+        // 300 MB of incompressible data and one small file.
+        let big = src.join("big");
+        for i in 0..3 {
+            write_random(
+                &big.join(format!("data/part{i}.bin")),
+                BIG_BYTES / 3,
+                100 + i,
+            );
+        }
+        fs::create_dir_all(big.join("etc")).unwrap();
+        fs::write(big.join("etc/small.txt"), "a small file in a big image\n").unwrap();
+        fs::write(data.join("big.sum"), sums(&big, &["etc/small.txt".into()])).unwrap();
+        for (d, s, n) in build_and_push(&big, &out.join("big"), &reg, "big", None) {
+            data_blobs.push((d, format!("big:{s}"), n));
+        }
+
+        // Two files for 64 concurrent readers.
+        let conc = src.join("conc");
+        write_random(&conc.join("shared.bin"), 6 << 20, 7);
+        write_random(&conc.join("other.bin"), 2 << 20, 8);
+        fs::write(
+            data.join("conc.sums"),
+            sums(&conc, &["shared.bin".into(), "other.bin".into()]),
+        )
+        .unwrap();
+        for (d, s, n) in build_and_push(&conc, &out.join("conc"), &reg, "conc", None) {
+            data_blobs.push((d, format!("conc:{s}"), n));
+        }
+
+        // Files of many sizes for the fault scenario.
+        let faults = src.join("faults");
+        let mut names = Vec::new();
+        for i in 0..24u64 {
+            let len = [3000, 70_000, 900_000, 1 << 20, 1_700_000, 3 << 20][(i % 6) as usize];
+            let name = format!("f{i:02}.bin");
+            write_random(&faults.join(&name), len, 1000 + i);
+            names.push(name);
+        }
+        fs::write(data.join("faults.sha256"), sums(&faults, &names)).unwrap();
+        let fault_blobs = build_and_push(&faults, &out.join("faults"), &reg, "faults", None);
+        let fault_data = fault_blobs[0].1.clone();
+        for (d, s, n) in fault_blobs {
+            data_blobs.push((d, format!("faults:{s}"), n));
+        }
+
+        // An image whose every data fetch comes back corrupted: reads must fail.
+        let doomed = src.join("doomed");
+        write_random(&doomed.join("file.bin"), 2 << 20, 4242);
+        let doomed_blobs = build_and_push(&doomed, &out.join("doomed"), &reg, "doomed", None);
+        let doomed_data = doomed_blobs[0].1.clone();
+
+        let proxy_log = root.join("proxy.log");
+        let proxy = Proxy::start(
+            open.addr(),
+            proxy_log.clone(),
+            FaultSource::Fixed(String::new()),
+        )
+        .expect("starting the proxy");
+        let faulty_log = root.join("faulty.log");
+        let faulty = Proxy::start(
+            open.addr(),
+            faulty_log.clone(),
+            FaultSource::Fixed(format!(
+                "5xx:5,reset:7,truncate:6,slow:11,corrupt:4,slow_ms:3000,only:{fault_data}"
+            )),
+        )
+        .expect("starting the faulty proxy");
+        let broken = Proxy::start(
+            open.addr(),
+            root.join("broken.log"),
+            FaultSource::Fixed(format!("corrupt:1,only:{doomed_data}")),
+        )
+        .expect("starting the corrupting proxy");
+        Fixture {
+            broken,
+            root,
+            data,
+            kernel,
+            auth_port: auth.addr().port(),
+            _open: open,
+            _auth: auth,
+            proxy,
+            proxy_log,
+            faulty,
+            faulty_log,
+            data_blobs,
+        }
+    })
+}
+
+/// Boots `scenario`; returns the run and the proxy log entries it caused.
+fn boot(scenario: &str) -> (GuestRun, Vec<LogEntry>) {
+    let fx = fixture();
+    let _one = GUEST.lock().unwrap_or_else(|p| p.into_inner());
+    let before = read_log(&fx.proxy_log).map(|l| l.len()).unwrap_or(0);
+    let scenarios = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest");
+    let empty = fx.root.join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    let cfg = GuestConfig::new(&fx.kernel)
+        .name(scenario)
+        .network()
+        .timeout(Duration::from_secs(1500))
+        .disk(Disk::Ext4From {
+            dir: empty,
+            extra_mib: 16,
+        })
+        .disk(Disk::EmptyExt4 { size_mib: 1024 })
+        .env("LP_BIN", env!("CARGO_BIN_EXE_lazypull"))
+        .env("LP_TESTKIT", testkit().to_str().unwrap())
+        .env("LP_DATA", fx.data.to_str().unwrap())
+        .env("LP_SCENARIOS", scenarios.to_str().unwrap())
+        .env("LP_PROXY_PORT", fx.proxy.addr().port().to_string())
+        .env("LP_FAULT_PORT", fx.faulty.addr().port().to_string())
+        .env("LP_BROKEN_PORT", fx.broken.addr().port().to_string())
+        .env("LP_AUTH_PORT", fx.auth_port.to_string())
+        .env("LP_LOG_LEVEL", "info");
+    let run = lazypull_guest::run(&scenarios.join(format!("{scenario}.sh")), &cfg)
+        .unwrap_or_else(|e| panic!("guest run of {scenario}: {e:#}"));
+    println!("--- {scenario}: guest log ---\n{}", run.log);
+    if let Ok(log) = run.read_out("daemon.log") {
+        println!("--- {scenario}: daemon log tail ---");
+        println!("{}", lazypull_guest::tail_lines(&log, 40));
+    }
+    assert_eq!(run.status, 0, "scenario {scenario} failed:\n{}", run.log);
+    assert_eq!(
+        run.read_out("daemon.exit").unwrap().trim(),
+        "0",
+        "daemon exit status"
+    );
+    let log = read_log(&fx.proxy_log).unwrap_or_default();
+    (run, log.into_iter().skip(before).collect())
+}
+
+/// Proxy log entries for the stored data of the image tagged `image`.
+fn data_requests<'a>(fx: &Fixture, log: &'a [LogEntry], image: &str) -> (Vec<&'a LogEntry>, u64) {
+    let (_, tagged, stored) = fx
+        .data_blobs
+        .iter()
+        .find(|(_, s, _)| s.starts_with(&format!("{image}:")))
+        .unwrap_or_else(|| panic!("no data blob for {image}"));
+    let digest = tagged.split_once(':').unwrap().1;
+    let entries = log.iter().filter(|e| e.path.contains(digest)).collect();
+    (entries, *stored)
+}
+
+#[test]
+fn mounts_by_reference_and_fetches_only_what_is_read() {
+    let (run, log) = boot("registry");
+    let fx = fixture();
+
+    // The realistic tree, byte-exact.
+    let want = fs::read_to_string(fx.data.join("manifest.tree")).unwrap();
+    let got = run.read_out("manifest.tree").unwrap();
+    let mut got: Vec<&str> = got.lines().filter(|l| !is_root_line(l)).collect();
+    got.sort_unstable();
+    let want: Vec<&str> = want.lines().collect();
+    let diff: Vec<String> = want
+        .iter()
+        .zip(&got)
+        .filter(|(w, g)| w != g)
+        .take(10)
+        .map(|(w, g)| format!("want {w}\n got {g}"))
+        .collect();
+    assert!(
+        diff.is_empty() && want.len() == got.len(),
+        "mounted tree differs from its source ({} vs {} entries):\n{}",
+        got.len(),
+        want.len(),
+        diff.join("\n")
+    );
+    assert!(
+        want.len() > 1000,
+        "a realistic tree has thousands of entries"
+    );
+
+    // Data blobs are only ever fetched by Range, and nothing is fetched twice.
+    for image in ["tree", "big", "conc"] {
+        let (reqs, stored) = data_requests(fx, &log, image);
+        assert!(!reqs.is_empty(), "{image}: no data requests at all");
+        let mut ranges = Vec::new();
+        for e in &reqs {
+            assert_eq!(e.method, "GET", "{image}: {e:?}");
+            assert!(
+                e.range.is_some(),
+                "{image}: a data request without Range: {e:?}"
+            );
+            assert_eq!(e.status, 206, "{image}: {e:?}");
+            ranges.push(e.range.clone().unwrap());
+        }
+        let n = ranges.len();
+        ranges.sort();
+        ranges.dedup();
+        assert_eq!(ranges.len(), n, "{image}: a range was fetched twice");
+        let moved: u64 = reqs.iter().map(|e| e.bytes).sum();
+        println!(
+            "{image}: {n} range requests moved {moved} of {stored} stored bytes ({:.2}%)",
+            moved as f64 * 100.0 / stored as f64
+        );
+        assert!(moved <= stored, "{image}: more bytes moved than stored");
+        if image == "big" {
+            assert!(
+                moved * 100 < stored,
+                "reading one small file of a 300 MB image moved {moved} bytes (over 1%)"
+            );
+            assert_eq!(
+                run.read_out("big.sum").unwrap(),
+                fs::read_to_string(fx.data.join("big.sum")).unwrap()
+            );
+        }
+        if image == "conc" {
+            // Every unit of the two files read by 64 readers came over once.
+            assert_eq!(
+                moved, stored,
+                "conc: the whole image is read, each byte once"
+            );
+        }
+    }
+    // Mount fetched the meta blob and tables once per image: no whole-blob GET
+    // repeats.
+    let mut whole: Vec<&str> = log
+        .iter()
+        .filter(|e| e.range.is_none() && e.path.contains("/blobs/"))
+        .map(|e| e.path.as_str())
+        .collect();
+    let n = whole.len();
+    whole.sort_unstable();
+    whole.dedup();
+    assert_eq!(whole.len(), n, "a whole blob was fetched twice");
+
+    let want_conc = fs::read_to_string(fx.data.join("conc.sums")).unwrap();
+    let got_conc = run.read_out("conc.sums").unwrap();
+    for line in want_conc.lines() {
+        let (sum, name) = line.split_once("  ").unwrap();
+        let count = if name == "shared.bin" { 48 } else { 16 };
+        assert!(
+            got_conc.contains(&format!("{count} {sum}  {name}")),
+            "64 concurrent readers: want {count} x {name} {sum}, got:\n{got_conc}"
+        );
+    }
+
+    // Authentication.
+    let noauth = run.read_out("mount-noauth.err").unwrap();
+    assert!(
+        noauth.contains("requires authentication") || noauth.contains("credentials"),
+        "no credentials must be a clear error: {noauth}"
+    );
+    let badauth = run.read_out("mount-badauth.err").unwrap();
+    assert!(
+        badauth.to_lowercase().contains("rejected") || badauth.contains("credentials"),
+        "a wrong password must be a clear error: {badauth}"
+    );
+    assert_eq!(
+        run.read_out("auth.sum").unwrap(),
+        fs::read_to_string(fx.data.join("auth.sum")).unwrap()
+    );
+
+    let mount: serde_json::Value =
+        serde_json::from_str(&run.read_out("mount-big.json").unwrap()).unwrap();
+    println!(
+        "big image mount: fetched {} bytes to mount {} bytes of data, {:.0} ms",
+        mount["fetched_bytes"], mount["data_bytes"], mount["mount_ms"]
+    );
+    assert!(mount["fetched_bytes"].as_u64().unwrap() < 1 << 20);
+    println!("{}", run.read_out("first-byte").unwrap().trim());
+    let status: serde_json::Value =
+        serde_json::from_str(&run.read_out("status.json").unwrap()).unwrap();
+    assert_eq!(status["fetch"]["verify_failures"], 0, "{status}");
+    assert_eq!(status["transport"]["read_failures"], 0, "{status}");
+    assert!(
+        status["fetch"]["dedup_waits"].as_u64().unwrap() > 0
+            || status["transport"]["windows_overlapped"].as_u64().unwrap() > 0,
+        "64 readers of the same chunks must have met in flight: {status}"
+    );
+}
+
+#[test]
+fn faults_give_right_bytes_or_eio_never_wrong_bytes() {
+    let (run, _) = boot("registry_faults");
+    let fx = fixture();
+    let want = fs::read_to_string(fx.data.join("faults.sha256")).unwrap();
+    let mut ok = 0;
+    let mut eio = 0;
+    for pass in ["faults.results", "faults.results2"] {
+        let got = run.read_out(pass).unwrap();
+        assert_eq!(
+            got.lines().count(),
+            want.lines().count(),
+            "{pass}: every file tried"
+        );
+        for (w, g) in want.lines().zip(got.lines()) {
+            let (sum, path) = w.split_once("  ").unwrap();
+            assert!(g.starts_with(&format!("{path} ")), "{g}");
+            if g.contains(" rc=0 ") {
+                assert!(
+                    g.contains(&format!("got={sum} ")),
+                    "{pass}: WRONG BYTES for {path}: {g}"
+                );
+                ok += 1;
+            } else {
+                assert!(
+                    g.contains("Input/output error"),
+                    "{pass}: a failed read must be EIO: {g}"
+                );
+                eio += 1;
+            }
+        }
+    }
+    let log = read_log(&fx.faulty_log).unwrap();
+    let mut kinds = std::collections::BTreeMap::new();
+    for e in &log {
+        *kinds.entry(format!("{:?}", e.fault)).or_insert(0) += 1;
+    }
+    println!("fault scenario: {ok} reads right, {eio} EIO; proxy faults injected: {kinds:?}");
+    for kind in ["ServerError", "Reset", "Truncate", "Slow", "Corrupt"] {
+        assert!(
+            kinds.contains_key(kind),
+            "fault {kind} never injected: {kinds:?}"
+        );
+    }
+    assert!(ok > 0, "retries must let some reads through");
+    let status: serde_json::Value =
+        serde_json::from_str(&run.read_out("status.json").unwrap()).unwrap();
+    println!("status after faults: {}", status["fetch"]);
+    assert!(
+        status["fetch"]["verify_failures"].as_u64().unwrap() > 0,
+        "corrupted bodies must be caught by verification: {status}"
+    );
+    let doomed = run.read_out("doomed.result").unwrap();
+    assert!(
+        doomed.contains("rc=1") && doomed.contains("Input/output error"),
+        "a blob whose every fetch is corrupt must read as EIO: {doomed}"
+    );
+    let healthy = run.read_out("healthy.sum").unwrap();
+    let want_conc = fs::read_to_string(fx.data.join("conc.sums")).unwrap();
+    assert!(
+        want_conc.contains(healthy.trim()),
+        "the healthy image read wrong: {healthy}"
+    );
+}

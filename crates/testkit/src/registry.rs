@@ -1,0 +1,142 @@
+//! A real OCI registry for tests: Debian's `docker-registry` (CNCF
+//! distribution) started on 127.0.0.1 with its storage in a directory, with
+//! or without htpasswd authentication, stopped when dropped.
+//!
+//! A missing binary is an error that says how to install it: tests using this
+//! fail loudly rather than skip.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `docker-registry`.
+pub struct RegistryServer {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+fn find(binary: &str, package: &str) -> io::Result<PathBuf> {
+    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(binary);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{binary} is not installed: run scripts/setup.sh (apt-get install {package})"),
+    ))
+}
+
+impl RegistryServer {
+    /// Starts a registry storing its data under `dir`, on a free port of
+    /// 127.0.0.1; with `auth`, every request needs that user and password
+    /// (htpasswd, bcrypt).
+    pub fn start(dir: &Path, auth: Option<(&str, &str)>) -> io::Result<RegistryServer> {
+        let binary = find("docker-registry", "docker-registry")?;
+        std::fs::create_dir_all(dir.join("data"))?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            dir.join("data").display()
+        );
+        if let Some((user, password)) = auth {
+            let htpasswd = dir.join("htpasswd");
+            let status = Command::new(find("htpasswd", "apache2-utils")?)
+                .arg("-Bbc")
+                .arg(&htpasswd)
+                .args([user, password])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?;
+            if !status.success() {
+                return Err(io::Error::other(format!("htpasswd failed: {status}")));
+            }
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: lazypull-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        let config_path = dir.join("config.yml");
+        std::fs::write(&config_path, config)?;
+        let log = dir.join("registry.log");
+        let child = Command::new(binary)
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.join("registry.stdout"))?)
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let mut server = RegistryServer { child, addr, log };
+        server.wait_ready(Duration::from_secs(20))?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> io::Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "docker-registry exited with {status} during start: {}",
+                    tail(&self.log)
+                )));
+            }
+            if let Ok(status) = get_status(self.addr, "/v2/") {
+                if status == 200 || status == 401 {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "docker-registry did not answer within {limit:?}: {}",
+                tail(&self.log)
+            ),
+        ))
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The registry's own log (stderr: request and access lines).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for RegistryServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+/// Status code of a plain `GET path` (HTTP/1.0, no keep-alive).
+pub fn get_status(addr: SocketAddr, path: &str) -> io::Result<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    let text = String::from_utf8_lossy(&head);
+    text.get(9..12).and_then(|c| c.parse().ok()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad status line {text:?}"),
+        )
+    })
+}
