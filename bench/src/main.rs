@@ -6,11 +6,16 @@
 //! same image cold through lazypull over cachefiles and through a plain file-backed
 //! EROFS mount of the same meta and data blobs (the limit: no daemon at all).
 //!
+//! `registry`: the same image read cold from the registry on the host's loopback
+//! (Debian's docker-registry, reached from the guest through qemu's user network)
+//! and from the local blob directory, through lazypull in the same boot; backend
+//! requests per MB read; time from `lazypull mount` to a file's first byte.
+//!
 //! `build`: `lazypull build` against Debian's `mkfs.erofs` on the same ~500 MB tree
 //! (wall time, peak RSS), and the deduplication of two overlapping layers.
 //!
 //! Run: `cargo build --release -p lazypull -p lazypull-bench && target/release/lazypull-bench cachefiles`
-//! (or `... build`).
+//! (or `... registry`, `... build`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -43,6 +48,15 @@ enum Bench {
         #[arg(long, default_value = "target/bench-cachefiles")]
         work: PathBuf,
     },
+    /// Cold reads of an image from the loopback registry vs. the local blob dir, in the guest.
+    Registry {
+        /// Rounds (each reads the big file and the small files both ways).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Work directory (rebuilt).
+        #[arg(long, default_value = "target/bench-registry")]
+        work: PathBuf,
+    },
     /// Image build throughput and memory vs. mkfs.erofs; dedup of overlapping layers.
     Build {
         /// Rounds per builder.
@@ -67,6 +81,7 @@ fn main() -> Result<()> {
             fill_window,
             work,
         } => cachefiles(rounds, &fill_window, &work),
+        Bench::Registry { rounds, work } => registry(rounds, &work),
         Bench::Build { rounds, work } => build_bench(rounds, &work),
         Bench::Measure { command } => measure(&command),
     }
@@ -489,6 +504,152 @@ fn report(results: &str, rounds: u32, fill_window: &str, files: usize) -> Result
         "Daemon peak RSS (VmHWM, max over runs): {:.1} MB; daemon start → cache bound (median): {:.0} ms.",
         rss.iter().cloned().fold(0.0, f64::max) / 1024.0,
         median(&mut start)
+    );
+    Ok(())
+}
+
+/// The reference tree of `cachefiles`, built with `lazypull build` (zstd), pushed
+/// to a registry on 127.0.0.1 and also given to the guest as a local blob dir.
+fn registry(rounds: u32, work: &Path) -> Result<()> {
+    lazypull_guest::require_root()?;
+    let lazypull = sibling("lazypull")?;
+    let kernel = lazypull_guest::kernel()?;
+    let _ = fs::remove_dir_all(work);
+    let tree = work.join("tree");
+    fs::create_dir_all(&tree)?;
+    for src in ["/usr/lib/python3.11", "/usr/share/perl"] {
+        let dst = tree.join(src.trim_start_matches('/'));
+        fs::create_dir_all(dst.parent().unwrap())?;
+        let st = Command::new("cp").arg("-a").arg(src).arg(&dst).status()?;
+        if !st.success() {
+            bail!("copying {src}");
+        }
+    }
+    write_random(&tree.join("big.bin"), 256 << 20, 42)?;
+    let out = work.join("image");
+    let st = Command::new(&lazypull)
+        .arg("build")
+        .arg(&tree)
+        .arg("-o")
+        .arg(&out)
+        .arg("--json")
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("lazypull build failed");
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("manifest.json"))?)?;
+    let meta = manifest["meta"].as_str().context("manifest meta")?.to_owned();
+    let server = lazypull_testkit::registry::RegistryServer::start(&work.join("registry"), None)?;
+    let st = Command::new(&lazypull)
+        .arg("push")
+        .arg(&out)
+        .arg(format!("{}/bench/tree:v1", server.addr()))
+        .arg("--json")
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("lazypull push failed");
+    }
+    let info = work.join("info");
+    fs::create_dir_all(&info)?;
+    fs::write(info.join("meta"), &meta)?;
+    fs::write(info.join("ref"), "bench/tree:v1")?;
+    fs::write(info.join("first"), "usr/share/perl/5.36.0/strict.pm")?;
+    let files = walk_count(&tree)?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-registry.sh");
+    let cfg = GuestConfig::new(&kernel)
+        .name("bench-registry")
+        .network()
+        .timeout(Duration::from_secs(3600))
+        .disk(Disk::Ext4From {
+            dir: out.clone(),
+            extra_mib: 64,
+        })
+        .disk(Disk::EmptyExt4 { size_mib: 2048 })
+        .env("LP_BIN", lazypull.to_str().unwrap())
+        .env("LP_BENCH", fs::canonicalize(&info)?.to_str().unwrap())
+        .env("ROUNDS", rounds.to_string())
+        .env("REG", format!("10.0.2.2:{}", server.addr().port()));
+    let run = lazypull_guest::run(&script, &cfg)?;
+    if run.status != 0 {
+        bail!("bench scenario failed:\n{}", run.log);
+    }
+    report_registry(&run.read_out("results")?, rounds, files)
+}
+
+fn report_registry(results: &str, rounds: u32, files: usize) -> Result<()> {
+    // (kind, what) -> round -> (ms, first_ms, requests, bytes)
+    let mut rows: BTreeMap<(String, String), BTreeMap<u32, [f64; 4]>> = BTreeMap::new();
+    for line in results.lines() {
+        let kv: BTreeMap<&str, &str> = line
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .collect();
+        let num = |k: &str| -> Result<f64> {
+            kv.get(k)
+                .with_context(|| format!("{k} missing in {line:?}"))?
+                .parse::<f64>()
+                .with_context(|| format!("{k} in {line:?}"))
+        };
+        rows.entry((kv["kind"].into(), kv["what"].into()))
+            .or_default()
+            .insert(
+                num("round")? as u32,
+                [num("ms")?, num("first_ms")?, num("requests")?, num("bytes")?],
+            );
+    }
+    println!("## registry vs local blob dir, cold reads in the 6.12 guest (qemu TCG, 2 vCPU)");
+    println!();
+    println!(
+        "{rounds} rounds, tree of {files} files (python3.11 + perl libraries + one 256 MiB incompressible file), \
+         zstd stored form. Ratio = registry time / local-dir time in the same round; median over rounds. \
+         The registry is Debian's docker-registry on the host's 127.0.0.1, reached through qemu's user network."
+    );
+    println!();
+    println!("| step | local dir (median ms) | registry (median ms) | ratio (median) | ratios per round | registry requests per MB read |");
+    println!("|---|---|---|---|---|---|");
+    let mut first_local = Vec::new();
+    let mut first_reg = Vec::new();
+    for (what, label) in [
+        ("big", "read the 256 MiB file, cold"),
+        ("small", "read every small file, cold"),
+    ] {
+        let local = rows
+            .get(&("local".into(), what.into()))
+            .context("no local results")?;
+        let reg = rows
+            .get(&("registry".into(), what.into()))
+            .context("no registry results")?;
+        let mut ratios: Vec<f64> = reg
+            .iter()
+            .filter_map(|(r, d)| local.get(r).map(|l| d[0] / l[0]))
+            .collect();
+        let per_round: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        let mut l: Vec<f64> = local.values().map(|v| v[0]).collect();
+        let mut d: Vec<f64> = reg.values().map(|v| v[0]).collect();
+        let mut per_mb: Vec<f64> = reg
+            .values()
+            .map(|v| v[2] / (v[3] / (1u64 << 20) as f64).max(1e-9))
+            .collect();
+        first_local.extend(local.values().map(|v| v[1]));
+        first_reg.extend(reg.values().map(|v| v[1]));
+        println!(
+            "| {label} | {:.0} | {:.0} | **{:.2}×** | {} | {:.2} |",
+            median(&mut l),
+            median(&mut d),
+            median(&mut ratios),
+            per_round.join(", "),
+            median(&mut per_mb)
+        );
+    }
+    println!();
+    println!(
+        "Time from mount to the first byte of a small file (median): `lazypull mount` from the registry {:.0} ms \
+         (CLI start, manifest + config + meta blob + chunk tables, mount(2), one READ) vs. plain `mount -t erofs` of the local dir {:.0} ms.",
+        median(&mut first_reg),
+        median(&mut first_local)
     );
     Ok(())
 }

@@ -205,10 +205,11 @@ fn fixture() -> &'static Fixture {
         // 300 MB of incompressible data and one small file.
         let big = src.join("big");
         for i in 0..3 {
+            // Odd seeds: the generator ORs in the low bit, so 100 and 101 would repeat.
             write_random(
                 &big.join(format!("data/part{i}.bin")),
                 BIG_BYTES / 3,
-                100 + i,
+                1001 + 2 * i,
             );
         }
         fs::create_dir_all(big.join("etc")).unwrap();
@@ -230,6 +231,28 @@ fn fixture() -> &'static Fixture {
         for (d, s, n) in build_and_push(&conc, &out.join("conc"), &reg, "conc", None) {
             data_blobs.push((d, format!("conc:{s}"), n));
         }
+
+        // Prefetch: a whole image, and one file of another by list.
+        for name in ["pall", "plist"] {
+            let dir = src.join(name);
+            write_random(&dir.join("a.bin"), 2 << 20, 501 + 2 * name.len() as u64);
+            write_random(
+                &dir.join("b.bin"),
+                (2 << 20) + 777,
+                601 + 2 * name.len() as u64,
+            );
+            fs::write(
+                data.join(format!("{name}.sums")),
+                sums(&dir, &["a.bin".into(), "b.bin".into()]),
+            )
+            .unwrap();
+            build_and_push(&dir, &out.join(name), &reg, name, None);
+        }
+        fs::write(
+            data.join("plist.txt"),
+            "# most wanted first\n/b.bin\n/nonexistent\n",
+        )
+        .unwrap();
 
         // Files of many sizes for the fault scenario.
         let faults = src.join("faults");
@@ -403,6 +426,10 @@ fn mounts_by_reference_and_fetches_only_what_is_read() {
         assert!(moved <= stored, "{image}: more bytes moved than stored");
         if image == "big" {
             assert!(
+                stored >= BIG_BYTES as u64,
+                "the big image stores {stored} bytes"
+            );
+            assert!(
                 moved * 100 < stored,
                 "reading one small file of a 300 MB image moved {moved} bytes (over 1%)"
             );
@@ -441,6 +468,41 @@ fn mounts_by_reference_and_fetches_only_what_is_read() {
             "64 concurrent readers: want {count} x {name} {sum}, got:\n{got_conc}"
         );
     }
+
+    // Prefetch: after it finished, reading what it fetched costs no request.
+    let requests = |name: &str| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&run.read_out(name).unwrap()).unwrap();
+        v["fetch"]["range_requests"].as_u64().unwrap()
+    };
+    assert_eq!(
+        run.read_out("pall.sums").unwrap(),
+        fs::read_to_string(fx.data.join("pall.sums")).unwrap()
+    );
+    assert_eq!(
+        requests("pall-0.json"),
+        requests("pall-1.json"),
+        "reading a fully prefetched image fetched more"
+    );
+    let want = fs::read_to_string(fx.data.join("plist.sums")).unwrap();
+    let mut want: Vec<&str> = want.lines().collect();
+    want.reverse();
+    assert_eq!(run.read_out("plist.sums").unwrap(), want.join("\n") + "\n");
+    assert_eq!(
+        requests("plist-0.json"),
+        requests("plist-1.json"),
+        "the listed file was not prefetched"
+    );
+    assert!(
+        requests("plist-2.json") > requests("plist-1.json"),
+        "the unlisted file must not have been prefetched"
+    );
+    let p: serde_json::Value =
+        serde_json::from_str(&run.read_out("plist-0.json").unwrap()).unwrap();
+    assert!(
+        p["transport"]["prefetched_bytes"].as_u64().unwrap() >= 4 << 20,
+        "{p}"
+    );
+    assert!(p["fetch"]["background_units"].as_u64().unwrap() > 0, "{p}");
 
     // Authentication.
     let noauth = run.read_out("mount-noauth.err").unwrap();

@@ -44,8 +44,30 @@ LAZYPULL_REGISTRY_USER=alice LAZYPULL_REGISTRY_PASSWORD=secret \
 	lp_mount auth "$AUTH/lp/private:v1" /mnt/auth --insecure || fail "mount with the right credentials failed"
 sha256sum /mnt/auth/secret.bin | sed 's#  /mnt/auth/#  #' >"$LP_OUT/auth.sum" || fail "reading through auth"
 
+# 5. Prefetch: the whole image, then a list of files.
+prefetched() { # N: waits until N prefetches have finished
+	local i
+	for i in $(seq 600); do
+		[ "$(grep -c "prefetch finished" "$LOG")" -ge "$1" ] && return 0
+		sleep 0.1
+	done
+	fail "prefetch did not finish"
+}
+lp_mount pall "$REG/lp/pall:v1" /mnt/pall --insecure --prefetch-all || fail "mounting with --prefetch-all"
+prefetched 1
+"$LP_BIN" status --json >"$LP_OUT/pall-0.json"
+(cd /mnt/pall && sha256sum a.bin b.bin) >"$LP_OUT/pall.sums" || fail "reading the prefetched image"
+"$LP_BIN" status --json >"$LP_OUT/pall-1.json"
+lp_mount plist "$REG/lp/plist:v1" /mnt/plist --insecure --prefetch-list "$LP_DATA/plist.txt" || fail "mounting with --prefetch-list"
+prefetched 2
+"$LP_BIN" status --json >"$LP_OUT/plist-0.json"
+(cd /mnt/plist && sha256sum b.bin) >"$LP_OUT/plist.sums" || fail "reading the listed file"
+"$LP_BIN" status --json >"$LP_OUT/plist-1.json"
+(cd /mnt/plist && sha256sum a.bin) >>"$LP_OUT/plist.sums" || fail "reading the unlisted file"
+"$LP_BIN" status --json >"$LP_OUT/plist-2.json"
+
 "$LP_BIN" status --json >"$LP_OUT/status.json" || fail "lazypull status"
-for m in /mnt/tree /mnt/big /mnt/conc /mnt/auth; do
+for m in /mnt/tree /mnt/big /mnt/conc /mnt/auth /mnt/pall /mnt/plist; do
 	"$LP_BIN" umount "$m" || fail "lazypull umount $m"
 done
 daemon_alive || fail "daemon died"
