@@ -540,7 +540,10 @@ fn registry(rounds: u32, work: &Path) -> Result<()> {
     }
     let manifest: serde_json::Value =
         serde_json::from_slice(&fs::read(out.join("manifest.json"))?)?;
-    let meta = manifest["meta"].as_str().context("manifest meta")?.to_owned();
+    let meta = manifest["meta"]
+        .as_str()
+        .context("manifest meta")?
+        .to_owned();
     let server = lazypull_testkit::registry::RegistryServer::start(&work.join("registry"), None)?;
     let st = Command::new(&lazypull)
         .arg("push")
@@ -597,7 +600,12 @@ fn report_registry(results: &str, rounds: u32, files: usize) -> Result<()> {
             .or_default()
             .insert(
                 num("round")? as u32,
-                [num("ms")?, num("first_ms")?, num("requests")?, num("bytes")?],
+                [
+                    num("ms")?,
+                    num("first_ms")?,
+                    num("requests")?,
+                    num("bytes")?,
+                ],
             );
     }
     println!("## registry vs local blob dir, cold reads in the 6.12 guest (qemu TCG, 2 vCPU)");

@@ -92,6 +92,45 @@ impl<T: RangeRead + ?Sized> RangeRead for Arc<T> {
     }
 }
 
+/// A plain (uncompressed, unchunked) blob whose bytes come through a
+/// [`RangeRead`], such as an [`HttpBlob`]: a [`BlobSource`] of known size.
+#[derive(Debug)]
+pub struct RangeBlob {
+    name: String,
+    size: u64,
+    reader: Arc<dyn RangeRead>,
+}
+
+impl RangeBlob {
+    pub fn new(name: impl Into<String>, size: u64, reader: Arc<dyn RangeRead>) -> Self {
+        RangeBlob {
+            name: name.into(),
+            size,
+            reader,
+        }
+    }
+}
+
+impl BlobSource for RangeBlob {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        let end = off.saturating_add(buf.len() as u64).min(self.size);
+        if off >= end {
+            return Ok(0);
+        }
+        let n = (end - off) as usize;
+        self.reader.read_exact_at(&mut buf[..n], off)?;
+        Ok(n)
+    }
+}
+
 /// Why a blob could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {

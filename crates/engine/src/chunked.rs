@@ -39,6 +39,10 @@ pub struct FetchOptions {
     pub max_merge: u64,
     /// Verified units kept per blob, in uncompressed bytes.
     pub cache_bytes: usize,
+    /// On sequential access (a request starting where the previous one of the
+    /// blob ended), also fetch up to this many stored bytes of the units that
+    /// follow, in the same range request; 0 turns read-ahead off.
+    pub readahead: u64,
 }
 
 impl Default for FetchOptions {
@@ -46,6 +50,7 @@ impl Default for FetchOptions {
         FetchOptions {
             max_merge: 4 << 20,
             cache_bytes: 8 << 20,
+            readahead: 3 << 20,
         }
     }
 }
@@ -69,6 +74,8 @@ pub struct FetchStats {
     pub fetch_failures: AtomicU64,
     /// Units fetched at background priority (prefetch).
     pub background_units: AtomicU64,
+    /// Units fetched ahead of a sequential reader.
+    pub readahead_units: AtomicU64,
 }
 
 /// A plain copy of [`FetchStats`].
@@ -82,6 +89,7 @@ pub struct FetchStatsSnapshot {
     pub verify_failures: u64,
     pub fetch_failures: u64,
     pub background_units: u64,
+    pub readahead_units: u64,
 }
 
 impl FetchStats {
@@ -96,6 +104,7 @@ impl FetchStats {
             verify_failures: l(&self.verify_failures),
             fetch_failures: l(&self.fetch_failures),
             background_units: l(&self.background_units),
+            readahead_units: l(&self.readahead_units),
         }
     }
 }
@@ -244,6 +253,9 @@ impl UnitCache {
 struct State {
     inflight: HashMap<u64, Arc<Slot>>,
     cache: UnitCache,
+    /// One past the last unit of the previous foreground request: a request
+    /// starting there is sequential.
+    next_sequential: u64,
 }
 
 /// Units this caller claimed: resolved as they are fetched, and on drop any
@@ -352,12 +364,42 @@ impl ChunkedBlob {
                     claims.pending.push((index, slot));
                 }
             }
+            if priority == Priority::Foreground {
+                let sequential = first == st.next_sequential && first > 0;
+                st.next_sequential = last + 1;
+                // Read ahead only when this request fetches its own last unit, so
+                // the extra units ride in the same range request.
+                if sequential && claims.pending.last().is_some_and(|(i, _)| *i == last) {
+                    let mut budget = self.ctx.options.readahead;
+                    let mut index = last + 1;
+                    while let Some(e) = self.table.unit(index) {
+                        let len = u64::from(e.stored_len);
+                        if len > budget
+                            || st.cache.units.contains_key(&index)
+                            || st.inflight.contains_key(&index)
+                        {
+                            break;
+                        }
+                        budget -= len;
+                        let slot = Arc::new(Slot::default());
+                        st.inflight.insert(index, slot.clone());
+                        claims.pending.push((index, slot));
+                        bump(&self.ctx.stats.readahead_units, 1);
+                        index += 1;
+                    }
+                }
+            }
         }
         let mut first_error: Option<io::Error> = None;
         let mine: Vec<u64> = claims.pending.iter().map(|(i, _)| *i).collect();
         for run in self.runs(&mine) {
             let results = self.fetch_run(run, priority);
             for (index, result) in run.iter().copied().zip(results) {
+                if index > last {
+                    // Read ahead: only the cache and other waiters want it.
+                    claims.resolve(index, result);
+                    continue;
+                }
                 if let Ok(unit) = &result {
                     out[(index - first) as usize] = Some(unit.clone());
                 } else if first_error.is_none() {
@@ -638,6 +680,7 @@ mod tests {
             FetchOptions {
                 max_merge: 1 << 30,
                 cache_bytes: 16 << 20,
+                readahead: 0,
             },
         );
         blob.ensure(0, data.len() as u64, Priority::Foreground)
@@ -657,6 +700,7 @@ mod tests {
             FetchOptions {
                 max_merge: 1,
                 cache_bytes: 16 << 20,
+                readahead: 0,
             },
         );
         assert_eq!(read(&blob, 0, data.len()).unwrap(), data);
@@ -672,12 +716,58 @@ mod tests {
     }
 
     #[test]
+    fn sequential_reads_fetch_ahead_in_one_request() {
+        let (data, remote, blob) = fixture(
+            8,
+            FetchOptions {
+                max_merge: 1 << 30,
+                cache_bytes: 16 << 20,
+                readahead: 1 << 30,
+            },
+        );
+        let unit = 64 << 10;
+        for k in 0..8 {
+            let len = unit.min(data.len() - k * unit);
+            assert_eq!(
+                read(&blob, (k * unit) as u64, len).unwrap(),
+                &data[k * unit..k * unit + len]
+            );
+        }
+        // Unit 0 alone (not yet sequential), then unit 1 with 2..=7 read ahead.
+        assert_eq!(
+            remote.log.lock().unwrap().len(),
+            2,
+            "{:?}",
+            remote.log.lock().unwrap()
+        );
+        let stats = blob.ctx.stats.snapshot();
+        assert_eq!(stats.readahead_units, 6);
+        assert_eq!(stats.cache_hits, 6);
+
+        // Random access never reads ahead.
+        let (_, remote, blob) = fixture(
+            8,
+            FetchOptions {
+                max_merge: 1 << 30,
+                cache_bytes: 16 << 20,
+                readahead: 1 << 30,
+            },
+        );
+        for k in [5u64, 2, 7, 0] {
+            read(&blob, k * unit as u64, 10).unwrap();
+        }
+        assert_eq!(remote.log.lock().unwrap().len(), 4);
+        assert_eq!(blob.ctx.stats.snapshot().readahead_units, 0);
+    }
+
+    #[test]
     fn concurrent_readers_of_the_same_units_fetch_each_once() {
         let (data, remote, blob) = fixture(
             4,
             FetchOptions {
                 max_merge: 1,
                 cache_bytes: 0,
+                readahead: 0,
             },
         );
         remote.delay_ms.store(100, Ordering::Relaxed);

@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use lazypull_backend::registry::{
     docker_config_credentials, ClientOptions, Credentials, Reference, Registry,
 };
-use lazypull_backend::{BlobSource, LocalDir, OpenError, RangeRead};
+use lazypull_backend::{BlobSource, HttpBlob, LocalDir, OpenError, RangeBlob, RangeRead};
 use lazypull_blob::oci::{ImageConfig, Manifest};
 use lazypull_blob::ChunkTable;
 use lazypull_engine::{ChunkedBlob, FetchContext};
@@ -89,6 +89,8 @@ pub struct RemoteSettings {
 pub struct Catalog {
     work_dir: PathBuf,
     blob_dir: Option<LocalDir>,
+    /// Base URL of a blob directory served over HTTP(S) (Range support needed).
+    blob_url: Option<String>,
     fetch: Arc<FetchContext>,
     remote: RemoteSettings,
     state: Mutex<State>,
@@ -98,12 +100,14 @@ impl Catalog {
     pub fn new(
         work_dir: PathBuf,
         blob_dir: Option<PathBuf>,
+        blob_url: Option<String>,
         fetch: Arc<FetchContext>,
         remote: RemoteSettings,
     ) -> Self {
         Catalog {
             work_dir,
             blob_dir: blob_dir.map(LocalDir::new),
+            blob_url: blob_url.map(|u| u.trim_end_matches('/').to_owned()),
             fetch,
             remote,
             state: Mutex::default(),
@@ -119,7 +123,8 @@ impl Catalog {
     }
 
     /// The blob the kernel names `cookie`: a registered data or meta blob, else
-    /// a blob in the local blob dir (stored form first, then a plain file).
+    /// one under the blob URL, else one in the local blob dir (stored form
+    /// first, then a plain file, in both places).
     pub fn resolve(&self, cookie: &[u8]) -> Result<Arc<dyn BlobSource>, OpenError> {
         let name = lazypull_backend::validate_name(cookie)?;
         {
@@ -130,6 +135,12 @@ impl Catalog {
             if let Some(path) = st.metas.get(name) {
                 let dir = LocalDir::new(path.parent().unwrap_or(Path::new("/")));
                 return Ok(dir.open(cookie)?);
+            }
+        }
+        if let Some(base) = &self.blob_url {
+            match self.resolve_http(base, name) {
+                Err(e) if e.errno() == libc::ENOENT && self.blob_dir.is_some() => {}
+                other => return other,
             }
         }
         let Some(store) = &self.blob_dir else {
@@ -158,6 +169,79 @@ impl Catalog {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
             }),
         }
+    }
+
+    /// `<base>/<name>.table` + `<name>.zst` (verified unit by unit), else the
+    /// plain `<base>/<name>`.
+    fn resolve_http(&self, base: &str, name: &str) -> Result<Arc<dyn BlobSource>, OpenError> {
+        let io = |what: &str, e: lazypull_backend::RegistryError| {
+            let errno = e.errno();
+            let err = OpenError::Io {
+                name: name.to_owned(),
+                path: PathBuf::from(what),
+                source: std::io::Error::other(e.to_string()),
+            };
+            if errno == libc::ENOENT {
+                OpenError::NotFound {
+                    name: name.to_owned(),
+                    path: PathBuf::from(what),
+                }
+            } else {
+                err
+            }
+        };
+        let opts = &self.remote.client;
+        // OPEN is answered on the serving task: let the runtime move other work
+        // off this thread while the network answers.
+        tokio::task::block_in_place(|| {
+            let table_url = format!("{base}/{name}.table");
+            match HttpBlob::open(&table_url, opts) {
+                Ok(t) => {
+                    let mut bytes = vec![0u8; t.size() as usize];
+                    t.read_exact_at(&mut bytes, 0).map_err(|e| OpenError::Io {
+                        name: name.to_owned(),
+                        path: PathBuf::from(&table_url),
+                        source: e,
+                    })?;
+                    let bad = |why: String| OpenError::Io {
+                        name: name.to_owned(),
+                        path: PathBuf::from(&table_url),
+                        source: std::io::Error::new(std::io::ErrorKind::InvalidData, why),
+                    };
+                    let table = ChunkTable::decode(&bytes).map_err(|e| bad(e.to_string()))?;
+                    if table.digest() != name {
+                        return Err(bad(format!(
+                            "the chunk table is for blob {}",
+                            table.digest()
+                        )));
+                    }
+                    let data_url = format!("{base}/{name}.zst");
+                    let data = HttpBlob::open(&data_url, opts).map_err(|e| io(&data_url, e))?;
+                    if data.size() != table.stored_size() {
+                        return Err(bad(format!(
+                            "{data_url} has {} bytes, the table says {}",
+                            data.size(),
+                            table.stored_size()
+                        )));
+                    }
+                    Ok(Arc::new(ChunkedBlob::new(
+                        name.to_owned(),
+                        table,
+                        Arc::new(data),
+                        self.fetch.clone(),
+                    )) as Arc<dyn BlobSource>)
+                }
+                Err(e) if e.errno() == libc::ENOENT => {
+                    let url = format!("{base}/{name}");
+                    let plain = HttpBlob::open(&url, opts).map_err(|e| io(&url, e))?;
+                    Ok(
+                        Arc::new(RangeBlob::new(name, plain.size(), Arc::new(plain)))
+                            as Arc<dyn BlobSource>,
+                    )
+                }
+                Err(e) => Err(io(&table_url, e)),
+            }
+        })
     }
 
     /// Fetches what an image needs at mount and registers its blobs. Blocking

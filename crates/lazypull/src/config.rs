@@ -19,6 +19,12 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "DIR")]
     pub blob_dir: Option<PathBuf>,
 
+    /// Base URL of a blob directory served over HTTP(S) with Range support (the
+    /// same layout as --blob-dir), for images not mounted by reference. Tried
+    /// before --blob-dir.
+    #[arg(long, value_name = "URL")]
+    pub blob_url: Option<String>,
+
     /// Where the daemon keeps what it fetched at mount (meta blobs).
     /// Default /var/lib/lazypull.
     #[arg(long, value_name = "DIR")]
@@ -30,8 +36,8 @@ pub struct DaemonArgs {
     pub socket: Option<PathBuf>,
 
     /// Config file (TOML). Default: /etc/lazypull/config.toml if it exists.
-    /// Keys: cache_dir, blob_dir, work_dir, socket, tag, device, max_in_flight,
-    /// fill_window, io_size, max_connections, max_merge, unit_cache,
+    /// Keys: cache_dir, blob_dir, blob_url, work_dir, socket, tag, device, max_in_flight,
+    /// fill_window, io_size, max_connections, max_merge, unit_cache, readahead,
     /// insecure_registries, ca_files, docker_config, request_timeout_secs, retries.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -83,11 +89,13 @@ pub struct FileConfig {
     pub max_in_flight: Option<usize>,
     pub fill_window: Option<SizeValue>,
     pub io_size: Option<SizeValue>,
+    pub blob_url: Option<String>,
     pub work_dir: Option<PathBuf>,
     pub socket: Option<PathBuf>,
     pub max_connections: Option<usize>,
     pub max_merge: Option<SizeValue>,
     pub unit_cache: Option<SizeValue>,
+    pub readahead: Option<SizeValue>,
     #[serde(default)]
     pub insecure_registries: Vec<String>,
     #[serde(default)]
@@ -138,11 +146,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub struct DaemonConfig {
     pub cache_dir: PathBuf,
     pub blob_dir: Option<PathBuf>,
+    pub blob_url: Option<String>,
     pub work_dir: PathBuf,
     pub socket: PathBuf,
     pub max_connections: usize,
     pub max_merge: u64,
     pub unit_cache: usize,
+    pub readahead: u64,
     pub insecure_registries: Vec<String>,
     pub ca_files: Vec<PathBuf>,
     pub docker_config: Option<PathBuf>,
@@ -176,6 +186,10 @@ impl DaemonArgs {
             Some(v) => v.bytes().context("config key unit_cache")? as usize,
             None => fetch.cache_bytes,
         };
+        let readahead = match &file.readahead {
+            Some(v) => v.bytes().context("config key readahead")?,
+            None => fetch.readahead,
+        };
         let mut insecure_registries = file.insecure_registries;
         insecure_registries.extend(self.insecure_registries.iter().cloned());
         let mut ca_files = file.ca_files;
@@ -192,6 +206,7 @@ impl DaemonArgs {
         let cfg = DaemonConfig {
             cache_dir,
             blob_dir,
+            blob_url: self.blob_url.clone().or(file.blob_url),
             work_dir: self
                 .work_dir
                 .clone()
@@ -205,6 +220,7 @@ impl DaemonArgs {
             max_connections: self.max_connections.or(file.max_connections).unwrap_or(8),
             max_merge,
             unit_cache,
+            readahead,
             insecure_registries,
             ca_files,
             docker_config: self.docker_config.clone().or(file.docker_config),
@@ -257,6 +273,7 @@ mod tests {
         DaemonArgs {
             cache_dir: None,
             blob_dir: None,
+            blob_url: None,
             work_dir: None,
             socket: None,
             insecure_registries: vec![],

@@ -51,6 +51,7 @@ fn catalog(cfg: &DaemonConfig) -> Catalog {
     let fetch = FetchContext::new(FetchOptions {
         max_merge: cfg.max_merge,
         cache_bytes: cfg.unit_cache,
+        readahead: cfg.readahead,
     });
     let client = ClientOptions {
         insecure_hosts: cfg.insecure_registries.clone(),
@@ -66,6 +67,7 @@ fn catalog(cfg: &DaemonConfig) -> Catalog {
     Catalog::new(
         cfg.work_dir.clone(),
         cfg.blob_dir.clone(),
+        cfg.blob_url.clone(),
         fetch,
         RemoteSettings {
             client,

@@ -10,6 +10,8 @@
 //! - [`proxy`]: a fault-injecting, logging HTTP/1.1 reverse proxy to put
 //!   in front of a registry.
 //! - [`registry`]: a real `docker-registry` on 127.0.0.1 for tests.
+//! - [`static_server`]: a static file server with Range support, standing in
+//!   for a web server holding a blob directory.
 //!
 //! The `lazypull-testkit` binary exposes `manifest`, `compare`,
 //! `make-tree` and `proxy` on the command line.
@@ -22,6 +24,7 @@ pub mod maketree;
 pub mod manifest;
 pub mod proxy;
 pub mod registry;
+pub mod static_server;
 
 pub use compare::{
     compare_dirs, compare_dirs_with, compare_entries, format_differences, Difference,

@@ -1,0 +1,337 @@
+//! `lazypull push`, `convert` and the registry CLI's errors, on the host against a
+//! real `docker-registry` on 127.0.0.1 (no kernel needed: the pushed images are
+//! read back through lazypull's own EROFS reader and stored-blob decoder).
+
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use lazypull_backend::registry::{ClientOptions, Registry};
+use lazypull_backend::BlobSource;
+use lazypull_blob::oci::{ImageConfig, Manifest};
+use lazypull_testkit::registry::RegistryServer;
+use sha2::{Digest, Sha256};
+
+fn lazypull(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lazypull"))
+        .args(args)
+        .output()
+        .expect("running lazypull")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "lazypull failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn sha(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Reads the lazy image `repo:tag` back from the registry and checks that every
+/// regular file of `source` is in it with the same bytes.
+fn check_lazy_image(registry: &str, repo: &str, tag: &str, source: &Path) {
+    let reg = Registry::new(registry, repo, None, &ClientOptions::default()).unwrap();
+    let manifest = reg.get_manifest(tag).unwrap();
+    let parsed = Manifest::parse_lazypull(&manifest.bytes).unwrap();
+    let config =
+        ImageConfig::parse(&reg.get_blob(&parsed.config.digest, &|_| {}).unwrap()).unwrap();
+    let meta = reg.get_blob(&config.meta.digest, &|_| {}).unwrap();
+    let image = lazypull_erofs::Image::from_bytes(meta).unwrap();
+    // Each data blob, decoded from its stored form into a plain file.
+    let dir = tempfile::tempdir().unwrap();
+    let mut blobs = Vec::new();
+    for b in &config.blobs {
+        let table =
+            lazypull_blob::ChunkTable::decode(&reg.get_blob(&b.table.digest, &|_| {}).unwrap())
+                .unwrap();
+        let stored = reg.get_blob(&b.data.digest, &|_| {}).unwrap();
+        let data_path = dir.path().join("stored");
+        fs::write(&data_path, &stored).unwrap();
+        let blob = lazypull_blob::StoredBlob::new(
+            b.digest.clone(),
+            table,
+            fs::File::open(&data_path).unwrap(),
+        );
+        let mut plain = vec![0u8; blob.size() as usize];
+        assert_eq!(blob.read_at(&mut plain, 0).unwrap(), plain.len());
+        assert_eq!(hex::encode(Sha256::digest(&plain)), b.digest);
+        let path = dir.path().join(&b.digest);
+        fs::write(&path, plain).unwrap();
+        blobs.push(fs::File::open(path).unwrap());
+    }
+    let mut checked = 0;
+    for entry in walkdir::WalkDir::new(source) {
+        let entry = entry.unwrap();
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(source).unwrap();
+        let inode = image
+            .lookup(rel.to_str().unwrap().as_bytes())
+            .unwrap_or_else(|e| panic!("{} missing from the image: {e}", rel.display()));
+        let mut got = vec![0u8; inode.size as usize];
+        assert_eq!(
+            image.read_file_at(&inode, &blobs, 0, &mut got).unwrap(),
+            got.len()
+        );
+        assert_eq!(got, fs::read(entry.path()).unwrap(), "{}", rel.display());
+        checked += 1;
+    }
+    assert!(checked > 10, "only {checked} files checked");
+}
+
+fn make_tree(dir: &Path) {
+    for i in 0..40u32 {
+        let sub = dir.join(format!("d{}", i % 4));
+        fs::create_dir_all(&sub).unwrap();
+        let len = (i as usize * 37_000) % 300_000 + 1;
+        let data: Vec<u8> = (0..len).map(|j| (j as u32 * 31 + i) as u8).collect();
+        fs::write(sub.join(format!("f{i}.bin")), data).unwrap();
+    }
+    fs::write(dir.join("hello.txt"), "hello\n").unwrap();
+}
+
+#[test]
+fn push_uploads_an_image_that_reads_back_identical_and_skips_what_is_there() {
+    let work = tempfile::tempdir().unwrap();
+    let server = RegistryServer::start(&work.path().join("reg"), None).unwrap();
+    let src = work.path().join("src");
+    make_tree(&src);
+    let out = work.path().join("img");
+    ok(lazypull(&[
+        "build",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ]));
+    let target = format!("{}/lazy/app:v1", server.addr());
+    let pushed: serde_json::Value = serde_json::from_str(&ok(lazypull(&[
+        "push",
+        out.to_str().unwrap(),
+        &target,
+        "--json",
+    ])))
+    .unwrap();
+    assert!(pushed["uploaded_bytes"].as_u64().unwrap() > 0, "{pushed}");
+    check_lazy_image(&server.addr().to_string(), "lazy/app", "v1", &src);
+
+    // Again, under another tag: every blob is already there.
+    let again: serde_json::Value = serde_json::from_str(&ok(lazypull(&[
+        "push",
+        out.to_str().unwrap(),
+        &format!("{}/lazy/app:v2", server.addr()),
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(again["uploaded_bytes"], 0, "{again}");
+    assert_eq!(again["manifest_digest"], pushed["manifest_digest"]);
+
+    // Plain (uncompressed) images get a chunk table on the way.
+    let plain = work.path().join("plain");
+    ok(lazypull(&[
+        "build",
+        src.to_str().unwrap(),
+        "-o",
+        plain.to_str().unwrap(),
+        "--compression",
+        "none",
+    ]));
+    ok(lazypull(&[
+        "push",
+        plain.to_str().unwrap(),
+        &format!("{}/lazy/plain:v1", server.addr()),
+    ]));
+    check_lazy_image(&server.addr().to_string(), "lazy/plain", "v1", &src);
+}
+
+#[test]
+fn convert_turns_an_ordinary_oci_image_into_a_lazy_one() {
+    let work = tempfile::tempdir().unwrap();
+    let server = RegistryServer::start(&work.path().join("reg"), None).unwrap();
+    let addr = server.addr().to_string();
+    // An ordinary image: two gzip'd tar layers, the second deleting a file of the first.
+    let l1 = work.path().join("l1");
+    make_tree(&l1);
+    let l2 = work.path().join("l2");
+    fs::create_dir_all(l2.join("d0")).unwrap();
+    fs::write(l2.join("d0/.wh.f0.bin"), "").unwrap();
+    fs::write(l2.join("added.txt"), "from layer two\n").unwrap();
+    let reg = Registry::new(&addr, "plain/app", None, &ClientOptions::default()).unwrap();
+    let mut layers = Vec::new();
+    for (i, dir) in [&l1, &l2].iter().enumerate() {
+        let tgz = work.path().join(format!("layer{i}.tar.gz"));
+        let st = Command::new("tar")
+            .arg("-czf")
+            .arg(&tgz)
+            .arg("-C")
+            .arg(dir)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let bytes = fs::read(&tgz).unwrap();
+        let digest = sha(&bytes);
+        let size = bytes.len() as u64;
+        let path = tgz.clone();
+        reg.push_blob(
+            &digest,
+            size,
+            &move || Ok(Box::new(fs::File::open(&path)?) as Box<dyn Read + Send>),
+            &|_| {},
+        )
+        .unwrap();
+        layers.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": digest, "size": size,
+        }));
+    }
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    reg.push_blob(
+        &sha(config),
+        config.len() as u64,
+        &|| Ok(Box::new(&config[..]) as Box<dyn Read + Send>),
+        &|_| {},
+    )
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(config), "size": config.len()},
+        "layers": layers,
+    }))
+    .unwrap();
+    let mdigest = reg
+        .put_manifest(
+            "amd64",
+            "application/vnd.oci.image.manifest.v1+json",
+            &manifest,
+        )
+        .unwrap();
+    // Tagged through a multi-platform index, as real images are.
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest, "size": manifest.len(),
+             "platform": {"os": "linux", "architecture": "amd64"}},
+        ],
+    }))
+    .unwrap();
+    reg.put_manifest("v1", "application/vnd.oci.image.index.v1+json", &index)
+        .unwrap();
+
+    let converted: serde_json::Value = serde_json::from_str(&ok(lazypull(&[
+        "convert",
+        &format!("{addr}/plain/app:v1"),
+        &format!("{addr}/lazy/app:v1"),
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(
+        converted["blobs"], 2,
+        "one data blob per layer: {converted}"
+    );
+
+    // The expected tree: layer one, minus the whiteout, plus layer two's file.
+    let expected = work.path().join("expected");
+    Command::new("cp")
+        .arg("-a")
+        .arg(&l1)
+        .arg(&expected)
+        .status()
+        .unwrap();
+    fs::remove_file(expected.join("d0/f0.bin")).unwrap();
+    fs::write(expected.join("added.txt"), "from layer two\n").unwrap();
+    check_lazy_image(&addr, "lazy/app", "v1", &expected);
+    let reg = Registry::new(&addr, "lazy/app", None, &ClientOptions::default()).unwrap();
+    let parsed = Manifest::parse_lazypull(&reg.get_manifest("v1").unwrap().bytes).unwrap();
+    let config =
+        ImageConfig::parse(&reg.get_blob(&parsed.config.digest, &|_| {}).unwrap()).unwrap();
+    let image =
+        lazypull_erofs::Image::from_bytes(reg.get_blob(&config.meta.digest, &|_| {}).unwrap())
+            .unwrap();
+    assert!(
+        image.lookup(b"d0/f0.bin").is_err(),
+        "the whiteout must hide f0.bin"
+    );
+
+    // Converting a lazy image again is refused with a reason.
+    let again = lazypull(&[
+        "convert",
+        &format!("{addr}/lazy/app:v1"),
+        &format!("{addr}/lazy/x:v1"),
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already a lazypull image"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
+
+#[test]
+fn registry_commands_fail_clearly() {
+    let work = tempfile::tempdir().unwrap();
+    let server = RegistryServer::start(&work.path().join("reg"), None).unwrap();
+    let addr = server.addr();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "push".into(),
+                work.path().to_str().unwrap().into(),
+                format!("{addr}/x/y:v1"),
+            ],
+            "is this a `lazypull build` output?",
+        ),
+        (
+            vec![
+                "push".into(),
+                "/nonexistent".into(),
+                "no-registry-here:v1".into(),
+            ],
+            "registry",
+        ),
+        (
+            vec![
+                "convert".into(),
+                format!("{addr}/none/such:v1"),
+                format!("{addr}/x/y:v1"),
+            ],
+            "none/such",
+        ),
+        (
+            vec![
+                "mount".into(),
+                format!("{addr}/x/y:v1"),
+                work.path().join("mnt").to_str().unwrap().into(),
+                "--socket".into(),
+                work.path().join("no.sock").to_str().unwrap().into(),
+            ],
+            "is `lazypull daemon` running",
+        ),
+        (
+            vec![
+                "status".into(),
+                "--socket".into(),
+                "/nonexistent.sock".into(),
+            ],
+            "cannot reach the lazypull daemon",
+        ),
+    ];
+    for (args, want) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = lazypull(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: want {want:?} in: {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}
