@@ -37,6 +37,8 @@ struct Fixture {
     faulty_log: PathBuf,
     /// Corrupts every data fetch of the `doomed` image.
     broken: Proxy,
+    /// Serves `www/blobs` (a build output) over plain HTTP.
+    web: lazypull_testkit::static_server::StaticServer,
     /// Data blob digest → (image, stored size), for reading the proxy logs.
     data_blobs: Vec<(String, String, u64)>,
 }
@@ -232,6 +234,23 @@ fn fixture() -> &'static Fixture {
             data_blobs.push((d, format!("conc:{s}"), n));
         }
 
+        // A blob directory on a plain web server.
+        let web = src.join("web");
+        let mut web_files = Vec::new();
+        for i in 0..6u64 {
+            let name = format!("w{i}.bin");
+            write_random(&web.join(&name), 300_000 * (i as usize + 1), 901 + 2 * i);
+            web_files.push(name);
+        }
+        fs::write(data.join("web.sums"), sums(&web, &web_files)).unwrap();
+        let web_out = root.join("www/blobs");
+        stdout(lazypull().arg("build").arg(&web).arg("-o").arg(&web_out).arg("--json"));
+        let web_manifest: serde_json::Value =
+            serde_json::from_slice(&fs::read(web_out.join("manifest.json")).unwrap()).unwrap();
+        fs::write(data.join("web-meta"), web_manifest["meta"].as_str().unwrap()).unwrap();
+        let web_server =
+            lazypull_testkit::static_server::StaticServer::start(&root.join("www")).unwrap();
+
         // Prefetch: a whole image, and one file of another by list.
         for name in ["pall", "plist"] {
             let dir = src.join(name);
@@ -299,6 +318,7 @@ fn fixture() -> &'static Fixture {
         )
         .expect("starting the corrupting proxy");
         Fixture {
+            web: web_server,
             broken,
             root,
             data,
@@ -339,6 +359,7 @@ fn boot(scenario: &str) -> (GuestRun, Vec<LogEntry>) {
         .env("LP_PROXY_PORT", fx.proxy.addr().port().to_string())
         .env("LP_FAULT_PORT", fx.faulty.addr().port().to_string())
         .env("LP_BROKEN_PORT", fx.broken.addr().port().to_string())
+        .env("LP_HTTP_PORT", fx.web.addr().port().to_string())
         .env("LP_AUTH_PORT", fx.auth_port.to_string())
         .env("LP_LOG_LEVEL", "info");
     let run = lazypull_guest::run(&scenarios.join(format!("{scenario}.sh")), &cfg)
@@ -468,6 +489,14 @@ fn mounts_by_reference_and_fetches_only_what_is_read() {
             "64 concurrent readers: want {count} x {name} {sum}, got:\n{got_conc}"
         );
     }
+
+    // The web-served blob dir.
+    assert_eq!(
+        run.read_out("web.sums").unwrap(),
+        fs::read_to_string(fx.data.join("web.sums")).unwrap(),
+        "files read through the HTTP backend"
+    );
+    assert!(fx.web.requests() > 3, "the web server saw {} requests", fx.web.requests());
 
     // Prefetch: after it finished, reading what it fetched costs no request.
     let requests = |name: &str| -> u64 {

@@ -6,7 +6,7 @@
 source "$LP_SCENARIOS/lib.sh"
 setup_disks
 network_up
-start_daemon --work-dir "$CACHE/work"
+start_daemon --work-dir "$CACHE/work" --blob-url "http://10.0.2.2:$LP_HTTP_PORT/blobs/"
 REG=10.0.2.2:$LP_PROXY_PORT
 AUTH=10.0.2.2:$LP_AUTH_PORT
 
@@ -44,7 +44,12 @@ LAZYPULL_REGISTRY_USER=alice LAZYPULL_REGISTRY_PASSWORD=secret \
 	lp_mount auth "$AUTH/lp/private:v1" /mnt/auth --insecure || fail "mount with the right credentials failed"
 sha256sum /mnt/auth/secret.bin | sed 's#  /mnt/auth/#  #' >"$LP_OUT/auth.sum" || fail "reading through auth"
 
-# 5. Prefetch: the whole image, then a list of files.
+# 5. A blob directory on a plain web server (Range requests), mounted by fsid.
+mount_image "$(cat "$LP_DATA/web-meta")" /mnt/web || fail "mounting the image served over HTTP"
+(cd /mnt/web && sha256sum $(cut -d' ' -f3 "$LP_DATA/web.sums")) >"$LP_OUT/web.sums" || fail "reading over HTTP"
+umount /mnt/web
+
+# 6. Prefetch: the whole image, then a list of files.
 prefetched() { # N: waits until N prefetches have finished
 	local i
 	for i in $(seq 600); do
