@@ -60,6 +60,75 @@ pub trait BlobSource: Send + Sync + std::fmt::Debug {
     fn read_at_priority(&self, buf: &mut [u8], off: u64, _priority: Priority) -> io::Result<usize> {
         self.read_at(buf, off)
     }
+
+    /// A local file holding exactly this blob's bytes, complete, if there is
+    /// one: a transport may then read it, or have the kernel read it, directly
+    /// rather than through a cache.
+    fn local_path(&self) -> Option<&Path> {
+        None
+    }
+
+    /// What this source has fetched so far.
+    fn source_stats(&self) -> SourceStats {
+        SourceStats::default()
+    }
+}
+
+/// What one source fetched from where its bytes live.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SourceStats {
+    /// Reads issued to the backend (range requests, for remote sources).
+    pub requests: u64,
+    /// Bytes those reads returned (stored bytes: compressed where the blob is).
+    pub bytes: u64,
+    /// Reads that failed, and fetched units that failed verification.
+    pub errors: u64,
+    /// Stored bytes being fetched right now.
+    pub in_flight_bytes: u64,
+}
+
+/// Atomic counters behind [`SourceStats`], for implementations.
+#[derive(Debug, Default)]
+pub struct SourceCounters {
+    requests: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+    errors: std::sync::atomic::AtomicU64,
+    in_flight_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl SourceCounters {
+    /// Marks a read of `len` bytes as started; call [`finish`](Self::finish) after.
+    pub fn start(&self, len: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.requests.fetch_add(1, Relaxed);
+        self.in_flight_bytes.fetch_add(len, Relaxed);
+    }
+
+    /// Ends a read started with `len`: `got` bytes arrived, or it failed.
+    pub fn finish(&self, len: u64, got: Option<u64>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.in_flight_bytes.fetch_sub(len, Relaxed);
+        match got {
+            Some(n) => self.bytes.fetch_add(n, Relaxed),
+            None => self.errors.fetch_add(1, Relaxed),
+        };
+    }
+
+    /// Counts an error found after the bytes arrived (a failed verification).
+    pub fn error(&self) {
+        self.errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> SourceStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        SourceStats {
+            requests: self.requests.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            in_flight_bytes: self.in_flight_bytes.load(Relaxed),
+        }
+    }
 }
 
 /// Whether a read is for a reader who waits (foreground) or ahead of need
@@ -99,6 +168,7 @@ pub struct RangeBlob {
     name: String,
     size: u64,
     reader: Arc<dyn RangeRead>,
+    counters: SourceCounters,
 }
 
 impl RangeBlob {
@@ -107,6 +177,7 @@ impl RangeBlob {
             name: name.into(),
             size,
             reader,
+            counters: SourceCounters::default(),
         }
     }
 }
@@ -126,8 +197,16 @@ impl BlobSource for RangeBlob {
             return Ok(0);
         }
         let n = (end - off) as usize;
-        self.reader.read_exact_at(&mut buf[..n], off)?;
+        self.counters.start(n as u64);
+        let r = self.reader.read_exact_at(&mut buf[..n], off);
+        self.counters
+            .finish(n as u64, r.is_ok().then_some(n as u64));
+        r?;
         Ok(n)
+    }
+
+    fn source_stats(&self) -> SourceStats {
+        self.counters.snapshot()
     }
 }
 
@@ -239,6 +318,7 @@ impl LocalDir {
             size: meta.len(),
             file,
             direct,
+            counters: SourceCounters::default(),
         }))
     }
 }
@@ -251,6 +331,7 @@ pub struct LocalBlob {
     size: u64,
     file: File,
     direct: Option<File>,
+    counters: SourceCounters,
 }
 
 /// Alignment O_DIRECT reads need (buffer address, offset and length).
@@ -267,6 +348,14 @@ impl BlobSource for LocalBlob {
         &self.name
     }
 
+    fn local_path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+
+    fn source_stats(&self) -> SourceStats {
+        self.counters.snapshot()
+    }
+
     fn size(&self) -> u64 {
         self.size
     }
@@ -280,14 +369,19 @@ impl BlobSource for LocalBlob {
             _ => &self.file,
         };
         let mut done = 0;
+        self.counters.start(buf.len() as u64);
         while done < buf.len() {
             match file.read_at(&mut buf[done..], off + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.counters.finish(buf.len() as u64, None);
+                    return Err(e);
+                }
             }
         }
+        self.counters.finish(buf.len() as u64, Some(done as u64));
         Ok(done)
     }
 }

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use lazypull_backend::{BlobSource, Priority, RangeRead};
+use lazypull_backend::{BlobSource, Priority, RangeRead, SourceCounters, SourceStats};
 use lazypull_blob::{ChunkTable, UnitDecoder};
 
 /// Limits of the fetcher.
@@ -300,6 +300,7 @@ pub struct ChunkedBlob {
     stored: Arc<dyn RangeRead>,
     ctx: Arc<FetchContext>,
     state: Mutex<State>,
+    counters: SourceCounters,
 }
 
 impl fmt::Debug for ChunkedBlob {
@@ -328,6 +329,7 @@ impl ChunkedBlob {
             stored,
             ctx,
             state: Mutex::default(),
+            counters: SourceCounters::default(),
         }
     }
 
@@ -473,7 +475,11 @@ impl ChunkedBlob {
         let mut stored = vec![0u8; (end - start) as usize];
         let stats = &self.ctx.stats;
         bump(&stats.range_requests, 1);
-        if let Err(e) = self.stored.read_exact_at(&mut stored, start) {
+        self.counters.start(end - start);
+        let fetched = self.stored.read_exact_at(&mut stored, start);
+        self.counters
+            .finish(end - start, fetched.is_ok().then_some(end - start));
+        if let Err(e) = fetched {
             bump(&stats.fetch_failures, 1);
             tracing::warn!(
                 blob = %self.name,
@@ -509,6 +515,7 @@ impl ChunkedBlob {
                     }
                     Err(err) => {
                         bump(&stats.verify_failures, 1);
+                        self.counters.error();
                         tracing::error!(blob = %self.name, unit = index, error = %err,
                             "chunk failed verification: nothing of it is written");
                         Err((err.kind(), err.to_string()))
@@ -545,6 +552,10 @@ impl BlobSource for ChunkedBlob {
 
     fn preferred_read_size(&self) -> Option<usize> {
         Some(self.table.unit_size() as usize)
+    }
+
+    fn source_stats(&self) -> SourceStats {
+        self.counters.snapshot()
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {

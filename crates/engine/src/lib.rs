@@ -19,6 +19,7 @@
 
 mod buf;
 pub mod chunked;
+pub mod local_cache;
 
 pub use buf::AlignedBuf;
 pub use chunked::{
@@ -26,6 +27,7 @@ pub use chunked::{
 };
 use lazypull_backend::BlobSource;
 pub use lazypull_backend::Priority;
+pub use local_cache::{CacheFile, CacheReadError};
 use std::io;
 use std::sync::Mutex;
 
@@ -114,6 +116,45 @@ impl FillMap {
         // A panic while holding this lock cannot leave the bitmap half-updated
         // (single word stores), so a poisoned lock is still usable.
         self.bits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A map restored from [`words`](Self::words) saved earlier (missing words
+    /// read as unfilled, extra ones are ignored).
+    pub fn from_words(object_size: u64, window: u64, mut words: Vec<u64>) -> Self {
+        let windows = object_size.div_ceil(window);
+        words.resize(windows.div_ceil(64) as usize, 0);
+        if let Some(last) = words.last_mut() {
+            let used = windows % 64;
+            if used != 0 {
+                *last &= (1u64 << used) - 1;
+            }
+        }
+        FillMap {
+            window,
+            bits: Mutex::new(words),
+        }
+    }
+
+    /// The bitmap, one bit per window, for saving.
+    pub fn words(&self) -> Vec<u64> {
+        self.lock().clone()
+    }
+
+    /// Bytes of an object of `object_size` covered by filled windows.
+    pub fn filled_bytes(&self, object_size: u64) -> u64 {
+        let bits = self.lock();
+        let windows = object_size.div_ceil(self.window);
+        let mut total = bits.iter().map(|w| w.count_ones() as u64).sum::<u64>() * self.window;
+        // The last window may be short.
+        let last = windows.saturating_sub(1);
+        if windows > 0
+            && bits
+                .get((last / 64) as usize)
+                .is_some_and(|w| w & (1 << (last % 64)) != 0)
+        {
+            total -= windows * self.window - object_size;
+        }
+        total
     }
 
     pub fn is_filled(&self, index: u64) -> bool {

@@ -244,10 +244,21 @@ fn fixture() -> &'static Fixture {
         }
         fs::write(data.join("web.sums"), sums(&web, &web_files)).unwrap();
         let web_out = root.join("www/blobs");
-        stdout(lazypull().arg("build").arg(&web).arg("-o").arg(&web_out).arg("--json"));
+        stdout(
+            lazypull()
+                .arg("build")
+                .arg(&web)
+                .arg("-o")
+                .arg(&web_out)
+                .arg("--json"),
+        );
         let web_manifest: serde_json::Value =
             serde_json::from_slice(&fs::read(web_out.join("manifest.json")).unwrap()).unwrap();
-        fs::write(data.join("web-meta"), web_manifest["meta"].as_str().unwrap()).unwrap();
+        fs::write(
+            data.join("web-meta"),
+            web_manifest["meta"].as_str().unwrap(),
+        )
+        .unwrap();
         let web_server =
             lazypull_testkit::static_server::StaticServer::start(&root.join("www")).unwrap();
 
@@ -496,7 +507,11 @@ fn mounts_by_reference_and_fetches_only_what_is_read() {
         fs::read_to_string(fx.data.join("web.sums")).unwrap(),
         "files read through the HTTP backend"
     );
-    assert!(fx.web.requests() > 3, "the web server saw {} requests", fx.web.requests());
+    assert!(
+        fx.web.requests() > 3,
+        "the web server saw {} requests",
+        fx.web.requests()
+    );
 
     // Prefetch: after it finished, reading what it fetched costs no request.
     let requests = |name: &str| -> u64 {

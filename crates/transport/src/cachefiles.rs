@@ -189,16 +189,13 @@ impl OpenObjects {
     pub fn size_of(&self, blob: &str) -> Option<u64> {
         self.find(blob).map(|o| o.size)
     }
+}
 
+impl crate::Prefetch for OpenObjects {
     /// Fills `[off, off + len)` of the object serving `blob` ahead of need, at
     /// background priority: the kernel then finds the data in its cache and
     /// never asks. `Ok(None)` when no object for `blob` is open.
-    pub fn prefetch(
-        &self,
-        blob: &str,
-        off: u64,
-        len: u64,
-    ) -> Result<Option<FillOutcome>, FillError> {
+    fn prefetch(&self, blob: &str, off: u64, len: u64) -> Result<Option<FillOutcome>, FillError> {
         let Some(object) = self.find(blob) else {
             return Ok(None);
         };
@@ -213,6 +210,23 @@ impl OpenObjects {
         let out = fill(&target, off, len, &self.policy, &mut buf)?;
         bump(&self.stats.prefetched_bytes, out.bytes_written);
         Ok(Some(out))
+    }
+
+    fn blobs(&self) -> Vec<crate::BlobCacheInfo> {
+        let mut v: Vec<_> = self
+            .lock()
+            .values()
+            .map(|o| crate::BlobCacheInfo {
+                blob: o.blob.name().to_owned(),
+                size: o.size,
+                cached_bytes: o.filled.filled_bytes(o.size),
+                source: o.blob.source_stats(),
+                local_file: o.blob.local_path().is_some(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.blob.cmp(&b.blob));
+        v.dedup_by(|a, b| a.blob == b.blob);
+        v
     }
 }
 

@@ -1,0 +1,416 @@
+//! The daemon's own cache of blob bytes, for transports whose kernel side keeps
+//! no cache of its own (FUSE): per blob, a sparse data file the size of the blob
+//! and a fill map recording which windows of it hold verified blob bytes.
+//!
+//! The map is persisted next to the data (`<name>.map`), so a restarted daemon
+//! serves what an earlier one fetched without fetching it again. Persisting
+//! follows one rule: the map on disk never claims a window whose bytes are not
+//! on disk. [`CacheFile::flush`] snapshots the map, syncs the data file, and only
+//! then replaces the map file (write to a temporary name, rename). A crash loses
+//! at most the windows filled since the last flush; they are fetched again.
+//!
+//! Map file layout (little-endian): `b"LPFMAP01"`, u64 blob size, u64 window,
+//! u32 CRC32C of the bitmap bytes, u32 reserved, then the bitmap as u64 words.
+//! A map that does not match the blob's size or the window, or fails its
+//! checksum, is discarded (and the data file emptied): nothing is trusted that
+//! this code did not write for this blob.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use lazypull_backend::{BlobSource, Priority};
+use tracing::{debug, warn};
+
+use crate::{fill, AlignedBuf, CacheSink, FillError, FillMap, FillOutcome, FillPolicy, Target};
+
+const MAGIC: &[u8; 8] = b"LPFMAP01";
+const MAP_HEADER: usize = 32;
+
+/// One blob's cache: its data file and fill map.
+#[derive(Debug)]
+pub struct CacheFile {
+    name: String,
+    size: u64,
+    policy: FillPolicy,
+    data: File,
+    data_path: PathBuf,
+    map_path: PathBuf,
+    map: FillMap,
+    dirty: AtomicBool,
+}
+
+impl CacheSink for File {
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, buf, off)
+    }
+}
+
+/// Why a cached read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheReadError {
+    #[error(transparent)]
+    Fill(#[from] FillError),
+    #[error("reading {len} bytes at {off} from the cache file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        off: u64,
+        len: usize,
+        source: io::Error,
+    },
+}
+
+impl CacheFile {
+    /// Opens (or creates) the cache of blob `name` of `size` bytes in `dir`.
+    pub fn open(dir: &Path, name: &str, size: u64, policy: FillPolicy) -> io::Result<CacheFile> {
+        policy
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        std::fs::create_dir_all(dir)?;
+        let data_path = dir.join(format!("{name}.data"));
+        let map_path = dir.join(format!("{name}.map"));
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&data_path)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("opening the cache file {}: {e}", data_path.display()),
+                )
+            })?;
+        let loaded = match std::fs::read(&map_path) {
+            Ok(bytes) => match decode_map(&bytes, size, policy.window) {
+                Ok(words) => Some(words),
+                Err(why) => {
+                    warn!(blob = name, map = %map_path.display(), "discarding the cache map: {why}");
+                    None
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                warn!(blob = name, map = %map_path.display(), error = %e, "cannot read the cache map; starting empty");
+                None
+            }
+        };
+        let map = match loaded {
+            Some(words) if data.metadata()?.len() == size => {
+                FillMap::from_words(size, policy.window, words)
+            }
+            _ => {
+                // Nothing of the old data file is vouched for: empty it.
+                data.set_len(0)?;
+                data.set_len(size)?;
+                let _ = std::fs::remove_file(&map_path);
+                FillMap::new(size, policy.window)
+            }
+        };
+        debug!(
+            blob = name,
+            windows_filled = map.filled_windows(),
+            "cache file opened"
+        );
+        Ok(CacheFile {
+            name: name.to_owned(),
+            size,
+            policy,
+            data,
+            data_path,
+            map_path,
+            map,
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The data file: once [`is_complete`](Self::is_complete), a plain copy of the blob.
+    pub fn data_path(&self) -> &Path {
+        &self.data_path
+    }
+
+    pub fn data_file(&self) -> &File {
+        &self.data
+    }
+
+    pub fn map(&self) -> &FillMap {
+        &self.map
+    }
+
+    /// Whether every window holds blob bytes.
+    pub fn is_complete(&self) -> bool {
+        self.map.filled_windows() == self.size.div_ceil(self.policy.window)
+    }
+
+    /// Bytes of the blob held in the cache.
+    pub fn cached_bytes(&self) -> u64 {
+        self.map.filled_bytes(self.size)
+    }
+
+    /// Whether every window of `[off, off + len)` is filled.
+    pub fn covers(&self, off: u64, len: u64) -> bool {
+        let end = off.saturating_add(len).min(self.size);
+        if off >= end {
+            return true;
+        }
+        let w = self.policy.window;
+        (off / w..=(end - 1) / w).all(|i| self.map.is_filled(i))
+    }
+
+    /// Fills the missing windows of `[off, off + len)` from `source`.
+    pub fn fill(
+        &self,
+        source: &dyn BlobSource,
+        off: u64,
+        len: u64,
+        priority: Priority,
+    ) -> Result<FillOutcome, FillError> {
+        if self.covers(off, len) {
+            return Ok(FillOutcome::default());
+        }
+        let mut buf = AlignedBuf::new(self.policy.buffer_size_for(source));
+        let target = Target {
+            source,
+            object_size: self.size,
+            map: &self.map,
+            sink: &self.data,
+            priority,
+        };
+        let before = self.map.filled_windows();
+        let out = fill(&target, off, len, &self.policy, &mut buf);
+        // A fill that failed part-way may still have completed some windows.
+        if self.map.filled_windows() != before {
+            self.dirty.store(true, Ordering::Release);
+        }
+        out
+    }
+
+    /// Reads `out.len()` bytes at `off` (within the blob), filling what is
+    /// missing from `source` first. Never returns fewer bytes than asked: a
+    /// short read would reach the reader as zeros.
+    pub fn read(
+        &self,
+        source: &dyn BlobSource,
+        off: u64,
+        out: &mut [u8],
+        priority: Priority,
+    ) -> Result<FillOutcome, CacheReadError> {
+        let outcome = self.fill(source, off, out.len() as u64, priority)?;
+        self.data
+            .read_exact_at(out, off)
+            .map_err(|e| CacheReadError::Read {
+                path: self.data_path.clone(),
+                off,
+                len: out.len(),
+                source: e,
+            })?;
+        Ok(outcome)
+    }
+
+    /// Persists the fill map if windows were filled since the last flush.
+    pub fn flush(&self) -> io::Result<()> {
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let result = (|| {
+            let words = self.map.words();
+            self.data.sync_data()?;
+            let tmp = self.map_path.with_extension("map.tmp");
+            let mut f = File::create(&tmp)?;
+            f.write_all(&encode_map(self.size, self.policy.window, &words))?;
+            f.sync_data()?;
+            std::fs::rename(&tmp, &self.map_path)
+        })();
+        if result.is_err() {
+            self.dirty.store(true, Ordering::Release);
+        }
+        result.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("saving the cache map {}: {e}", self.map_path.display()),
+            )
+        })
+    }
+}
+
+fn encode_map(size: u64, window: u64, words: &[u64]) -> Vec<u8> {
+    let mut bits = Vec::with_capacity(words.len() * 8);
+    for w in words {
+        bits.extend_from_slice(&w.to_le_bytes());
+    }
+    let mut out = Vec::with_capacity(MAP_HEADER + bits.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&size.to_le_bytes());
+    out.extend_from_slice(&window.to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&bits).to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&bits);
+    out
+}
+
+fn decode_map(bytes: &[u8], size: u64, window: u64) -> Result<Vec<u64>, String> {
+    if bytes.len() < MAP_HEADER || &bytes[..8] != MAGIC {
+        return Err("not a lazypull cache map".into());
+    }
+    let field = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let (got_size, got_window) = (field(8), field(16));
+    if got_size != size || got_window != window {
+        return Err(format!(
+            "it is for a blob of {got_size} bytes in {got_window}-byte windows, not {size} in {window}"
+        ));
+    }
+    let bits = &bytes[MAP_HEADER..];
+    let want = size.div_ceil(window).div_ceil(64) as usize * 8;
+    if bits.len() != want {
+        return Err(format!("bitmap of {} bytes, expected {want}", bits.len()));
+    }
+    let crc = u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes"));
+    if crc32c::crc32c(bits) != crc {
+        return Err("checksum mismatch".into());
+    }
+    Ok(bits
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    #[derive(Debug)]
+    struct Counted {
+        data: Vec<u8>,
+        reads: AtomicU64,
+    }
+    impl BlobSource for Counted {
+        fn name(&self) -> &str {
+            "b"
+        }
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            let off = off as usize;
+            let n = buf.len().min(self.data.len().saturating_sub(off));
+            buf[..n].copy_from_slice(&self.data[off..off + n]);
+            Ok(n)
+        }
+    }
+
+    fn blob(n: usize) -> Counted {
+        Counted {
+            data: (0..n).map(|i| (i * 13 % 251) as u8).collect(),
+            reads: AtomicU64::new(0),
+        }
+    }
+
+    const POLICY: FillPolicy = FillPolicy {
+        window: 16384,
+        io_size: 8192,
+    };
+
+    #[test]
+    fn reads_fill_once_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = blob(100_000);
+        let c = CacheFile::open(dir.path(), "b", src.size(), POLICY).unwrap();
+        let mut out = vec![0u8; 5000];
+        c.read(&src, 20_000, &mut out, Priority::Foreground)
+            .unwrap();
+        assert_eq!(out, src.data[20_000..25_000]);
+        let reads = src.reads.load(Ordering::Relaxed);
+        assert!(reads > 0);
+        c.read(&src, 17_000, &mut out, Priority::Foreground)
+            .unwrap();
+        assert_eq!(
+            src.reads.load(Ordering::Relaxed),
+            reads,
+            "same window: no fetch"
+        );
+        assert_eq!(c.cached_bytes(), 16384);
+        c.flush().unwrap();
+        drop(c);
+
+        let c = CacheFile::open(dir.path(), "b", src.size(), POLICY).unwrap();
+        assert!(c.covers(16384, 16384) && !c.covers(0, 1));
+        c.read(&src, 16384, &mut out, Priority::Foreground).unwrap();
+        assert_eq!(out, src.data[16384..16384 + 5000]);
+        assert_eq!(
+            src.reads.load(Ordering::Relaxed),
+            reads,
+            "restored from the map"
+        );
+        // The tail window ends unaligned at the blob's end.
+        let mut tail = vec![0u8; 100];
+        c.read(&src, 99_900, &mut tail, Priority::Foreground)
+            .unwrap();
+        assert_eq!(tail, src.data[99_900..]);
+        c.fill(&src, 0, src.size(), Priority::Background).unwrap();
+        assert!(c.is_complete());
+        assert_eq!(std::fs::read(c.data_path()).unwrap(), src.data);
+    }
+
+    #[test]
+    fn unflushed_fills_are_forgotten_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = blob(50_000);
+        let c = CacheFile::open(dir.path(), "b", src.size(), POLICY).unwrap();
+        let mut out = vec![0u8; 10];
+        c.read(&src, 0, &mut out, Priority::Foreground).unwrap();
+        drop(c); // no flush: as after kill -9 before the flusher ran
+        let c = CacheFile::open(dir.path(), "b", src.size(), POLICY).unwrap();
+        assert_eq!(c.map().filled_windows(), 0);
+    }
+
+    #[test]
+    fn a_map_for_another_blob_or_a_corrupt_map_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = blob(50_000);
+        let c = CacheFile::open(dir.path(), "b", src.size(), POLICY).unwrap();
+        c.fill(&src, 0, 50_000, Priority::Foreground).unwrap();
+        c.flush().unwrap();
+        drop(c);
+        // Same name, another size: nothing kept, the data file emptied.
+        let c = CacheFile::open(dir.path(), "b", 40_000, POLICY).unwrap();
+        assert_eq!(c.map().filled_windows(), 0);
+        assert_eq!(std::fs::read(c.data_path()).unwrap(), vec![0u8; 40_000]);
+        c.fill(&src, 0, 40_000, Priority::Foreground).unwrap();
+        c.flush().unwrap();
+        drop(c);
+        let map = dir.path().join("b.map");
+        let mut bytes = std::fs::read(&map).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&map, bytes).unwrap();
+        let c = CacheFile::open(dir.path(), "b", 40_000, POLICY).unwrap();
+        assert_eq!(c.map().filled_windows(), 0, "checksum caught the flip");
+    }
+
+    #[test]
+    fn a_failed_fill_writes_no_window_and_reads_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut src = blob(40_000);
+        let c = CacheFile::open(dir.path(), "b", 40_000, POLICY).unwrap();
+        src.data.truncate(20_000); // the source lost its tail
+        let mut out = vec![0u8; 100];
+        assert!(c
+            .read(&src, 30_000, &mut out, Priority::Foreground)
+            .is_err());
+        assert!(!c.covers(30_000, 100));
+        c.read(&src, 100, &mut out, Priority::Foreground).unwrap();
+        assert_eq!(out, src.data[100..200]);
+    }
+}

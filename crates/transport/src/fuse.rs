@@ -1,0 +1,841 @@
+//! The FUSE blob transport, for kernels without cachefiles on-demand mode.
+//!
+//! Every blob the daemon can serve appears as a read-only file
+//! `<mountpoint>/<name>` of a private FUSE mount (looked up by name through the
+//! same [`BlobResolver`] the cachefiles transport uses). The kernel's EROFS
+//! then mounts an image *file-backed*: the meta blob's file as the source, each
+//! data blob's file as a `device=` (Linux 6.12+, `EROFS_FS_BACKED_BY_FILE`).
+//!
+//! A FUSE READ goes through the same engine as a cachefiles READ, into the
+//! daemon's own [`CacheFile`] per blob (the kernel keeps no cache of its own
+//! here beyond its page cache), and is answered from that file. Blobs that are
+//! already complete local files (a meta blob fetched at mount, a plain blob in
+//! a local blob dir) are read directly. Every READ is answered with exactly the
+//! bytes asked for or an error: EROFS zero-fills short reads of its backing
+//! file, so a short reply would hand the reader zeros.
+//!
+//! The connection can be handed over: [`FuseServer::session`] describes it
+//! (negotiated protocol, node ids), and [`FuseServer::adopt`] serves an fd a
+//! previous daemon set up, re-queueing requests it left unanswered with
+//! `FUSE_NOTIFY_RESEND`.
+//!
+//! Like the cachefiles transport it contains no fetch logic and does not decide
+//! where blobs live.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use lazypull_backend::{BlobSource, Priority, SourceStats};
+use lazypull_engine::{CacheFile, FillError, FillOutcome, FillPolicy};
+use lazypull_fuse::abi::{self, init_flags, open_flags, FileAttr, InitOut, Operation};
+use lazypull_fuse::device::Readiness;
+use lazypull_fuse::FuseDevice;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, error, info, warn};
+
+use crate::cachefiles::BlobResolver;
+use crate::{BlobCacheInfo, Prefetch};
+
+/// How long the kernel may cache names and attributes: blobs are immutable
+/// (named by digest), so long.
+const TTL: Duration = Duration::from_secs(3600);
+
+/// Settings of the FUSE transport.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the blob files appear (a private directory, e.g. /run/lazypull/blobs).
+    pub mountpoint: PathBuf,
+    /// `/dev/fuse`.
+    pub device: PathBuf,
+    /// The daemon's own cache: `<name>.data` + `<name>.map` per blob.
+    pub cache_dir: PathBuf,
+    /// Requests served at once (each a thread).
+    pub threads: usize,
+    /// How misses are widened (fill windows) and split.
+    pub policy: FillPolicy,
+    /// How often fill maps are persisted.
+    pub flush_interval: Duration,
+}
+
+/// Counters of the FUSE transport.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub lookups: AtomicU64,
+    pub lookup_failures: AtomicU64,
+    pub opens: AtomicU64,
+    pub reads: AtomicU64,
+    pub read_failures: AtomicU64,
+    /// Bytes answered to READs.
+    pub bytes_read: AtomicU64,
+    /// Bytes written into cache files (fetched, verified).
+    pub bytes_written: AtomicU64,
+    pub windows_written: AtomicU64,
+    pub prefetched_bytes: AtomicU64,
+    pub malformed: AtomicU64,
+    pub unknown_nodes: AtomicU64,
+}
+
+/// A point-in-time copy of [`Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StatsSnapshot {
+    pub lookups: u64,
+    pub lookup_failures: u64,
+    pub opens: u64,
+    pub reads: u64,
+    pub read_failures: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub windows_written: u64,
+    pub prefetched_bytes: u64,
+    pub malformed: u64,
+    pub unknown_nodes: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            lookups: g(&self.lookups),
+            lookup_failures: g(&self.lookup_failures),
+            opens: g(&self.opens),
+            reads: g(&self.reads),
+            read_failures: g(&self.read_failures),
+            bytes_read: g(&self.bytes_read),
+            bytes_written: g(&self.bytes_written),
+            windows_written: g(&self.windows_written),
+            prefetched_bytes: g(&self.prefetched_bytes),
+            malformed: g(&self.malformed),
+            unknown_nodes: g(&self.unknown_nodes),
+        }
+    }
+}
+
+fn bump(a: &AtomicU64, n: u64) {
+    a.fetch_add(n, Ordering::Relaxed);
+}
+
+/// What a successor needs to serve this connection without a new `FUSE_INIT`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Negotiated protocol minor version.
+    pub minor: u32,
+    /// Flags the kernel offered at INIT.
+    pub kernel_flags: u64,
+    /// Largest READ the kernel will send (max_pages × page size).
+    pub max_read: u32,
+    /// Node ids the kernel knows, with their blob names and lookup counts.
+    pub nodes: Vec<SessionNode>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionNode {
+    pub id: u64,
+    pub name: String,
+    pub lookups: u64,
+}
+
+/// How a blob's bytes are read.
+enum Store {
+    /// A complete local file of the blob: read directly.
+    Direct(File),
+    /// Filled on demand into the daemon's cache.
+    Cached(CacheFile),
+}
+
+struct Node {
+    id: u64,
+    name: String,
+    source: Arc<dyn BlobSource>,
+    store: Store,
+    lookups: AtomicU64,
+}
+
+impl Node {
+    fn attr(&self) -> FileAttr {
+        let size = self.source.size();
+        FileAttr {
+            ino: self.id,
+            size,
+            blocks: size.div_ceil(512),
+            mode: libc::S_IFREG | 0o444,
+            nlink: 1,
+            blksize: 4096,
+            ..FileAttr::default()
+        }
+    }
+
+    fn cached_bytes(&self) -> u64 {
+        match &self.store {
+            Store::Direct(_) => self.source.size(),
+            Store::Cached(c) => c.cached_bytes(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Nodes {
+    by_id: HashMap<u64, Arc<Node>>,
+    by_name: HashMap<String, u64>,
+    /// Ids a previous daemon handed out, resolved on first use.
+    adopted: HashMap<u64, SessionNode>,
+    next_id: u64,
+}
+
+/// The file system: shared by the serving threads and by prefetch/status.
+struct BlobFs {
+    resolver: Arc<dyn BlobResolver>,
+    config: Config,
+    nodes: RwLock<Nodes>,
+    session: Mutex<Option<Session>>,
+    stats: Arc<Stats>,
+}
+
+fn root_attr() -> FileAttr {
+    FileAttr {
+        ino: abi::ROOT_ID,
+        mode: libc::S_IFDIR | 0o555,
+        nlink: 2,
+        blksize: 4096,
+        ..FileAttr::default()
+    }
+}
+
+impl BlobFs {
+    fn new(resolver: Arc<dyn BlobResolver>, config: Config, session: Option<Session>) -> Self {
+        let mut nodes = Nodes {
+            next_id: abi::ROOT_ID + 1,
+            ..Nodes::default()
+        };
+        if let Some(s) = &session {
+            for n in &s.nodes {
+                nodes.next_id = nodes.next_id.max(n.id + 1);
+                nodes.adopted.insert(n.id, n.clone());
+            }
+        }
+        BlobFs {
+            resolver,
+            config,
+            nodes: RwLock::new(nodes),
+            session: Mutex::new(session),
+            stats: Arc::default(),
+        }
+    }
+
+    fn read_nodes(&self) -> std::sync::RwLockReadGuard<'_, Nodes> {
+        self.nodes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_nodes(&self) -> std::sync::RwLockWriteGuard<'_, Nodes> {
+        self.nodes.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open_store(&self, name: &str, source: &Arc<dyn BlobSource>) -> io::Result<Store> {
+        if let Some(path) = source.local_path() {
+            let file = File::open(path).map_err(|e| {
+                io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
+            })?;
+            if file.metadata()?.len() == source.size() {
+                return Ok(Store::Direct(file));
+            }
+        }
+        Ok(Store::Cached(CacheFile::open(
+            &self.config.cache_dir,
+            name,
+            source.size(),
+            self.config.policy,
+        )?))
+    }
+
+    /// The node serving `name`, resolving the blob if it has none yet.
+    fn node_by_name(&self, name: &[u8]) -> Result<Arc<Node>, i32> {
+        if let Ok(s) = std::str::from_utf8(name) {
+            let nodes = self.read_nodes();
+            if let Some(node) = nodes.by_name.get(s).and_then(|id| nodes.by_id.get(id)) {
+                return Ok(node.clone());
+            }
+        }
+        let source = self.resolver.resolve(b"fuse", name).map_err(|e| {
+            if e.errno() == libc::ENOENT {
+                debug!("LOOKUP: {e}");
+            } else {
+                warn!("LOOKUP refused: {e}");
+            }
+            e.errno()
+        })?;
+        let name = source.name().to_owned();
+        let store = self.open_store(&name, &source).map_err(|e| {
+            error!(blob = %name, "cannot set up the cache of a blob: {e}");
+            e.raw_os_error().unwrap_or(libc::EIO)
+        })?;
+        let mut nodes = self.write_nodes();
+        if let Some(node) = nodes.by_name.get(&name).and_then(|id| nodes.by_id.get(id)) {
+            return Ok(node.clone()); // another thread won the race
+        }
+        let adopted = nodes
+            .adopted
+            .iter()
+            .find(|(_, n)| n.name == name)
+            .map(|(&id, n)| (id, n.lookups));
+        let (id, lookups) = match adopted {
+            Some((id, lookups)) => {
+                nodes.adopted.remove(&id);
+                (id, lookups)
+            }
+            None => {
+                let id = nodes.next_id;
+                nodes.next_id += 1;
+                (id, 0)
+            }
+        };
+        let node = Arc::new(Node {
+            id,
+            name: name.clone(),
+            source,
+            store,
+            lookups: AtomicU64::new(lookups),
+        });
+        nodes.by_id.insert(id, node.clone());
+        nodes.by_name.insert(name, id);
+        Ok(node)
+    }
+
+    fn node(&self, id: u64) -> Option<Arc<Node>> {
+        let adopted_name = {
+            let nodes = self.read_nodes();
+            if let Some(n) = nodes.by_id.get(&id) {
+                return Some(n.clone());
+            }
+            nodes.adopted.get(&id)?.name.clone()
+        };
+        self.node_by_name(adopted_name.as_bytes()).ok()
+    }
+
+    /// The kernel dropped `n` references to node `id`. The node itself is kept
+    /// (one per blob ever looked up): a lookup racing with the forget may hand
+    /// the kernel the same id again.
+    fn forget(&self, id: u64, n: u64) {
+        let mut nodes = self.write_nodes();
+        if let Some(node) = nodes.by_id.get(&id) {
+            let left = node.lookups.load(Ordering::Acquire).saturating_sub(n);
+            node.lookups.store(left, Ordering::Release);
+        } else if let Some(adopted) = nodes.adopted.get_mut(&id) {
+            adopted.lookups = adopted.lookups.saturating_sub(n);
+        }
+    }
+
+    fn flush_all(&self) {
+        let nodes: Vec<_> = self.read_nodes().by_id.values().cloned().collect();
+        for node in nodes {
+            if let Store::Cached(c) = &node.store {
+                if let Err(e) = c.flush() {
+                    warn!(blob = %node.name, "{e}");
+                }
+            }
+        }
+    }
+
+    /// Reads `out.len()` bytes at `off` of the node's blob.
+    fn read(&self, node: &Node, off: u64, out: &mut [u8], priority: Priority) -> io::Result<()> {
+        match &node.store {
+            Store::Direct(file) => file.read_exact_at(out, off).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("reading blob {} at {off} (+{}): {e}", node.name, out.len()),
+                )
+            }),
+            Store::Cached(cache) => {
+                let outcome = cache
+                    .read(node.source.as_ref(), off, out, priority)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                bump(&self.stats.bytes_written, outcome.bytes_written);
+                bump(&self.stats.windows_written, outcome.windows_written);
+                Ok(())
+            }
+        }
+    }
+
+    fn init(&self, unique: u64, init: abi::InitIn, dev: &FuseDevice) -> io::Result<()> {
+        if init.major != abi::KERNEL_VERSION || init.minor < abi::MIN_MINOR_VERSION {
+            error!(
+                major = init.major,
+                minor = init.minor,
+                "FUSE_INIT: the kernel speaks protocol {}.{}; lazypull needs 7.{}+",
+                init.major,
+                init.minor,
+                abi::MIN_MINOR_VERSION
+            );
+            return dev.send(&[&abi::error_reply(unique, libc::EPROTO)]);
+        }
+        let minor = init.minor.min(abi::KERNEL_MINOR_VERSION);
+        let max_pages: u16 = 256;
+        let wanted = init_flags::ASYNC_READ
+            | init_flags::PARALLEL_DIROPS
+            | init_flags::MAX_PAGES
+            | init_flags::INIT_EXT;
+        let reply = InitOut {
+            minor,
+            max_readahead: init.max_readahead,
+            flags: init.flags & wanted,
+            max_background: 64,
+            congestion_threshold: 48,
+            max_write: 4096,
+            max_pages,
+            max_stack_depth: 0,
+        };
+        let max_read = if init.flags & init_flags::MAX_PAGES != 0 {
+            u32::from(max_pages) * 4096
+        } else {
+            32 * 4096
+        };
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Session {
+            minor,
+            kernel_flags: init.flags,
+            max_read,
+            nodes: Vec::new(),
+        });
+        info!(
+            protocol = format!("7.{minor}"),
+            resend = init.flags & init_flags::HAS_RESEND != 0,
+            max_read,
+            "FUSE connection initialised"
+        );
+        let body = reply.encode();
+        dev.send(&[&abi::out_header(unique, 0, body.len()), &body])
+    }
+
+    fn max_read(&self) -> usize {
+        self.session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(128 << 10, |s| s.max_read as usize)
+    }
+
+    /// Answers one request. `data` is this thread's READ buffer.
+    fn handle(&self, dev: &FuseDevice, raw: &[u8], data: &mut Vec<u8>) -> io::Result<()> {
+        let request = match abi::parse(raw) {
+            Ok(r) => r,
+            Err(e) => {
+                bump(&self.stats.malformed, 1);
+                error!(error = %e, "malformed FUSE request; answered EIO");
+                return match e.unique() {
+                    Some(u) => dev.send(&[&abi::error_reply(u, libc::EIO)]),
+                    None => Ok(()),
+                };
+            }
+        };
+        let h = request.header;
+        let reply = |body: &[u8]| dev.send(&[&abi::out_header(h.unique, 0, body.len()), body]);
+        let fail = |errno: i32| dev.send(&[&abi::error_reply(h.unique, errno)]);
+        let file_node = |id: u64| -> Result<Arc<Node>, i32> {
+            self.node(id).ok_or_else(|| {
+                bump(&self.stats.unknown_nodes, 1);
+                warn!(node = id, "request for a node this daemon does not know");
+                libc::ENOENT
+            })
+        };
+        match request.op {
+            Operation::Init(init) => self.init(h.unique, init, dev),
+            Operation::Destroy
+            | Operation::Flush
+            | Operation::Release { .. }
+            | Operation::ReleaseDir => reply(&[]),
+            Operation::Forget { nlookup } => {
+                self.forget(h.nodeid, nlookup);
+                Ok(())
+            }
+            Operation::BatchForget { forgets } => {
+                for (id, n) in forgets {
+                    self.forget(id, n);
+                }
+                Ok(())
+            }
+            Operation::Interrupt { .. } => Ok(()),
+            Operation::Lookup { name } => {
+                bump(&self.stats.lookups, 1);
+                if h.nodeid != abi::ROOT_ID {
+                    return fail(libc::ENOTDIR);
+                }
+                match self.node_by_name(name) {
+                    Ok(node) => {
+                        node.lookups.fetch_add(1, Ordering::AcqRel);
+                        reply(&abi::entry_out(node.id, 0, TTL, &node.attr()))
+                    }
+                    Err(errno) => {
+                        bump(&self.stats.lookup_failures, 1);
+                        fail(errno)
+                    }
+                }
+            }
+            Operation::GetAttr => {
+                if h.nodeid == abi::ROOT_ID {
+                    return reply(&abi::attr_out(TTL, &root_attr()));
+                }
+                match file_node(h.nodeid) {
+                    Ok(node) => reply(&abi::attr_out(TTL, &node.attr())),
+                    Err(errno) => fail(errno),
+                }
+            }
+            Operation::Open { flags } => {
+                if flags & (libc::O_WRONLY | libc::O_RDWR) as u32 != 0 {
+                    return fail(libc::EROFS);
+                }
+                match file_node(h.nodeid) {
+                    Ok(_) => {
+                        bump(&self.stats.opens, 1);
+                        // Blobs never change: keep the page cache across opens.
+                        reply(&abi::open_out(0, open_flags::KEEP_CACHE, 0))
+                    }
+                    Err(errno) => fail(errno),
+                }
+            }
+            Operation::Read(r) => {
+                bump(&self.stats.reads, 1);
+                let node = match file_node(h.nodeid) {
+                    Ok(n) => n,
+                    Err(errno) => return fail(errno),
+                };
+                let size = node.source.size();
+                let end = r.offset.saturating_add(u64::from(r.size)).min(size);
+                if r.offset >= end {
+                    return reply(&[]);
+                }
+                let len = ((end - r.offset) as usize).min(self.max_read().max(4096));
+                data.resize(len, 0);
+                match self.read(&node, r.offset, &mut data[..len], Priority::Foreground) {
+                    Ok(()) => {
+                        bump(&self.stats.bytes_read, len as u64);
+                        reply(&data[..len])
+                    }
+                    Err(e) => {
+                        bump(&self.stats.read_failures, 1);
+                        error!(blob = %node.name, off = r.offset, len, "READ failed, the reader gets EIO: {e}");
+                        fail(libc::EIO)
+                    }
+                }
+            }
+            Operation::OpenDir => {
+                if h.nodeid != abi::ROOT_ID {
+                    return fail(libc::ENOTDIR);
+                }
+                reply(&abi::open_out(0, 0, 0))
+            }
+            Operation::ReadDir(r) => {
+                if h.nodeid != abi::ROOT_ID {
+                    return fail(libc::ENOTDIR);
+                }
+                let mut entries: Vec<(u64, String)> = {
+                    let nodes = self.read_nodes();
+                    nodes
+                        .by_id
+                        .values()
+                        .map(|n| (n.id, n.name.clone()))
+                        .collect()
+                };
+                entries.sort();
+                let mut buf = abi::DirentBuf::new(r.size as usize);
+                let all = [
+                    (abi::ROOT_ID, ".".to_owned(), abi::DT_DIR),
+                    (abi::ROOT_ID, "..".to_owned(), abi::DT_DIR),
+                ]
+                .into_iter()
+                .chain(
+                    entries
+                        .into_iter()
+                        .map(|(id, name)| (id, name, abi::DT_REG)),
+                );
+                for (i, (ino, name, kind)) in all.enumerate().skip(r.offset as usize) {
+                    if !buf.push(ino, i as u64 + 1, kind, name.as_bytes()) {
+                        break;
+                    }
+                }
+                reply(&buf.into_bytes())
+            }
+            Operation::StatFs => {
+                let nodes = self.read_nodes();
+                let bytes = nodes.by_id.values().map(|n| n.source.size()).sum();
+                reply(&abi::statfs_out(bytes, nodes.by_id.len() as u64))
+            }
+            Operation::Access { .. } => reply(&[]),
+            Operation::Other { opcode } => {
+                debug!(opcode, "unsupported FUSE request: ENOSYS");
+                fail(libc::ENOSYS)
+            }
+        }
+    }
+
+    fn session(&self) -> Option<Session> {
+        let mut s = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let nodes = self.read_nodes();
+        s.nodes = nodes
+            .by_id
+            .values()
+            .map(|n| SessionNode {
+                id: n.id,
+                name: n.name.clone(),
+                lookups: n.lookups.load(Ordering::Acquire),
+            })
+            .chain(nodes.adopted.values().cloned())
+            .collect();
+        s.nodes.sort_by_key(|n| n.id);
+        Some(s)
+    }
+}
+
+/// Fills blobs ahead of need and reports what is cached: a handle on the
+/// transport for prefetch and status.
+#[derive(Clone)]
+pub struct FuseBlobs {
+    fs: Arc<BlobFs>,
+}
+
+impl Prefetch for FuseBlobs {
+    fn prefetch(&self, blob: &str, off: u64, len: u64) -> Result<Option<FillOutcome>, FillError> {
+        let Ok(node) = self.fs.node_by_name(blob.as_bytes()) else {
+            return Ok(None);
+        };
+        let Store::Cached(cache) = &node.store else {
+            return Ok(Some(FillOutcome::default())); // a complete local file
+        };
+        let out = cache.fill(node.source.as_ref(), off, len, Priority::Background)?;
+        bump(&self.fs.stats.prefetched_bytes, out.bytes_written);
+        bump(&self.fs.stats.bytes_written, out.bytes_written);
+        Ok(Some(out))
+    }
+
+    fn blobs(&self) -> Vec<BlobCacheInfo> {
+        let mut v: Vec<_> = self
+            .fs
+            .read_nodes()
+            .by_id
+            .values()
+            .map(|n| BlobCacheInfo {
+                blob: n.name.clone(),
+                size: n.source.size(),
+                cached_bytes: n.cached_bytes(),
+                source: n.source.source_stats(),
+                local_file: matches!(n.store, Store::Direct(_)),
+            })
+            .collect();
+        v.sort_by(|a, b| a.blob.cmp(&b.blob));
+        v
+    }
+}
+
+impl FuseBlobs {
+    /// Where the blob `name` is complete on local disk, if it is: a file the
+    /// kernel can read directly, with no daemon in the way.
+    pub fn complete_file(&self, name: &str) -> Option<PathBuf> {
+        let node = self.fs.node_by_name(name.as_bytes()).ok()?;
+        match &node.store {
+            Store::Direct(_) => node.source.local_path().map(Path::to_path_buf),
+            Store::Cached(c) => c.is_complete().then(|| c.data_path().to_path_buf()),
+        }
+    }
+
+    /// Stats of every blob the kernel looked up or prefetch touched.
+    pub fn source_stats(&self) -> Vec<(String, SourceStats)> {
+        self.blobs()
+            .into_iter()
+            .map(|b| (b.blob, b.source))
+            .collect()
+    }
+}
+
+/// A mounted (or adopted) FUSE connection serving blob files.
+pub struct FuseServer {
+    dev: Arc<FuseDevice>,
+    fs: Arc<BlobFs>,
+    stop: OwnedFd,
+}
+
+impl FuseServer {
+    /// Opens `/dev/fuse` and mounts a new connection at the configured mountpoint.
+    pub fn mount(config: Config, resolver: Arc<dyn BlobResolver>) -> io::Result<Self> {
+        config
+            .policy
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        std::fs::create_dir_all(&config.mountpoint)?;
+        std::fs::create_dir_all(&config.cache_dir)?;
+        let dev = FuseDevice::open(&config.device)?;
+        dev.mount(&config.mountpoint, "lazypull", "lazypull")?;
+        info!(mountpoint = %config.mountpoint.display(), cache_dir = %config.cache_dir.display(), "FUSE blob mount ready");
+        Self::with(dev, config, resolver, None)
+    }
+
+    /// Serves a connection a previous daemon mounted and initialised (fd from
+    /// an fd store or a handover), asking the kernel to resend what that daemon
+    /// left unanswered.
+    pub fn adopt(
+        config: Config,
+        resolver: Arc<dyn BlobResolver>,
+        fd: OwnedFd,
+        session: Session,
+    ) -> io::Result<Self> {
+        let dev = FuseDevice::from_fd(fd)?;
+        let nodes = session.nodes.len();
+        let resend = session.kernel_flags & init_flags::HAS_RESEND != 0;
+        let server = Self::with(dev, config, resolver, Some(session))?;
+        if resend {
+            server.dev.notify_resend()?;
+        } else {
+            warn!("this kernel cannot resend FUSE requests (before 6.9): reads the previous daemon had taken may hang");
+        }
+        info!(nodes, resend, "FUSE connection adopted");
+        Ok(server)
+    }
+
+    fn with(
+        dev: FuseDevice,
+        config: Config,
+        resolver: Arc<dyn BlobResolver>,
+        session: Option<Session>,
+    ) -> io::Result<Self> {
+        let stop = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
+        Ok(FuseServer {
+            dev: Arc::new(dev),
+            fs: Arc::new(BlobFs::new(resolver, config, session)),
+            stop,
+        })
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.fs.stats.clone()
+    }
+
+    pub fn blobs(&self) -> FuseBlobs {
+        FuseBlobs {
+            fs: self.fs.clone(),
+        }
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.fs.config.mountpoint
+    }
+
+    /// The connection's state for a successor (None before `FUSE_INIT`).
+    pub fn session(&self) -> Option<Session> {
+        self.fs.session()
+    }
+
+    /// A duplicate of the connection fd, to keep it alive elsewhere.
+    pub fn connection_fd(&self) -> io::Result<OwnedFd> {
+        self.dev.try_clone_fd()
+    }
+
+    /// Serves until `shutdown` resolves (or the connection goes away), then
+    /// stops the workers and persists every fill map. The mount stays: call
+    /// [`unmount`](Self::unmount) to end it, or leave it for a successor.
+    pub async fn serve(&self, shutdown: impl Future<Output = ()>) -> io::Result<StatsSnapshot> {
+        let threads = self.fs.config.threads.max(1);
+        let (gone_tx, mut gone_rx) = tokio::sync::mpsc::channel::<io::Error>(threads);
+        let mut workers = Vec::new();
+        for i in 0..threads {
+            let dev = self.dev.clone();
+            let fs = self.fs.clone();
+            let stop = self.stop.try_clone()?;
+            let gone = gone_tx.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("lazypull-fuse-{i}"))
+                    .spawn(move || {
+                        if let Err(e) = worker(&dev, &fs, &stop) {
+                            let _ = gone.blocking_send(e);
+                        }
+                    })?,
+            );
+        }
+        let flusher = {
+            let fs = self.fs.clone();
+            let interval = self.fs.config.flush_interval;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    let fs = fs.clone();
+                    let _ = tokio::task::spawn_blocking(move || fs.flush_all()).await;
+                }
+            })
+        };
+        drop(gone_tx);
+        let result = tokio::select! {
+            _ = shutdown => Ok(()),
+            Some(e) = gone_rx.recv() => {
+                error!("FUSE connection lost: {e}");
+                Err(e)
+            }
+        };
+        flusher.abort();
+        rustix::io::write(&self.stop, &1u64.to_ne_bytes())?;
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        })
+        .await;
+        self.fs.flush_all();
+        let snapshot = self.fs.stats.snapshot();
+        info!(?snapshot, "FUSE server stopped");
+        result.map(|()| snapshot)
+    }
+
+    /// Detaches the blob mount (lazily: images still mounted from it keep
+    /// their files until they are unmounted, and fail once the connection closes).
+    pub fn unmount(&self) -> io::Result<()> {
+        rustix::mount::unmount(
+            &self.fs.config.mountpoint,
+            rustix::mount::UnmountFlags::DETACH,
+        )
+        .map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("unmounting {}: {e}", self.fs.config.mountpoint.display()),
+            )
+        })
+    }
+}
+
+/// One serving thread: waits for requests and answers them until stopped.
+fn worker(dev: &FuseDevice, fs: &BlobFs, stop: &OwnedFd) -> io::Result<()> {
+    let mut request = vec![0u8; 64 << 10];
+    let mut data = Vec::new();
+    loop {
+        match dev.wait(stop.as_fd(), Duration::from_secs(5))? {
+            Readiness::Stop => return Ok(()),
+            Readiness::Idle => continue,
+            Readiness::Request => {}
+        }
+        let Some(n) = dev.recv(&mut request)? else {
+            continue;
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            fs.handle(dev, &request[..n], &mut data)
+        }));
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!("answering a FUSE request failed: {e}"),
+            Err(_) => {
+                // The request is answered with EIO so its caller does not hang.
+                bump(&fs.stats.read_failures, 1);
+                error!("a FUSE request handler panicked (a bug); answered EIO");
+                if let Ok(r) = abi::parse(&request[..n]) {
+                    if r.wants_reply() {
+                        let _ = dev.send(&[&abi::error_reply(r.header.unique, libc::EIO)]);
+                    }
+                }
+            }
+        }
+    }
+}
