@@ -26,6 +26,7 @@ pub use registry::{
     RegistryError, RequestStats,
 };
 pub use retry::RetryPolicy;
+pub use transport::totals as http_totals;
 
 use std::fs::File;
 use std::io;

@@ -9,7 +9,6 @@
 use std::collections::hash_map::RandomState;
 use std::fmt::Display;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// How often and how patiently a failed request is tried again.
@@ -89,7 +88,7 @@ fn random_u64() -> u64 {
 pub(crate) fn run<T, E: Display>(
     policy: &RetryPolicy,
     what: &dyn Display,
-    retries: &AtomicU64,
+    retries: &crate::transport::Counter,
     retryable: impl Fn(&E) -> bool,
     mut op: impl FnMut(u32) -> Result<T, E>,
 ) -> Result<T, E> {
@@ -104,7 +103,7 @@ pub(crate) fn run<T, E: Display>(
                     target: "lazypull::backend",
                     "{what}: attempt {attempt} of {attempts} failed, retrying in {pause:?}: {e}"
                 );
-                retries.fetch_add(1, Ordering::Relaxed);
+                retries.add(1);
                 std::thread::sleep(pause);
                 attempt += 1;
             }
@@ -170,7 +169,7 @@ mod tests {
 
     #[test]
     fn retries_retryable_errors_until_success() {
-        let retries = AtomicU64::new(0);
+        let retries = crate::transport::Counter::detached();
         let mut calls = vec![];
         let r: Result<u32, String> = run(
             &quick(5),
@@ -188,12 +187,12 @@ mod tests {
         );
         assert_eq!(r.unwrap(), 3);
         assert_eq!(calls, [1, 2, 3]);
-        assert_eq!(retries.load(Ordering::Relaxed), 2);
+        assert_eq!(retries.get(), 2);
     }
 
     #[test]
     fn gives_up_after_the_last_attempt_and_never_retries_permanent_errors() {
-        let retries = AtomicU64::new(0);
+        let retries = crate::transport::Counter::detached();
         let mut n = 0;
         let r: Result<(), String> = run(
             &quick(3),
@@ -207,9 +206,9 @@ mod tests {
         );
         assert_eq!(r.unwrap_err(), "transient");
         assert_eq!(n, 3);
-        assert_eq!(retries.load(Ordering::Relaxed), 2);
+        assert_eq!(retries.get(), 2);
 
-        let retries = AtomicU64::new(0);
+        let retries = crate::transport::Counter::detached();
         let mut n = 0;
         let r: Result<(), String> = run(
             &quick(3),
@@ -223,14 +222,14 @@ mod tests {
         );
         assert_eq!(r.unwrap_err(), "permanent");
         assert_eq!(n, 1);
-        assert_eq!(retries.load(Ordering::Relaxed), 0);
+        assert_eq!(retries.get(), 0);
 
         // attempts = 0 still tries once.
         let mut n = 0;
         let _: Result<(), String> = run(
             &quick(0),
             &"op",
-            &AtomicU64::new(0),
+            &crate::transport::Counter::detached(),
             |_| true,
             |_| {
                 n += 1;

@@ -12,34 +12,97 @@ use reqwest::header::{HeaderName, CONTENT_LENGTH, CONTENT_RANGE};
 
 use crate::registry::{RegistryError, RequestStats};
 
-/// Live counters behind [`RequestStats`].
-#[derive(Debug, Default)]
-pub(crate) struct Stats {
-    pub requests: AtomicU64,
-    pub range_requests: AtomicU64,
-    pub bytes_received: AtomicU64,
-    pub retries: AtomicU64,
-    pub failures: AtomicU64,
+/// One counter of one client, which also adds to the process-wide total of
+/// its kind (see [`totals`]).
+#[derive(Debug)]
+pub(crate) struct Counter {
+    local: AtomicU64,
+    total: &'static AtomicU64,
 }
 
-pub(crate) fn inc(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+impl Counter {
+    const fn new(total: &'static AtomicU64) -> Self {
+        Counter {
+            local: AtomicU64::new(0),
+            total,
+        }
+    }
+
+    /// A counter adding to no total (tests).
+    #[cfg(test)]
+    pub fn detached() -> Self {
+        static NOWHERE: AtomicU64 = AtomicU64::new(0);
+        Counter::new(&NOWHERE)
+    }
+
+    pub fn add(&self, n: u64) {
+        self.local.fetch_add(n, Ordering::Relaxed);
+        self.total.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.local.load(Ordering::Relaxed)
+    }
+}
+
+static TOTAL_REQUESTS: AtomicU64 = AtomicU64::new(0);
+static TOTAL_RANGE_REQUESTS: AtomicU64 = AtomicU64::new(0);
+static TOTAL_BYTES: AtomicU64 = AtomicU64::new(0);
+static TOTAL_RETRIES: AtomicU64 = AtomicU64::new(0);
+static TOTAL_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// Every HTTP request this process sent to registries and blob servers, over
+/// all clients (the number a server's access log shows).
+pub fn totals() -> RequestStats {
+    let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    RequestStats {
+        requests: g(&TOTAL_REQUESTS),
+        range_requests: g(&TOTAL_RANGE_REQUESTS),
+        bytes_received: g(&TOTAL_BYTES),
+        retries: g(&TOTAL_RETRIES),
+        failures: g(&TOTAL_FAILURES),
+    }
+}
+
+/// Live counters behind [`RequestStats`].
+#[derive(Debug)]
+pub(crate) struct Stats {
+    pub requests: Counter,
+    pub range_requests: Counter,
+    pub bytes_received: Counter,
+    pub retries: Counter,
+    pub failures: Counter,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            requests: Counter::new(&TOTAL_REQUESTS),
+            range_requests: Counter::new(&TOTAL_RANGE_REQUESTS),
+            bytes_received: Counter::new(&TOTAL_BYTES),
+            retries: Counter::new(&TOTAL_RETRIES),
+            failures: Counter::new(&TOTAL_FAILURES),
+        }
+    }
+}
+
+pub(crate) fn inc(c: &Counter) {
+    c.add(1);
 }
 
 impl Stats {
     pub fn snapshot(&self) -> RequestStats {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         RequestStats {
-            requests: g(&self.requests),
-            range_requests: g(&self.range_requests),
-            bytes_received: g(&self.bytes_received),
-            retries: g(&self.retries),
-            failures: g(&self.failures),
+            requests: self.requests.get(),
+            range_requests: self.range_requests.get(),
+            bytes_received: self.bytes_received.get(),
+            retries: self.retries.get(),
+            failures: self.failures.get(),
         }
     }
 
     pub fn received(&self, n: usize) {
-        self.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+        self.bytes_received.add(n as u64);
     }
 }
 

@@ -24,12 +24,19 @@ use lazypull_blob::ChunkTable;
 use lazypull_engine::{ChunkedBlob, FetchContext};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tracing::info;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use tracing::{error, info, warn};
 
-/// What `lazypull mount` asks the daemon to register.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// What `lazypull mount` asks the daemon to register: an image in a registry
+/// (`reference`), or one the daemon's blob dir or blob URL holds (`fsid`, the
+/// meta blob's name).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterRequest {
+    #[serde(default)]
     pub reference: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsid: Option<String>,
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
@@ -54,6 +61,14 @@ pub struct Registered {
     pub elapsed_ms: f64,
 }
 
+/// One data blob of an image, in device table order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageBlob {
+    pub digest: String,
+    /// Uncompressed size.
+    pub size: u64,
+}
+
 /// One registered image.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageInfo {
@@ -66,7 +81,9 @@ pub struct ImageInfo {
 
 struct Image {
     info: ImageInfo,
-    config: ImageConfig,
+    blobs: Vec<ImageBlob>,
+    /// How it was registered: replayed when a restarted daemon takes over.
+    request: RegisterRequest,
 }
 
 #[derive(Default)]
@@ -94,6 +111,8 @@ pub struct Catalog {
     fetch: Arc<FetchContext>,
     remote: RemoteSettings,
     state: Mutex<State>,
+    /// Where registered images are recorded for a successor daemon.
+    state_file: Option<PathBuf>,
 }
 
 impl Catalog {
@@ -103,6 +122,7 @@ impl Catalog {
         blob_url: Option<String>,
         fetch: Arc<FetchContext>,
         remote: RemoteSettings,
+        state_file: Option<PathBuf>,
     ) -> Self {
         Catalog {
             work_dir,
@@ -111,6 +131,7 @@ impl Catalog {
             fetch,
             remote,
             state: Mutex::default(),
+            state_file,
         }
     }
 
@@ -137,6 +158,12 @@ impl Catalog {
                 return Ok(dir.open(cookie)?);
             }
         }
+        self.resolve_unregistered(name)
+    }
+
+    /// A blob of the blob URL or blob dir.
+    fn resolve_unregistered(&self, name: &str) -> Result<Arc<dyn BlobSource>, OpenError> {
+        let cookie = name.as_bytes();
         if let Some(base) = &self.blob_url {
             match self.resolve_http(base, name) {
                 Err(e) if e.errno() == libc::ENOENT && self.blob_dir.is_some() => {}
@@ -247,6 +274,102 @@ impl Catalog {
     /// Fetches what an image needs at mount and registers its blobs. Blocking
     /// (network I/O): call it off the async runtime.
     pub fn register(&self, req: &RegisterRequest) -> anyhow::Result<Registered> {
+        let registered = match &req.fsid {
+            Some(fsid) if req.reference.is_empty() => self.register_local(fsid, req)?,
+            Some(_) => bail!("give an image reference or an fsid, not both"),
+            None => self.register_remote(req)?,
+        };
+        self.save_state();
+        Ok(registered)
+    }
+
+    /// Registers an image whose meta blob the blob URL or blob dir holds: the
+    /// meta blob is copied (whole, checked against its name when that is a
+    /// sha256) into the work dir, its device table names the data blobs.
+    fn register_local(&self, fsid: &str, req: &RegisterRequest) -> anyhow::Result<Registered> {
+        let started = Instant::now();
+        let name = lazypull_backend::validate_name(fsid.as_bytes())?.to_owned();
+        let existing = self.lock().metas.get(&name).cloned();
+        let (meta_path, fetched) = match existing {
+            Some(path) => (path, 0),
+            None => {
+                let source = self.resolve_unregistered(&name).map_err(|e| {
+                    anyhow::anyhow!(
+                        "image {name}: {e} (is it in the daemon's --blob-dir or --blob-url?)"
+                    )
+                })?;
+                let size = source.size();
+                if size > MAX_META_BYTES {
+                    bail!("meta blob {name} is {size} bytes; more than {MAX_META_BYTES} is not a meta blob");
+                }
+                let mut bytes = vec![0u8; size as usize];
+                let mut done = 0;
+                while done < bytes.len() {
+                    let n = source
+                        .read_at(&mut bytes[done..], done as u64)
+                        .with_context(|| format!("reading meta blob {name}"))?;
+                    if n == 0 {
+                        bail!("meta blob {name} ended after {done} of {size} bytes");
+                    }
+                    done += n;
+                }
+                if is_sha256_hex(&name) && hex::encode(Sha256::digest(&bytes)) != name {
+                    bail!("meta blob {name} does not match its digest: refusing to serve it");
+                }
+                (self.keep_meta(&name, &bytes)?, size)
+            }
+        };
+        let meta = std::fs::read(&meta_path)
+            .with_context(|| format!("reading {}", meta_path.display()))?;
+        let image = lazypull_erofs::Image::from_bytes(meta)
+            .with_context(|| format!("meta blob {name} is not a valid EROFS image"))?;
+        let mut blobs = Vec::new();
+        for d in image.devices() {
+            let tag = String::from_utf8_lossy(d.tag_bytes()).into_owned();
+            let blob = self
+                .resolve(tag.as_bytes())
+                .map_err(|e| anyhow::anyhow!("image {name}: data blob {tag}: {e}"))?;
+            blobs.push(ImageBlob {
+                digest: tag,
+                size: blob.size(),
+            });
+        }
+        let mut st = self.lock();
+        st.metas.insert(name.clone(), meta_path);
+        let mountpoints = st
+            .images
+            .get(&name)
+            .map(|i| i.info.mountpoints.clone())
+            .unwrap_or_default();
+        let info = ImageInfo {
+            fsid: name.clone(),
+            reference: format!("{} (blob dir)", name),
+            manifest_digest: String::new(),
+            blobs: blobs.iter().map(|b| b.digest.clone()).collect(),
+            mountpoints,
+        };
+        st.images.insert(
+            name.clone(),
+            Image {
+                info: info.clone(),
+                blobs: blobs.clone(),
+                request: req.clone(),
+            },
+        );
+        drop(st);
+        info!(fsid = %name, blobs = blobs.len(), "image registered from the blob store");
+        Ok(Registered {
+            fsid: name,
+            reference: info.reference,
+            manifest_digest: String::new(),
+            blobs: blobs.len(),
+            data_bytes: blobs.iter().map(|b| b.size).sum(),
+            fetched_bytes: fetched,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    fn register_remote(&self, req: &RegisterRequest) -> anyhow::Result<Registered> {
         let started = Instant::now();
         let reference = Reference::parse(&req.reference)?;
         let mut client = self.remote.client.clone();
@@ -343,7 +466,20 @@ impl Catalog {
                     blobs: names,
                     mountpoints,
                 },
-                config: config.clone(),
+                blobs: config
+                    .blobs
+                    .iter()
+                    .map(|b| ImageBlob {
+                        digest: b.digest.clone(),
+                        size: b.size,
+                    })
+                    .collect(),
+                // Pinned to the manifest fetched now: a restarted daemon
+                // serves the same image even if the tag moved.
+                request: RegisterRequest {
+                    reference: pinned(&reference, &manifest.digest),
+                    ..req.clone()
+                },
             },
         );
         drop(st);
@@ -389,8 +525,17 @@ impl Catalog {
             .get_blob(&config.meta.digest, &|_| {})
             .context("fetching the meta blob")?;
         *fetched += bytes.len() as u64;
-        let tmp = dir.join(format!(".{hex}.tmp{}", std::process::id()));
-        std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        self.keep_meta(hex, &bytes)
+    }
+
+    /// Writes a verified meta blob into the work dir (atomically).
+    fn keep_meta(&self, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+        let dir = self.work_dir.join("meta");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating the work dir {}", dir.display()))?;
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+        std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
         Ok(path)
     }
@@ -404,19 +549,27 @@ impl Catalog {
         if !image.info.mountpoints.iter().any(|m| m == mountpoint) {
             image.info.mountpoints.push(mountpoint.to_owned());
         }
+        drop(st);
+        self.save_state();
         Ok(())
     }
 
     /// Forgets a mountpoint; returns the image's fsid if one was mounted there.
     pub fn unmounted(&self, mountpoint: &Path) -> Option<String> {
         let mut st = self.lock();
+        let mut found = None;
         for image in st.images.values_mut() {
             if let Some(pos) = image.info.mountpoints.iter().position(|m| m == mountpoint) {
                 image.info.mountpoints.remove(pos);
-                return Some(image.info.fsid.clone());
+                found = Some(image.info.fsid.clone());
+                break;
             }
         }
-        None
+        drop(st);
+        if found.is_some() {
+            self.save_state();
+        }
+        found
     }
 
     pub fn images(&self) -> Vec<ImageInfo> {
@@ -427,10 +580,111 @@ impl Catalog {
             .collect()
     }
 
-    /// The config and meta blob path of a registered image.
-    pub fn image(&self, fsid: &str) -> Option<(ImageConfig, PathBuf)> {
+    /// The data blobs and meta blob path of a registered image.
+    pub fn image(&self, fsid: &str) -> Option<(Vec<ImageBlob>, PathBuf)> {
         let st = self.lock();
         let image = st.images.get(fsid)?;
-        Some((image.config.clone(), st.metas.get(fsid)?.clone()))
+        Some((image.blobs.clone(), st.metas.get(fsid)?.clone()))
     }
+
+    /// Writes what a successor needs to serve the same images (see
+    /// [`restore`](Self::restore)) to the state file, if there is one.
+    fn save_state(&self) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        let saved = SavedState {
+            images: self
+                .lock()
+                .images
+                .values()
+                .map(|i| SavedImage {
+                    request: i.request.clone(),
+                    mountpoints: i.info.mountpoints.clone(),
+                })
+                .collect(),
+        };
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(&saved)?)?;
+            std::fs::rename(&tmp, path)
+        };
+        if let Err(e) = write() {
+            warn!(path = %path.display(), "cannot save the daemon state (a restarted daemon will not know the mounted images): {e}");
+        }
+    }
+
+    /// Registers again every image a previous daemon had registered (from the
+    /// state file): a daemon taking over mounts must resolve their blobs
+    /// before the kernel asks. Failures are logged; those images' reads fail.
+    pub fn restore(&self) -> usize {
+        let Some(path) = &self.state_file else {
+            return 0;
+        };
+        let saved: SavedState = match std::fs::read(path) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(path = %path.display(), "ignoring an unreadable state file: {e}");
+                    return 0;
+                }
+            },
+            Err(_) => return 0,
+        };
+        let mut restored = 0;
+        for image in saved.images {
+            let what = image
+                .request
+                .fsid
+                .clone()
+                .unwrap_or_else(|| image.request.reference.clone());
+            match self.register(&image.request) {
+                Ok(r) => {
+                    for m in &image.mountpoints {
+                        let _ = self.mounted(&r.fsid, m);
+                    }
+                    restored += 1;
+                }
+                Err(e) => {
+                    error!(image = %what, "cannot serve an image a previous daemon served; its reads will fail: {e:#}")
+                }
+            }
+        }
+        restored
+    }
+}
+
+/// The state file: what was registered, how, and where it is mounted. It holds
+/// registry credentials, so it is written mode 0600 (under /run by default,
+/// gone at reboot with the mounts it describes).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SavedState {
+    images: Vec<SavedImage>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedImage {
+    request: RegisterRequest,
+    mountpoints: Vec<PathBuf>,
+}
+
+/// Meta blobs are small (metadata only); anything bigger is a mistake.
+const MAX_META_BYTES: u64 = 1 << 30;
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// `reference` with its tag replaced by the manifest digest.
+fn pinned(reference: &Reference, digest: &str) -> String {
+    format!("{}/{}@{}", reference.registry, reference.repository, digest)
 }

@@ -8,11 +8,72 @@ use serde::Deserialize;
 /// Default location of the config file, read if present when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/lazypull/config.toml";
 
+/// Which kernel interface serves the images.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// cachefiles on-demand if the kernel has it, else FUSE.
+    #[default]
+    Auto,
+    /// /dev/cachefiles in on-demand mode; the kernel keeps the cache.
+    Cachefiles,
+    /// Blob files on a private FUSE mount, mounted file-backed by EROFS;
+    /// lazypull keeps the cache.
+    Fuse,
+}
+
+impl TransportKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Auto => "auto",
+            TransportKind::Cachefiles => "cachefiles",
+            TransportKind::Fuse => "fuse",
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {
-    /// Cache directory for cachefiles (must be on ext4, xfs or similar; not tmpfs).
+    /// Cache directory (default /var/cache/lazypull). With cachefiles it must
+    /// be on ext4, xfs or similar, not tmpfs; with FUSE lazypull keeps its own
+    /// cache in DIR/blobs.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+
+    /// Kernel interface: auto (cachefiles when the kernel has on-demand mode,
+    /// else FUSE), cachefiles or fuse.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub transport: Option<TransportKind>,
+
+    /// With FUSE: where the blob files appear (default /run/lazypull/blobs).
+    #[arg(long, value_name = "DIR")]
+    pub fuse_dir: Option<PathBuf>,
+
+    /// Where the daemon records what a successor needs to take over its mounts
+    /// (default /run/lazypull).
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+
+    /// The fd store that keeps the kernel connections open across daemon
+    /// restarts and crashes (started if none runs). Default
+    /// /run/lazypull/fdstore.sock.
+    #[arg(long, value_name = "PATH")]
+    pub fd_store: Option<PathBuf>,
+
+    /// Run without an fd store: mounts die with the daemon.
+    #[arg(long)]
+    pub no_fd_store: bool,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Upgrade in place: ask the daemon running on --socket to hand its mounts
+    /// over, wait for it to exit, then serve them.
+    #[arg(long)]
+    pub takeover: bool,
 
     /// Local directory of blobs named by their key (fsid or device tag), for
     /// images not mounted by reference. Optional.
@@ -36,9 +97,11 @@ pub struct DaemonArgs {
     pub socket: Option<PathBuf>,
 
     /// Config file (TOML). Default: /etc/lazypull/config.toml if it exists.
-    /// Keys: cache_dir, blob_dir, blob_url, work_dir, socket, tag, device, max_in_flight,
-    /// fill_window, io_size, max_connections, max_merge, unit_cache, readahead,
-    /// insecure_registries, ca_files, docker_config, request_timeout_secs, retries.
+    /// Keys: cache_dir, transport, fuse_dir, fuse_threads, run_dir, fd_store,
+    /// metrics_addr, blob_dir, blob_url, work_dir, socket, tag, device,
+    /// max_in_flight, fill_window, io_size, max_connections, max_merge,
+    /// unit_cache, readahead, insecure_registries, ca_files, docker_config,
+    /// request_timeout_secs, retries.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -83,6 +146,13 @@ pub struct DaemonArgs {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub cache_dir: Option<PathBuf>,
+    pub transport: Option<TransportKind>,
+    pub fuse_dir: Option<PathBuf>,
+    pub fuse_threads: Option<usize>,
+    pub run_dir: Option<PathBuf>,
+    /// Path of the fd store socket, or "" for none.
+    pub fd_store: Option<PathBuf>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub blob_dir: Option<PathBuf>,
     pub tag: Option<String>,
     pub device: Option<PathBuf>,
@@ -145,6 +215,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonConfig {
     pub cache_dir: PathBuf,
+    pub transport: TransportKind,
+    pub fuse_dir: PathBuf,
+    pub fuse_threads: usize,
+    pub run_dir: PathBuf,
+    pub fd_store: Option<PathBuf>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub blob_dir: Option<PathBuf>,
     pub blob_url: Option<String>,
     pub work_dir: PathBuf,
@@ -173,9 +249,20 @@ impl DaemonArgs {
             None if Path::new(DEFAULT_CONFIG).exists() => load(Path::new(DEFAULT_CONFIG))?,
             None => FileConfig::default(),
         };
-        let cache_dir = self.cache_dir.clone().or(file.cache_dir).context(
-            "no cache directory: pass --cache-dir DIR or set cache_dir in the config file",
-        )?;
+        let cache_dir = self
+            .cache_dir
+            .clone()
+            .or(file.cache_dir)
+            .unwrap_or_else(|| "/var/cache/lazypull".into());
+        let fd_store = if self.no_fd_store {
+            None
+        } else {
+            match self.fd_store.clone().or(file.fd_store) {
+                Some(p) if p.as_os_str().is_empty() => None,
+                Some(p) => Some(p),
+                None => Some(crate::fdstore::DEFAULT_SOCKET.into()),
+            }
+        };
         let blob_dir = self.blob_dir.clone().or(file.blob_dir);
         let fetch = lazypull_engine::FetchOptions::default();
         let max_merge = match &file.max_merge {
@@ -205,6 +292,20 @@ impl DaemonArgs {
         };
         let cfg = DaemonConfig {
             cache_dir,
+            transport: self.transport.or(file.transport).unwrap_or_default(),
+            fuse_dir: self
+                .fuse_dir
+                .clone()
+                .or(file.fuse_dir)
+                .unwrap_or_else(|| "/run/lazypull/blobs".into()),
+            fuse_threads: file.fuse_threads.unwrap_or(8),
+            run_dir: self
+                .run_dir
+                .clone()
+                .or(file.run_dir)
+                .unwrap_or_else(|| "/run/lazypull".into()),
+            fd_store,
+            metrics_addr: self.metrics_addr.or(file.metrics_addr),
             blob_dir,
             blob_url: self.blob_url.clone().or(file.blob_url),
             work_dir: self
@@ -243,6 +344,9 @@ impl DaemonArgs {
         if cfg.max_in_flight == 0 {
             bail!("max_in_flight must be at least 1");
         }
+        if cfg.fuse_threads == 0 {
+            bail!("fuse_threads must be at least 1");
+        }
         if cfg.max_connections == 0 {
             bail!("max_connections must be at least 1");
         }
@@ -272,6 +376,13 @@ mod tests {
     fn args() -> DaemonArgs {
         DaemonArgs {
             cache_dir: None,
+            transport: None,
+            fuse_dir: None,
+            run_dir: None,
+            fd_store: None,
+            no_fd_store: false,
+            metrics_addr: None,
+            takeover: false,
             blob_dir: None,
             blob_url: None,
             work_dir: None,
@@ -329,11 +440,33 @@ mod tests {
         a.config = Some(path);
         assert!(format!("{:#}", a.resolve().unwrap_err()).contains("unknown field"));
         let mut a = args();
-        a.cache_dir = Some("/c".into());
         a.config = Some(dir.path().join("none.toml"));
         std::fs::write(dir.path().join("none.toml"), "").unwrap();
         let c = a.resolve().unwrap();
         assert_eq!(c.blob_dir, None, "a blob dir is optional");
+        assert_eq!(
+            c.cache_dir,
+            PathBuf::from("/var/cache/lazypull"),
+            "a default cache dir"
+        );
+        assert_eq!(c.transport, TransportKind::Auto);
+        assert_eq!(
+            c.fd_store,
+            Some(PathBuf::from(crate::fdstore::DEFAULT_SOCKET))
+        );
+        a.no_fd_store = true;
+        assert_eq!(a.resolve().unwrap().fd_store, None);
+        a.no_fd_store = false;
+        std::fs::write(
+            dir.path().join("none.toml"),
+            "transport = \"fuse\"\nfd_store = \"\"\n",
+        )
+        .unwrap();
+        let c = a.resolve().unwrap();
+        assert_eq!((c.transport, c.fd_store), (TransportKind::Fuse, None));
+        std::fs::write(dir.path().join("none.toml"), "transport = \"magic\"\n").unwrap();
+        assert!(format!("{:#}", a.resolve().unwrap_err()).contains("unknown variant"));
+        std::fs::write(dir.path().join("none.toml"), "").unwrap();
         assert_eq!(c.socket, PathBuf::from(crate::control::DEFAULT_SOCKET));
         a.fill_window = Some(3000);
         assert!(format!("{:#}", a.resolve().unwrap_err()).contains("power of two"));

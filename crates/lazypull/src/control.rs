@@ -49,6 +49,22 @@ pub enum Request {
     Unmounted { mountpoint: PathBuf },
     /// Counters, images and open objects.
     Status,
+    /// Stop serving and leave the mounts to a successor (`lazypull daemon
+    /// --takeover`): the reply comes once everything is parked.
+    Handover,
+    /// Stop for good: unbind the cache / unmount the blob files.
+    Shutdown,
+}
+
+/// How to mount a registered image: `mount -t FSTYPE -o OPTIONS SOURCE DIR`,
+/// done with mount(2) by whoever asked (in their mount namespace).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountPlan {
+    pub source: String,
+    pub fstype: String,
+    pub options: String,
+    /// Whether an EROFS `domain_id` may be added (cachefiles only).
+    pub domain: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

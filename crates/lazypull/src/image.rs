@@ -126,44 +126,10 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
                 args.chunk_size
             )
         })?;
-    let pb = bar(args.json);
-    let opts = BuildOptions {
-        chunk_size,
-        progress: Progress::new(Arc::new(Bar(pb.clone()))),
-        ..BuildOptions::default()
-    };
     let started = std::time::Instant::now();
-    let result = lazypull_erofs::build_from_source(&args.source, &args.output, &opts);
-    pb.finish_and_clear();
-    let img = result.with_context(|| format!("building {}", args.source.display()))?;
-    let mut stored = Vec::new();
-    if args.compression == Compress::Zstd {
-        let pb = bar(args.json);
-        let opts = lazypull_blob::PackOptions {
-            compression: lazypull_blob::Compression::Zstd {
-                level: args.zstd_level,
-            },
-            ..lazypull_blob::PackOptions::default()
-        };
-        for (i, b) in img.blobs.iter().enumerate() {
-            pb.set_message(format!(
-                "compressing data blob {}/{}",
-                i + 1,
-                img.blobs.len()
-            ));
-            let plain = args.output.join(&b.digest);
-            let packed = lazypull_blob::pack(&plain, &args.output, &opts)
-                .with_context(|| format!("compressing {}", plain.display()))?;
-            std::fs::remove_file(&plain)
-                .with_context(|| format!("removing {}", plain.display()))?;
-            stored.push(packed.stored_size + packed.table_size);
-        }
-        pb.finish_and_clear();
-    } else {
-        stored = img.blobs.iter().map(|b| b.size).collect();
-    }
+    let zstd = (args.compression == Compress::Zstd).then_some(args.zstd_level);
+    let (img, stored_total) = build_image(&args.source, &args.output, chunk_size, zstd, args.json)?;
     let data: u64 = img.blobs.iter().map(|b| b.size).sum();
-    let stored_total: u64 = stored.iter().sum();
     let secs = started.elapsed().as_secs_f64();
     if args.json {
         let out = serde_json::json!({
@@ -212,6 +178,51 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
         img.meta_digest
     );
     Ok(())
+}
+
+/// Builds an image from `source` into `output` and, with `zstd` (a level),
+/// packs each data blob into zstd units with its chunk table. Returns the
+/// image and its stored size (meta blob excluded). Progress bars unless `quiet`.
+pub fn build_image(
+    source: &Path,
+    output: &Path,
+    chunk_size: u32,
+    zstd: Option<i32>,
+    quiet: bool,
+) -> anyhow::Result<(lazypull_erofs::BuiltImage, u64)> {
+    let pb = bar(quiet);
+    let opts = BuildOptions {
+        chunk_size,
+        progress: Progress::new(Arc::new(Bar(pb.clone()))),
+        ..BuildOptions::default()
+    };
+    let result = lazypull_erofs::build_from_source(source, output, &opts);
+    pb.finish_and_clear();
+    let img = result.with_context(|| format!("building {}", source.display()))?;
+    let Some(level) = zstd else {
+        let stored = img.blobs.iter().map(|b| b.size).sum();
+        return Ok((img, stored));
+    };
+    let pb = bar(quiet);
+    let opts = lazypull_blob::PackOptions {
+        compression: lazypull_blob::Compression::Zstd { level },
+        ..lazypull_blob::PackOptions::default()
+    };
+    let mut stored = 0;
+    for (i, b) in img.blobs.iter().enumerate() {
+        pb.set_message(format!(
+            "compressing data blob {}/{}",
+            i + 1,
+            img.blobs.len()
+        ));
+        let plain = output.join(&b.digest);
+        let packed = lazypull_blob::pack(&plain, output, &opts)
+            .with_context(|| format!("compressing {}", plain.display()))?;
+        std::fs::remove_file(&plain).with_context(|| format!("removing {}", plain.display()))?;
+        stored += packed.stored_size + packed.table_size;
+    }
+    pb.finish_and_clear();
+    Ok((img, stored))
 }
 
 fn human(bytes: u64) -> String {

@@ -6,8 +6,11 @@ mod catalog;
 mod config;
 mod control;
 mod daemon;
+mod demo;
+mod fdstore;
 mod image;
 mod logging;
+mod metrics;
 mod mount;
 mod prefetch;
 mod publish;
@@ -17,10 +20,13 @@ use clap::{Parser, Subcommand};
 /// Lazily pulled container images: mount an EROFS image at once, fetch its data
 /// only when something reads it.
 ///
-/// lazypull is the user-space half of the Linux cachefiles on-demand read mode:
-/// the kernel's EROFS asks, through /dev/cachefiles, for the byte ranges a reader
-/// misses; lazypull reads them from a blob store and writes them into the kernel's
-/// cache, after which the kernel serves them itself.
+/// The kernel's EROFS asks lazypull for the byte ranges a reader misses, through
+/// /dev/cachefiles (on-demand mode, where the kernel has it) or through blob
+/// files on a FUSE mount (every other kernel from 6.12 on); lazypull fetches them
+/// from a registry, a web server or a directory, verifies them and caches them.
+///
+/// Try it: `lazypull demo` (as root). Then: `lazypull build`, `lazypull push`,
+/// `lazypull daemon`, `lazypull mount`.
 #[derive(Debug, Parser)]
 #[command(name = "lazypull", version, propagate_version = true)]
 struct Cli {
@@ -39,20 +45,42 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve EROFS images to the kernel through /dev/cachefiles (on-demand mode).
+    /// Serve lazy images to the kernel: the daemon `lazypull mount` talks to.
     ///
-    /// Binds the cachefiles device in on-demand mode with DIR as the cache, then
-    /// answers the kernel: an OPEN names a blob (the image's fsid, or a data
-    /// device's tag), which is looked up by file name in the blob dir; a READ is
-    /// filled from that blob. Runs until SIGTERM or SIGINT.
+    /// Picks a transport (--transport auto): cachefiles on-demand mode if the
+    /// kernel has it (the kernel keeps the cache in --cache-dir), else blob files
+    /// on a private FUSE mount (--fuse-dir) that EROFS mounts file-backed
+    /// (lazypull keeps the cache in --cache-dir/blobs). Logs which and why.
     ///
-    /// Then mount an image whose meta blob is BLOB_DIR/<name>:
+    /// Images come from registries (`lazypull mount REF DIR`), or by their meta
+    /// blob name from --blob-dir / --blob-url (`lazypull mount --fsid NAME DIR`).
+    /// With cachefiles, a blob-dir image also mounts directly:
     ///
     ///     mount -t erofs none -o fsid=<name> /mnt/image
     ///
-    /// Images sharing data blobs can share their cache with `-o fsid=<name>,domain_id=<domain>`.
+    /// The kernel connection is parked in an fd store (started on demand), so a
+    /// crashed daemon's successor takes the mounts over; `--takeover` upgrades a
+    /// running daemon in place. SIGTERM / SIGINT / `lazypull shutdown` stop for
+    /// good. Status: `lazypull status`; metrics: --metrics-addr.
     #[command(verbatim_doc_comment)]
-    Daemon(config::DaemonArgs),
+    Daemon(Box<config::DaemonArgs>),
+
+    /// Show lazy pulling end to end, on this machine, with nothing to set up.
+    ///
+    /// Builds an image from a sample tree built into lazypull, serves it from a
+    /// web server on 127.0.0.1, starts a daemon with the best transport this
+    /// kernel has, mounts the image lazily, reads a few files, and prints what
+    /// was fetched against the image's size. Cleans up after itself (also on
+    /// Ctrl-C). Needs root (it mounts file systems).
+    Demo(demo::DemoArgs),
+
+    /// Stop the daemon for good: unbind the cache or unmount the blob files and
+    /// release the fd store. Mounted images stop working.
+    Shutdown(mount::ShutdownArgs),
+
+    /// The fd store process (started by the daemon; see `lazypull daemon --help`).
+    #[command(hide = true)]
+    Fdstore(FdstoreArgs),
 
     /// Build a lazy image: an EROFS meta blob plus chunked, deduplicated data blobs.
     ///
@@ -101,8 +129,14 @@ enum Command {
     /// Unmount an image mounted with `lazypull mount`.
     Umount(mount::UmountArgs),
 
-    /// Show the running daemon's counters, images and open cache objects.
+    /// Show the running daemon's transport, counters, images and blobs.
     Status(mount::StatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct FdstoreArgs {
+    #[arg(long, value_name = "PATH", default_value = fdstore::DEFAULT_SOCKET)]
+    socket: std::path::PathBuf,
 }
 
 fn main() -> std::process::ExitCode {
@@ -113,7 +147,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     let result = match cli.command {
-        Command::Daemon(args) => daemon::run(args, started),
+        Command::Daemon(args) => daemon::run(*args, started),
         Command::Build(args) => image::build(args),
         Command::Inspect(args) => image::inspect(args),
         Command::Verify(args) => image::verify(args),
@@ -122,6 +156,9 @@ fn main() -> std::process::ExitCode {
         Command::Mount(args) => mount::mount(args),
         Command::Umount(args) => mount::umount(args),
         Command::Status(args) => mount::status(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Shutdown(args) => mount::shutdown(args),
+        Command::Fdstore(args) => fdstore::serve(&args.socket),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -5,8 +5,9 @@
 use std::time::Instant;
 
 use anyhow::Context;
-use lazypull_blob::oci::ImageConfig;
-use lazypull_transport::cachefiles::OpenObjects;
+use lazypull_transport::Prefetch;
+
+use crate::catalog::ImageBlob;
 use tracing::{debug, info, warn};
 
 use crate::control::PrefetchSpec;
@@ -25,7 +26,7 @@ const PIECE: u64 = 4 << 20;
 /// The spans `spec` asks for, in order. Unknown or non-regular paths are
 /// reported in the returned warnings, not errors: prefetch is best effort.
 pub fn plan(
-    config: &ImageConfig,
+    blobs: &[ImageBlob],
     meta: &lazypull_erofs::Image,
     spec: &PrefetchSpec,
 ) -> (Vec<Span>, Vec<String>) {
@@ -44,7 +45,7 @@ pub fn plan(
             continue;
         };
         for x in map.extents(inode.size) {
-            match config.blobs.get(usize::from(x.device_id).wrapping_sub(1)) {
+            match blobs.get(usize::from(x.device_id).wrapping_sub(1)) {
                 Some(b) => spans.push(Span {
                     blob: b.digest.clone(),
                     off: x.offset,
@@ -58,7 +59,7 @@ pub fn plan(
         }
     }
     if spec.all {
-        for b in &config.blobs {
+        for b in blobs {
             spans.push(Span {
                 blob: b.digest.clone(),
                 off: 0,
@@ -71,7 +72,7 @@ pub fn plan(
 
 /// Fills `spans` through the open objects, piece by piece. Windows already
 /// filled are skipped by the engine, so overlapping spans cost nothing twice.
-pub fn run(objects: &OpenObjects, fsid: &str, spans: &[Span]) -> anyhow::Result<u64> {
+pub fn run(objects: &dyn Prefetch, fsid: &str, spans: &[Span]) -> anyhow::Result<u64> {
     let started = Instant::now();
     let mut written = 0u64;
     let mut failures = 0u64;

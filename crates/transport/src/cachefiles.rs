@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -119,6 +119,20 @@ struct Object {
     blob: Arc<dyn BlobSource>,
     size: u64,
     filled: FillMap,
+    /// The OPEN's keys, for a successor that adopts this object.
+    volume: Vec<u8>,
+    cookie: Vec<u8>,
+}
+
+/// An open cache object passed from one daemon to the next: its anonymous
+/// fd and what its OPEN said.
+#[derive(Debug)]
+pub struct HandedObject {
+    pub object_id: u32,
+    pub fd: OwnedFd,
+    pub volume: Vec<u8>,
+    pub cookie: Vec<u8>,
+    pub size: u64,
 }
 
 struct AnonSink<'a>(&'a AnonFd);
@@ -133,7 +147,6 @@ struct DeviceFd(CacheDevice);
 
 impl AsRawFd for DeviceFd {
     fn as_raw_fd(&self) -> RawFd {
-        use std::os::fd::AsFd;
         self.0.as_fd().as_raw_fd()
     }
 }
@@ -188,6 +201,23 @@ impl OpenObjects {
     /// Size of the open object serving `blob`, if the kernel has one open.
     pub fn size_of(&self, blob: &str) -> Option<u64> {
         self.find(blob).map(|o| o.size)
+    }
+
+    /// Every open object with a duplicate of its anonymous fd, for a successor
+    /// daemon (call after [`Server::serve`] returned: nothing is filling).
+    pub fn for_handover(&self) -> io::Result<Vec<HandedObject>> {
+        self.lock()
+            .values()
+            .map(|o| {
+                Ok(HandedObject {
+                    object_id: o.id,
+                    fd: o.fd.as_fd().try_clone_to_owned()?,
+                    volume: o.volume.clone(),
+                    cookie: o.cookie.clone(),
+                    size: o.size,
+                })
+            })
+            .collect()
     }
 }
 
@@ -278,8 +308,12 @@ impl Server {
             fill_window = config.policy.window,
             "cachefiles cache bound in on-demand mode"
         );
+        Ok(Self::with(device, config, resolver))
+    }
+
+    fn with(device: CacheDevice, config: Config, resolver: Arc<dyn BlobResolver>) -> Self {
         let stats = Arc::new(Stats::default());
-        Ok(Server {
+        Server {
             device,
             objects: OpenObjects {
                 map: Arc::default(),
@@ -289,7 +323,68 @@ impl Server {
             config,
             resolver,
             stats,
-        })
+        }
+    }
+
+    /// Serves a cache a previous daemon bound (its device fd kept by an fd
+    /// store or passed over), with the objects it handed over, and writes
+    /// `restore`: the kernel hands out again every request that daemon had
+    /// read and not answered (Linux 6.8+). Objects whose blob no longer
+    /// resolves are dropped (closing their fd closes the object; the kernel
+    /// reopens it on the next read).
+    pub fn adopt(
+        config: Config,
+        resolver: Arc<dyn BlobResolver>,
+        device: CacheDevice,
+        handed: Vec<HandedObject>,
+    ) -> io::Result<Self> {
+        let server = Self::with(device, config, resolver);
+        {
+            let mut map = server.objects.lock();
+            for h in handed {
+                match server.resolver.resolve(&h.volume, &h.cookie) {
+                    Ok(blob) if blob.size() == h.size => {
+                        map.insert(
+                            h.object_id,
+                            Arc::new(Object {
+                                id: h.object_id,
+                                fd: AnonFd::from_owned(h.fd),
+                                blob,
+                                size: h.size,
+                                filled: FillMap::new(h.size, server.config.policy.window),
+                                volume: h.volume,
+                                cookie: h.cookie,
+                            }),
+                        );
+                    }
+                    Ok(blob) => warn!(
+                        object = h.object_id,
+                        blob = blob.name(),
+                        "handed-over object has size {} but its blob now has {}; closed",
+                        h.size,
+                        blob.size()
+                    ),
+                    Err(e) => warn!(object = h.object_id, "handed-over object closed: {e}"),
+                }
+            }
+        }
+        let objects = server.objects.lock().len();
+        server.device.send(&Command::Restore).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{e} (`restore` needs Linux 6.8+; requests the previous daemon had taken stay lost)"),
+            )
+        })?;
+        info!(
+            objects,
+            "took over the cachefiles cache; `restore` re-queued requests in flight"
+        );
+        Ok(server)
+    }
+
+    /// A duplicate of the device fd, to keep the cache bound elsewhere.
+    pub fn device_fd(&self) -> io::Result<OwnedFd> {
+        self.device.as_fd().try_clone_to_owned()
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -505,6 +600,8 @@ fn handle_open(
                 blob,
                 size,
                 filled: FillMap::new(size, config.policy.window),
+                volume: open.volume().to_vec(),
+                cookie: open.cookie().to_vec(),
             });
             if let Some(old) = objects.insert(open.object_id, object) {
                 warn!(

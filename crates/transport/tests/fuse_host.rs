@@ -167,7 +167,8 @@ fn a_realistic_image_reads_back_identical_and_then_from_the_local_cache() {
         },
     )
     .unwrap();
-    let img = build_from_layers(std::slice::from_ref(&src), &out, &BuildOptions::default()).unwrap();
+    let img =
+        build_from_layers(std::slice::from_ref(&src), &out, &BuildOptions::default()).unwrap();
     let expected = scan(&src).unwrap();
 
     let fetched = Arc::new(AtomicU64::new(0));
@@ -228,7 +229,8 @@ fn a_blob_that_fails_gives_eio_and_the_rest_keeps_serving() {
         .collect();
     fs::write(src.join("big"), &big).unwrap();
     fs::write(src.join("a-small"), b"small file").unwrap(); // stored first, before the truncation
-    let img = build_from_layers(std::slice::from_ref(&src), &out, &BuildOptions::default()).unwrap();
+    let img =
+        build_from_layers(std::slice::from_ref(&src), &out, &BuildOptions::default()).unwrap();
     let fetched = Arc::new(AtomicU64::new(0));
     let (cache, blob_mnt, mnt) = (
         tmp.path().join("cache"),

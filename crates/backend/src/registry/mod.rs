@@ -64,7 +64,7 @@ pub struct Manifest {
 }
 
 /// Counters of one [`Registry`] (or [`HttpBlob`](crate::http::HttpBlob)).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RequestStats {
     /// HTTP requests sent, token requests and retries included.
     pub requests: u64,

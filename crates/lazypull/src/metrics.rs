@@ -1,0 +1,263 @@
+//! Prometheus metrics at `http://<--metrics-addr>/metrics`: the numbers of
+//! `lazypull status --json`, from the same snapshots, in the text exposition
+//! format (version 0.0.4).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use tracing::{info, warn};
+
+use crate::daemon::Daemon;
+
+struct Exposition(String);
+
+impl Exposition {
+    fn metric(&mut self, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(self.0, "{name}{labels} {value}");
+        }
+    }
+
+    fn one(&mut self, name: &str, kind: &str, help: &str, value: u64) {
+        self.metric(name, kind, help, &[(String::new(), value)]);
+    }
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The metrics page.
+pub fn render(daemon: &Daemon) -> String {
+    let mut e = Exposition(String::new());
+    let view = &daemon.view;
+    e.metric(
+        "lazypull_info",
+        "gauge",
+        "Build and transport of this daemon.",
+        &[(
+            format!(
+                "{{version=\"{}\",transport=\"{}\"}}",
+                env!("CARGO_PKG_VERSION"),
+                view.name()
+            ),
+            1,
+        )],
+    );
+    e.one(
+        "lazypull_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+        daemon.started.elapsed().as_secs(),
+    );
+    let (reads, failures, written, prefetched) = view.kernel_counters();
+    e.one(
+        "lazypull_kernel_reads_total",
+        "counter",
+        "Reads the kernel asked for (cachefiles READ or FUSE READ requests).",
+        reads,
+    );
+    e.one(
+        "lazypull_kernel_read_failures_total",
+        "counter",
+        "Kernel reads that failed (the reader got EIO).",
+        failures,
+    );
+    e.one(
+        "lazypull_cache_written_bytes_total",
+        "counter",
+        "Verified bytes written into the cache.",
+        written,
+    );
+    e.one(
+        "lazypull_prefetched_bytes_total",
+        "counter",
+        "Bytes written into the cache ahead of need.",
+        prefetched,
+    );
+    let h = lazypull_backend::http_totals();
+    e.one(
+        "lazypull_backend_http_requests_total",
+        "counter",
+        "HTTP requests sent to registries and blob servers (retries and token requests included).",
+        h.requests,
+    );
+    e.one(
+        "lazypull_backend_http_range_requests_total",
+        "counter",
+        "Of those, requests for a byte range.",
+        h.range_requests,
+    );
+    e.one(
+        "lazypull_backend_http_received_bytes_total",
+        "counter",
+        "Response body bytes received from backends.",
+        h.bytes_received,
+    );
+    e.one(
+        "lazypull_backend_http_retries_total",
+        "counter",
+        "Requests repeated after a retryable failure.",
+        h.retries,
+    );
+    e.one(
+        "lazypull_backend_http_failures_total",
+        "counter",
+        "Backend operations that failed after their retries.",
+        h.failures,
+    );
+    let f = daemon.catalog.fetch_context().stats.snapshot();
+    e.one(
+        "lazypull_fetch_range_reads_total",
+        "counter",
+        "Range reads of stored blob bytes issued by the fetch engine.",
+        f.range_requests,
+    );
+    e.one(
+        "lazypull_fetch_units_total",
+        "counter",
+        "Compression units fetched and verified.",
+        f.units_fetched,
+    );
+    e.one(
+        "lazypull_fetch_dedup_waits_total",
+        "counter",
+        "Units a request got from another request's fetch in flight.",
+        f.dedup_waits,
+    );
+    e.one(
+        "lazypull_fetch_verify_failures_total",
+        "counter",
+        "Units whose bytes failed decompression or their SHA-256 check (never written).",
+        f.verify_failures,
+    );
+    let images = daemon.catalog.images();
+    e.one(
+        "lazypull_images",
+        "gauge",
+        "Images registered.",
+        images.len() as u64,
+    );
+    e.one(
+        "lazypull_mounts",
+        "gauge",
+        "Mounts of registered images.",
+        images.iter().map(|i| i.mountpoints.len() as u64).sum(),
+    );
+    let blobs = view.blobs();
+    let per_blob = |f: &dyn Fn(&lazypull_transport::BlobCacheInfo) -> u64| -> Vec<(String, u64)> {
+        blobs
+            .iter()
+            .map(|b| (format!("{{blob=\"{}\"}}", label(&b.blob)), f(b)))
+            .collect()
+    };
+    e.metric(
+        "lazypull_blob_size_bytes",
+        "gauge",
+        "Size of each blob served.",
+        &per_blob(&|b| b.size),
+    );
+    e.metric(
+        "lazypull_blob_cached_bytes",
+        "gauge",
+        "Bytes of each blob in the cache.",
+        &per_blob(&|b| b.cached_bytes),
+    );
+    e.metric(
+        "lazypull_blob_fetched_bytes_total",
+        "counter",
+        "Stored bytes fetched for each blob from its backend.",
+        &per_blob(&|b| b.source.bytes),
+    );
+    e.metric(
+        "lazypull_blob_requests_total",
+        "counter",
+        "Backend reads issued for each blob.",
+        &per_blob(&|b| b.source.requests),
+    );
+    e.metric(
+        "lazypull_blob_errors_total",
+        "counter",
+        "Failed backend reads and failed verifications for each blob.",
+        &per_blob(&|b| b.source.errors),
+    );
+    e.metric(
+        "lazypull_blob_in_flight_bytes",
+        "gauge",
+        "Stored bytes of each blob being fetched now.",
+        &per_blob(&|b| b.source.in_flight_bytes),
+    );
+    e.0
+}
+
+/// Serves `/metrics` on `listener` until the task is aborted.
+pub async fn serve(listener: tokio::net::TcpListener, daemon: Arc<Daemon>) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "metrics at http://{addr}/metrics");
+    }
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("accepting a metrics connection: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let daemon = daemon.clone();
+                async move {
+                    let response = if req.uri().path() == "/metrics" {
+                        let body = tokio::task::spawn_blocking(move || render(&daemon))
+                            .await
+                            .unwrap_or_default();
+                        Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                            .body(Full::new(Bytes::from(body)))
+                    } else {
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::from_static(b"see /metrics\n")))
+                    };
+                    Ok::<_, hyper::http::Error>(response.expect("static response parts"))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                warn!("metrics connection: {e}");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_lines_have_help_type_and_escaped_labels() {
+        let mut e = Exposition(String::new());
+        e.metric(
+            "x_total",
+            "counter",
+            "An x.",
+            &[(format!("{{blob=\"{}\"}}", label("a\"b")), 3)],
+        );
+        assert_eq!(
+            e.0,
+            "# HELP x_total An x.\n# TYPE x_total counter\nx_total{blob=\"a\\\"b\"} 3\n"
+        );
+    }
+}
