@@ -373,16 +373,24 @@ impl ChunkedBlob {
                 // the extra units ride in the same range request.
                 if sequential && claims.pending.last().is_some_and(|(i, _)| *i == last) {
                     let mut budget = self.ctx.options.readahead;
+                    // Units read ahead wait in the unit cache until asked for:
+                    // more than half of it would evict them (or the request's
+                    // own units) before use, and they would be fetched twice.
+                    // Compressible data makes many units of few stored bytes.
+                    let mut room = self.ctx.options.cache_bytes as u64 / 2;
                     let mut index = last + 1;
                     while let Some(e) = self.table.unit(index) {
                         let len = u64::from(e.stored_len);
+                        let unpacked = u64::from(e.len);
                         if len > budget
+                            || unpacked > room
                             || st.cache.units.contains_key(&index)
                             || st.inflight.contains_key(&index)
                         {
                             break;
                         }
                         budget -= len;
+                        room -= unpacked;
                         let slot = Arc::new(Slot::default());
                         st.inflight.insert(index, slot.clone());
                         claims.pending.push((index, slot));
@@ -769,6 +777,41 @@ mod tests {
         }
         assert_eq!(remote.log.lock().unwrap().len(), 4);
         assert_eq!(blob.ctx.stats.snapshot().readahead_units, 0);
+    }
+
+    #[test]
+    fn read_ahead_never_outgrows_the_unit_cache_so_nothing_is_fetched_twice() {
+        // Compressible units: the stored read-ahead budget alone would take
+        // all 32 units, four times what the unit cache holds.
+        let unit = 64 << 10;
+        let (data, remote, blob) = fixture(
+            32,
+            FetchOptions {
+                max_merge: 1 << 30,
+                cache_bytes: 8 * unit,
+                readahead: 1 << 30,
+            },
+        );
+        for k in 0..32 {
+            let len = unit.min(data.len() - k * unit);
+            assert_eq!(
+                read(&blob, (k * unit) as u64, len).unwrap(),
+                &data[k * unit..k * unit + len]
+            );
+        }
+        let log = remote.log.lock().unwrap();
+        let mut fetched: Vec<(u64, usize)> = log.clone();
+        fetched.sort();
+        for w in fetched.windows(2) {
+            assert!(
+                w[0].0 + w[0].1 as u64 <= w[1].0,
+                "overlapping fetches: {w:?}"
+            );
+        }
+        let moved: u64 = log.iter().map(|(_, len)| *len as u64).sum();
+        assert_eq!(moved, remote.data.len() as u64, "every stored byte once");
+        let stats = blob.ctx.stats.snapshot();
+        assert!(stats.readahead_units > 0 && stats.readahead_units <= 31);
     }
 
     #[test]
