@@ -11,17 +11,22 @@
 //! and from the local blob directory, through lazypull in the same boot; backend
 //! requests per MB read; time from `lazypull mount` to a file's first byte.
 //!
+//! `fuse`: on the host, the FUSE transport cold, warm and remounted against the
+//! plain file-backed EROFS mount of the same bytes.
+//!
 //! `build`: `lazypull build` against Debian's `mkfs.erofs` on the same ~500 MB tree
 //! (wall time, peak RSS), and the deduplication of two overlapping layers.
 //!
 //! Run: `cargo build --release -p lazypull -p lazypull-bench && target/release/lazypull-bench cachefiles`
-//! (or `... registry`, `... build`).
+//! (or `... registry`, `... build`, `... fuse`).
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+
+mod fuse;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -57,6 +62,15 @@ enum Bench {
         #[arg(long, default_value = "target/bench-registry")]
         work: PathBuf,
     },
+    /// On the host: the FUSE transport vs. the plain file-backed mount of the same bytes.
+    Fuse {
+        /// Rounds (each reads cold, warm and remounted through lazypull, and the limit twice).
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// Work directory (rebuilt).
+        #[arg(long, default_value = "target/bench-fuse")]
+        work: PathBuf,
+    },
     /// Image build throughput and memory vs. mkfs.erofs; dedup of overlapping layers.
     Build {
         /// Rounds per builder.
@@ -83,6 +97,7 @@ fn main() -> Result<()> {
         } => cachefiles(rounds, &fill_window, &work),
         Bench::Registry { rounds, work } => registry(rounds, &work),
         Bench::Build { rounds, work } => build_bench(rounds, &work),
+        Bench::Fuse { rounds, work } => fuse::run(rounds, &work),
         Bench::Measure { command } => measure(&command),
     }
 }

@@ -254,11 +254,20 @@ pub fn fill(
     let (first, last) = (off / w, (end - 1) / w);
     let wanted: Vec<u64> = (first..=last).filter(|&i| !map.is_filled(i)).collect();
     outcome.windows_overlapped = (last - first + 1) - wanted.len() as u64;
-    if let (Some(&a), Some(&b)) = (wanted.first(), wanted.last()) {
-        // One announcement for the whole span lets a remote source fetch it
-        // in as few requests as it likes; failures surface from the reads below.
-        let span_end = ((b + 1) * w).min(object_size);
-        let _ = source.will_read(a * w, span_end - a * w, priority);
+    // One announcement per run of consecutive missing windows lets a remote
+    // source fetch each run in as few requests as it likes (failures surface
+    // from the reads below). A run never spans a window that is already
+    // filled: its bytes would be fetched again for nothing.
+    let mut k = 0;
+    while k < wanted.len() {
+        let mut end = k + 1;
+        while end < wanted.len() && wanted[end] == wanted[end - 1] + 1 {
+            end += 1;
+        }
+        let start = wanted[k] * w;
+        let stop = ((wanted[end - 1] + 1) * w).min(object_size);
+        let _ = source.will_read(start, stop - start, priority);
+        k = end;
     }
     for index in wanted {
         let start = index * w;
@@ -448,6 +457,52 @@ mod tests {
         assert!(d[..4096].iter().all(|b| b.is_some()));
         assert!(d[4096..].iter().all(|b| b.is_none()), "no guessed bytes");
         assert!(!map.is_filled(0));
+    }
+
+    #[test]
+    fn announcements_skip_windows_already_filled() {
+        #[derive(Debug)]
+        struct Announced(MemBlob, std::sync::Mutex<Vec<(u64, u64)>>);
+        impl BlobSource for Announced {
+            fn name(&self) -> &str {
+                "a"
+            }
+            fn size(&self) -> u64 {
+                self.0.size()
+            }
+            fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+                self.0.read_at(buf, off)
+            }
+            fn will_read(&self, off: u64, len: u64, _p: Priority) -> io::Result<()> {
+                self.1.lock().unwrap().push((off, len));
+                Ok(())
+            }
+        }
+        let size = 5 * 4096;
+        let blob = Announced(MemBlob(pattern(size), size as u64), Default::default());
+        let policy = FillPolicy {
+            window: 4096,
+            io_size: 4096,
+        };
+        let map = FillMap::new(size as u64, policy.window);
+        let sink = MemSink::new(size);
+        let mut buf = AlignedBuf::new(policy.buffer_size());
+        let target = Target {
+            source: &blob,
+            object_size: size as u64,
+            map: &map,
+            sink: &sink,
+            priority: Priority::Foreground,
+        };
+        fill(&target, 2 * 4096, 10, &policy, &mut buf).unwrap();
+        blob.1.lock().unwrap().clear();
+        let out = fill(&target, 0, size as u64, &policy, &mut buf).unwrap();
+        assert_eq!(out.windows_overlapped, 1);
+        assert_eq!(
+            *blob.1.lock().unwrap(),
+            [(0, 2 * 4096), (3 * 4096, 2 * 4096)],
+            "two runs around the filled window"
+        );
     }
 
     #[test]

@@ -400,6 +400,19 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let mut a = args();
+        a.config = Some(PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../dist/config.toml"
+        )));
+        let c = a.resolve().unwrap();
+        assert_eq!(c.transport, TransportKind::Auto);
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.fill_window, 1 << 20);
+    }
+
+    #[test]
     fn sizes_parse_with_units() {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("512K"), Ok(512 << 10));

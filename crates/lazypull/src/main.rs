@@ -78,6 +78,12 @@ enum Command {
     /// release the fd store. Mounted images stop working.
     Shutdown(mount::ShutdownArgs),
 
+    /// Stop the daemon but keep its mounts for the next daemon (restart, upgrade):
+    /// the kernel connections stay in the fd store, reads wait until a new
+    /// `lazypull daemon` takes them over. (`lazypull daemon --takeover` does
+    /// both steps at once.)
+    Handover(mount::HandoverArgs),
+
     /// The fd store process (started by the daemon; see `lazypull daemon --help`).
     #[command(hide = true)]
     Fdstore(FdstoreArgs),
@@ -158,6 +164,7 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => mount::status(args),
         Command::Demo(args) => demo::run(args),
         Command::Shutdown(args) => mount::shutdown(args),
+        Command::Handover(args) => mount::handover(args),
         Command::Fdstore(args) => fdstore::serve(&args.socket),
     };
     match result {

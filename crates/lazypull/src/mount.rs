@@ -74,6 +74,32 @@ pub struct ShutdownArgs {
     pub fd_store: PathBuf,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct HandoverArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// `lazypull handover`: asks the daemon to stop serving and park its mounts
+/// for the next daemon; returns once it has exited.
+pub fn handover(args: HandoverArgs) -> anyhow::Result<()> {
+    let status = control::call(&args.socket, &Request::Status, Duration::from_secs(10))?;
+    let pid = status["pid"].as_u64().unwrap_or(0);
+    control::call(&args.socket, &Request::Handover, Duration::from_secs(120))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pid != 0 && Path::new(&format!("/proc/{pid}")).exists() {
+        if Instant::now() > deadline {
+            anyhow::bail!("the daemon (pid {pid}) handed over but did not exit within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "lazypull daemon (pid {pid}) handed over; the next `lazypull daemon` takes the mounts"
+    );
+    Ok(())
+}
+
 /// `lazypull shutdown`: asks the daemon to stop for good; with no daemon
 /// running, releases what the fd store still holds.
 pub fn shutdown(args: ShutdownArgs) -> anyhow::Result<()> {
