@@ -127,6 +127,31 @@ pub fn call(
     }
 }
 
+/// Whether process `pid` still runs (a zombie, exited but not yet reaped by
+/// its parent, counts as gone).
+pub fn process_running(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Waits up to `limit` for process `pid` to exit.
+pub fn wait_for_exit(pid: u64, limit: Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + limit;
+    while process_running(pid) {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("the daemon (pid {pid}) did not exit within {limit:?} of handing over");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// Binds the control socket at `path` (mode 0600), replacing a stale socket
 /// file but refusing to steal one a live daemon answers on.
 pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
@@ -174,6 +199,24 @@ mod tests {
             serde_json::from_str(r#"{"op":"register","reference":"h:1/r:t"}"#).unwrap();
         assert!(matches!(reg, Request::Register(r) if !r.insecure && r.username.is_none()));
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+    }
+
+    #[test]
+    fn zombies_count_as_exited() {
+        assert!(process_running(u64::from(std::process::id())));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = u64::from(child.id());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while process_running(pid) {
+            assert!(std::time::Instant::now() < deadline, "true never exited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "a zombie until reaped"
+        );
+        child.wait().unwrap();
+        assert!(!process_running(pid));
     }
 
     #[test]

@@ -243,13 +243,7 @@ fn request_handover(cfg: &DaemonConfig) -> anyhow::Result<()> {
             warn!("the old daemon's handover reply: {e:#} (checking whether it exited anyway)")
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        if Instant::now() > deadline {
-            bail!("the old daemon (pid {pid}) did not exit within 60 s of handing over");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    control::wait_for_exit(pid, Duration::from_secs(60))?;
     Ok(())
 }
 

@@ -87,13 +87,7 @@ pub fn handover(args: HandoverArgs) -> anyhow::Result<()> {
     let status = control::call(&args.socket, &Request::Status, Duration::from_secs(10))?;
     let pid = status["pid"].as_u64().unwrap_or(0);
     control::call(&args.socket, &Request::Handover, Duration::from_secs(120))?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while pid != 0 && Path::new(&format!("/proc/{pid}")).exists() {
-        if Instant::now() > deadline {
-            anyhow::bail!("the daemon (pid {pid}) handed over but did not exit within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    control::wait_for_exit(pid, Duration::from_secs(60))?;
     println!(
         "lazypull daemon (pid {pid}) handed over; the next `lazypull daemon` takes the mounts"
     );

@@ -218,6 +218,23 @@ impl Site {
     }
 }
 
+impl Drop for Site {
+    /// Whatever happened, nothing is left mounted or running: a dead FUSE
+    /// mount under the temporary directory would hang its removal.
+    fn drop(&mut self) {
+        for m in ["mnt", "blobs"] {
+            let _ = rustix::mount::unmount(self.dir.join(m), rustix::mount::UnmountFlags::DETACH);
+        }
+        let _ = lazypull()
+            .arg("shutdown")
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--fd-store")
+            .arg(self.dir.join("run/fdstore.sock"))
+            .output();
+    }
+}
+
 fn metric(page: &str, name: &str) -> u64 {
     page.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
