@@ -38,8 +38,8 @@ stop_daemon() {
 	kill -TERM "$DPID"
 	wait "$DPID"
 }
-field() { # NAME FILE: a number from `lazypull status --json`
-	sed -n "s/.*\"$1\": *\([0-9]*\).*/\1/p" "$2" | head -1
+field() { # SECTION NAME FILE: a number from section SECTION of `lazypull status --json`
+	awk -v sec="\"$1\":" -v key="\"$2\":" '$1 == sec { inside = 1 } inside && $1 == key { gsub(/[^0-9]/, "", $2); print $2; exit }' "$3"
 }
 
 # measure KIND WHAT: fresh daemon, mount cold, time to the first byte of a small
@@ -63,8 +63,8 @@ measure() {
 	"$LP_BIN" status --json >/run/lp/s1.json
 	umount /mnt/img
 	stop_daemon
-	local req=$(($(field range_requests /run/lp/s1.json) - $(field range_requests /run/lp/s0.json)))
-	local bytes=$(($(field bytes_written /run/lp/s1.json) - $(field bytes_written /run/lp/s0.json)))
+	local req=$(($(field fetch range_requests /run/lp/s1.json) - $(field fetch range_requests /run/lp/s0.json)))
+	local bytes=$(($(field counters bytes_written /run/lp/s1.json) - $(field counters bytes_written /run/lp/s0.json)))
 	echo "round=$round kind=$kind what=$what ms=$(((t3 - t2) / 1000000)) first_ms=$(((t1 - t0) / 1000000)) requests=$req bytes=$bytes" | tee -a "$RESULTS"
 }
 

@@ -371,14 +371,7 @@ fn cachefiles(rounds: u32, fill_window: &str, work: &Path) -> Result<()> {
     fs::create_dir_all(&tree)?;
     // The field's reference tree: the host's python3.11 and perl library trees plus
     // one 256 MiB incompressible file.
-    for src in ["/usr/lib/python3.11", "/usr/share/perl"] {
-        let dst = tree.join(src.trim_start_matches('/'));
-        fs::create_dir_all(dst.parent().unwrap())?;
-        let st = Command::new("cp").arg("-a").arg(src).arg(&dst).status()?;
-        if !st.success() {
-            bail!("copying {src}");
-        }
-    }
+    copy_tree(&["/usr/lib/python3.11", "/usr/share/perl"], &tree)?;
     write_random(&tree.join("big.bin"), 256 << 20, 42)?;
     let blobs = work.join("blobs");
     let img = build_from_layers(
@@ -532,14 +525,7 @@ fn registry(rounds: u32, work: &Path) -> Result<()> {
     let _ = fs::remove_dir_all(work);
     let tree = work.join("tree");
     fs::create_dir_all(&tree)?;
-    for src in ["/usr/lib/python3.11", "/usr/share/perl"] {
-        let dst = tree.join(src.trim_start_matches('/'));
-        fs::create_dir_all(dst.parent().unwrap())?;
-        let st = Command::new("cp").arg("-a").arg(src).arg(&dst).status()?;
-        if !st.success() {
-            bail!("copying {src}");
-        }
-    }
+    copy_tree(&["/usr/lib/python3.11", "/usr/share/perl"], &tree)?;
     write_random(&tree.join("big.bin"), 256 << 20, 42)?;
     let out = work.join("image");
     let st = Command::new(&lazypull)

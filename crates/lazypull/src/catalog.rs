@@ -113,6 +113,8 @@ pub struct Catalog {
     state: Mutex<State>,
     /// Where registered images are recorded for a successor daemon.
     state_file: Option<PathBuf>,
+    /// Serialises writers of the state file.
+    save_lock: Mutex<()>,
 }
 
 impl Catalog {
@@ -132,6 +134,7 @@ impl Catalog {
             remote,
             state: Mutex::default(),
             state_file,
+            save_lock: Mutex::new(()),
         }
     }
 
@@ -593,6 +596,7 @@ impl Catalog {
         let Some(path) = &self.state_file else {
             return;
         };
+        let _one_writer = self.save_lock.lock().unwrap_or_else(|p| p.into_inner());
         let saved = SavedState {
             images: self
                 .lock()

@@ -224,21 +224,30 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// A connection to the store.
+/// The store at one socket path. Each call is a connection of its own: the
+/// store serves one connection at a time and drops idle ones, so none is kept.
 pub struct Client {
-    sock: OwnedFd,
+    path: std::path::PathBuf,
+}
+
+fn connect(socket: &Path) -> std::io::Result<OwnedFd> {
+    let sock = seqpacket()?;
+    rustix::net::connect(&sock, &SocketAddrUnix::new(socket)?)?;
+    rustix::net::sockopt::set_socket_timeout(
+        &sock,
+        rustix::net::sockopt::Timeout::Recv,
+        Some(Duration::from_secs(10)),
+    )?;
+    Ok(sock)
 }
 
 impl Client {
+    /// A client of the store at `socket`, if one answers there.
     pub fn connect(socket: &Path) -> std::io::Result<Client> {
-        let sock = seqpacket()?;
-        rustix::net::connect(&sock, &SocketAddrUnix::new(socket)?)?;
-        rustix::net::sockopt::set_socket_timeout(
-            &sock,
-            rustix::net::sockopt::Timeout::Recv,
-            Some(Duration::from_secs(10)),
-        )?;
-        Ok(Client { sock })
+        drop(connect(socket)?);
+        Ok(Client {
+            path: socket.to_path_buf(),
+        })
     }
 
     /// Connects to the store at `socket`, starting one (this executable's
@@ -280,15 +289,22 @@ impl Client {
         }
     }
 
-    fn call(&self, op: &Op, fds: &[BorrowedFd<'_>]) -> anyhow::Result<(Reply, Vec<OwnedFd>)> {
-        send(self.sock.as_fd(), op, fds).context("sending to the fd store")?;
-        let (reply, fds): (Reply, _) = recv(self.sock.as_fd())
+    /// Sends `op`; returns the connection (for multi-part replies) and the first reply.
+    fn call(
+        &self,
+        op: &Op,
+        fds: &[BorrowedFd<'_>],
+    ) -> anyhow::Result<(OwnedFd, Reply, Vec<OwnedFd>)> {
+        let sock = connect(&self.path)
+            .with_context(|| format!("connecting to the fd store at {}", self.path.display()))?;
+        send(sock.as_fd(), op, fds).context("sending to the fd store")?;
+        let (reply, fds): (Reply, _) = recv(sock.as_fd())
             .context("reading the fd store's reply")?
             .context("the fd store closed the connection")?;
         if !reply.ok {
             bail!("the fd store refused: {}", reply.error.unwrap_or_default());
         }
-        Ok((reply, fds))
+        Ok((sock, reply, fds))
     }
 
     /// Keeps a dup of `fd` as `name`. `keep: false`: hand it out once.
@@ -305,7 +321,7 @@ impl Client {
 
     /// Every stored fd (the store drops the `keep: false` ones).
     pub fn get(&self) -> anyhow::Result<Vec<Entry>> {
-        let (mut reply, mut fds) = self.call(&Op::Get, &[])?;
+        let (sock, mut reply, mut fds) = self.call(&Op::Get, &[])?;
         let mut out = Vec::new();
         loop {
             if reply.names.len() != fds.len() {
@@ -325,7 +341,7 @@ impl Client {
             if !reply.more {
                 return Ok(out);
             }
-            let (r, f) = recv(self.sock.as_fd())?.context("the fd store closed mid-reply")?;
+            let (r, f) = recv(sock.as_fd())?.context("the fd store closed mid-reply")?;
             reply = r;
             fds = f;
         }
@@ -374,6 +390,13 @@ mod tests {
         drop(client);
 
         let client = Client::connect(&socket).unwrap();
+        // Clients hold no connection between calls: another one is served
+        // meanwhile (the store serves one connection at a time).
+        let other = Client::connect(&socket).unwrap();
+        other
+            .put("scratch", tempfile::tempfile().unwrap().as_fd(), false)
+            .unwrap();
+        other.remove(&["scratch".into()]).unwrap();
         let got = client.get().unwrap();
         let names: Vec<_> = got.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["device", "obj:1"]);

@@ -142,3 +142,51 @@ fn help_teaches_each_command() {
     let out = lazypull(&["daemon", "--help"]);
     assert!(text(&out).contains("mount -t erofs none -o fsid="));
 }
+
+#[test]
+fn the_demo_refuses_clearly_without_root() {
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_lazypull"))
+        .arg("demo")
+        .output()
+        .expect("running setpriv (util-linux)");
+    assert!(!out.status.success());
+    let err = text(&out);
+    assert!(
+        err.contains("needs root") && err.contains("sudo lazypull demo"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_daemon_with_a_bad_transport_or_config_says_why() {
+    let out = lazypull(&["daemon", "--config", "/dev/null", "--transport", "magic"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("possible values: auto, cachefiles, fuse"),
+        "{}",
+        text(&out)
+    );
+    let work = tempfile::tempdir().unwrap();
+    let out = lazypull(&[
+        "daemon",
+        "--config",
+        "/dev/null",
+        "--transport",
+        "cachefiles",
+        "--no-fd-store",
+        "--device",
+        "/nonexistent/cachefiles",
+        "--cache-dir",
+        work.path().join("c").to_str().unwrap(),
+        "--run-dir",
+        work.path().join("r").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("this kernel has no cachefiles"),
+        "{}",
+        text(&out)
+    );
+}

@@ -402,19 +402,6 @@ fn sha(path: &Path) -> std::io::Result<[u8; 32]> {
     }
 }
 
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 /// Starts 8 readers of `big{first}..big{first+7}`; each returns its file's sha256.
 fn readers(mnt: &Path, first: usize) -> Vec<std::thread::JoinHandle<std::io::Result<[u8; 32]>>> {
     (first..first + 8)
@@ -463,7 +450,7 @@ fn fuse_mounts_survive_a_killed_daemon_and_an_upgrade() {
     fs::create_dir_all(&src).unwrap();
     let mut want = Vec::new();
     for i in 0..16 {
-        let data = random(16 << 20, 500 + i);
+        let data = lazypull_testkit::maketree::random_bytes(16 << 20, 500 + i);
         want.push(Sha256::digest(&data).into());
         fs::write(src.join(format!("big{i}.bin")), data).unwrap();
     }

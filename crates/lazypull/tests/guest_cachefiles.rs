@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use lazypull_erofs::{build_from_layers, BuildOptions, BuiltImage};
 use lazypull_guest::{Disk, GuestConfig, GuestRun};
+use lazypull_testkit::maketree::write_random;
 
 /// One guest at a time: each already uses both host cores under TCG.
 static GUEST: Mutex<()> = Mutex::new(());
@@ -40,21 +41,6 @@ fn stdout(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// Deterministic incompressible bytes.
-fn write_random(path: &Path, len: usize, seed: u64) {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, v).unwrap();
 }
 
 /// Sibling binaries built by `cargo test --workspace` (the testkit is a dev tool of

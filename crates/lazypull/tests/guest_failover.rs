@@ -9,12 +9,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use lazypull_erofs::{build_from_layers, BuildOptions};
 use lazypull_guest::{Disk, GuestConfig};
+use sha2::Digest;
 
 /// Big files, two sets of 8 readers.
 const FILES: usize = 16;
@@ -27,23 +27,9 @@ struct Fixture {
 }
 
 fn write_random(path: &Path, len: usize, seed: u64) -> String {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    fs::write(path, &v).unwrap();
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
+    let data = lazypull_testkit::maketree::random_bytes(len, seed);
+    fs::write(path, &data).unwrap();
+    hex::encode(sha2::Sha256::digest(&data))
 }
 
 fn fixture() -> &'static Fixture {
@@ -103,7 +89,7 @@ fn readers_survive_a_killed_daemon_and_an_upgrade() {
         .unwrap_or_else(|e| panic!("guest run of failover: {e:#}"));
     println!("--- failover: guest log ---\n{}", run.log);
     for n in 1..=3 {
-        if let Ok(log) = run.read_out(&format!("daemon-{n}.log")) {
+        if let Ok(log) = run.read_out(format!("daemon-{n}.log")) {
             let reads = log.lines().filter(|l| l.contains("READ msg_id")).count();
             println!("--- daemon {n} answered {reads} READs; log tail ---");
             println!("{}", lazypull_guest::tail_lines(&log, 15));
@@ -152,8 +138,8 @@ fn readers_survive_a_killed_daemon_and_an_upgrade() {
     // Every reader: the right bytes, no error.
     let want = fs::read_to_string(fx.data.join("sums")).unwrap();
     for (i, line) in want.lines().enumerate() {
-        let got = run.read_out(&format!("sum-{i}.txt")).unwrap();
-        let err = run.read_out(&format!("sum-{i}.err")).unwrap_or_default();
+        let got = run.read_out(format!("sum-{i}.txt")).unwrap();
+        let err = run.read_out(format!("sum-{i}.err")).unwrap_or_default();
         assert_eq!(got.trim(), line.trim(), "reader {i} (stderr: {err})");
         assert!(err.is_empty(), "reader {i} reported: {err}");
     }

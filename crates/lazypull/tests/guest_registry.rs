@@ -17,6 +17,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use lazypull_guest::{Disk, GuestConfig, GuestRun};
+use lazypull_testkit::maketree::write_random;
 use lazypull_testkit::proxy::{read_log, FaultSource, LogEntry, Proxy};
 use lazypull_testkit::registry::RegistryServer;
 
@@ -53,20 +54,6 @@ fn stdout(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn write_random(path: &Path, len: usize, seed: u64) {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, v).unwrap();
 }
 
 fn testkit() -> PathBuf {

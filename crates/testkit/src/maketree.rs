@@ -50,6 +50,21 @@ pub fn huge_range_data(seed: u64, offset: u64, len: u64) -> Vec<u8> {
     r.bytes(len as usize)
 }
 
+/// `len` deterministic, incompressible bytes for `seed` (for test files).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    Rng(seed ^ 0x5241_4e44).bytes(len)
+}
+
+/// Writes [`random_bytes`] to `path`, creating its directory; panics on error
+/// (a test helper).
+pub fn write_random(path: &Path, len: usize, seed: u64) {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    }
+    fs::write(path, random_bytes(len, seed))
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
 /// splitmix64.
 struct Rng(u64);
 
