@@ -41,7 +41,10 @@ pub struct FetchOptions {
     pub cache_bytes: usize,
     /// On sequential access (a request starting where the previous one of the
     /// blob ended), also fetch up to this many stored bytes of the units that
-    /// follow, in the same range request; 0 turns read-ahead off.
+    /// follow, in the same range request; 0 (the default) turns read-ahead off.
+    /// Units read ahead wait in the unit cache until asked for; when readers
+    /// jump around, other units can evict them first and they are fetched
+    /// twice, so it pays only for mostly sequential readers.
     pub readahead: u64,
 }
 
@@ -50,7 +53,7 @@ impl Default for FetchOptions {
         FetchOptions {
             max_merge: 4 << 20,
             cache_bytes: 8 << 20,
-            readahead: 3 << 20,
+            readahead: 0,
         }
     }
 }
