@@ -530,7 +530,7 @@ fn mounts_by_reference_and_fetches_only_what_is_read() {
     let p: serde_json::Value =
         serde_json::from_str(&run.read_out("plist-0.json").unwrap()).unwrap();
     assert!(
-        p["transport"]["prefetched_bytes"].as_u64().unwrap() >= 4 << 20,
+        p["transport"]["counters"]["prefetched_bytes"].as_u64().unwrap() >= 4 << 20,
         "{p}"
     );
     assert!(p["fetch"]["background_units"].as_u64().unwrap() > 0, "{p}");
