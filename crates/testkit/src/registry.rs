@@ -71,6 +71,19 @@ impl RegistryServer {
             .stdout(std::fs::File::create(dir.join("registry.stdout"))?)
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;
+        // Servers kept in a test's static fixture are never dropped: a watchdog
+        // ends the registry when this process ends, whichever way it ends.
+        Command::new("sh")
+            .args([
+                "-c",
+                "while kill -0 \"$0\" 2>/dev/null; do sleep 1; done; kill \"$1\" 2>/dev/null",
+            ])
+            .arg(std::process::id().to_string())
+            .arg(child.id().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
         let mut server = RegistryServer { child, addr, log };
         server.wait_ready(Duration::from_secs(20))?;
         Ok(server)
