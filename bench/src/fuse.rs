@@ -179,19 +179,7 @@ pub fn run(rounds: u32, work: &Path) -> Result<()> {
     let _ = fs::remove_dir_all(work);
     let tree = work.join("tree");
     fs::create_dir_all(&tree)?;
-    for src in ["/usr/lib/python3.11", "/usr/share/perl"] {
-        let dst = tree.join(src.trim_start_matches('/'));
-        fs::create_dir_all(dst.parent().unwrap())?;
-        if !Command::new("cp")
-            .arg("-a")
-            .arg(src)
-            .arg(&dst)
-            .status()?
-            .success()
-        {
-            bail!("copying {src}");
-        }
-    }
+    crate::copy_tree(&["/usr/lib/python3.11", "/usr/share/perl"], &tree)?;
     crate::write_random(&tree.join("big.bin"), 256 << 20, 42)?;
     let mut small: Vec<PathBuf> = walkdir::WalkDir::new(&tree)
         .into_iter()

@@ -77,7 +77,8 @@ impl View {
         }
     }
 
-    /// `(reads answered, reads failed, bytes written into the cache)`.
+    /// `(reads asked for, reads failed, bytes written into the cache, of
+    /// those bytes written ahead of need by prefetch)`.
     pub fn kernel_counters(&self) -> (u64, u64, u64, u64) {
         match self {
             View::Cachefiles { stats, .. } => {

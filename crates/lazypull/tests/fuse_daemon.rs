@@ -188,6 +188,19 @@ impl Site {
         );
     }
 
+    fn umount(&self, mnt: &Path) {
+        ok(
+            lazypull()
+                .arg("umount")
+                .arg(mnt)
+                .arg("--socket")
+                .arg(self.socket())
+                .output()
+                .unwrap(),
+            "lazypull umount",
+        );
+    }
+
     fn metrics(&self) -> String {
         use std::io::Write;
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
@@ -366,16 +379,7 @@ fn fuse_serves_a_realistic_image_and_its_cache_answers_after_drop_caches() {
         served,
         "the second read reached the backend"
     );
-    ok(
-        lazypull()
-            .arg("umount")
-            .arg(&mnt)
-            .arg("--socket")
-            .arg(site.socket())
-            .output()
-            .unwrap(),
-        "lazypull umount",
-    );
+    site.umount(&mnt);
     site.shutdown(daemon);
     assert!(
         !fs::read_to_string("/proc/self/mounts")
@@ -500,15 +504,6 @@ fn fuse_mounts_survive_a_killed_daemon_and_an_upgrade() {
     // The images the first daemon registered are still known to the third.
     let s = site.status().unwrap();
     assert_eq!(s["images"][0]["fsid"], site.meta.as_str(), "{s}");
-    ok(
-        lazypull()
-            .arg("umount")
-            .arg(&mnt)
-            .arg("--socket")
-            .arg(site.socket())
-            .output()
-            .unwrap(),
-        "lazypull umount",
-    );
+    site.umount(&mnt);
     site.shutdown(third);
 }

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use lazypull_backend::{BlobSource, Priority, SourceStats};
+use lazypull_backend::{BlobSource, Priority};
 use lazypull_engine::{CacheFile, FillError, FillOutcome, FillPolicy};
 use lazypull_fuse::abi::{self, init_flags, open_flags, FileAttr, InitOut, Operation};
 use lazypull_fuse::device::Readiness;
@@ -644,14 +644,6 @@ impl FuseBlobs {
             Store::Cached(c) => c.is_complete().then(|| c.data_path().to_path_buf()),
         }
     }
-
-    /// Stats of every blob the kernel looked up or prefetch touched.
-    pub fn source_stats(&self) -> Vec<(String, SourceStats)> {
-        self.blobs()
-            .into_iter()
-            .map(|b| (b.blob, b.source))
-            .collect()
-    }
 }
 
 /// A mounted (or adopted) FUSE connection serving blob files.
@@ -720,10 +712,6 @@ impl FuseServer {
         FuseBlobs {
             fs: self.fs.clone(),
         }
-    }
-
-    pub fn mountpoint(&self) -> &Path {
-        &self.fs.config.mountpoint
     }
 
     /// The connection's state for a successor (None before `FUSE_INIT`).
