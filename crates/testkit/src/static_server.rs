@@ -149,6 +149,11 @@ fn serve(conn: TcpStream, root: &Path, requests: &AtomicU64) -> io::Result<()> {
                             out,
                             "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{size}\r\nContent-Length: 0\r\n\r\n"
                         )?;
+                        out.flush()?;
+                        // A client that asked to close waits for EOF.
+                        if close {
+                            return Ok(());
+                        }
                         continue;
                     }
                 };
