@@ -164,13 +164,7 @@ impl Daemon {
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    crate::median(&mut v)
 }
 
 pub fn run(rounds: u32, work: &Path) -> Result<()> {
