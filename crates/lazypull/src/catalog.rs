@@ -24,8 +24,6 @@ use lazypull_blob::ChunkTable;
 use lazypull_engine::{ChunkedBlob, FetchContext};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use tracing::{error, info, warn};
 
 /// What `lazypull mount` asks the daemon to register: an image in a registry
@@ -537,9 +535,8 @@ impl Catalog {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating the work dir {}", dir.display()))?;
         let path = dir.join(name);
-        let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-        std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+        crate::files::write_atomically(&path, bytes, 0o644)
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
     }
 
@@ -609,18 +606,7 @@ impl Catalog {
                 .collect(),
         };
         let write = || -> std::io::Result<()> {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = path.with_extension("tmp");
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&serde_json::to_vec_pretty(&saved)?)?;
-            std::fs::rename(&tmp, path)
+            crate::files::write_atomically(path, &serde_json::to_vec_pretty(&saved)?, 0o600)
         };
         if let Err(e) = write() {
             warn!(path = %path.display(), "cannot save the daemon state (a restarted daemon will not know the mounted images): {e}");

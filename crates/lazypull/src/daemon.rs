@@ -196,11 +196,9 @@ impl TransportState {
     }
 
     fn save(&self, run_dir: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(run_dir)?;
         let path = Self::path(run_dir);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("saving {}", path.display()))
+        crate::files::write_atomically(&path, &serde_json::to_vec_pretty(self)?, 0o600)
+            .with_context(|| format!("saving {}", path.display()))
     }
 }
 

@@ -8,6 +8,7 @@ mod control;
 mod daemon;
 mod demo;
 mod fdstore;
+mod files;
 mod image;
 mod logging;
 mod metrics;
