@@ -11,25 +11,27 @@ use std::io;
 use std::io::Read;
 use std::sync::Arc;
 
-use reqwest::blocking::Client;
 use reqwest::header::{CONTENT_RANGE, RANGE};
 use reqwest::Url;
 
+use crate::registry::hosts::Host;
 use crate::registry::{ClientOptions, RegistryError, RequestStats};
 use crate::retry::{self, RetryPolicy};
-use crate::transport::{self, inc, Limiter, Stats};
-use crate::RangeRead;
+use crate::transport::{self, inc, Stats};
+use lazypull_source::RangeRead;
 
 /// One blob at an `http://` or `https://` URL.
 ///
-/// Uses `reqwest`'s blocking client: create, use and drop it on plain threads
-/// (or in `spawn_blocking`), never directly in async code.
+/// Uses its host's `reqwest` blocking client from [`ClientOptions::hosts`],
+/// shared with every other `HttpBlob` and `Registry` of that host there, and
+/// that host's limit of [`ClientOptions::max_connections`] requests in
+/// flight: create, use and drop it on plain threads (or in `spawn_blocking`),
+/// never directly in async code.
 pub struct HttpBlob {
     url: String,
     size: u64,
-    client: Client,
+    host: Arc<Host>,
     retry: RetryPolicy,
-    limiter: Arc<Limiter>,
     stats: Stats,
 }
 
@@ -60,9 +62,8 @@ impl HttpBlob {
         let mut blob = HttpBlob {
             url: url.to_string(),
             size: 0,
-            client: opts.build_client()?,
+            host: opts.hosts.host(&parsed, opts)?,
             retry: opts.retry,
-            limiter: Limiter::new(opts.max_connections),
             stats: Stats::default(),
         };
         blob.size = blob.retrying(&format_args!("GET {url} (size probe)"), |_| blob.probe())?;
@@ -88,10 +89,11 @@ impl HttpBlob {
             url: url.clone(),
             why,
         };
-        let _permit = self.limiter.acquire();
+        let _permit = self.host.limiter.acquire();
         inc(&self.stats.requests);
         inc(&self.stats.range_requests);
         let mut resp = self
+            .host
             .client
             .get(url)
             .header(RANGE, "bytes=0-0")
@@ -173,10 +175,11 @@ impl HttpBlob {
         let url = &self.url;
         let last = off + buf.len() as u64 - 1;
         self.retrying(&format_args!("GET {url} bytes {off}-{last}"), |_| {
-            let _permit = self.limiter.acquire();
+            let _permit = self.host.limiter.acquire();
             inc(&self.stats.requests);
             inc(&self.stats.range_requests);
             let resp = self
+                .host
                 .client
                 .get(url)
                 .header(RANGE, format!("bytes={off}-{last}"))

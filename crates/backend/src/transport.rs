@@ -1,5 +1,5 @@
 //! Plumbing shared by the HTTP and registry backends: request counters, the
-//! concurrency limit, and the checks every response goes through (status
+//! concurrency limit (one per host, see [`Hosts`](crate::registry::Hosts)), and the checks every response goes through (status
 //! mapping, `Content-Range` validation, bodies of exactly the right length,
 //! size caps). Nothing here retries or authenticates; the callers do.
 
@@ -110,8 +110,14 @@ impl Stats {
 #[derive(Debug)]
 pub(crate) struct Limiter {
     max: usize,
-    in_use: Mutex<usize>,
+    state: Mutex<LimiterState>,
     freed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct LimiterState {
+    in_use: usize,
+    waiting: usize,
 }
 
 /// One request's right to be in flight; returned on drop.
@@ -122,30 +128,48 @@ impl Limiter {
     pub fn new(max: usize) -> Arc<Limiter> {
         Arc::new(Limiter {
             max: max.max(1),
-            in_use: Mutex::new(0),
+            state: Mutex::new(LimiterState::default()),
             freed: Condvar::new(),
         })
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, LimiterState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn acquire(self: &Arc<Self>) -> Permit {
-        let mut n = self.in_use.lock().unwrap_or_else(|p| p.into_inner());
-        while *n >= self.max {
-            n = self.freed.wait(n).unwrap_or_else(|p| p.into_inner());
+        let mut st = self.lock();
+        if st.in_use >= self.max {
+            st.waiting += 1;
+            while st.in_use >= self.max {
+                st = self.freed.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            st.waiting -= 1;
         }
-        *n += 1;
+        st.in_use += 1;
         Permit(self.clone())
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Permits out and callers waiting for one, now.
+    pub fn load(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.in_use, st.waiting)
     }
 
     #[cfg(test)]
     pub fn in_use(&self) -> usize {
-        *self.in_use.lock().unwrap()
+        self.load().0
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut n = self.0.in_use.lock().unwrap_or_else(|p| p.into_inner());
-        *n -= 1;
+        let mut st = self.0.lock();
+        st.in_use -= 1;
         self.0.freed.notify_one();
     }
 }

@@ -1,6 +1,13 @@
 //! Protocol tests against a tiny in-process HTTP server: Bearer tokens,
 //! retries of transient failures, no retries of permanent ones, Range
 //! validation, redirects and uploads.
+//!
+//! Why a scripted server of its own, beside the real `docker-registry` (in
+//! `tests/registry.rs`) and the test kit's fault proxy: these tests need
+//! answers no real registry gives on demand — a token realm on another host, a
+//! redirect to storage, a 200 where a 206 was asked for, a wrong
+//! `Content-Range`, a body cut at a chosen byte — each scripted per request and
+//! asserted against the exact requests the client sent.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -9,8 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lazypull_backend::{
-    ClientOptions, Credentials, HttpBlob, RangeRead, Registry, RegistryError, RetryPolicy,
+    ClientOptions, Credentials, HttpBlob, Registry, RegistryError, RetryPolicy,
 };
+use lazypull_source::RangeRead;
 use sha2::Digest;
 
 #[derive(Clone, Debug)]

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use lazypull_backend::registry::media_type;
 use lazypull_backend::{
-    docker_config_credentials, ClientOptions, Credentials, HttpBlob, RangeRead, Registry,
-    RegistryError, RetryPolicy,
+    docker_config_credentials, ClientOptions, Credentials, HttpBlob, Registry, RegistryError,
+    RetryPolicy,
 };
+use lazypull_source::RangeRead;
 use sha2::Digest;
 
 const SETUP_HINT: &str = "run scripts/setup.sh (it installs the docker-registry and \

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use lazypull_backend::BlobSource;
+use lazypull_source::BlobSource;
 use lazypull_blob::{open_local, pack, Compression, PackOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -8,20 +8,22 @@
 //!
 //! This crate owns that format, writing it ([`pack`]) and turning stored bytes
 //! back into verified uncompressed bytes ([`StoredBlob`], a
-//! [`lazypull_backend::BlobSource`]): a byte is only ever handed out as part of
+//! [`lazypull_source::BlobSource`]): a byte is only ever handed out as part of
 //! a unit that decompressed to its declared length and hashed to its table
 //! entry; anything else is an `InvalidData` error, never wrong bytes.
 //!
 //! It must not know the kernel, EROFS, or where stored bytes live: it reads them
 //! through the small [`StoredRead`] trait.
+#![forbid(unsafe_code)]
 
 pub mod format;
-pub mod oci;
+pub mod names;
 mod pack;
 mod read;
 
 pub use format::{ChunkTable, FormatError, UnitEntry, UnitKind};
-pub use lazypull_backend::RangeRead as StoredRead;
+pub use names::StoredPaths;
+pub use lazypull_source::RangeRead as StoredRead;
 pub use pack::{pack, Compression, PackError, PackOptions, Packed};
 pub use read::{corrupt_unit, open_local, read_stored, OpenStoredError, StoredBlob, UnitDecoder};
 

@@ -136,7 +136,7 @@ pub fn pack(blob_path: &Path, out_dir: &Path, opts: &PackOptions) -> Result<Pack
     let mut input = File::open(blob_path).map_err(io_err("opening", blob_path))?;
     let mut data_tmp = tempfile::Builder::new()
         .prefix(".lazypull-blob-")
-        .suffix(".zst.tmp")
+        .suffix(&format!("{}.tmp", crate::names::DATA_SUFFIX))
         .tempfile_in(out_dir)
         .map_err(io_err("creating a temporary file in", out_dir))?;
     let unit_size = opts.unit_size as usize;
@@ -200,7 +200,7 @@ pub fn pack(blob_path: &Path, out_dir: &Path, opts: &PackOptions) -> Result<Pack
     let table_bytes = table.encode();
     let mut table_tmp = tempfile::Builder::new()
         .prefix(".lazypull-blob-")
-        .suffix(".table.tmp")
+        .suffix(&format!("{}.tmp", crate::names::TABLE_SUFFIX))
         .tempfile_in(out_dir)
         .map_err(io_err("creating a temporary file in", out_dir))?;
     table_tmp
@@ -211,8 +211,10 @@ pub fn pack(blob_path: &Path, out_dir: &Path, opts: &PackOptions) -> Result<Pack
             .sync_all()
             .map_err(io_err("syncing", tmp.path()))?;
     }
-    let data_path = out_dir.join(format!("{digest}.zst"));
-    let table_path = out_dir.join(format!("{digest}.table"));
+    let crate::StoredPaths {
+        table: table_path,
+        data: data_path,
+    } = crate::StoredPaths::in_dir(out_dir, &digest);
     data_tmp.persist(&data_path).map_err(|e| PackError::Io {
         op: "renaming into place",
         path: data_path.clone(),

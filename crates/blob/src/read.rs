@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use lazypull_backend::{BlobSource, RangeRead as StoredRead};
+use lazypull_source::{BlobSource, RangeRead as StoredRead};
 use sha2::{Digest, Sha256};
 
 use crate::format::{ChunkTable, FormatError, UnitEntry, UnitKind};
@@ -262,7 +262,7 @@ impl<R: StoredRead> BlobSource for StoredBlob<R> {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenStoredError {
     #[error(transparent)]
-    Name(#[from] lazypull_backend::OpenError),
+    Name(#[from] lazypull_source::OpenError),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -304,9 +304,11 @@ impl OpenStoredError {
 /// `<digest>` file); an error when the table exists but is unreadable, corrupt
 /// or for another blob, or when `<digest>.zst` is missing or of the wrong length.
 pub fn open_local(dir: &Path, digest: &str) -> Result<Option<StoredBlob<File>>, OpenStoredError> {
-    let name = lazypull_backend::validate_name(digest.as_bytes())?;
-    let table_path = dir.join(format!("{name}.table"));
-    let data_path = dir.join(format!("{name}.zst"));
+    let name = lazypull_source::validate_name(digest.as_bytes())?;
+    let crate::StoredPaths {
+        table: table_path,
+        data: data_path,
+    } = crate::StoredPaths::in_dir(dir, name);
     let bytes = match std::fs::read(&table_path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -322,11 +324,13 @@ pub fn open_local(dir: &Path, digest: &str) -> Result<Option<StoredBlob<File>>, 
         path: table_path.clone(),
         source,
     })?;
-    if table.digest() != name.to_ascii_lowercase() {
+    if let Err(crate::names::Mismatch::WrongBlob { expected, actual }) =
+        crate::names::check_table_is_for(&table, name)
+    {
         return Err(OpenStoredError::WrongBlob {
             path: table_path,
-            expected: name.to_owned(),
-            actual: table.digest(),
+            expected,
+            actual,
         });
     }
     let file = match File::open(&data_path) {
@@ -350,11 +354,13 @@ pub fn open_local(dir: &Path, digest: &str) -> Result<Option<StoredBlob<File>>, 
             source,
         })?
         .len();
-    if len != table.stored_size() {
+    if let Err(crate::names::Mismatch::DataSize { expected, actual }) =
+        crate::names::check_stored_len(&table, len)
+    {
         return Err(OpenStoredError::DataSize {
             path: data_path,
-            expected: table.stored_size(),
-            actual: len,
+            expected,
+            actual,
         });
     }
     Ok(Some(StoredBlob::new(name.to_owned(), table, file)))

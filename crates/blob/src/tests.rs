@@ -2,7 +2,7 @@
 
 use std::io;
 
-use lazypull_backend::BlobSource;
+use lazypull_source::BlobSource;
 use sha2::{Digest, Sha256};
 
 use crate::format::{ChunkTable, StoredUnit, UnitKind, MIN_UNIT_SIZE};

@@ -5,7 +5,7 @@ use std::io;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use lazypull_backend::BlobSource;
+use lazypull_source::BlobSource;
 use lazypull_blob::{
     open_local, pack, ChunkTable, Compression, OpenStoredError, PackError, PackOptions, StoredBlob,
     UnitKind,

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use lazypull_backend::{BlobSource, Priority, RangeRead, SourceCounters, SourceStats};
+use lazypull_source::{BlobSource, Priority, RangeRead, SourceCounters, SourceStats};
 use lazypull_blob::{ChunkTable, UnitDecoder};
 
 /// Limits of the fetcher.
@@ -604,20 +604,66 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     /// Stored bytes in memory that log every range read and can be told to
-    /// corrupt or fail them, or to be slow.
+    /// corrupt or fail them, or to hold them at a gate.
     #[derive(Debug, Default)]
     struct Remote {
         data: Vec<u8>,
         log: Mutex<Vec<(u64, usize)>>,
         corrupt: AtomicBool,
         fail: AtomicBool,
-        delay_ms: AtomicU64,
+        gate: Mutex<Gate>,
+        gate_changed: Condvar,
+        /// `ctx.gate.foreground_active()` at each read, once `ctx` is set.
+        ctx: std::sync::OnceLock<Arc<FetchContext>>,
+        foreground_at_read: Mutex<Vec<usize>>,
+    }
+
+    /// While `closed`, reads (already logged) wait; `held` counts them.
+    #[derive(Debug, Default)]
+    struct Gate {
+        closed: bool,
+        held: usize,
+    }
+
+    impl Remote {
+        fn close_gate(&self) {
+            self.gate.lock().unwrap().closed = true;
+        }
+
+        fn open_gate(&self) {
+            self.gate.lock().unwrap().closed = false;
+            self.gate_changed.notify_all();
+        }
+
+        /// Reads waiting at the closed gate.
+        fn held(&self) -> usize {
+            self.gate.lock().unwrap().held
+        }
+    }
+
+    /// Waits for `cond` (set by other threads). No time limit: these tests
+    /// depend on the order of events only, never on how fast threads run.
+    fn until(cond: impl Fn() -> bool) {
+        while !cond() {
+            std::thread::yield_now();
+        }
     }
 
     impl RangeRead for Remote {
         fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
             self.log.lock().unwrap().push((off, buf.len()));
-            std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::Relaxed)));
+            if let Some(ctx) = self.ctx.get() {
+                let active = ctx.gate.foreground_active();
+                self.foreground_at_read.lock().unwrap().push(active);
+            }
+            {
+                let mut g = self.gate.lock().unwrap();
+                g.held += 1;
+                while g.closed {
+                    g = self.gate_changed.wait(g).unwrap();
+                }
+                g.held -= 1;
+            }
             if self.fail.load(Ordering::Relaxed) {
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionReset,
@@ -827,14 +873,15 @@ mod tests {
                 readahead: 0,
             },
         );
-        remote.delay_ms.store(100, Ordering::Relaxed);
+        // No fetch completes before every reader has claimed its units or
+        // registered as a waiter on them: without a unit cache, a unit
+        // fetched twice could only be in-flight dedup failing.
+        remote.close_gate();
         let blob = Arc::new(blob);
-        let start = Arc::new(std::sync::Barrier::new(64));
         let threads: Vec<_> = (0..64)
             .map(|t| {
-                let (blob, start) = (blob.clone(), start.clone());
+                let blob = blob.clone();
                 std::thread::spawn(move || {
-                    start.wait();
                     // Different shapes over the same units: whole, halves, a byte.
                     let (off, len) = match t % 3 {
                         0 => (0, 4 << 16),
@@ -845,6 +892,11 @@ mod tests {
                 })
             })
             .collect();
+        // A reader past its claims either holds a fetch at the gate (its first
+        // one) or waits for a unit someone else claimed (counted once, before
+        // it waits): one each, while nothing completes.
+        until(|| remote.held() + blob.ctx.stats.snapshot().dedup_waits as usize == 64);
+        remote.open_gate();
         for t in threads {
             let (off, got) = t.join().unwrap();
             assert_eq!(got, &data[off..off + got.len()]);
@@ -857,7 +909,9 @@ mod tests {
         assert_eq!(log.len(), 4);
         let stats = blob.ctx.stats.snapshot();
         assert_eq!(stats.units_fetched, 4);
-        assert!(stats.dedup_waits > 0, "{stats:?}");
+        // 22 readers of units 0..=3, 21 of 1..=2, 21 of 3: 151 unit requests,
+        // of which 4 fetched and every other one waited.
+        assert_eq!(stats.dedup_waits, 22 * 4 + 21 * 2 + 21 - 4, "{stats:?}");
     }
 
     #[test]
@@ -879,7 +933,9 @@ mod tests {
     fn a_failed_fetch_fails_its_waiters_too_and_is_retried_later() {
         let (data, remote, blob) = fixture(2, FetchOptions::default());
         remote.fail.store(true, Ordering::Relaxed);
-        remote.delay_ms.store(100, Ordering::Relaxed);
+        // The fetch fails only once all 8 readers are in: the one that claimed
+        // the unit holds its fetch at the gate, the other 7 wait for it.
+        remote.close_gate();
         let blob = Arc::new(blob);
         let threads: Vec<_> = (0..8)
             .map(|_| {
@@ -887,6 +943,9 @@ mod tests {
                 std::thread::spawn(move || read(&blob, 10, 10))
             })
             .collect();
+        until(|| remote.held() + blob.ctx.stats.snapshot().dedup_waits as usize == 8);
+        assert_eq!(remote.held(), 1, "one reader fetches");
+        remote.open_gate();
         for t in threads {
             let err = t.join().unwrap().unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
@@ -897,22 +956,26 @@ mod tests {
             1,
             "waiters shared the one failure"
         );
+        assert_eq!(blob.ctx.stats.snapshot().dedup_waits, 7);
         remote.fail.store(false, Ordering::Relaxed);
-        remote.delay_ms.store(0, Ordering::Relaxed);
         assert_eq!(read(&blob, 10, 10).unwrap(), &data[10..20]);
         assert_eq!(blob.ctx.stats.snapshot().fetch_failures, 1);
+        assert_eq!(remote.log.lock().unwrap().len(), 2);
     }
 
     #[test]
     fn background_fetches_wait_for_foreground_ones() {
         let (_data, remote, blob) = fixture(2, FetchOptions::default());
+        remote.ctx.set(blob.ctx.clone()).unwrap();
         let blob = Arc::new(blob);
         let guard = blob.ctx.gate.foreground();
         let bg = {
             let blob = blob.clone();
             std::thread::spawn(move || blob.ensure(0, 1, Priority::Background))
         };
-        std::thread::sleep(Duration::from_millis(200));
+        // Once the background fetch has claimed its unit, it is committed to
+        // fetching it, and only the gate stands in its way.
+        until(|| blob.lock().inflight.contains_key(&0));
         assert!(
             remote.log.lock().unwrap().is_empty(),
             "background ran during foreground work"
@@ -920,6 +983,11 @@ mod tests {
         drop(guard);
         bg.join().unwrap().unwrap();
         assert_eq!(remote.log.lock().unwrap().len(), 1);
+        assert_eq!(
+            *remote.foreground_at_read.lock().unwrap(),
+            [0],
+            "the background fetch went out while foreground work ran"
+        );
         assert_eq!(blob.ctx.stats.snapshot().background_units, 1);
     }
 

@@ -16,6 +16,7 @@
 //!
 //! It must not know which transport asked (cachefiles, FUSE, a test) nor where the
 //! blob lives.
+#![forbid(unsafe_code)]
 
 mod buf;
 pub mod chunked;
@@ -25,8 +26,8 @@ pub use buf::AlignedBuf;
 pub use chunked::{
     ChunkedBlob, FetchContext, FetchOptions, FetchStats, FetchStatsSnapshot, PriorityGate,
 };
-use lazypull_backend::BlobSource;
-pub use lazypull_backend::Priority;
+use lazypull_source::BlobSource;
+pub use lazypull_source::Priority;
 pub use local_cache::{CacheFile, CacheReadError};
 use std::io;
 use std::sync::Mutex;

@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use lazypull_backend::{BlobSource, Priority};
+use lazypull_source::{BlobSource, Priority};
 use tracing::{debug, warn};
 
 use crate::{fill, AlignedBuf, CacheSink, FillError, FillMap, FillOutcome, FillPolicy, Target};

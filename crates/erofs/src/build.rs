@@ -35,6 +35,16 @@ pub struct BuildOptions {
     pub progress: crate::Progress,
 }
 
+impl BuildOptions {
+    /// Checks the options as the builders do before writing anything:
+    /// [`BuildError::InvalidChunkSize`] unless `chunk_size` is a power of two
+    /// between 4096 and 2^31. For callers that do work of their own (such as
+    /// extracting archives) before building and want to fail first.
+    pub fn validate(&self) -> Result<(), BuildError> {
+        check_chunk_size(self.chunk_size)
+    }
+}
+
 impl Default for BuildOptions {
     fn default() -> Self {
         BuildOptions {
@@ -142,25 +152,31 @@ pub fn build_from_layers(
             recorded: None,
         })
         .collect();
-    build_layers(&inputs, out_dir, opts)
+    build_from_layer_inputs(&inputs, out_dir, opts)
 }
 
-/// One layer directory for [`build_layers`].
-pub(crate) struct LayerInput<'a> {
+/// One layer directory for [`build_from_layer_inputs`].
+#[derive(Debug, Clone)]
+pub struct LayerInput<'a> {
+    /// The layer's root directory.
     pub path: PathBuf,
-    /// Metadata recorded at extraction, overriding the filesystem's.
+    /// Metadata recorded when the layer was extracted from an archive: it
+    /// replaces what the files carry on disk (see [`LayerMeta`]). `None`: the
+    /// filesystem's metadata is used, as by [`build_from_layers`].
     pub recorded: Option<&'a LayerMeta>,
 }
 
-pub(crate) fn check_chunk_size(cs: u32) -> Result<(), BuildError> {
+fn check_chunk_size(cs: u32) -> Result<(), BuildError> {
     if !cs.is_power_of_two() || u64::from(cs) < BLOCK_SIZE || cs > (1 << 31) {
         return Err(BuildError::InvalidChunkSize(cs));
     }
     Ok(())
 }
 
-/// [`build_from_layers`] for directories that may carry recorded metadata.
-pub(crate) fn build_layers(
+/// [`build_from_layers`] for layer directories that may carry recorded
+/// metadata (layers extracted from archives, as `lazypull-ingest` does):
+/// the same merge, output and guarantees.
+pub fn build_from_layer_inputs(
     layers: &[LayerInput<'_>],
     out_dir: &Path,
     opts: &BuildOptions,

@@ -15,36 +15,42 @@
 //! ```
 //!
 //! This crate does no I/O beyond the readers, writers and paths it is
-//! handed, and knows nothing of the kernel's cachefiles protocol or of
-//! daemons. The on-disk structures live in [`layout`]; [`build_from_layers`]
-//! writes images from layer directories, [`build_from_source`] from a
-//! directory, a tar layer, an OCI image layout or a `docker save` archive; [`Image`] parses and validates them.
+//! handed, and knows nothing of the kernel's cachefiles protocol, of daemons
+//! or of image archives. The on-disk structures live in [`layout`];
+//! [`build_from_layers`] writes images from layer directories;
+//! [`Image`] parses and validates them.
+//!
+//! Reading what users have (tar layers, OCI image layouts, `docker save`
+//! archives) is `lazypull-ingest`'s job: it extracts archive layers to
+//! directories, records each entry's metadata from its header in a
+//! [`LayerMeta`], and builds with [`build_from_layer_inputs`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod blob;
 mod build;
-mod extract;
 pub mod layout;
 mod meta;
 mod progress;
 mod reader;
-mod source;
 #[cfg(test)]
 mod tests;
 mod tree;
 
-pub use build::{build_from_layers, BlobInfo, BuildOptions, BuiltImage, Manifest, MANIFEST_FILE};
+pub use build::{
+    build_from_layer_inputs, build_from_layers, BlobInfo, BuildOptions, BuiltImage, LayerInput,
+    Manifest, MANIFEST_FILE,
+};
 pub use progress::{BuildProgress, Progress, Stage};
 pub use reader::{
     ChunkEntry, ChunkMap, DirEntry, Extent, Image, Inode, ReadError, WalkEntry, Xattr,
 };
-pub use source::build_from_source;
+pub use tree::{check_xattrs, EntryMeta, LayerMeta, Meta, Special, XattrList};
 
 use std::path::PathBuf;
 
-/// Errors from [`build_from_layers`] and [`build_from_source`].
+/// Errors from [`build_from_layers`] and [`build_from_layer_inputs`].
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// An I/O error on a path.
@@ -96,47 +102,6 @@ pub enum BuildError {
         path: PathBuf,
         /// What is unsupported.
         what: String,
-    },
-    /// A layer archive is unreadable: truncated tar, corrupt compression,
-    /// unsupported compression.
-    #[error("layer {layer}: {reason}")]
-    InvalidArchive {
-        /// Which layer (source path or digest).
-        layer: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A layer archive entry is hostile or inconsistent (path leaving the
-    /// root, write through a symlink, dangling hard link, ...).
-    #[error("layer {layer}: entry {entry:?}: {reason}")]
-    InvalidEntry {
-        /// Which layer (source path or digest).
-        layer: String,
-        /// The entry's path as stored in the archive.
-        entry: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// An image source (OCI layout, `docker save` archive) is malformed,
-    /// incomplete, ambiguous or unsupported.
-    #[error("{}: {reason}", path.display())]
-    InvalidSource {
-        /// File or directory at fault.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A blob's content does not match its descriptor's digest (or size).
-    #[error(
-        "layer {layer}: content does not match its descriptor: expected {expected}, got {actual}"
-    )]
-    DigestMismatch {
-        /// Which layer (or blob).
-        layer: String,
-        /// Digest (and size) from the descriptor.
-        expected: String,
-        /// Digest (and size) of the content.
-        actual: String,
     },
     /// A size or count exceeds the format's limits.
     #[error("too large: {what}")]

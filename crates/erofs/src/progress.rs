@@ -6,7 +6,8 @@ use std::sync::Arc;
 /// A stage of a build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stage {
-    /// Unpacking a layer from an archive.
+    /// Unpacking a layer from an archive (reported by `lazypull-ingest`,
+    /// before the build proper).
     Extracting {
         /// 0-based position of the layer.
         index: usize,
@@ -44,7 +45,10 @@ impl Progress {
         Progress(Some(observer))
     }
 
-    pub(crate) fn stage(&self, stage: Stage) {
+    /// Reports that `stage` begins (nothing when empty). The builders report
+    /// their own stages; callers doing work before a build (extracting
+    /// archives, as `lazypull-ingest` does) report theirs with this.
+    pub fn stage(&self, stage: Stage) {
         if let Some(p) = &self.0 {
             p.stage(stage);
         }

@@ -22,20 +22,24 @@ use crate::BuildError;
 /// Index into [`Tree::nodes`].
 pub(crate) type NodeId = usize;
 
-/// Full xattr names and values.
-pub(crate) type XattrList = Vec<(Vec<u8>, Vec<u8>)>;
+/// Full xattr names (prefix included, such as `user.foo`) and values.
+pub type XattrList = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Sorted (name, path) entries of a directory still to be processed.
 type DirIter = std::vec::IntoIter<(Vec<u8>, PathBuf)>;
 
 /// Attributes common to every inode.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Meta {
+pub struct Meta {
     /// Permission and special bits (`mode & 0o7777`).
     pub perm: u16,
+    /// Owner.
     pub uid: u32,
+    /// Group.
     pub gid: u32,
+    /// Modification time, seconds since the epoch.
     pub mtime: i64,
+    /// Modification time, nanoseconds (below 10^9).
     pub mtime_nsec: u32,
     /// Full xattr names and values, sorted by name.
     pub xattrs: XattrList,
@@ -102,15 +106,29 @@ pub(crate) struct FileSource {
 /// Inode kinds a tar layer records only in its headers: on disk they are
 /// empty regular placeholder files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Special {
-    CharDev { major: u32, minor: u32 },
-    BlockDev { major: u32, minor: u32 },
+pub enum Special {
+    /// A character device.
+    CharDev {
+        /// Major number (at most 0xfff).
+        major: u32,
+        /// Minor number (at most 0xfffff).
+        minor: u32,
+    },
+    /// A block device.
+    BlockDev {
+        /// Major number (at most 0xfff).
+        major: u32,
+        /// Minor number (at most 0xfffff).
+        minor: u32,
+    },
+    /// A FIFO.
     Fifo,
 }
 
 /// Metadata of one extracted entry, taken from its tar header.
 #[derive(Debug, Clone)]
-pub(crate) struct EntryMeta {
+pub struct EntryMeta {
+    /// The entry's attributes.
     pub meta: Meta,
     /// Set for devices and FIFOs (the file on disk is a placeholder).
     pub special: Option<Special>,
@@ -120,12 +138,16 @@ pub(crate) struct EntryMeta {
 }
 
 /// Metadata of an extracted layer, keyed by path relative to the layer
-/// root (the root itself is the empty path). When given to
-/// [`Tree::apply_layer`], it replaces what the extracted files carry on
-/// disk (mode, owner, times, xattrs, device numbers), so extraction needs no
-/// privileges and the image does not depend on the extracting filesystem.
+/// root (the root itself is the empty path). When given with a layer
+/// ([`LayerInput::recorded`](crate::LayerInput::recorded)), it replaces what
+/// the extracted files carry on disk (mode, owner, times, xattrs, device
+/// numbers), so extraction needs no privileges and the image does not depend
+/// on the extracting filesystem. Every file of the layer directory must have
+/// an entry (else [`BuildError::Unsupported`]); a root entry marked
+/// `implicit` (or none) leaves the root's metadata as the lower layers set it.
 #[derive(Debug, Default)]
-pub(crate) struct LayerMeta {
+pub struct LayerMeta {
+    /// Every entry of the layer directory, by relative path.
     pub entries: HashMap<PathBuf, EntryMeta>,
 }
 
@@ -206,8 +228,11 @@ pub(crate) fn read_xattrs(path: &Path) -> Result<XattrList, BuildError> {
     Ok(out)
 }
 
-/// Check that every xattr fits an EROFS name index and the on-disk limits.
-pub(crate) fn check_xattrs(path: &Path, xattrs: &XattrList) -> Result<(), BuildError> {
+/// Check that every xattr fits an EROFS name index and the on-disk limits:
+/// [`BuildError::UnsupportedXattr`] or [`BuildError::XattrTooLarge`] naming
+/// `path` otherwise. For callers that record metadata (see [`LayerMeta`]) and
+/// want to refuse an entry where they meet it.
+pub fn check_xattrs(path: &Path, xattrs: &XattrList) -> Result<(), BuildError> {
     for (name, value) in xattrs {
         let Some((_, suffix)) = layout::xattr_split_name(name) else {
             return Err(BuildError::UnsupportedXattr {

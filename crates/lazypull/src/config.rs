@@ -1,4 +1,6 @@
-//! Daemon configuration: a TOML file, overridden by command-line flags.
+//! Daemon configuration: a TOML file, overridden by command-line flags, merged
+//! and validated into one `DaemonConfig`. It owns the flags, the keys and
+//! their defaults; it must not act on them (the daemon does).
 
 use std::path::{Path, PathBuf};
 
@@ -6,14 +8,14 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 /// Default location of the config file, read if present when `--config` is not given.
-pub const DEFAULT_CONFIG: &str = "/etc/lazypull/config.toml";
+pub(crate) const DEFAULT_CONFIG: &str = "/etc/lazypull/config.toml";
 
 /// Which kernel interface serves the images.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize, serde::Serialize,
 )]
 #[serde(rename_all = "lowercase")]
-pub enum TransportKind {
+pub(crate) enum TransportKind {
     /// cachefiles on-demand if the kernel has it, else FUSE.
     #[default]
     Auto,
@@ -25,7 +27,7 @@ pub enum TransportKind {
 }
 
 impl TransportKind {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             TransportKind::Auto => "auto",
             TransportKind::Cachefiles => "cachefiles",
@@ -40,61 +42,61 @@ pub struct DaemonArgs {
     /// be on ext4, xfs or similar, not tmpfs; with FUSE lazypull keeps its own
     /// cache in DIR/blobs.
     #[arg(long, value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
+    pub(crate) cache_dir: Option<PathBuf>,
 
     /// Kernel interface: auto (cachefiles when the kernel has on-demand mode,
     /// else FUSE), cachefiles or fuse.
     #[arg(long, value_enum, value_name = "KIND")]
-    pub transport: Option<TransportKind>,
+    pub(crate) transport: Option<TransportKind>,
 
     /// With FUSE: where the blob files appear (default /run/lazypull/blobs).
     #[arg(long, value_name = "DIR")]
-    pub fuse_dir: Option<PathBuf>,
+    pub(crate) fuse_dir: Option<PathBuf>,
 
     /// Where the daemon records what a successor needs to take over its mounts
     /// (default /run/lazypull).
     #[arg(long, value_name = "DIR")]
-    pub run_dir: Option<PathBuf>,
+    pub(crate) run_dir: Option<PathBuf>,
 
     /// The fd store that keeps the kernel connections open across daemon
     /// restarts and crashes (started if none runs). Default
     /// /run/lazypull/fdstore.sock.
     #[arg(long, value_name = "PATH")]
-    pub fd_store: Option<PathBuf>,
+    pub(crate) fd_store: Option<PathBuf>,
 
     /// Run without an fd store: mounts die with the daemon.
     #[arg(long)]
-    pub no_fd_store: bool,
+    pub(crate) no_fd_store: bool,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
 
     /// Upgrade in place: ask the daemon running on --socket to hand its mounts
     /// over, wait for it to exit, then serve them.
     #[arg(long)]
-    pub takeover: bool,
+    pub(crate) takeover: bool,
 
     /// Local directory of blobs named by their key (fsid or device tag), for
     /// images not mounted by reference. Optional.
     #[arg(long, value_name = "DIR")]
-    pub blob_dir: Option<PathBuf>,
+    pub(crate) blob_dir: Option<PathBuf>,
 
     /// Base URL of a blob directory served over HTTP(S) with Range support (the
     /// same layout as --blob-dir), for images not mounted by reference. Tried
     /// before --blob-dir.
     #[arg(long, value_name = "URL")]
-    pub blob_url: Option<String>,
+    pub(crate) blob_url: Option<String>,
 
     /// Where the daemon keeps what it fetched at mount (meta blobs).
     /// Default /var/lib/lazypull.
     #[arg(long, value_name = "DIR")]
-    pub work_dir: Option<PathBuf>,
+    pub(crate) work_dir: Option<PathBuf>,
 
     /// Control socket for `lazypull mount`, `umount` and `status`.
     /// Default /run/lazypull/lazypull.sock.
     #[arg(long, value_name = "PATH")]
-    pub socket: Option<PathBuf>,
+    pub(crate) socket: Option<PathBuf>,
 
     /// Config file (TOML). Default: /etc/lazypull/config.toml if it exists.
     /// Keys: cache_dir, transport, fuse_dir, fuse_threads, run_dir, fd_store,
@@ -103,82 +105,82 @@ pub struct DaemonArgs {
     /// unit_cache, readahead, insecure_registries, ca_files, docker_config,
     /// request_timeout_secs, retries.
     #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
 
     /// A registry (host[:port]) to reach over plain HTTP; repeatable. Loopback
     /// registries always are.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
-    pub insecure_registries: Vec<String>,
+    pub(crate) insecure_registries: Vec<String>,
 
     /// Extra trusted root certificates (PEM) for registries; repeatable.
     #[arg(long = "ca-file", value_name = "FILE")]
-    pub ca_files: Vec<PathBuf>,
+    pub(crate) ca_files: Vec<PathBuf>,
 
     /// Docker-style config file with registry credentials (`docker login`
     /// writes one). Default: $DOCKER_CONFIG/config.json, ~/.docker/config.json.
     #[arg(long, value_name = "FILE")]
-    pub docker_config: Option<PathBuf>,
+    pub(crate) docker_config: Option<PathBuf>,
 
     /// Most concurrent requests to one registry.
     #[arg(long, value_name = "N")]
-    pub max_connections: Option<usize>,
+    pub(crate) max_connections: Option<usize>,
 
     /// Cachefiles cache tag.
     #[arg(long)]
-    pub tag: Option<String>,
+    pub(crate) tag: Option<String>,
 
     /// The cachefiles device node.
     #[arg(long, value_name = "PATH")]
-    pub device: Option<PathBuf>,
+    pub(crate) device: Option<PathBuf>,
 
     /// Most READs filled at once.
     #[arg(long, value_name = "N")]
-    pub max_in_flight: Option<usize>,
+    pub(crate) max_in_flight: Option<usize>,
 
     /// Bytes filled per kernel miss: the READ is widened to whole windows of this
     /// size (power of two ≥ 4KiB; suffixes K, M, KiB, MiB).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub fill_window: Option<u64>,
+    pub(crate) fill_window: Option<u64>,
 }
 
 /// The config file's schema. Every key is optional; flags win.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub cache_dir: Option<PathBuf>,
-    pub transport: Option<TransportKind>,
-    pub fuse_dir: Option<PathBuf>,
-    pub fuse_threads: Option<usize>,
-    pub run_dir: Option<PathBuf>,
+pub(crate) struct FileConfig {
+    pub(crate) cache_dir: Option<PathBuf>,
+    pub(crate) transport: Option<TransportKind>,
+    pub(crate) fuse_dir: Option<PathBuf>,
+    pub(crate) fuse_threads: Option<usize>,
+    pub(crate) run_dir: Option<PathBuf>,
     /// Path of the fd store socket, or "" for none.
-    pub fd_store: Option<PathBuf>,
-    pub metrics_addr: Option<std::net::SocketAddr>,
-    pub blob_dir: Option<PathBuf>,
-    pub tag: Option<String>,
-    pub device: Option<PathBuf>,
-    pub max_in_flight: Option<usize>,
-    pub fill_window: Option<SizeValue>,
-    pub io_size: Option<SizeValue>,
-    pub blob_url: Option<String>,
-    pub work_dir: Option<PathBuf>,
-    pub socket: Option<PathBuf>,
-    pub max_connections: Option<usize>,
-    pub max_merge: Option<SizeValue>,
-    pub unit_cache: Option<SizeValue>,
-    pub readahead: Option<SizeValue>,
+    pub(crate) fd_store: Option<PathBuf>,
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    pub(crate) blob_dir: Option<PathBuf>,
+    pub(crate) tag: Option<String>,
+    pub(crate) device: Option<PathBuf>,
+    pub(crate) max_in_flight: Option<usize>,
+    pub(crate) fill_window: Option<SizeValue>,
+    pub(crate) io_size: Option<SizeValue>,
+    pub(crate) blob_url: Option<String>,
+    pub(crate) work_dir: Option<PathBuf>,
+    pub(crate) socket: Option<PathBuf>,
+    pub(crate) max_connections: Option<usize>,
+    pub(crate) max_merge: Option<SizeValue>,
+    pub(crate) unit_cache: Option<SizeValue>,
+    pub(crate) readahead: Option<SizeValue>,
     #[serde(default)]
-    pub insecure_registries: Vec<String>,
+    pub(crate) insecure_registries: Vec<String>,
     #[serde(default)]
-    pub ca_files: Vec<PathBuf>,
-    pub docker_config: Option<PathBuf>,
-    pub request_timeout_secs: Option<u64>,
-    pub retries: Option<u32>,
+    pub(crate) ca_files: Vec<PathBuf>,
+    pub(crate) docker_config: Option<PathBuf>,
+    pub(crate) request_timeout_secs: Option<u64>,
+    pub(crate) retries: Option<u32>,
 }
 
 /// A size given as a number of bytes or a string such as "1MiB".
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-pub enum SizeValue {
+pub(crate) enum SizeValue {
     Bytes(u64),
     Text(String),
 }
@@ -193,7 +195,7 @@ impl SizeValue {
 }
 
 /// Parses "4096", "512K", "512KiB", "1M", "1MiB", "1G".
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
@@ -213,37 +215,37 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// The resolved daemon settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DaemonConfig {
-    pub cache_dir: PathBuf,
-    pub transport: TransportKind,
-    pub fuse_dir: PathBuf,
-    pub fuse_threads: usize,
-    pub run_dir: PathBuf,
-    pub fd_store: Option<PathBuf>,
-    pub metrics_addr: Option<std::net::SocketAddr>,
-    pub blob_dir: Option<PathBuf>,
-    pub blob_url: Option<String>,
-    pub work_dir: PathBuf,
-    pub socket: PathBuf,
-    pub max_connections: usize,
-    pub max_merge: u64,
-    pub unit_cache: usize,
-    pub readahead: u64,
-    pub insecure_registries: Vec<String>,
-    pub ca_files: Vec<PathBuf>,
-    pub docker_config: Option<PathBuf>,
-    pub request_timeout_secs: u64,
-    pub retries: u32,
-    pub tag: String,
-    pub device: PathBuf,
-    pub max_in_flight: usize,
-    pub fill_window: u64,
-    pub io_size: usize,
+pub(crate) struct DaemonConfig {
+    pub(crate) cache_dir: PathBuf,
+    pub(crate) transport: TransportKind,
+    pub(crate) fuse_dir: PathBuf,
+    pub(crate) fuse_threads: usize,
+    pub(crate) run_dir: PathBuf,
+    pub(crate) fd_store: Option<PathBuf>,
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    pub(crate) blob_dir: Option<PathBuf>,
+    pub(crate) blob_url: Option<String>,
+    pub(crate) work_dir: PathBuf,
+    pub(crate) socket: PathBuf,
+    pub(crate) max_connections: usize,
+    pub(crate) max_merge: u64,
+    pub(crate) unit_cache: usize,
+    pub(crate) readahead: u64,
+    pub(crate) insecure_registries: Vec<String>,
+    pub(crate) ca_files: Vec<PathBuf>,
+    pub(crate) docker_config: Option<PathBuf>,
+    pub(crate) request_timeout_secs: u64,
+    pub(crate) retries: u32,
+    pub(crate) tag: String,
+    pub(crate) device: PathBuf,
+    pub(crate) max_in_flight: usize,
+    pub(crate) fill_window: u64,
+    pub(crate) io_size: usize,
 }
 
 impl DaemonArgs {
     /// Merges flags over the config file over defaults and validates the result.
-    pub fn resolve(&self) -> anyhow::Result<DaemonConfig> {
+    pub(crate) fn resolve(&self) -> anyhow::Result<DaemonConfig> {
         let file = match &self.config {
             Some(path) => load(path)?,
             None if Path::new(DEFAULT_CONFIG).exists() => load(Path::new(DEFAULT_CONFIG))?,

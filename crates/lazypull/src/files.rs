@@ -1,4 +1,5 @@
-//! Small file helpers the daemon's state and work files share.
+//! Small file helpers the daemon's state and work files share. Plain std I/O,
+//! blocking: callers on the async runtime must not use them on a task.
 
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -8,7 +9,7 @@ use std::path::Path;
 /// directory, then a rename), creating the directory if needed; a new file
 /// gets `mode` (before the umask). Readers see the old file or the new one,
 /// never a half-written one.
-pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();

@@ -1,4 +1,5 @@
-//! Tracing setup: levels from `--log-level` or `LAZYPULL_LOG`, text or JSON lines on stderr.
+//! Tracing setup: levels from `--log-level` or `LAZYPULL_LOG`, text or JSON
+//! lines on stderr. Set up once, by the binary, before any command runs.
 
 use std::io::IsTerminal;
 

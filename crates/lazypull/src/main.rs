@@ -1,22 +1,12 @@
-//! `lazypull`: the command-line front end. Glue only: it parses flags and config,
-//! sets up logging and signals, and wires a backend to a transport. Format, fetch
-//! and protocol logic live in the library crates.
-
-mod catalog;
-mod config;
-mod control;
-mod daemon;
-mod demo;
-mod fdstore;
-mod files;
-mod image;
-mod logging;
-mod metrics;
-mod mount;
-mod prefetch;
-mod publish;
+//! `lazypull`: the command line. Glue only: it parses the command line (clap),
+//! sets up logging, calls the `lazypull` library's function for the
+//! subcommand and turns its result into an exit status. Everything else —
+//! config files, signals, the daemon, every command's work — lives in the
+//! library (`src/lib.rs`) and the crates it wires.
+#![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
+use lazypull::{cli, config, daemon, fdstore, logging};
 
 /// Lazily pulled container images: mount an EROFS image at once, fetch its data
 /// only when something reads it.
@@ -73,17 +63,17 @@ enum Command {
     /// kernel has, mounts the image lazily, reads a few files, and prints what
     /// was fetched against the image's size. Cleans up after itself (also on
     /// Ctrl-C). Needs root (it mounts file systems).
-    Demo(demo::DemoArgs),
+    Demo(cli::DemoArgs),
 
     /// Stop the daemon for good: unbind the cache or unmount the blob files and
     /// release the fd store. Mounted images stop working.
-    Shutdown(mount::ShutdownArgs),
+    Shutdown(cli::ShutdownArgs),
 
     /// Stop the daemon but keep its mounts for the next daemon (restart, upgrade):
     /// the kernel connections stay in the fd store, reads wait until a new
     /// `lazypull daemon` takes them over. (`lazypull daemon --takeover` does
     /// both steps at once.)
-    Handover(mount::HandoverArgs),
+    Handover(cli::HandoverArgs),
 
     /// The fd store process (started by the daemon; see `lazypull daemon --help`).
     #[command(hide = true)]
@@ -95,15 +85,15 @@ enum Command {
     /// or a `docker save` archive; image layers are applied in order with OCI
     /// whiteouts, one data blob per layer. Every file is named by its sha256, so
     /// images built from the same layers share blobs.
-    Build(image::BuildArgs),
+    Build(cli::BuildArgs),
 
     /// Describe an image: entries, chunks, blobs, deduplication, sizes.
-    Inspect(image::InspectArgs),
+    Inspect(cli::InspectArgs),
 
     /// Re-read an image completely and check every digest and chunk reference.
     ///
     /// Exits non-zero, listing the problems, if anything does not match.
-    Verify(image::ImageArgs),
+    Verify(cli::ImageArgs),
 
     /// Upload a built image to an OCI registry as a lazy image.
     ///
@@ -113,14 +103,14 @@ enum Command {
     ///
     ///     lazypull push ./out 127.0.0.1:5000/lazy/app:v1
     #[command(verbatim_doc_comment)]
-    Push(publish::PushArgs),
+    Push(cli::PushArgs),
 
     /// Pull an ordinary OCI/Docker image from a registry, build it into a lazy
     /// image and push that.
     ///
     ///     lazypull convert registry.example.com/app:v1 registry.example.com/app:v1-lazy
     #[command(verbatim_doc_comment)]
-    Convert(publish::ConvertArgs),
+    Convert(cli::ConvertArgs),
 
     /// Mount a lazy image from a registry through the running daemon.
     ///
@@ -131,13 +121,13 @@ enum Command {
     ///
     ///     lazypull mount 127.0.0.1:5000/lazy/app:v1 /mnt/app
     #[command(verbatim_doc_comment)]
-    Mount(mount::MountArgs),
+    Mount(cli::MountArgs),
 
     /// Unmount an image mounted with `lazypull mount`.
-    Umount(mount::UmountArgs),
+    Umount(cli::UmountArgs),
 
     /// Show the running daemon's transport, counters, images and blobs.
-    Status(mount::StatusArgs),
+    Status(cli::StatusArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -148,24 +138,24 @@ struct FdstoreArgs {
 
 fn main() -> std::process::ExitCode {
     let started = std::time::Instant::now();
-    let cli = Cli::parse();
-    if let Err(e) = logging::init(cli.log_level.as_deref(), cli.log_format) {
+    let line = Cli::parse();
+    if let Err(e) = logging::init(line.log_level.as_deref(), line.log_format) {
         eprintln!("lazypull: {e:#}");
         return std::process::ExitCode::from(2);
     }
-    let result = match cli.command {
+    let result = match line.command {
         Command::Daemon(args) => daemon::run(*args, started),
-        Command::Build(args) => image::build(args),
-        Command::Inspect(args) => image::inspect(args),
-        Command::Verify(args) => image::verify(args),
-        Command::Push(args) => publish::push(args),
-        Command::Convert(args) => publish::convert(args),
-        Command::Mount(args) => mount::mount(args),
-        Command::Umount(args) => mount::umount(args),
-        Command::Status(args) => mount::status(args),
-        Command::Demo(args) => demo::run(args),
-        Command::Shutdown(args) => mount::shutdown(args),
-        Command::Handover(args) => mount::handover(args),
+        Command::Build(args) => cli::build(args),
+        Command::Inspect(args) => cli::inspect(args),
+        Command::Verify(args) => cli::verify(args),
+        Command::Push(args) => cli::push(args),
+        Command::Convert(args) => cli::convert(args),
+        Command::Mount(args) => cli::mount(args),
+        Command::Umount(args) => cli::umount(args),
+        Command::Status(args) => cli::status(args),
+        Command::Demo(args) => cli::demo(args),
+        Command::Shutdown(args) => cli::shutdown(args),
+        Command::Handover(args) => cli::handover(args),
         Command::Fdstore(args) => fdstore::serve(&args.socket),
     };
     match result {

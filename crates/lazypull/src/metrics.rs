@@ -1,6 +1,9 @@
 //! Prometheus metrics at `http://<--metrics-addr>/metrics`: the numbers of
-//! `lazypull status --json`, from the same snapshots, in the text exposition
-//! format (version 0.0.4).
+//! `lazypull status --json`, from the same [`Status`] snapshot, in the text
+//! exposition format (version 0.0.4).
+//!
+//! It owns the page and its HTTP server, and sees the daemon only through a
+//! [`StatusSource`]: it must not depend on the daemon's internals.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -10,7 +13,7 @@ use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use tracing::{info, warn};
 
-use crate::daemon::Daemon;
+use crate::status::{Status, StatusSource};
 
 struct Exposition(String);
 
@@ -34,10 +37,9 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The metrics page.
-pub fn render(daemon: &Daemon) -> String {
+/// The metrics page of one status snapshot.
+fn render(status: &Status) -> String {
     let mut e = Exposition(String::new());
-    let view = &daemon.view;
     e.metric(
         "lazypull_info",
         "gauge",
@@ -45,8 +47,7 @@ pub fn render(daemon: &Daemon) -> String {
         &[(
             format!(
                 "{{version=\"{}\",transport=\"{}\"}}",
-                env!("CARGO_PKG_VERSION"),
-                view.name()
+                status.version, status.transport.kind
             ),
             1,
         )],
@@ -55,34 +56,34 @@ pub fn render(daemon: &Daemon) -> String {
         "lazypull_uptime_seconds",
         "gauge",
         "Seconds since the daemon started.",
-        daemon.started.elapsed().as_secs(),
+        status.uptime_secs,
     );
-    let (reads, failures, written, prefetched) = view.kernel_counters();
+    let k = status.transport.kernel;
     e.one(
         "lazypull_kernel_reads_total",
         "counter",
         "Reads the kernel asked for (cachefiles READ or FUSE READ requests).",
-        reads,
+        k.reads,
     );
     e.one(
         "lazypull_kernel_read_failures_total",
         "counter",
         "Kernel reads that failed (the reader got EIO).",
-        failures,
+        k.read_failures,
     );
     e.one(
         "lazypull_cache_written_bytes_total",
         "counter",
         "Verified bytes written into the cache.",
-        written,
+        k.bytes_written,
     );
     e.one(
         "lazypull_prefetched_bytes_total",
         "counter",
         "Bytes written into the cache ahead of need.",
-        prefetched,
+        k.prefetched_bytes,
     );
-    let h = lazypull_backend::http_totals();
+    let h = &status.backend_http;
     e.one(
         "lazypull_backend_http_requests_total",
         "counter",
@@ -113,7 +114,7 @@ pub fn render(daemon: &Daemon) -> String {
         "Backend operations that failed after their retries.",
         h.failures,
     );
-    let f = daemon.catalog.fetch_context().stats.snapshot();
+    let f = &status.fetch;
     e.one(
         "lazypull_fetch_range_reads_total",
         "counter",
@@ -138,7 +139,7 @@ pub fn render(daemon: &Daemon) -> String {
         "Units whose bytes failed decompression or their SHA-256 check (never written).",
         f.verify_failures,
     );
-    let images = daemon.catalog.images();
+    let images = &status.images;
     e.one(
         "lazypull_images",
         "gauge",
@@ -151,7 +152,7 @@ pub fn render(daemon: &Daemon) -> String {
         "Mounts of registered images.",
         images.iter().map(|i| i.mountpoints.len() as u64).sum(),
     );
-    let blobs = view.blobs();
+    let blobs = &status.blobs;
     let per_blob = |f: &dyn Fn(&lazypull_transport::BlobCacheInfo) -> u64| -> Vec<(String, u64)> {
         blobs
             .iter()
@@ -198,7 +199,7 @@ pub fn render(daemon: &Daemon) -> String {
 }
 
 /// Serves `/metrics` on `listener` until the task is aborted.
-pub async fn serve(listener: tokio::net::TcpListener, daemon: Arc<Daemon>) {
+pub(crate) async fn serve(listener: tokio::net::TcpListener, source: Arc<dyn StatusSource>) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics at http://{addr}/metrics");
     }
@@ -211,13 +212,13 @@ pub async fn serve(listener: tokio::net::TcpListener, daemon: Arc<Daemon>) {
                 continue;
             }
         };
-        let daemon = daemon.clone();
+        let source = source.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let daemon = daemon.clone();
+                let source = source.clone();
                 async move {
                     let response = if req.uri().path() == "/metrics" {
-                        let body = tokio::task::spawn_blocking(move || render(&daemon))
+                        let body = tokio::task::spawn_blocking(move || render(&source.status()))
                             .await
                             .unwrap_or_default();
                         Response::builder()
@@ -259,5 +260,47 @@ mod tests {
             e.0,
             "# HELP x_total An x.\n# TYPE x_total counter\nx_total{blob=\"a\\\"b\"} 3\n"
         );
+    }
+
+    #[test]
+    fn the_page_renders_a_status_snapshot() {
+        let status = Status {
+            pid: 1,
+            version: "0.0.0",
+            uptime_secs: 7,
+            transport: crate::status::TransportStatus {
+                kind: "fuse",
+                reason: "test".into(),
+                counters: serde_json::Value::Null,
+                kernel: crate::status::KernelCounters {
+                    reads: 5,
+                    read_failures: 1,
+                    bytes_written: 4096,
+                    prefetched_bytes: 0,
+                },
+            },
+            fetch: Default::default(),
+            backend_http: Default::default(),
+            images: vec![crate::catalog::ImageInfo {
+                fsid: "ab".into(),
+                reference: "r".into(),
+                manifest_digest: String::new(),
+                blobs: vec![],
+                mountpoints: vec!["/mnt/a".into(), "/mnt/b".into()],
+            }],
+            blobs: vec![],
+        };
+        let page = render(&status);
+        for line in [
+            "lazypull_info{version=\"0.0.0\",transport=\"fuse\"} 1\n",
+            "lazypull_uptime_seconds 7\n",
+            "lazypull_kernel_reads_total 5\n",
+            "lazypull_kernel_read_failures_total 1\n",
+            "lazypull_cache_written_bytes_total 4096\n",
+            "lazypull_images 1\n",
+            "lazypull_mounts 2\n",
+        ] {
+            assert!(page.contains(line), "{line:?} missing from:\n{page}");
+        }
     }
 }

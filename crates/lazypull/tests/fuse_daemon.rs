@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use lazypull_testkit::maketree::{self, TreeOptions};
 use lazypull_testkit::proxy::{FaultSource, Proxy};
-use lazypull_testkit::static_server::StaticServer;
+use lazypull::blob_server::BlobServer;
 use lazypull_testkit::{compare_entries, format_differences, scan};
 use sha2::{Digest, Sha256};
 
@@ -67,7 +67,7 @@ fn free_port() -> u16 {
 struct Site {
     dir: PathBuf,
     meta: String,
-    server: StaticServer,
+    server: BlobServer,
     proxy: Proxy,
     metrics_port: u16,
 }
@@ -87,7 +87,7 @@ impl Site {
             "lazypull build",
         );
         let built: serde_json::Value = serde_json::from_str(&built).unwrap();
-        let server = StaticServer::start(&www).unwrap();
+        let server = BlobServer::start(&www).unwrap();
         let faults = dir.join("faults");
         fs::write(&faults, "").unwrap();
         let proxy = Proxy::start(

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use lazypull_backend::registry::{ClientOptions, Registry};
-use lazypull_backend::BlobSource;
-use lazypull_blob::oci::{ImageConfig, Manifest};
+use lazypull_oci::lazy::{ImageConfig, Manifest};
+use lazypull_source::BlobSource;
 use lazypull_testkit::registry::RegistryServer;
 use sha2::{Digest, Sha256};
 

@@ -10,8 +10,9 @@
 //! - [`proxy`]: a fault-injecting, logging HTTP/1.1 reverse proxy to put
 //!   in front of a registry.
 //! - [`registry`]: a real `docker-registry` on 127.0.0.1 for tests.
-//! - [`static_server`]: a static file server with Range support, standing in
-//!   for a web server holding a blob directory.
+//!
+//! A web server holding a blob directory is `lazypull::blob_server` (the
+//! demo's, shipped): tests use that one rather than a second copy here.
 //!
 //! The `lazypull-testkit` binary exposes `manifest`, `compare`,
 //! `make-tree` and `proxy` on the command line.
@@ -24,7 +25,6 @@ pub mod maketree;
 pub mod manifest;
 pub mod proxy;
 pub mod registry;
-pub mod static_server;
 
 pub use compare::{
     compare_dirs, compare_dirs_with, compare_entries, format_differences, Difference,

@@ -1,5 +1,6 @@
 //! `lazypull-testkit`: manifest, compare, make-tree and proxy on the
 //! command line.
+#![forbid(unsafe_code)]
 
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -21,6 +22,7 @@ const USAGE: &str = "usage:
       fault-injecting HTTP/1.1 reverse proxy appending one JSON line per
       request to FILE; runs until killed. SPEC example:
       5xx:3,reset:5,truncate:7,slow:4,corrupt:6,slow_ms:3000,only:/blobs/
+      or, scripted per byte range: first_range:corrupt,ranges:5xx+reset/slow
       (--faults-file is re-read before every request)";
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -82,12 +84,7 @@ fn main() -> ExitCode {
         },
         ("make-tree", [dir]) => {
             match maketree::make_tree(dir, &maketree::TreeOptions { seed, with_huge }) {
-                Ok(report) => {
-                    for s in &report.skipped {
-                        eprintln!("lazypull-testkit: skipped: {s}");
-                    }
-                    ExitCode::SUCCESS
-                }
+                Ok(_) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }
         }

@@ -31,9 +31,6 @@ pub struct TreeOptions {
 pub struct TreeReport {
     /// Paths created (hard links not counted).
     pub entries: usize,
-    /// Features the target filesystem refused (e.g. POSIX ACLs on a tmpfs
-    /// without ACL support); the tree is complete otherwise.
-    pub skipped: Vec<String>,
 }
 
 /// Path of the huge sparse file within the tree, and its written ranges
@@ -228,17 +225,23 @@ impl Maker {
         fs::hard_link(&a, &b).map_err(ctx(&b))
     }
 
-    /// Set an xattr; a filesystem refusing the whole namespace is recorded
-    /// in the report instead of failing.
+    /// Set an xattr. A file system refusing the namespace (e.g. POSIX ACLs
+    /// on a tmpfs without ACL support) is an error naming what is missing:
+    /// the tree is complete or not made at all, so no test loses its xattr
+    /// or ACL checks silently.
     fn xattr(&mut self, path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
         match rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty()) {
             Ok(()) => Ok(()),
-            Err(rustix::io::Errno::OPNOTSUPP) => {
-                self.report
-                    .skipped
-                    .push(format!("{}: xattr {name} not supported", path.display()));
-                Ok(())
-            }
+            Err(rustix::io::Errno::OPNOTSUPP) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "{}: the file system does not support xattr {name} (EOPNOTSUPP): the test \
+                     tree needs user., trusted., security. xattrs and POSIX ACLs; make it on a \
+                     file system that has them (ext4, xfs, btrfs; tmpfs needs \
+                     CONFIG_TMPFS_POSIX_ACL and CONFIG_TMPFS_XATTR), e.g. by pointing TMPDIR there",
+                    path.display()
+                ),
+            )),
             Err(e) => Err(errno(path, e)),
         }
     }

@@ -6,7 +6,9 @@
 //!
 //! - **Fault injection.** It can answer with `503`, reset the connection,
 //!   truncate a body, delay a response or flip one byte of a body, on a
-//!   deterministic schedule ([`Faults`]). A test can then prove that the
+//!   deterministic schedule ([`Faults`]): every N-th request, or a script
+//!   per requested byte range that does not depend on the order in which
+//!   concurrent requests arrive. A test can then prove that the
 //!   daemon never returns wrong data: it must retry, fail cleanly, or
 //!   detect the corruption, but never hand corrupted bytes to a reader.
 //! - **Access logging.** Every request becomes one JSON line ([`LogEntry`])
@@ -32,11 +34,27 @@
 //! - `slow_ms:MS`: the delay of the `slow` fault (default 3000).
 //! - `only:SUBSTRING`: eligible requests are `GET` requests whose path
 //!   contains this substring (default `/blobs/`).
+//! - `ranges:SCRIPT/SCRIPT/...` and `first_range:SCRIPT`: per-range
+//!   scripts instead of every-N-th faults (the two forms cannot be mixed).
+//!   A SCRIPT is a `+` separated list of fault names (`5xx`, `reset`,
+//!   `truncate`, `slow`, `corrupt`, `none`). Eligible requests are grouped
+//!   by path and `Range` header; the i-th request of a group gets the i-th
+//!   fault of the group's script, and requests past its end get none. A
+//!   group whose byte range overlaps one of an earlier group of the same
+//!   path is a *refetch* and gets no faults at all, so every byte is
+//!   faulted in at most one group. Every other (*fresh*) group takes a
+//!   script in order of first appearance: the first one `first_range` (if
+//!   given), the following ones the `ranges` scripts in turn. A request
+//!   without a `Range` header (or with one of another form) covers the
+//!   whole path. What each group gets thus depends only on which ranges
+//!   are requested and how often, not on how concurrent requests
+//!   interleave.
 //!
 //! Eligible requests are counted by one global counter (starting at 1)
 //! that keeps running when the spec changes; a request is counted whenever
 //! it is eligible under the spec in force for it, even if that spec
-//! injects no faults. An empty spec injects no faults.
+//! injects no faults. The groups of the per-range scripts are remembered
+//! across spec changes too. An empty spec injects no faults.
 //!
 //! Effects:
 //!
@@ -57,7 +75,7 @@ use std::io::{self, BufRead, BufReader, BufWriter, Cursor, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -132,6 +150,10 @@ pub struct Faults {
     pub slow_ms: u64,
     /// Only `GET` requests whose path contains this substring are eligible.
     pub only: String,
+    /// The script of the first fresh range (per-range mode).
+    pub first_range: Option<Vec<Fault>>,
+    /// The scripts the other fresh ranges take in turn (per-range mode).
+    pub ranges: Vec<Vec<Fault>>,
 }
 
 impl Default for Faults {
@@ -144,11 +166,19 @@ impl Default for Faults {
             corrupt: None,
             slow_ms: 3000,
             only: "/blobs/".to_string(),
+            first_range: None,
+            ranges: Vec::new(),
         }
     }
 }
 
 impl Faults {
+    /// Whether faults are scripted per byte range (`ranges`, `first_range`)
+    /// rather than given to every N-th request.
+    pub fn per_range(&self) -> bool {
+        self.first_range.is_some() || !self.ranges.is_empty()
+    }
+
     /// Whether a request counts towards (and may receive) faults.
     pub fn is_eligible(&self, method: &str, path: &str) -> bool {
         method == "GET" && path.contains(&self.only)
@@ -202,10 +232,60 @@ pub fn parse_faults(spec: &str) -> Result<Faults, String> {
             "corrupt" => faults.corrupt = every(number()?),
             "slow_ms" => faults.slow_ms = number()?,
             "only" => faults.only = value.to_string(),
+            "first_range" => faults.first_range = Some(parse_script(value, item)?),
+            "ranges" => {
+                faults.ranges = value
+                    .split('/')
+                    .map(|script| parse_script(script, item))
+                    .collect::<Result<_, _>>()?
+            }
             _ => return Err(format!("unknown fault kind {key:?} in {item:?}")),
         }
     }
+    let every_nth = [
+        faults.server_error,
+        faults.reset,
+        faults.truncate,
+        faults.slow,
+        faults.corrupt,
+    ];
+    if faults.per_range() && every_nth.iter().any(Option::is_some) {
+        return Err(format!(
+            "fault spec {spec:?} mixes per-range scripts (ranges, first_range) with \
+             every-N-th faults"
+        ));
+    }
     Ok(faults)
+}
+
+/// Parses a per-range script such as `5xx+reset` (see [`parse_faults`]).
+fn parse_script(script: &str, item: &str) -> Result<Vec<Fault>, String> {
+    script
+        .split('+')
+        .map(|name| match name.trim() {
+            "none" => Ok(Fault::None),
+            "5xx" => Ok(Fault::ServerError),
+            "reset" => Ok(Fault::Reset),
+            "truncate" => Ok(Fault::Truncate),
+            "slow" => Ok(Fault::Slow),
+            "corrupt" => Ok(Fault::Corrupt),
+            other => Err(format!("fault item {item:?}: unknown fault {other:?}")),
+        })
+        .collect()
+}
+
+/// `(first, last)` of a `Range` header of the form `bytes=F-L` or
+/// `(first, None)` for `bytes=F-`; `None` for anything else.
+fn parse_range(range: &str) -> Option<(u64, Option<u64>)> {
+    let spec = range.trim().strip_prefix("bytes=")?;
+    let (first, last) = spec.split_once('-')?;
+    let first = first.trim().parse().ok()?;
+    let last = last.trim();
+    if last.is_empty() {
+        Some((first, None))
+    } else {
+        Some((first, Some(last.parse().ok()?)))
+    }
 }
 
 /// Where the proxy takes its fault specification from.
@@ -245,15 +325,7 @@ impl LogEntry {
     /// `(first, None)` for `bytes=F-`; `None` without a Range header or for
     /// other forms (suffix ranges, several ranges).
     pub fn range_bounds(&self) -> Option<(u64, Option<u64>)> {
-        let spec = self.range.as_deref()?.trim().strip_prefix("bytes=")?;
-        let (first, last) = spec.split_once('-')?;
-        let first = first.trim().parse().ok()?;
-        let last = last.trim();
-        if last.is_empty() {
-            Some((first, None))
-        } else {
-            Some((first, Some(last.parse().ok()?)))
-        }
+        parse_range(self.range.as_deref()?)
     }
 }
 
@@ -334,7 +406,10 @@ impl Proxy {
             faults: Mutex::new(FaultState {
                 current,
                 eligible: 0,
+                groups: RangeGroups::default(),
             }),
+            active: Mutex::new(0),
+            idle: Condvar::new(),
             stop: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
@@ -353,6 +428,20 @@ impl Proxy {
     /// The address the proxy listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Waits until no request is being handled (every request read so far
+    /// has been answered and logged), at most `timeout`; returns whether it
+    /// got there. A client that has had every answer it waits for can call
+    /// this and then read a complete log.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let active = lock(&self.shared.active);
+        let (_active, waited) = self
+            .shared
+            .idle
+            .wait_timeout_while(active, timeout, |n| *n > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        !waited.timed_out()
     }
 
     /// Replaces the fault spec for subsequent requests (the counter of
@@ -430,6 +519,55 @@ struct FaultState {
     current: CurrentFaults,
     /// Number of eligible requests seen so far.
     eligible: u64,
+    /// The groups of per-range scripts.
+    groups: RangeGroups,
+}
+
+/// The requests seen so far by path and `Range` header (per-range mode).
+#[derive(Default)]
+struct RangeGroups {
+    /// Script and number of requests of each group.
+    groups: HashMap<(String, Option<String>), (Vec<Fault>, usize)>,
+    /// Byte spans `[start, end)` of the groups, by path.
+    spans: HashMap<String, Vec<(u64, u64)>>,
+    /// Fresh groups so far.
+    fresh: usize,
+}
+
+impl RangeGroups {
+    /// The fault for the next request of `path` with `range`.
+    fn next(&mut self, faults: &Faults, path: &str, range: Option<&str>) -> Fault {
+        let key = (path.to_string(), range.map(str::to_string));
+        if let Some((script, seen)) = self.groups.get_mut(&key) {
+            *seen += 1;
+            return script.get(*seen - 1).copied().unwrap_or(Fault::None);
+        }
+        let (start, end) = match range.and_then(parse_range) {
+            Some((first, Some(last))) => (first, last.saturating_add(1)),
+            Some((first, None)) => (first, u64::MAX),
+            None => (0, u64::MAX),
+        };
+        let spans = self.spans.entry(path.to_string()).or_default();
+        let refetch = spans.iter().any(|&(s, e)| s < end && start < e);
+        spans.push((start, end));
+        let script = if refetch {
+            Vec::new()
+        } else {
+            let k = self.fresh;
+            self.fresh += 1;
+            match (&faults.first_range, k) {
+                (Some(first), 0) => first.clone(),
+                _ if faults.ranges.is_empty() => Vec::new(),
+                (first, k) => {
+                    let k = if first.is_some() { k - 1 } else { k };
+                    faults.ranges[k % faults.ranges.len()].clone()
+                }
+            }
+        };
+        let fault = script.first().copied().unwrap_or(Fault::None);
+        self.groups.insert(key, (script, 1));
+        fault
+    }
 }
 
 struct Shared {
@@ -441,6 +579,30 @@ struct Shared {
     /// Clones of the open client connections, to shut them down on drop.
     conns: Mutex<HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
+    /// Requests read but not yet answered and logged.
+    active: Mutex<u64>,
+    /// Notified when `active` drops to 0.
+    idle: Condvar,
+}
+
+/// Counts one request as being handled while it lives.
+struct Active<'a>(&'a Shared);
+
+impl<'a> Active<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        *lock(&shared.active) += 1;
+        Active(shared)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        let mut n = lock(&self.0.active);
+        *n -= 1;
+        if *n == 0 {
+            self.0.idle.notify_all();
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -449,7 +611,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     /// Decides the fault for a request and returns it with `slow_ms`.
-    fn decide(&self, method: &str, path: &str) -> (Fault, u64) {
+    fn decide(&self, method: &str, path: &str, range: Option<&str>) -> (Fault, u64) {
         let mut state = lock(&self.faults);
         let faults = match &state.current {
             CurrentFaults::Fixed(f) => f.clone(),
@@ -459,7 +621,12 @@ impl Shared {
             return (Fault::None, faults.slow_ms);
         }
         state.eligible += 1;
-        (faults.pick(state.eligible), faults.slow_ms)
+        let fault = if faults.per_range() {
+            state.groups.next(&faults, path, range)
+        } else {
+            faults.pick(state.eligible)
+        };
+        (fault, faults.slow_ms)
     }
 
     fn write_log(&self, entry: &LogEntry) {
@@ -954,7 +1121,9 @@ fn serve_connection(stream: &TcpStream, id: u64, shared: &Shared) {
 }
 
 fn handle_one(reader: &mut impl BufRead, stream: &TcpStream, shared: &Shared) -> Next {
-    let req = match read_request(reader, stream) {
+    let req = read_request(reader, stream);
+    let _active = Active::new(shared);
+    let req = match req {
         Ok(ReadRequest::Ok(req)) => req,
         Ok(ReadRequest::Eof) | Err(_) => return Next::Close,
         Ok(ReadRequest::Reject(status, reason, method, path, why)) => {
@@ -978,12 +1147,13 @@ fn handle_one(reader: &mut impl BufRead, stream: &TcpStream, shared: &Shared) ->
     let start = Instant::now();
     let n = shared.seq.fetch_add(1, Ordering::SeqCst) + 1;
     let keep_alive = wants_keep_alive(&req);
-    let (fault, slow_ms) = shared.decide(&req.method, &req.target);
+    let range = header(&req.headers, "range").map(str::to_string);
+    let (fault, slow_ms) = shared.decide(&req.method, &req.target, range.as_deref());
     let mut entry = LogEntry {
         n,
         method: req.method.clone(),
         path: req.target.clone(),
-        range: header(&req.headers, "range").map(str::to_string),
+        range,
         status: 0,
         bytes: 0,
         fault,

@@ -1,4 +1,10 @@
 //! The fault-injecting proxy against a small in-test upstream server.
+//!
+//! No test depends on how fast anything runs: logs are read once the proxy
+//! is idle ([`Proxy::wait_idle`]) or, for the proxy run as a separate
+//! process, once a later request on the same connection has been answered
+//! (the proxy logs a request before it reads the next one). The only time
+//! limits are hang guards.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -254,27 +260,25 @@ impl Fx {
         self.proxy.addr()
     }
 
-    /// The log once it has at least `n` entries, sorted by `n`.
+    /// The whole log, which must have exactly `n` entries, sorted by `n`.
     fn log(&self, n: usize) -> Vec<LogEntry> {
-        wait_log(&self.log, n)
+        idle_log(&self.proxy, &self.log, n)
     }
 }
 
-fn wait_log(path: &Path, n: usize) -> Vec<LogEntry> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut entries = read_log(path).unwrap();
-        if entries.len() >= n {
-            entries.sort_by_key(|e| e.n);
-            return entries;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "log has {} entries, want {n}",
-            entries.len()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+/// Hang guard for [`Proxy::wait_idle`]: nothing here waits on time otherwise.
+const HANG: Duration = Duration::from_secs(120);
+
+/// The log of `proxy` once it is idle; it must have exactly `n` entries.
+fn idle_log(proxy: &Proxy, path: &Path, n: usize) -> Vec<LogEntry> {
+    assert!(
+        proxy.wait_idle(HANG),
+        "the proxy is still busy after {HANG:?}"
+    );
+    let mut entries = read_log(path).unwrap();
+    entries.sort_by_key(|e| e.n);
+    assert_eq!(entries.len(), n, "{entries:?}");
+    entries
 }
 
 /// Status, fault and body bytes of each log entry.
@@ -506,17 +510,19 @@ fn fault_slow_delays_then_answers_correctly() {
     let data = blob();
     let t = Instant::now();
     let r = get(fx.addr(), BLOB, &[("Range", "bytes=0-4095")]);
+    // A lower bound only: the proxy sleeps at least slow_ms.
     let elapsed = t.elapsed();
     assert!(elapsed >= Duration::from_millis(400), "took {elapsed:?}");
     assert_eq!((r.status, r.body.as_slice()), (206, &data[..4096]));
-    let log = fx.log(1);
-    assert_eq!(summary(&log), [(206, Fault::Slow, 4096)]);
-    assert!(log[0].ms >= 400);
 
-    // Not eligible: not delayed.
-    let t = Instant::now();
+    // Not eligible: not delayed (the log says which requests were).
     assert_eq!(get(fx.addr(), "/v2/", &[]).status, 200);
-    assert!(t.elapsed() < Duration::from_millis(400));
+    let log = fx.log(2);
+    assert_eq!(
+        summary(&log),
+        [(206, Fault::Slow, 4096), (200, Fault::None, 7)]
+    );
+    assert!(log[0].ms >= 400);
 }
 
 #[test]
@@ -565,6 +571,97 @@ fn only_restricts_faults_to_matching_get_paths() {
         log.iter().map(|e| e.fault).collect::<Vec<_>>(),
         [Fault::None, Fault::None, Fault::ServerError]
     );
+}
+
+/// Status of one GET of `range` of [`BLOB`] on a fresh connection (0 for a
+/// reset), and whether the body arrived whole and right.
+fn try_range(addr: SocketAddr, first: usize, last: usize) -> (u16, bool) {
+    let mut c = Client::connect(addr);
+    c.send("GET", BLOB, &[("Range", &format!("bytes={first}-{last}"))]);
+    match c.read_response(false) {
+        Ok(Some(r)) => (
+            r.status,
+            r.complete && r.body == blob()[first..=last.min(BLOB_LEN - 1)],
+        ),
+        Ok(None) | Err(_) => (0, false),
+    }
+}
+
+#[test]
+fn per_range_scripts_depend_on_the_ranges_not_on_the_interleaving() {
+    let spec = "first_range:corrupt,ranges:5xx+reset/truncate+none+slow,slow_ms:1";
+    let (r1, r2, r3) = ((0, 99), (1000, 1999), (3000, 3999));
+    // (range, status, body whole and right) of each try of each range:
+    // r1 is the first fresh range, r2 and r3 take the `ranges` scripts in
+    // turn; past its script a range is served cleanly.
+    let want = [
+        (r1, vec![(206, false), (206, true)]),
+        (r2, vec![(503, false), (0, false), (206, true)]),
+        (
+            r3,
+            vec![(206, false), (206, true), (206, true), (206, true)],
+        ),
+    ];
+    // The same first appearances, then the remaining tries in two different
+    // interleavings: the same faults per range.
+    for reverse in [false, true] {
+        let fx = Fx::fixed(spec);
+        let mut got: Vec<((usize, usize), Vec<(u16, bool)>)> =
+            want.iter().map(|(r, _)| (*r, Vec::new())).collect();
+        for (k, (r, _)) in want.iter().enumerate() {
+            got[k].1.push(try_range(fx.addr(), r.0, r.1));
+        }
+        let mut rest: Vec<usize> = want
+            .iter()
+            .enumerate()
+            .flat_map(|(k, (_, tries))| std::iter::repeat_n(k, tries.len() - 1))
+            .collect();
+        if reverse {
+            rest.reverse();
+        }
+        for k in rest {
+            let (first, last) = want[k].0;
+            got[k].1.push(try_range(fx.addr(), first, last));
+        }
+        assert_eq!(got, want, "reverse={reverse}");
+
+        // A range overlapping one requested before is a refetch: no faults,
+        // also when it is new. The next fresh range takes the first `ranges`
+        // script again. A request without Range covers the whole blob: a
+        // refetch, and so is everything after it.
+        assert_eq!(try_range(fx.addr(), 50, 149), (206, true));
+        assert_eq!(try_range(fx.addr(), 3999, 4500), (206, true));
+        assert_eq!(try_range(fx.addr(), 5000, 5999), (503, false));
+        assert_eq!(get(fx.addr(), BLOB, &[]).status, 200);
+        assert_eq!(try_range(fx.addr(), 7000, 7999), (206, true));
+        // Not eligible: neither faulted nor grouped.
+        assert_eq!(get(fx.addr(), "/v2/", &[]).status, 200);
+
+        let log = fx.log(9 + 6);
+        let faults = |first: usize, last: usize| -> Vec<Fault> {
+            let range = format!("bytes={first}-{last}");
+            log.iter()
+                .filter(|e| e.range.as_deref() == Some(range.as_str()))
+                .map(|e| e.fault)
+                .collect()
+        };
+        let (n, c, e, r, t, s) = (
+            Fault::None,
+            Fault::Corrupt,
+            Fault::ServerError,
+            Fault::Reset,
+            Fault::Truncate,
+            Fault::Slow,
+        );
+        assert_eq!(faults(0, 99), [c, n]);
+        assert_eq!(faults(1000, 1999), [e, r, n]);
+        assert_eq!(faults(3000, 3999), [t, n, s, n]);
+        assert_eq!(faults(50, 149), [n]);
+        assert_eq!(faults(3999, 4500), [n]);
+        assert_eq!(faults(5000, 5999), [e]);
+        assert_eq!(faults(7000, 7999), [n]);
+        assert_eq!(log.iter().filter(|e| e.fault != n).count(), 6);
+    }
 }
 
 #[test]
@@ -659,7 +756,7 @@ fn unreachable_upstream_gives_502() {
     let log = dir.path().join("log");
     let proxy = Proxy::start(dead, log.clone(), FaultSource::Fixed(String::new())).unwrap();
     assert_eq!(get(proxy.addr(), BLOB, &[]).status, 502);
-    assert_eq!(wait_log(&log, 1)[0].status, 502);
+    assert_eq!(idle_log(&proxy, &log, 1)[0].status, 502);
 }
 
 #[test]
@@ -689,6 +786,8 @@ fn parse_faults_accepts_and_rejects_specs() {
             corrupt: Some(6),
             slow_ms: 1500,
             only: "/v2/r/".into(),
+            first_range: None,
+            ranges: Vec::new(),
         }
     );
     assert_eq!(parse_faults("").unwrap(), Faults::default());
@@ -697,7 +796,16 @@ fn parse_faults_accepts_and_rejects_specs() {
     assert_eq!(Faults::default().only, "/blobs/");
     assert_eq!(parse_faults("reset:0").unwrap().reset, None);
     assert_eq!(parse_faults("only:a:b").unwrap().only, "a:b");
-    for bad in ["5xx", "5xx:", "5xx:-1", "boom:1", "slow_ms:fast"] {
+    for bad in [
+        "5xx",
+        "5xx:",
+        "5xx:-1",
+        "boom:1",
+        "slow_ms:fast",
+        "ranges:5xx+boom",
+        "first_range:",
+        "ranges:5xx,reset:2",
+    ] {
         assert!(parse_faults(bad).is_err(), "{bad:?} accepted");
     }
     let f = parse_faults("slow:2,corrupt:3").unwrap();
@@ -743,25 +851,39 @@ fn cli_proxy_writes_port_file_and_injects_faults() {
         .arg(&port_file)
         .args(["--faults", "5xx:2"])
         .stdin(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let port: u16 = loop {
-        if let Ok(s) = std::fs::read_to_string(&port_file) {
-            break s.trim().parse().unwrap();
-        }
-        assert!(Instant::now() < deadline, "no port file");
-        assert!(child.try_wait().unwrap().is_none(), "proxy exited");
-        thread::sleep(Duration::from_millis(20));
-    };
+    // It announces itself on stderr after writing the port file.
+    // (Kept open until the end: the proxy must never write into a closed pipe.)
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut announce = String::new();
+    stderr.read_line(&mut announce).unwrap();
+    assert!(
+        announce.starts_with("lazypull-testkit proxy: listening on 127.0.0.1:"),
+        "{announce:?}"
+    );
+    let port: u16 = std::fs::read_to_string(&port_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(announce.contains(&format!(":{port},")), "{announce:?}");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut c = Client::connect(addr);
     let statuses: Vec<u16> = (0..4)
         .map(|_| c.request("GET", BLOB, &[("Range", "bytes=0-1")]).status)
         .collect();
-    let entries = wait_log(&log, 4);
+    // The proxy logs a request before reading the next one on the same
+    // connection: once a fifth (not eligible) one is answered, the first
+    // four are in the log.
+    assert_eq!(c.request("GET", "/v2/", &[]).status, 200);
+    let mut entries = read_log(&log).unwrap();
+    entries.sort_by_key(|e| e.n);
+    entries.retain(|e| e.n <= 4);
     child.kill().unwrap();
     child.wait().unwrap();
+    drop(stderr);
     assert_eq!(statuses, [206, 503, 206, 503]);
     assert_eq!(
         summary(&entries),

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lazypull_backend::{BlobSource, OpenError};
+use lazypull_source::{BlobResolver, BlobSource};
 use lazypull_cachefiles::device::Received;
 use lazypull_cachefiles::{AnonFd, CacheDevice, Command, OpenRequest, ReadRequest, Request};
 use lazypull_engine::{
@@ -19,22 +19,6 @@ use lazypull_engine::{
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
-
-/// Turns the keys of an OPEN into a blob.
-pub trait BlobResolver: Send + Sync + 'static {
-    /// `volume` is the volume key without its NUL (`erofs,<domain_id|fsid>`),
-    /// `cookie` the cookie key up to its first NUL (fsid or device tag).
-    fn resolve(&self, volume: &[u8], cookie: &[u8]) -> Result<Arc<dyn BlobSource>, OpenError>;
-}
-
-impl<F> BlobResolver for F
-where
-    F: Fn(&[u8], &[u8]) -> Result<Arc<dyn BlobSource>, OpenError> + Send + Sync + 'static,
-{
-    fn resolve(&self, volume: &[u8], cookie: &[u8]) -> Result<Arc<dyn BlobSource>, OpenError> {
-        self(volume, cookie)
-    }
-}
 
 /// Settings of the cachefiles transport.
 #[derive(Debug, Clone)]
@@ -721,7 +705,7 @@ mod tests {
     //! files, and replies are recorded. (The completion ioctl fails on a plain
     //! file; that path only logs.) The real kernel is exercised by the guest tests.
     use super::*;
-    use lazypull_backend::LocalDir;
+    use lazypull_source::{LocalDir, OpenError};
     use lazypull_cachefiles::{CloseRequest, ParseError};
     use std::cell::RefCell;
     use std::os::unix::fs::FileExt;

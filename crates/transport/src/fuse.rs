@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use lazypull_backend::{BlobSource, Priority};
+use lazypull_source::{BlobResolver, BlobSource, Priority};
 use lazypull_engine::{CacheFile, FillError, FillOutcome, FillPolicy};
 use lazypull_fuse::abi::{self, init_flags, open_flags, FileAttr, InitOut, Operation};
 use lazypull_fuse::device::Readiness;
@@ -41,7 +41,6 @@ use lazypull_fuse::FuseDevice;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
-use crate::cachefiles::BlobResolver;
 use crate::{BlobCacheInfo, Prefetch};
 
 /// How long the kernel may cache names and attributes: blobs are immutable

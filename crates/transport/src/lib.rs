@@ -18,7 +18,7 @@
 pub mod cachefiles;
 pub mod fuse;
 
-use lazypull_backend::SourceStats;
+use lazypull_source::SourceStats;
 use lazypull_engine::{FillError, FillOutcome};
 
 /// Filling ahead of need, and what is cached, whatever the transport.

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lazypull_backend::{BlobSource, LocalDir, OpenError};
+use lazypull_source::{BlobSource, LocalDir, OpenError};
 use lazypull_engine::FillPolicy;
 use lazypull_erofs::{build_from_layers, BuildOptions, BuiltImage};
 use lazypull_testkit::maketree::{self, TreeOptions};

@@ -7,14 +7,45 @@
 //! whole blob or manifest it downloads or pushes by digest. It must not
 //! decompress or verify the *chunks* of a blob read by range; that is the
 //! engine's job.
+//!
+//! # Connections: one blocking client per host
+//!
+//! Every `Registry` and [`HttpBlob`](crate::http::HttpBlob) takes its host's
+//! client from a [`Hosts`] pool, which [`ClientOptions::hosts`] carries (the
+//! daemon builds one `ClientOptions` and clones it; a command builds one per
+//! run): one `reqwest::blocking::Client` and one limit of
+//! [`ClientOptions::max_connections`] requests in flight per origin (scheme,
+//! host, port) and client settings (CA files, timeouts, user agent, the
+//! limit). A request holds its slot from sending until its body is read;
+//! token requests, redirected requests and upload `PUT`s count against the
+//! host whose client sent them. (Before, every `Registry` — one per image in
+//! the daemon — and every `HttpBlob` had a client of its own: a runtime
+//! thread, a connection pool and a limit each, so the limit was per image or
+//! per blob, and ten of them on one host could have ten times as many
+//! requests in flight.)
+//!
+//! The engine stays blocking, over `reqwest`'s blocking client. Fills run on
+//! blocking worker threads and the kernel waits for each READ anyway, so
+//! going async would buy nothing per request, yet it would mean rewriting
+//! [`RangeRead`], the engine's fetch path and every caller. `ureq` would
+//! save the runtime thread, but it would change the TLS setup, the redirect
+//! and timeout behaviour, the streamed upload body and the error type that
+//! [`RegistryError::is_retryable`] classifies — every protocol path, to save
+//! one thread per host. Sharing one blocking client per host is the smallest
+//! change that makes the limit real: the protocol code is untouched, and the
+//! runtime threads go from one per blob to one per host. What it costs: all
+//! I/O to one host (TLS included) runs on that host's one runtime thread, as
+//! all I/O to one blob already did.
 
 mod auth;
 mod error;
+pub(crate) mod hosts;
 mod options;
 mod reference;
 
 pub use auth::{docker_config_credentials, Credentials};
 pub use error::RegistryError;
+pub use hosts::{HostLoad, Hosts};
 pub use options::ClientOptions;
 pub use reference::{validate_digest, Reference};
 
@@ -34,19 +65,14 @@ use reqwest::Url;
 use sha2::Digest as _;
 
 use crate::retry;
-use crate::transport::{self, inc, Limiter, Permit, Stats};
-use crate::RangeRead;
+use crate::transport::{self, inc, Permit, Stats};
 use auth::{parse_www_authenticate, Challenge};
+use hosts::Host;
+use lazypull_source::RangeRead;
 use reference::{validate_manifest_reference, validate_registry, validate_repository};
 
-/// Manifest media types.
-pub mod media_type {
-    pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-    pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-    pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-    pub const DOCKER_MANIFEST_LIST: &str =
-        "application/vnd.docker.distribution.manifest.list.v2+json";
-}
+/// Media types, from their one owner.
+pub use lazypull_oci::media_type;
 
 /// Largest manifest fetched or pushed.
 pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
@@ -104,17 +130,21 @@ struct AuthState {
 /// A client for one repository of one registry. Cheap to clone (shared
 /// state); `Send + Sync`.
 ///
-/// It uses `reqwest`'s blocking client, which runs its own small runtime:
-/// create, use and drop a `Registry` on plain threads (or inside
-/// `tokio::task::spawn_blocking`), never directly in async code, where
-/// creating or dropping it panics.
+/// It uses its host's `reqwest` blocking client from [`ClientOptions::hosts`],
+/// which runs its own small runtime: create, use and drop a `Registry` on
+/// plain threads (or inside `tokio::task::spawn_blocking` / `block_in_place`),
+/// never directly in async code, where building a client or sending panics
+/// (debug builds) and the last drop of a host's client blocks while its
+/// runtime thread ends.
 #[derive(Clone)]
 pub struct Registry {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    client: Client,
+    /// The host's client and connection limit, shared with every other
+    /// `Registry` and `HttpBlob` of this host in the same [`Hosts`].
+    host: Arc<Host>,
     /// As given (`host[:port]`), for messages.
     registry: String,
     /// `scheme://host[:port]` the API is spoken to.
@@ -125,7 +155,6 @@ struct Inner {
     creds: Option<Credentials>,
     opts: ClientOptions,
     auth: Mutex<AuthState>,
-    limiter: Arc<Limiter>,
     stats: Stats,
 }
 
@@ -147,7 +176,9 @@ type BuildRequest<'a> = &'a dyn Fn(&Client) -> Result<RequestBuilder, RegistryEr
 impl Registry {
     /// A client for `repository` on `registry` (`host[:port]`; `docker.io`
     /// means Docker Hub's API host). Plain HTTP for loopback and
-    /// [`ClientOptions::insecure_hosts`], HTTPS otherwise. Sends no request.
+    /// [`ClientOptions::insecure_hosts`], HTTPS otherwise. Sends no request;
+    /// the host's client comes from [`ClientOptions::hosts`] (built there on
+    /// first use).
     pub fn new(
         registry: &str,
         repository: &str,
@@ -168,7 +199,7 @@ impl Registry {
         let base_url = Url::parse(&base).map_err(|e| bad(&e.to_string()))?;
         Ok(Registry {
             inner: Arc::new(Inner {
-                client: opts.build_client()?,
+                host: opts.hosts.host(&base_url, opts)?,
                 registry: registry.to_string(),
                 base,
                 base_url,
@@ -179,7 +210,6 @@ impl Registry {
                     scheme: Scheme::Unknown,
                     tokens: HashMap::new(),
                 }),
-                limiter: Limiter::new(opts.max_connections),
                 stats: Stats::default(),
             }),
         })
@@ -331,11 +361,11 @@ impl Registry {
             }
         }
         let url_s = url.to_string();
-        let mut rb = self.inner.client.get(url);
+        let mut rb = self.inner.host.client.get(url);
         if let Some(c) = &self.inner.creds {
             rb = rb.basic_auth(&c.username, Some(&c.password));
         }
-        let _permit = self.inner.limiter.acquire();
+        let _permit = self.inner.host.limiter.acquire();
         inc(&self.inner.stats.requests);
         let resp = rb.send().map_err(|source| RegistryError::Transport {
             url: url_s.clone(),
@@ -410,11 +440,11 @@ impl Registry {
             } else {
                 None
             };
-            let mut rb = build(&self.inner.client)?;
+            let mut rb = build(&self.inner.host.client)?;
             if let Some(a) = &auth {
                 rb = rb.header(AUTHORIZATION, a);
             }
-            let permit = self.inner.limiter.acquire();
+            let permit = self.inner.host.limiter.acquire();
             inc(&self.inner.stats.requests);
             let resp = rb.send().map_err(|source| RegistryError::Transport {
                 url: url.to_string(),
@@ -478,13 +508,7 @@ impl Registry {
         validate_manifest_reference(reference)?;
         let url = self.url(&format!("manifests/{reference}"));
         let what = self.describe("manifest", reference);
-        let accept = [
-            media_type::OCI_MANIFEST,
-            media_type::OCI_INDEX,
-            media_type::DOCKER_MANIFEST,
-            media_type::DOCKER_MANIFEST_LIST,
-        ]
-        .join(", ");
+        let accept = media_type::MANIFEST_ACCEPT.join(", ");
         let (bytes, content_type, header_digest) =
             self.retrying(&format_args!("GET {url}"), |_| {
                 let (resp, _permit) = self.send(Access::Pull, &url, &|c| {
@@ -684,8 +708,8 @@ impl Registry {
     }
 
     /// Random access to the blob by Range requests, with retries and at most
-    /// [`ClientOptions::max_connections`] requests of this `Registry` in
-    /// flight. `size` is the blob's size (from the manifest); reads past it
+    /// [`ClientOptions::max_connections`] requests to this registry's host in
+    /// flight (over every user of its [`Hosts`]). `size` is the blob's size (from the manifest); reads past it
     /// fail with `UnexpectedEof` without a request. The contents are not
     /// verified.
     pub fn blob_reader(&self, digest: &str, size: u64) -> Arc<dyn RangeRead> {

@@ -4,11 +4,13 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::RegistryError;
+use super::{Hosts, RegistryError};
 use crate::retry::RetryPolicy;
 
 /// Connection settings shared by [`Registry`](super::Registry) and
-/// [`HttpBlob`](crate::http::HttpBlob).
+/// [`HttpBlob`](crate::http::HttpBlob), and the clients they connect with
+/// ([`hosts`](Self::hosts)): build one `ClientOptions` per owner (the daemon,
+/// a command) and clone it, so every client of one host is one client.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
     /// Registries (`host` or `host:port`) spoken to over plain HTTP. An entry
@@ -25,10 +27,15 @@ pub struct ClientOptions {
     /// Default 30 s. Uploads get extra time in proportion to their size.
     pub request_timeout: Duration,
     pub retry: RetryPolicy,
-    /// Most requests one [`Registry`](super::Registry) or
-    /// [`HttpBlob`](crate::http::HttpBlob) has in flight at once. Default 8.
+    /// Most requests in flight at once to one host, over every
+    /// [`Registry`](super::Registry) and [`HttpBlob`](crate::http::HttpBlob)
+    /// of that host sharing [`hosts`](Self::hosts) (token requests and
+    /// redirects count against the host that sent them). Default 8.
     pub max_connections: usize,
     pub user_agent: String,
+    /// Where the HTTP clients live: one per host, built on first use. Clones
+    /// of these options share it; [`Default`] starts an empty one.
+    pub hosts: Hosts,
 }
 
 impl Default for ClientOptions {
@@ -41,6 +48,7 @@ impl Default for ClientOptions {
             retry: RetryPolicy::default(),
             max_connections: 8,
             user_agent: concat!("lazypull/", env!("CARGO_PKG_VERSION")).to_string(),
+            hosts: Hosts::new(),
         }
     }
 }
@@ -61,6 +69,8 @@ impl ClientOptions {
         }
     }
 
+    /// A new client with these settings. Only [`Hosts`] calls it: everyone
+    /// else gets the host's shared client from there.
     pub(crate) fn build_client(&self) -> Result<reqwest::blocking::Client, RegistryError> {
         let mut b = reqwest::blocking::Client::builder()
             .connect_timeout(self.connect_timeout)

@@ -1,13 +1,18 @@
 #!/bin/bash
-# Reads through a proxy that injects 5xx bursts, connection resets, truncated
-# bodies, slow responses and corrupted bodies into the data blob's Range
-# requests: every read must return the right bytes or fail with EIO, never
-# wrong bytes; and the daemon must keep serving a healthy image meanwhile.
+# Reads through a proxy that injects 5xx answers, connection resets, truncated
+# bodies, slow responses and a corrupted body into the data blob's Range
+# requests, on a schedule per byte range (FAULTS in guest_registry.rs): every
+# new range fails its first two tries, so the third (retries = 3 counts tries)
+# must get it; the first one comes back corrupted once. Every read must return
+# the right bytes (the first file's may fail with EIO), never wrong bytes; the
+# second pass reads everything right; and the daemon keeps serving a healthy
+# image meanwhile. The request timeout is short enough that the proxy's slow
+# answers (8 s) always time out, and long enough that no clean one does.
 source "$LP_SCENARIOS/lib.sh"
 setup_disks
 network_up
 cat >/run/lp/daemon.toml <<TOML
-request_timeout_secs = 2
+request_timeout_secs = 4
 retries = 3
 TOML
 start_daemon --work-dir "$CACHE/work" --config /run/lp/daemon.toml
@@ -22,7 +27,7 @@ while read -r sum path; do
 	got=$(timeout 300 sha256sum "/mnt/f/$path" 2>"/run/lp/f/err") || rc=$?
 	echo "$path rc=$rc got=${got%% *} err=$(tr '\n' ' ' </run/lp/f/err)" >>"$LP_OUT/faults.results"
 done <"$LP_DATA/faults.sha256"
-# A second pass: what failed before may succeed now; what succeeded stays right.
+# A second pass: what failed before succeeds now; what succeeded stays right.
 : >"$LP_OUT/faults.results2"
 while read -r sum path; do
 	rc=0

@@ -1,0 +1,176 @@
+//! Images in OCI registries: what mounting one by reference fetches — the
+//! manifest, the config, the meta blob (whole, verified, kept in the work dir)
+//! and every chunk table (verified against the config) — and the
+//! [`ChunkedBlob`]s that then read its data blobs' stored bytes by Range from
+//! the registry.
+//!
+//! It owns the registry side of registering an image; it must not record
+//! what is registered (the catalog does).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use lazypull_backend::registry::{
+    docker_config_credentials, ClientOptions, Credentials, Reference, Registry,
+};
+use lazypull_blob::ChunkTable;
+use lazypull_engine::{ChunkedBlob, FetchContext};
+use lazypull_oci::lazy::{ImageConfig, Manifest};
+
+use super::meta_dir::MetaDir;
+use crate::control::RegisterRequest;
+
+/// Settings for remote images.
+#[derive(Debug, Clone)]
+pub(crate) struct RemoteSettings {
+    pub(crate) client: ClientOptions,
+    /// Docker-style config file for credentials (None: the default places).
+    pub(crate) docker_config: Option<PathBuf>,
+}
+
+/// What registering an image of a registry fetched.
+pub(crate) struct FetchedImage {
+    /// The meta blob's name: the `fsid` to mount.
+    pub(crate) fsid: String,
+    /// The reference as asked for.
+    pub(crate) reference: String,
+    /// The same, pinned to the manifest fetched now.
+    pub(crate) pinned: String,
+    pub(crate) manifest_digest: String,
+    /// The verified meta blob in the work dir.
+    pub(crate) meta_path: PathBuf,
+    /// Its data blobs, in device table order.
+    pub(crate) blobs: Vec<FetchedBlob>,
+    /// Bytes fetched (manifest, config, meta blob, tables).
+    pub(crate) fetched_bytes: u64,
+}
+
+/// One data blob of a fetched image, ready to serve.
+pub(crate) struct FetchedBlob {
+    pub(crate) digest: String,
+    /// Uncompressed size.
+    pub(crate) size: u64,
+    pub(crate) source: Arc<ChunkedBlob>,
+}
+
+/// Fetches and verifies what image `req.reference` needs at mount. Blocking
+/// (network I/O): call it off the async runtime.
+pub(crate) fn fetch_image(
+    req: &RegisterRequest,
+    remote: &RemoteSettings,
+    meta_dir: &MetaDir,
+    fetch: &Arc<FetchContext>,
+) -> anyhow::Result<FetchedImage> {
+    let reference = Reference::parse(&req.reference)?;
+    let mut client = remote.client.clone();
+    if req.insecure && !client.insecure_hosts.contains(&reference.registry) {
+        client.insecure_hosts.push(reference.registry.clone());
+    }
+    let creds = match (&req.username, &req.password) {
+        (Some(u), Some(p)) => Some(Credentials {
+            username: u.clone(),
+            password: p.clone(),
+        }),
+        (Some(_), None) | (None, Some(_)) => {
+            bail!("give both a username and a password, or neither")
+        }
+        (None, None) => {
+            docker_config_credentials(remote.docker_config.as_deref(), &reference.registry)?
+        }
+    };
+    let registry = Registry::new(&reference.registry, &reference.repository, creds, &client)?;
+    let manifest = registry
+        .get_manifest(&reference.reference)
+        .with_context(|| format!("fetching the manifest of {reference}"))?;
+    let mut fetched = manifest.bytes.len() as u64;
+    let parsed =
+        Manifest::parse_lazypull(&manifest.bytes).with_context(|| format!("{reference}"))?;
+    let config_bytes = registry
+        .get_blob(&parsed.config.digest, &|_| {})
+        .with_context(|| format!("fetching the config of {reference}"))?;
+    fetched += config_bytes.len() as u64;
+    let config = ImageConfig::parse(&config_bytes).with_context(|| format!("{reference}"))?;
+    let fsid = config.meta_hex().to_owned();
+
+    let meta_path = fetch_meta(&registry, &config, meta_dir, &mut fetched)?;
+    let meta =
+        std::fs::read(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?;
+    let image = lazypull_erofs::Image::from_bytes(meta)
+        .with_context(|| format!("the meta blob of {reference} is not a valid EROFS image"))?;
+    let tags: Vec<String> = image
+        .devices()
+        .iter()
+        .map(|d| String::from_utf8_lossy(d.tag_bytes()).into_owned())
+        .collect();
+    let names: Vec<String> = config.blobs.iter().map(|b| b.digest.clone()).collect();
+    if tags != names {
+        bail!(
+            "{reference}: the image config lists blobs {names:?} but its meta blob's device table names {tags:?}"
+        );
+    }
+
+    let mut blobs = Vec::new();
+    for b in &config.blobs {
+        let table_bytes = registry
+            .get_blob(&b.table.digest, &|_| {})
+            .with_context(|| format!("fetching the chunk table of blob {}", b.digest))?;
+        fetched += table_bytes.len() as u64;
+        let table = ChunkTable::decode(&table_bytes)
+            .with_context(|| format!("the chunk table of blob {} is corrupt", b.digest))?;
+        if table.digest() != b.digest
+            || table.uncompressed_size() != b.size
+            || table.stored_size() != b.data.size
+        {
+            bail!(
+                "{reference}: chunk table {} describes blob {} ({} bytes, {} stored), the config says {} ({} bytes, {} stored)",
+                b.table.digest, table.digest(), table.uncompressed_size(), table.stored_size(),
+                b.digest, b.size, b.data.size
+            );
+        }
+        let stored = registry.blob_reader(&b.data.digest, b.data.size);
+        blobs.push(FetchedBlob {
+            digest: b.digest.clone(),
+            size: b.size,
+            source: Arc::new(ChunkedBlob::new(
+                b.digest.clone(),
+                table,
+                stored,
+                fetch.clone(),
+            )),
+        });
+    }
+    Ok(FetchedImage {
+        fsid,
+        reference: reference.to_string(),
+        pinned: pinned(&reference, &manifest.digest),
+        manifest_digest: manifest.digest,
+        meta_path,
+        blobs,
+        fetched_bytes: fetched,
+    })
+}
+
+/// The meta blob in the work dir, fetched and verified unless a verified
+/// copy is already there.
+fn fetch_meta(
+    registry: &Registry,
+    config: &ImageConfig,
+    meta_dir: &MetaDir,
+    fetched: &mut u64,
+) -> anyhow::Result<PathBuf> {
+    let hex = config.meta_hex();
+    if let Some(path) = meta_dir.verified(hex)? {
+        return Ok(path);
+    }
+    let bytes = registry
+        .get_blob(&config.meta.digest, &|_| {})
+        .context("fetching the meta blob")?;
+    *fetched += bytes.len() as u64;
+    meta_dir.keep(hex, &bytes)
+}
+
+/// `reference` with its tag replaced by the manifest digest.
+fn pinned(reference: &Reference, digest: &str) -> String {
+    format!("{}/{}@{}", reference.registry, reference.repository, digest)
+}

@@ -1,0 +1,145 @@
+//! `lazypull status`, `shutdown` and `handover`: asking the running daemon
+//! how it is doing, or to stop (for good, or leaving its mounts to the next
+//! daemon), over its control socket. A client only: what the daemon does
+//! on such a request is `daemon::control_server`'s.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::control::{self, Request};
+use crate::fdstore;
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+    pub(crate) socket: PathBuf,
+    /// Print the raw status as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ShutdownArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+    pub(crate) socket: PathBuf,
+    /// The fd store to release when no daemon answers (after a crash).
+    #[arg(long, value_name = "PATH", default_value = fdstore::DEFAULT_SOCKET)]
+    pub(crate) fd_store: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HandoverArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+    pub(crate) socket: PathBuf,
+}
+
+/// `lazypull handover`: asks the daemon to stop serving and park its mounts
+/// for the next daemon; returns once it has exited.
+pub fn handover(args: HandoverArgs) -> anyhow::Result<()> {
+    let status = control::call(&args.socket, &Request::Status, Duration::from_secs(10))?;
+    let pid = status["pid"].as_u64().unwrap_or(0);
+    control::call(&args.socket, &Request::Handover, Duration::from_secs(120))?;
+    control::wait_for_exit(pid, Duration::from_secs(60))?;
+    println!(
+        "lazypull daemon (pid {pid}) handed over; the next `lazypull daemon` takes the mounts"
+    );
+    Ok(())
+}
+
+/// `lazypull shutdown`: asks the daemon to stop for good; with no daemon
+/// running, releases what the fd store still holds.
+pub fn shutdown(args: ShutdownArgs) -> anyhow::Result<()> {
+    match control::call(&args.socket, &Request::Shutdown, Duration::from_secs(30)) {
+        Ok(v) => {
+            println!("lazypull daemon (pid {}) is shutting down", v["pid"]);
+            Ok(())
+        }
+        Err(daemon_err) => match fdstore::Client::connect(&args.fd_store) {
+            Ok(store) => {
+                store.exit()?;
+                println!(
+                    "no daemon answered; released the kernel connections the fd store at {} held",
+                    args.fd_store.display()
+                );
+                Ok(())
+            }
+            Err(_) => Err(daemon_err.context("no daemon and no fd store to stop")),
+        },
+    }
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let s = control::call(&args.socket, &Request::Status, Duration::from_secs(10))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let bytes = |v: &serde_json::Value| indicatif::HumanBytes(v.as_u64().unwrap_or(0));
+    let t = &s["transport"];
+    let c = &t["counters"];
+    let f = &s["fetch"];
+    let h = &s["backend_http"];
+    println!(
+        "lazypull daemon {} pid {} up {}s",
+        s["version"].as_str().unwrap_or("?"),
+        s["pid"],
+        s["uptime_secs"]
+    );
+    println!(
+        "  transport: {} ({})",
+        t["kind"].as_str().unwrap_or("?"),
+        t["reason"].as_str().unwrap_or("")
+    );
+    println!(
+        "  kernel: {} reads ({} failed), {} written into the cache, {} prefetched",
+        c["reads"],
+        c["read_failures"],
+        bytes(&c["bytes_written"]),
+        bytes(&c["prefetched_bytes"])
+    );
+    println!(
+        "  fetch: {} range requests, {} fetched, {} units ({} shared in flight, {} cached), {} verify failures",
+        f["range_requests"],
+        bytes(&f["stored_bytes"]),
+        f["units_fetched"],
+        f["dedup_waits"],
+        f["cache_hits"],
+        f["verify_failures"]
+    );
+    println!(
+        "  backend: {} HTTP requests ({} ranges, {} retries, {} failed), {} received",
+        h["requests"],
+        h["range_requests"],
+        h["retries"],
+        h["failures"],
+        bytes(&h["bytes_received"])
+    );
+    let short = |v: &serde_json::Value| {
+        let s = v.as_str().unwrap_or("?");
+        s[..12.min(s.len())].to_owned()
+    };
+    for i in s["images"].as_array().into_iter().flatten() {
+        println!(
+            "  image {} fsid {} mounted at {}",
+            i["reference"].as_str().unwrap_or("?"),
+            short(&i["fsid"]),
+            i["mountpoints"]
+        );
+    }
+    for b in s["blobs"].as_array().into_iter().flatten() {
+        println!(
+            "  blob {}: {} of {} cached, {} fetched in {} requests, {} errors, {} in flight",
+            short(&b["blob"]),
+            bytes(&b["cached_bytes"]),
+            bytes(&b["size"]),
+            bytes(&b["source"]["bytes"]),
+            b["source"]["requests"],
+            b["source"]["errors"],
+            bytes(&b["source"]["in_flight_bytes"])
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! The commands a user runs, other than the daemon and the fd store: one
+//! function per subcommand, each taking its clap arguments, doing the work
+//! through the library crates (or through the running daemon, over its
+//! control socket) and printing the result. Blocking, on the calling thread.
+//!
+//! It owns what the user sees: flags, output, progress. It must not hold
+//! format, fetch or protocol logic (the library crates'), nor any of the
+//! daemon's.
+
+mod build;
+mod convert;
+mod daemon_client;
+mod demo;
+mod image_dir;
+mod inspect;
+mod mount;
+mod output;
+mod push;
+mod registry_args;
+mod verify;
+
+pub use build::{build, BuildArgs};
+pub use convert::{convert, ConvertArgs};
+pub use daemon_client::{handover, shutdown, status, HandoverArgs, ShutdownArgs, StatusArgs};
+pub use demo::{run as demo, DemoArgs};
+pub use image_dir::ImageArgs;
+pub use inspect::{inspect, InspectArgs};
+pub use mount::{mount, umount, MountArgs, UmountArgs};
+pub use push::{push, PushArgs};
+pub use verify::verify;

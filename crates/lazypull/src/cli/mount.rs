@@ -1,0 +1,255 @@
+//! `lazypull mount` and `umount`: registering an image with the daemon over
+//! its control socket, the mount(2) / umount(2) calls themselves (in this
+//! process's mount namespace), and telling the daemon. How an image mounts
+//! is the daemon's plan; this only carries it out.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use lazypull_backend::registry::Reference;
+
+use super::registry_args::RegistryArgs;
+use crate::control::{self, MountPlan, PrefetchSpec, RegisterRequest, Registered, Request};
+
+#[derive(Debug, clap::Args)]
+pub struct MountArgs {
+    /// The lazy image: REGISTRY/REPOSITORY[:TAG|@DIGEST] (pushed with `lazypull
+    /// push`), or with --fsid the meta blob name of an image in the daemon's
+    /// --blob-dir / --blob-url (what `lazypull build` printed).
+    pub(crate) reference: String,
+    /// Where to mount it (created if missing).
+    pub(crate) mountpoint: PathBuf,
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+    pub(crate) socket: PathBuf,
+    #[command(flatten)]
+    pub(crate) registry: RegistryArgs,
+    /// Share the cache of equal blobs with other images mounted with the same
+    /// domain (EROFS `domain_id`).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) domain: Option<String>,
+    /// After mounting, fetch the whole image in the background (reads that
+    /// wait always go first).
+    #[arg(long)]
+    pub(crate) prefetch_all: bool,
+    /// After mounting, fetch these files first, in order, in the background:
+    /// a file with one absolute path per line (`-` for stdin).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) prefetch_list: Option<PathBuf>,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// The image is named by its meta blob (fsid) in the daemon's blob store,
+    /// not by a registry reference.
+    #[arg(long)]
+    pub(crate) fsid: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UmountArgs {
+    pub(crate) mountpoint: PathBuf,
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+    pub(crate) socket: PathBuf,
+}
+
+fn prefetch_spec(args: &MountArgs) -> anyhow::Result<PrefetchSpec> {
+    let mut spec = PrefetchSpec {
+        all: args.prefetch_all,
+        paths: Vec::new(),
+    };
+    if let Some(list) = &args.prefetch_list {
+        let mut text = String::new();
+        if list == Path::new("-") {
+            std::io::stdin().read_to_string(&mut text)?;
+        } else {
+            text = std::fs::read_to_string(list)
+                .with_context(|| format!("reading the prefetch list {}", list.display()))?;
+        }
+        spec.paths = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect();
+    }
+    Ok(spec)
+}
+
+fn mount_error_hint(errno: Option<i32>, cachefiles: bool) -> &'static str {
+    match errno {
+        Some(libc::ENODEV) => " (this kernel has no EROFS)",
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOTBLK) if !cachefiles => {
+            " (this kernel's EROFS cannot mount files: it needs Linux 6.12+ with CONFIG_EROFS_FS_BACKED_BY_FILE)"
+        }
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
+            " (this kernel's EROFS lacks fscache on-demand mode: CONFIG_EROFS_FS_ONDEMAND; or the daemon is not bound)"
+        }
+        Some(libc::EPERM) => " (mounting needs root / CAP_SYS_ADMIN)",
+        Some(libc::EBUSY) => {
+            " (this image is already mounted: the kernel allows one on-demand mount per image fsid)"
+        }
+        Some(libc::EIO) | Some(libc::ENOENT) => " (the daemon could not serve the image: see its log)",
+        _ => "",
+    }
+}
+
+pub fn mount(args: MountArgs) -> anyhow::Result<()> {
+    let prefetch = prefetch_spec(&args)?;
+    let req = if args.fsid {
+        RegisterRequest {
+            fsid: Some(args.reference.clone()),
+            ..RegisterRequest::default()
+        }
+    } else {
+        let reference = Reference::parse(&args.reference)?;
+        let creds = args.registry.credentials(&reference.registry)?;
+        RegisterRequest {
+            reference: args.reference.clone(),
+            fsid: None,
+            username: creds.as_ref().map(|c| c.username.clone()),
+            password: creds.map(|c| c.password),
+            insecure: args.registry.insecure,
+        }
+    };
+    let m = mount_image(
+        &args.socket,
+        req,
+        &args.reference,
+        &args.mountpoint,
+        args.domain.as_deref(),
+        &prefetch,
+    )?;
+    let (registered, mountpoint, mounted_ms, after) =
+        (m.registered, m.mountpoint, m.mount_ms, m.prefetch);
+    if args.json {
+        let out = serde_json::json!({
+            "reference": registered.reference,
+            "manifest_digest": registered.manifest_digest,
+            "mountpoint": mountpoint,
+            "fsid": registered.fsid,
+            "blobs": registered.blobs,
+            "data_bytes": registered.data_bytes,
+            "fetched_bytes": registered.fetched_bytes,
+            "register_ms": registered.elapsed_ms,
+            "mount_ms": mounted_ms,
+            "prefetch": after,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "mounted {} at {} in {:.0} ms: {} data blobs, {} of data; fetched {} to mount{}",
+            registered.reference,
+            mountpoint.display(),
+            mounted_ms,
+            registered.blobs,
+            indicatif::HumanBytes(registered.data_bytes),
+            indicatif::HumanBytes(registered.fetched_bytes),
+            if prefetch.is_empty() {
+                ""
+            } else {
+                "; prefetching in the background"
+            }
+        );
+    }
+    Ok(())
+}
+
+/// An image registered with the daemon and mounted.
+pub(crate) struct Mounted {
+    pub(crate) registered: Registered,
+    pub(crate) mountpoint: PathBuf,
+    pub(crate) mount_ms: f64,
+    /// The daemon's answer about prefetching.
+    pub(crate) prefetch: serde_json::Value,
+}
+
+/// Registers `req` with the daemon at `socket`, mounts the image at
+/// `mountpoint` as the daemon's plan says (mount(2) in this process's mount
+/// namespace), and tells the daemon. `what` names the image in errors.
+pub(crate) fn mount_image(
+    socket: &Path,
+    req: RegisterRequest,
+    what: &str,
+    mountpoint: &Path,
+    domain: Option<&str>,
+    prefetch: &PrefetchSpec,
+) -> anyhow::Result<Mounted> {
+    let started = Instant::now();
+    let reply = control::call(socket, &Request::Register(req), Duration::from_secs(600))?;
+    let plan: MountPlan = serde_json::from_value(reply["mount"].clone())
+        .context("the daemon's register reply has no valid mount plan")?;
+    let registered: Registered =
+        serde_json::from_value(reply).context("the daemon's register reply is not valid")?;
+
+    std::fs::create_dir_all(mountpoint)
+        .with_context(|| format!("creating the mountpoint {}", mountpoint.display()))?;
+    let mut data = plan.options.clone();
+    if let Some(domain) = &domain {
+        if !plan.domain {
+            anyhow::bail!("--domain applies to the cachefiles transport only: with FUSE, images share equal blobs (and their cache) by name anyway");
+        }
+        data.push_str(&format!(",domain_id={domain}"));
+    }
+    let data = std::ffi::CString::new(data).context("mount options contain a NUL byte")?;
+    rustix::mount::mount(
+        plan.source.as_str(),
+        mountpoint,
+        plan.fstype.as_str(),
+        rustix::mount::MountFlags::RDONLY,
+        Some(data.as_c_str()),
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "mounting {} at {}: {e}{}",
+            what,
+            mountpoint.display(),
+            mount_error_hint(Some(e.raw_os_error()), plan.domain)
+        )
+    })?;
+    let mount_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let mountpoint = std::fs::canonicalize(mountpoint)?;
+    let after = control::call(
+        socket,
+        &Request::Mounted {
+            fsid: registered.fsid.clone(),
+            mountpoint: mountpoint.clone(),
+            prefetch: prefetch.clone(),
+        },
+        Duration::from_secs(30),
+    )
+    .context("telling the daemon about the mount (the image is mounted)")?;
+    Ok(Mounted {
+        registered,
+        mountpoint,
+        mount_ms,
+        prefetch: after,
+    })
+}
+
+pub fn umount(args: UmountArgs) -> anyhow::Result<()> {
+    let mountpoint = std::fs::canonicalize(&args.mountpoint)
+        .with_context(|| format!("{} does not exist", args.mountpoint.display()))?;
+    rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::empty()).map_err(|e| {
+        let hint = match e.raw_os_error() {
+            libc::EINVAL => " (nothing is mounted there)",
+            libc::EBUSY => " (a process still uses it)",
+            _ => "",
+        };
+        anyhow::anyhow!("unmounting {}: {e}{hint}", mountpoint.display())
+    })?;
+    match control::call(
+        &args.socket,
+        &Request::Unmounted {
+            mountpoint: mountpoint.clone(),
+        },
+        Duration::from_secs(10),
+    ) {
+        Ok(_) => {}
+        Err(e) => eprintln!("lazypull: warning: unmounted, but could not tell the daemon: {e:#}"),
+    }
+    println!("unmounted {}", mountpoint.display());
+    Ok(())
+}

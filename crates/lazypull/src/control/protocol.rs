@@ -1,0 +1,150 @@
+//! The control protocol: what `lazypull mount` / `umount` / `status` and the
+//! daemon say to each other on the control socket. Newline-delimited JSON over a
+//! Unix socket (root only): one request per line, each answered by one reply
+//! line `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
+//!
+//! Types only: it owns the wire form (and, through [`RegisterRequest`], the
+//! form of images.json's entries); sending requests is the control client's,
+//! serving them the daemon's control server.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Default path of the control socket.
+pub(crate) const DEFAULT_SOCKET: &str = "/run/lazypull/lazypull.sock";
+
+/// What to fetch ahead of need after a mount.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PrefetchSpec {
+    /// Every data blob of the image, in device order (after `paths`).
+    #[serde(default)]
+    pub(crate) all: bool,
+    /// Files (absolute paths inside the image), in priority order.
+    #[serde(default)]
+    pub(crate) paths: Vec<String>,
+}
+
+impl PrefetchSpec {
+    pub(crate) fn is_empty(&self) -> bool {
+        !self.all && self.paths.is_empty()
+    }
+}
+
+/// What `lazypull mount` asks the daemon to register: an image in a registry
+/// (`reference`), or one the daemon's blob dir or blob URL holds (`fsid`, the
+/// meta blob's name).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RegisterRequest {
+    #[serde(default)]
+    pub(crate) reference: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) fsid: Option<String>,
+    #[serde(default)]
+    pub(crate) username: Option<String>,
+    #[serde(default)]
+    pub(crate) password: Option<String>,
+    /// Speak plain HTTP to this registry (loopback registries always are).
+    #[serde(default)]
+    pub(crate) insecure: bool,
+}
+
+/// What registering an image did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Registered {
+    /// The meta blob's name: the `fsid` to mount.
+    pub(crate) fsid: String,
+    pub(crate) reference: String,
+    pub(crate) manifest_digest: String,
+    pub(crate) blobs: usize,
+    /// Uncompressed bytes of all data blobs.
+    pub(crate) data_bytes: u64,
+    /// Bytes fetched to register it (manifest, config, meta blob, tables).
+    pub(crate) fetched_bytes: u64,
+    pub(crate) elapsed_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub(crate) enum Request {
+    /// Fetch an image's manifest, config, meta blob and chunk tables and serve it.
+    Register(RegisterRequest),
+    /// The image with this fsid is now mounted at `mountpoint`.
+    Mounted {
+        fsid: String,
+        mountpoint: PathBuf,
+        #[serde(default)]
+        prefetch: PrefetchSpec,
+    },
+    /// Whatever was mounted at `mountpoint` is gone.
+    Unmounted { mountpoint: PathBuf },
+    /// Counters, images and open objects.
+    Status,
+    /// Stop serving and leave the mounts to a successor (`lazypull daemon
+    /// --takeover`): the reply comes once everything is parked.
+    Handover,
+    /// Stop for good: unbind the cache / unmount the blob files.
+    Shutdown,
+}
+
+/// How to mount a registered image: `mount -t FSTYPE -o OPTIONS SOURCE DIR`,
+/// done with mount(2) by whoever asked (in their mount namespace).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct MountPlan {
+    pub(crate) source: String,
+    pub(crate) fstype: String,
+    pub(crate) options: String,
+    /// Whether an EROFS `domain_id` may be added (cachefiles only).
+    pub(crate) domain: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Reply {
+    pub(crate) ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) error: Option<String>,
+}
+
+impl Reply {
+    pub(crate) fn from_result(r: anyhow::Result<serde_json::Value>) -> Reply {
+        match r {
+            Ok(v) => Reply {
+                ok: true,
+                result: Some(v),
+                error: None,
+            },
+            Err(e) => Reply {
+                ok: false,
+                result: None,
+                error: Some(format!("{e:#}")),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_use_a_tagged_json_form() {
+        let r = Request::Mounted {
+            fsid: "ab".into(),
+            mountpoint: "/mnt".into(),
+            prefetch: PrefetchSpec {
+                all: true,
+                paths: vec!["/etc/os-release".into()],
+            },
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(text.starts_with(r#"{"op":"mounted""#), "{text}");
+        let back: Request = serde_json::from_str(&text).unwrap();
+        assert!(matches!(back, Request::Mounted { prefetch, .. } if prefetch.all));
+        let reg: Request =
+            serde_json::from_str(r#"{"op":"register","reference":"h:1/r:t"}"#).unwrap();
+        assert!(matches!(reg, Request::Register(r) if !r.insecure && r.username.is_none()));
+        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+    }
+}

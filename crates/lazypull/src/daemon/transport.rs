@@ -1,0 +1,155 @@
+//! Which kernel interface serves the images — `--transport
+//! auto|cachefiles|fuse`, and why — and starting it: fresh, or adopting the
+//! connection a previous daemon parked. Auto binds `/dev/cachefiles` if the
+//! kernel accepts on-demand mode, else uses FUSE (which needs `/dev/fuse` and
+//! an EROFS that mounts files).
+//!
+//! It owns that choice and the transports' settings; it must not serve
+//! control requests or touch the fd store (handover does).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use lazypull_cachefiles::CacheDevice;
+use lazypull_engine::FillPolicy;
+use lazypull_source::BlobResolver;
+use lazypull_transport::cachefiles::{self, Server};
+use lazypull_transport::fuse::{self, FuseServer};
+
+use super::handover::Parked;
+use super::persist::TransportState;
+use super::view::TransportView;
+use crate::config::{DaemonConfig, TransportKind};
+
+/// The transport serving the kernel.
+pub(crate) enum Running {
+    Cachefiles(Server),
+    Fuse(Arc<FuseServer>),
+}
+
+impl Running {
+    /// What the transport offers the request handlers.
+    pub(crate) fn view(&self, fuse_dir: &Path) -> TransportView {
+        match self {
+            Running::Cachefiles(server) => TransportView::Cachefiles {
+                objects: server.objects(),
+                stats: server.stats(),
+            },
+            Running::Fuse(server) => TransportView::Fuse {
+                blobs: server.blobs(),
+                stats: server.stats(),
+                dir: fuse_dir.to_path_buf(),
+            },
+        }
+    }
+}
+
+fn policy(cfg: &DaemonConfig) -> FillPolicy {
+    FillPolicy {
+        window: cfg.fill_window,
+        io_size: cfg.io_size,
+    }
+}
+
+fn cachefiles_config(cfg: &DaemonConfig) -> cachefiles::Config {
+    cachefiles::Config {
+        device: cfg.device.clone(),
+        cache_dir: cfg.cache_dir.clone(),
+        tag: cfg.tag.clone(),
+        max_in_flight: cfg.max_in_flight,
+        policy: policy(cfg),
+        drain_timeout: Duration::from_secs(10),
+    }
+}
+
+fn fuse_config(cfg: &DaemonConfig) -> fuse::Config {
+    fuse::Config {
+        mountpoint: cfg.fuse_dir.clone(),
+        device: lazypull_fuse::device::DEFAULT_PATH.into(),
+        cache_dir: cfg.cache_dir.join("blobs"),
+        threads: cfg.fuse_threads,
+        policy: policy(cfg),
+        flush_interval: Duration::from_secs(1),
+    }
+}
+
+/// What the FUSE transport needs of the kernel besides /dev/fuse: EROFS
+/// able to mount a regular file (file-backed, Linux 6.12+).
+fn fuse_unusable() -> Option<String> {
+    if !Path::new(lazypull_fuse::device::DEFAULT_PATH).exists() {
+        return Some("no /dev/fuse (CONFIG_FUSE_FS, or `modprobe fuse`)".into());
+    }
+    let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !filesystems
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("erofs"))
+    {
+        return Some("this kernel has no EROFS (CONFIG_EROFS_FS, or `modprobe erofs`)".into());
+    }
+    None
+}
+
+/// Starts the transport, or takes over the one a previous daemon parked.
+/// Returns it with why it was chosen.
+pub(crate) fn start(
+    cfg: &DaemonConfig,
+    resolver: Arc<dyn BlobResolver>,
+    parked: &mut Parked,
+    saved: TransportState,
+) -> anyhow::Result<(Running, String)> {
+    if let Some((fd, handed)) = parked.take_cachefiles(saved.objects) {
+        let n = handed.len();
+        let server = Server::adopt(
+            cachefiles_config(cfg),
+            resolver,
+            CacheDevice::from_fd(fd),
+            handed,
+        )?;
+        return Ok((
+            Running::Cachefiles(server),
+            format!("took over the bound cachefiles cache from the previous daemon ({n} open objects handed over)"),
+        ));
+    }
+    if let Some((fd, session)) = parked.take_fuse(saved.fuse) {
+        let server = FuseServer::adopt(fuse_config(cfg), resolver, fd, session)?;
+        return Ok((
+            Running::Fuse(Arc::new(server)),
+            "took over the FUSE connection from the previous daemon".into(),
+        ));
+    }
+    let fuse = |why: String| -> anyhow::Result<(Running, String)> {
+        if let Some(missing) = fuse_unusable() {
+            bail!("no transport can serve images on this kernel: {why}; FUSE: {missing}");
+        }
+        let server = FuseServer::mount(fuse_config(cfg), resolver.clone())
+            .with_context(|| format!("starting the FUSE transport ({why})"))?;
+        Ok((Running::Fuse(Arc::new(server)), why))
+    };
+    match cfg.transport {
+        TransportKind::Cachefiles => {
+            let server = Server::bind(cachefiles_config(cfg), resolver.clone())?;
+            Ok((Running::Cachefiles(server), "--transport cachefiles".into()))
+        }
+        TransportKind::Fuse => fuse("--transport fuse".into()),
+        TransportKind::Auto => {
+            if !cfg.device.exists() {
+                return fuse(format!(
+                    "{} does not exist (this kernel has no cachefiles): using FUSE",
+                    cfg.device.display()
+                ));
+            }
+            match Server::bind(cachefiles_config(cfg), resolver.clone()) {
+                Ok(server) => Ok((
+                    Running::Cachefiles(server),
+                    "the kernel has cachefiles on-demand mode".into(),
+                )),
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(e.into()),
+                Err(e) => fuse(format!(
+                    "cachefiles on-demand mode is unusable ({e}): using FUSE"
+                )),
+            }
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! What the running transport offers the rest of the daemon: its name, its
+//! counters, the cache state of its blobs, prefetching, and how an image
+//! mounts through it.
+//!
+//! A view only: it must not start, stop or hand over the transport.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use lazypull_transport::cachefiles::{self, OpenObjects};
+use lazypull_transport::fuse::{self, FuseBlobs};
+use lazypull_transport::{BlobCacheInfo, Prefetch};
+use serde_json::json;
+
+use crate::catalog::ImageBlob;
+use crate::control::MountPlan;
+use crate::status::KernelCounters;
+
+/// What the transport of a running daemon offers to request handlers.
+#[derive(Clone)]
+pub(crate) enum TransportView {
+    Cachefiles {
+        objects: OpenObjects,
+        stats: Arc<cachefiles::Stats>,
+    },
+    Fuse {
+        blobs: FuseBlobs,
+        stats: Arc<fuse::Stats>,
+        dir: PathBuf,
+    },
+}
+
+impl TransportView {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            TransportView::Cachefiles { .. } => "cachefiles",
+            TransportView::Fuse { .. } => "fuse",
+        }
+    }
+
+    pub(crate) fn prefetcher(&self) -> Arc<dyn Prefetch> {
+        match self {
+            TransportView::Cachefiles { objects, .. } => Arc::new(objects.clone()),
+            TransportView::Fuse { blobs, .. } => Arc::new(blobs.clone()),
+        }
+    }
+
+    pub(crate) fn blobs(&self) -> Vec<BlobCacheInfo> {
+        self.prefetcher().blobs()
+    }
+
+    /// The transport's counters, as JSON (their names differ by transport).
+    pub(crate) fn stats_json(&self) -> serde_json::Value {
+        match self {
+            TransportView::Cachefiles { stats, .. } => json!(stats.snapshot()),
+            TransportView::Fuse { stats, .. } => json!(stats.snapshot()),
+        }
+    }
+
+    /// The counters every transport has.
+    pub(crate) fn kernel_counters(&self) -> KernelCounters {
+        match self {
+            TransportView::Cachefiles { stats, .. } => {
+                let s = stats.snapshot();
+                KernelCounters {
+                    reads: s.reads,
+                    read_failures: s.read_failures,
+                    bytes_written: s.bytes_written,
+                    prefetched_bytes: s.prefetched_bytes,
+                }
+            }
+            TransportView::Fuse { stats, .. } => {
+                let s = stats.snapshot();
+                KernelCounters {
+                    reads: s.reads,
+                    read_failures: s.read_failures,
+                    bytes_written: s.bytes_written,
+                    prefetched_bytes: s.prefetched_bytes,
+                }
+            }
+        }
+    }
+
+    /// How to mount image `fsid` with data blobs `blobs` through this transport.
+    pub(crate) fn mount_plan(&self, fsid: &str, blobs: &[ImageBlob]) -> MountPlan {
+        match self {
+            TransportView::Cachefiles { .. } => MountPlan {
+                source: "lazypull".into(),
+                fstype: "erofs".into(),
+                options: format!("fsid={fsid}"),
+                domain: true,
+            },
+            TransportView::Fuse {
+                blobs: files, dir, ..
+            } => {
+                // A blob complete on local disk is read by the kernel directly;
+                // the others through the daemon's FUSE files.
+                let path = |name: &str| {
+                    files
+                        .complete_file(name)
+                        .unwrap_or_else(|| dir.join(name))
+                        .display()
+                        .to_string()
+                };
+                let devices: Vec<String> = blobs
+                    .iter()
+                    .map(|b| format!("device={}", path(&b.digest)))
+                    .collect();
+                MountPlan {
+                    source: path(fsid),
+                    fstype: "erofs".into(),
+                    options: devices.join(","),
+                    domain: false,
+                }
+            }
+        }
+    }
+}
