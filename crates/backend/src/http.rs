@@ -32,6 +32,8 @@ pub struct HttpBlob {
     size: u64,
     host: Arc<Host>,
     retry: RetryPolicy,
+    /// The options, for the deadline of each Range request.
+    opts: ClientOptions,
     stats: Stats,
 }
 
@@ -64,6 +66,7 @@ impl HttpBlob {
             size: 0,
             host: opts.hosts.host(&parsed, opts)?,
             retry: opts.retry,
+            opts: opts.clone(),
             stats: Stats::default(),
         };
         blob.size = blob.retrying(&format_args!("GET {url} (size probe)"), |_| blob.probe())?;
@@ -174,22 +177,26 @@ impl HttpBlob {
     fn read_range(&self, buf: &mut [u8], off: u64) -> Result<(), RegistryError> {
         let url = &self.url;
         let last = off + buf.len() as u64 - 1;
+        let deadline = self.opts.deadline_for(buf.len() as u64);
         self.retrying(&format_args!("GET {url} bytes {off}-{last}"), |_| {
             let _permit = self.host.limiter.acquire();
             inc(&self.stats.requests);
             inc(&self.stats.range_requests);
-            let resp = self
-                .host
-                .client
-                .get(url)
-                .header(RANGE, format!("bytes={off}-{last}"))
-                .send()
-                .map_err(|source| RegistryError::Transport {
-                    url: url.clone(),
-                    source,
-                })?;
-            let resp = transport::check_status(resp, url, url, &self.host())?;
-            transport::read_range_body(resp, url, buf, off, self.size, &self.stats)
+            transport::within_deadline(url, buf.len() as u64, deadline, || {
+                let resp = self
+                    .host
+                    .client
+                    .get(url)
+                    .header(RANGE, format!("bytes={off}-{last}"))
+                    .timeout(deadline)
+                    .send()
+                    .map_err(|source| RegistryError::Transport {
+                        url: url.clone(),
+                        source,
+                    })?;
+                let resp = transport::check_status(resp, url, url, &self.host())?;
+                transport::read_range_body(resp, url, &mut *buf, off, self.size, &self.stats)
+            })
         })
     }
 }

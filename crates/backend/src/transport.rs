@@ -385,6 +385,30 @@ pub(crate) fn read_range_body(
     }
 }
 
+/// Runs one try of a Range request of `bytes` bytes whose request was sent
+/// with `deadline` as its total timeout (reqwest's per-request timeout covers
+/// the response body too): a failure once the deadline has passed is the
+/// deadline's, and says so.
+pub(crate) fn within_deadline<T>(
+    url: &str,
+    bytes: u64,
+    deadline: std::time::Duration,
+    op: impl FnOnce() -> Result<T, RegistryError>,
+) -> Result<T, RegistryError> {
+    let started = std::time::Instant::now();
+    op().map_err(|e| {
+        if e.is_retryable() && started.elapsed() >= deadline {
+            RegistryError::DeadlineExceeded {
+                url: url.to_string(),
+                bytes,
+                deadline,
+            }
+        } else {
+            e
+        }
+    })
+}
+
 /// The whole body, at most `limit` bytes (more is [`RegistryError::TooLarge`]).
 pub(crate) fn read_capped(
     mut resp: Response,

@@ -76,6 +76,15 @@ enum Reply {
         headers: Vec<(String, String)>,
         body: Vec<u8>,
     },
+    /// A complete response whose body goes out `chunk` bytes at a time with
+    /// a pause of `pause` before each (a slow or dripping server).
+    Paced {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        chunk: usize,
+        pause: Duration,
+    },
 }
 
 fn reply(status: u16, headers: &[(&str, &str)], body: impl Into<Vec<u8>>) -> Reply {
@@ -246,6 +255,23 @@ fn serve_conn(conn: TcpStream, port: u16, handler: &Handler, log: &Mutex<Vec<Req
             out.extend_from_slice(&body);
             w.write_all(&out)
         }
+        Reply::Paced {
+            status,
+            headers,
+            body,
+            chunk,
+            pause,
+        } => (|| {
+            w.write_all(head(status, &headers, Some(body.len())).as_bytes())?;
+            w.flush()?;
+            for piece in body.chunks(chunk.max(1)) {
+                std::thread::sleep(pause);
+                // Fails once the client has given up and closed.
+                w.write_all(piece)?;
+                w.flush()?;
+            }
+            Ok(())
+        })(),
     };
     let _ = w.flush();
     let _ = w.shutdown(std::net::Shutdown::Both);
@@ -846,4 +872,193 @@ fn manifests_are_checked() {
     let err = reg.get_manifest("../../etc").unwrap_err();
     assert_eq!(err.errno(), libc::EINVAL);
     assert_eq!(reg.stats().retries, 0);
+}
+
+/// A token `expires_in` far beyond what an `Instant` can hold (2^63 s) is
+/// treated as a long lifetime, not a panic.
+#[test]
+fn huge_token_lifetimes_do_not_panic() {
+    let blob = data(1000);
+    let d = digest_of(&blob);
+    let path = format!("/v2/r/blobs/{d}");
+    let b = blob.clone();
+    let srv = Server::start(move |req, port| {
+        if req.path() == "/token" {
+            return reply(
+                200,
+                &[],
+                r#"{"token":"tok","expires_in":9223372036854775808}"#,
+            );
+        }
+        if req.path() == path && req.header("authorization") == Some("Bearer tok") {
+            return serve_range(req, &b);
+        }
+        let challenge = format!(r#"Bearer realm="http://127.0.0.1:{port}/token",service="x""#);
+        reply(401, &[("WWW-Authenticate", &challenge)], "")
+    });
+    let reg = Registry::new(&srv.host(), "r", None, &fast_opts(1)).unwrap();
+    assert!(reg.get_blob(&d, &|_| {}).unwrap() == blob);
+    assert!(reg.get_blob(&d, &|_| {}).unwrap() == blob);
+    // The token was kept, not fetched again.
+    assert_eq!(srv.count("/token"), 1);
+}
+
+/// A plain-HTTP token realm on another host than the registry's gets no
+/// credentials: the token request is refused before it is sent, with a
+/// message naming the realm. (An HTTPS realm may be anywhere, as the
+/// distribution spec intends; an HTTPS registry may not name a plain-HTTP
+/// realm at all: see the unit tests of `realm_credentials`.)
+#[test]
+fn plain_http_token_realms_on_another_host_get_no_credentials() {
+    let tokens = Server::start(|_, _| reply(200, &[], r#"{"token":"tok"}"#));
+    // "localhost" is another host name than the registry's "127.0.0.1".
+    let realm = format!("http://localhost:{}/token", tokens.port);
+    let srv = Server::start(move |req, _| {
+        if req.header("authorization") == Some("Bearer tok") {
+            return reply(404, &[], "");
+        }
+        let challenge = format!(r#"Bearer realm="{realm}",service="x""#);
+        reply(401, &[("WWW-Authenticate", &challenge)], "")
+    });
+    let d = digest_of(b"x");
+    let reg = Registry::new(&srv.host(), "r", creds("alice", "pw"), &fast_opts(1)).unwrap();
+    let err = reg.get_blob(&d, &|_| {}).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, RegistryError::Protocol { .. })
+            && msg.contains(&format!("localhost:{}", tokens.port))
+            && msg.contains("plain HTTP"),
+        "{msg}"
+    );
+    for r in tokens.requests() {
+        assert_eq!(r.header("authorization"), None, "credentials leaked: {r:?}");
+    }
+    assert_eq!(tokens.requests().len(), 0);
+
+    // Anonymous, the same realm may hand out a token: nothing can leak.
+    let anon = Registry::new(&srv.host(), "r", None, &fast_opts(1)).unwrap();
+    let err = anon.get_blob(&d, &|_| {}).unwrap_err();
+    assert!(matches!(err, RegistryError::NotFound { .. }), "{err}");
+    assert_eq!(tokens.requests().len(), 1);
+}
+
+/// `req`'s range of `data` as a 206, sent `chunk` bytes per `pause`.
+fn paced_range(req: &Req, data: &[u8], chunk: usize, pause: Duration) -> Reply {
+    let (a, b) = req.range().expect("a Range request");
+    Reply::Paced {
+        status: 206,
+        headers: vec![(
+            "Content-Range".into(),
+            format!("bytes {a}-{b}/{}", data.len()),
+        )],
+        body: data[a..=b].to_vec(),
+        chunk,
+        pause,
+    }
+}
+
+/// Options whose Range deadline is 1 s plus the bytes at 64 KiB/s; each
+/// read of a body may take up to 10 s (the per-read timeout alone never
+/// fires in these tests).
+fn deadline_opts(attempts: u32) -> ClientOptions {
+    ClientOptions {
+        range_deadline: Duration::from_secs(1),
+        min_throughput: 64 << 10,
+        ..fast_opts(attempts)
+    }
+}
+
+/// A server that drips its answer, a byte per 300 ms (every read well within
+/// the per-read timeout), is cut off at the request's deadline (1 s + 16 B
+/// at 64 KiB/s), retried per the retry policy, then fails with an error that
+/// names the deadline. Sent whole, those 16 bytes would take 4.8 s.
+#[test]
+fn a_dripping_server_is_cut_off_at_the_request_deadline() {
+    let blob = data(100);
+    let b = blob.clone();
+    let srv = Server::start(move |req, _| {
+        if req.range() == Some((0, 0)) {
+            return serve_range(req, &b);
+        }
+        paced_range(req, &b, 1, Duration::from_millis(300))
+    });
+    let url = format!("http://{}/blob", srv.host());
+    let h = HttpBlob::open(&url, &deadline_opts(2)).unwrap();
+    let mut buf = [0u8; 16];
+    let err = h.read_exact_at(&mut buf, 10).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
+    assert!(err.to_string().contains("deadline"), "{err}");
+    // The probe, then two tries of the read.
+    assert_eq!(srv.requests().len(), 3);
+    assert_eq!(h.stats().retries, 1);
+
+    // The registry's Range reads have the same deadline.
+    let d = digest_of(&blob);
+    let b = blob.clone();
+    let srv = Server::start(move |req, _| paced_range(req, &b, 1, Duration::from_millis(300)));
+    let reg = Registry::new(&srv.host(), "r", None, &deadline_opts(1)).unwrap();
+    let reader = reg.blob_reader(&d, blob.len() as u64);
+    let err = reader.read_exact_at(&mut buf, 10).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
+    assert!(err.to_string().contains("deadline"), "{err}");
+}
+
+/// The deadline grows with what is asked: 256 KiB at 128 KiB/s takes 2 s,
+/// within its 1 s + 4 s, though beyond the fixed minimum alone.
+#[test]
+fn a_slow_but_steady_range_is_within_its_deadline() {
+    let blob = data(300 << 10);
+    let b = blob.clone();
+    let srv = Server::start(move |req, _| {
+        if req.range() == Some((0, 0)) {
+            return serve_range(req, &b);
+        }
+        paced_range(req, &b, 16 << 10, Duration::from_millis(125))
+    });
+    let url = format!("http://{}/blob", srv.host());
+    let h = HttpBlob::open(&url, &deadline_opts(1)).unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    h.read_exact_at(&mut buf, 1000).unwrap();
+    assert!(buf == blob[1000..1000 + (256 << 10)]);
+    assert_eq!(srv.requests().len(), 2);
+}
+
+/// A blob fetched whole by its declared size: a `Content-Length` that
+/// disagrees, or a body that runs on past the size, is refused at once (no
+/// retry, nothing read past the size); the honest answer passes.
+#[test]
+fn sized_blob_downloads_stop_at_the_declared_size() {
+    let blob = data(5000);
+    let d = digest_of(&blob);
+    let b = blob.clone();
+    let srv = Server::start(move |req, _| match req.path() {
+        p if p.starts_with("/v2/honest/") => serve_range(req, &b),
+        p if p.starts_with("/v2/announces/") => reply(200, &[], vec![7u8; 9000]),
+        _ => Reply::UntilClose {
+            status: 200,
+            headers: vec![],
+            body: [b.clone(), vec![0u8; 100_000]].concat(),
+        },
+    });
+    let get = |repo: &str| {
+        let reg = Registry::new(&srv.host(), repo, None, &fast_opts(3)).unwrap();
+        let r = reg.get_blob_sized(&d, blob.len() as u64, &|_| {});
+        (r, reg.stats())
+    };
+    let (ok, _) = get("honest");
+    assert!(ok.unwrap() == blob);
+    for repo in ["announces", "runs-on"] {
+        let (err, stats) = get(repo);
+        let err = err.unwrap_err();
+        assert!(
+            matches!(err, RegistryError::WrongSize { declared: 5000, .. }),
+            "{repo}: {err}"
+        );
+        assert!(err.to_string().contains("5000 bytes"), "{err}");
+        assert_eq!(stats.retries, 0, "{repo}");
+        assert!(
+            stats.bytes_received < 5000 + (64 << 10),
+            "{repo}: {stats:?}"
+        );
+    }
 }

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use lazypull_source::BlobSource;
 use lazypull_blob::{open_local, pack, Compression, PackOptions};
+use lazypull_source::BlobSource;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);

@@ -74,6 +74,23 @@ pub const ENTRY_LEN: usize = 48;
 /// Trailer (checksum) length in bytes.
 pub const TRAILER_LEN: usize = 32;
 
+/// The longest chunk table a reader fetches, 64 MiB: the table of a 1 TiB
+/// blob at the default 1 MiB units is 48 MiB (2^20 entries of 48 bytes).
+/// Tables are fetched whole and kept in memory, so a server must not be able
+/// to name a bigger one; blobs beyond that need bigger units.
+pub const MAX_TABLE_LEN: u64 = 64 << 20;
+
+/// The longest chunk table a blob of `uncompressed_size` bytes can have: its
+/// unit count at the smallest unit size, capped at [`MAX_TABLE_LEN`]. What a
+/// reader may fetch for the table of a blob whose size it was told.
+pub fn max_table_len(uncompressed_size: u64) -> u64 {
+    let units = uncompressed_size.div_ceil(u64::from(MIN_UNIT_SIZE));
+    units
+        .saturating_mul(ENTRY_LEN as u64)
+        .saturating_add((HEADER_LEN + TRAILER_LEN) as u64)
+        .min(MAX_TABLE_LEN)
+}
+
 /// How one unit is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnitKind {
@@ -352,6 +369,13 @@ impl ChunkTable {
         let checksum = Sha256::digest(&out);
         out.extend_from_slice(&checksum);
         out
+    }
+
+    /// SHA-256 of the table's bytes ([`encode`](Self::encode); decoding is
+    /// strict, so that is also the SHA-256 of any bytes it decoded from): what
+    /// an image's config or meta blob trailer names the table by.
+    pub fn sha256(&self) -> [u8; 32] {
+        Sha256::digest(self.encode()).into()
     }
 
     /// The blob's name: lowercase hex SHA-256 of its uncompressed bytes.

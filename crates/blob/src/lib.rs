@@ -22,8 +22,8 @@ mod pack;
 mod read;
 
 pub use format::{ChunkTable, FormatError, UnitEntry, UnitKind};
-pub use names::StoredPaths;
 pub use lazypull_source::RangeRead as StoredRead;
+pub use names::StoredPaths;
 pub use pack::{pack, Compression, PackError, PackOptions, Packed};
 pub use read::{corrupt_unit, open_local, read_stored, OpenStoredError, StoredBlob, UnitDecoder};
 

@@ -161,3 +161,48 @@ fn from_units_applies_the_format_rules() {
     let empty = ChunkTable::from_units(u, 0, sha(b""), &[]).unwrap();
     assert_eq!(ChunkTable::decode(&empty.encode()).unwrap(), empty);
 }
+
+#[test]
+fn max_table_len_covers_every_unit_size_and_is_capped() {
+    use crate::format::{max_table_len, MAX_TABLE_LEN};
+    let unit = u64::from(MIN_UNIT_SIZE);
+    for size in [0, 1, unit, unit + 1, 100 * unit + 7] {
+        let units: Vec<StoredUnit> = (0..size.div_ceil(unit))
+            .map(|i| StoredUnit {
+                stored_len: if (i + 1) * unit <= size {
+                    MIN_UNIT_SIZE
+                } else {
+                    (size % unit) as u32
+                },
+                kind: UnitKind::Raw,
+                sha256: [0; 32],
+            })
+            .collect();
+        let table = ChunkTable::from_units(MIN_UNIT_SIZE, size, [0; 32], &units).unwrap();
+        // At the smallest unit size the bound is exact.
+        assert_eq!(table.encode().len() as u64, max_table_len(size), "{size}");
+    }
+    assert_eq!(max_table_len(u64::MAX), MAX_TABLE_LEN);
+    assert_eq!(max_table_len(1 << 50), MAX_TABLE_LEN);
+}
+
+#[test]
+fn a_tables_sha256_is_that_of_the_bytes_it_decoded_from() {
+    let (_, blob) = blob_with_tail(&[7; 100], zstd::bulk::compress(&[7; 100], 3).unwrap());
+    let bytes = blob.table().encode();
+    let table = ChunkTable::decode(&bytes).unwrap();
+    assert_eq!(table.sha256(), sha(&bytes));
+    // Another unit size: the same blob, another table, another sha256.
+    let other = ChunkTable::from_units(
+        MIN_UNIT_SIZE * 2,
+        table.uncompressed_size(),
+        *table.digest_bytes(),
+        &[StoredUnit {
+            stored_len: table.uncompressed_size() as u32,
+            kind: UnitKind::Raw,
+            sha256: [1; 32],
+        }],
+    )
+    .unwrap();
+    assert_ne!(other.sha256(), table.sha256());
+}

@@ -5,11 +5,11 @@ use std::io;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use lazypull_source::BlobSource;
 use lazypull_blob::{
     open_local, pack, ChunkTable, Compression, OpenStoredError, PackError, PackOptions, StoredBlob,
     UnitKind,
 };
+use lazypull_source::BlobSource;
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 

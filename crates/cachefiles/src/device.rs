@@ -49,7 +49,8 @@ impl CacheDevice {
         CacheDevice { fd }
     }
 
-    /// Writes one command. The error says which command the kernel refused.
+    /// Writes one command. The error says which command the kernel refused,
+    /// and keeps its errno ([`os_error`]).
     pub fn send(&self, cmd: &Command) -> io::Result<()> {
         let bytes = cmd
             .encode()
@@ -62,7 +63,10 @@ impl CacheDevice {
             ))),
             Err(e) => Err(io::Error::new(
                 io::Error::from(e).kind(),
-                format!("cachefiles device refused `{cmd}`: {e}"),
+                Refused {
+                    command: cmd.to_string(),
+                    errno: e.raw_os_error(),
+                },
             )),
         }
     }
@@ -71,12 +75,16 @@ impl CacheDevice {
     /// (the kernel returns 0, or EAGAIN on a non-blocking fd).
     pub fn recv(&self) -> io::Result<Option<Received>> {
         let mut buf = [0u8; MSG_MAX_SIZE];
-        let n = match rustix::io::read(&self.fd, &mut buf) {
-            Ok(0) => return Ok(None),
-            Ok(n) => n,
-            Err(rustix::io::Errno::AGAIN) => return Ok(None),
-            Err(rustix::io::Errno::INTR) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let n = loop {
+            match rustix::io::read(&self.fd, &mut buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => break n,
+                Err(rustix::io::Errno::AGAIN) => return Ok(None),
+                // Read again: "nothing pending" would have the caller wait for the
+                // next readiness edge while requests are queued.
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
         };
         let raw = &buf[..n];
         let request = msg::parse(raw);
@@ -101,6 +109,34 @@ impl CacheDevice {
     pub fn into_fd(self) -> OwnedFd {
         self.fd
     }
+}
+
+/// A command the kernel refused. Carried inside the `io::Error` that
+/// [`CacheDevice::send`] returns, whose `raw_os_error()` cannot see it:
+/// [`os_error`] does.
+#[derive(Debug)]
+pub struct Refused {
+    pub command: String,
+    pub errno: i32,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cachefiles device refused `{}`: {}",
+            self.command,
+            io::Error::from_raw_os_error(self.errno)
+        )
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// The errno behind `e`: an OS error's, or that of a command the device refused.
+pub fn os_error(e: &io::Error) -> Option<i32> {
+    e.raw_os_error()
+        .or_else(|| e.get_ref()?.downcast_ref::<Refused>().map(|r| r.errno))
 }
 
 impl AsFd for CacheDevice {

@@ -14,8 +14,12 @@
 //!   and nothing of that unit is kept, so a later read fetches it again;
 //! * a small **unit cache** of verified units, so the windows of one request
 //!   (and units a merged fetch brought along) are not fetched twice;
+//! * **holds**: the units an announcement ([`BlobSource::will_read`]) fetched
+//!   stay alive for its caller until its [`ReadHold`] drops, even those the
+//!   unit cache cannot keep, so one fill fetches each unit once;
 //! * **priority**: background (prefetch) fetches wait while reads someone is
-//!   waiting on are fetching ([`PriorityGate`]).
+//!   waiting on are fetching ([`PriorityGate`]), and wait *before* they claim
+//!   a unit: a reader never waits for a claim whose owner waits for readers.
 //!
 //! Claim-then-wait ordering keeps it deadlock-free: a caller first fetches every
 //! unit it claimed, and only then waits for units others claimed; a claimed unit
@@ -25,11 +29,11 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use lazypull_source::{BlobSource, Priority, RangeRead, SourceCounters, SourceStats};
 use lazypull_blob::{ChunkTable, UnitDecoder};
+use lazypull_source::{BlobSource, Priority, RangeRead, ReadHold, SourceCounters, SourceStats};
 
 /// Limits of the fetcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +125,8 @@ fn bump(c: &AtomicU64, n: u64) {
 #[derive(Debug, Default)]
 pub struct PriorityGate {
     foreground: AtomicUsize,
+    /// Background callers waiting in [`wait_idle`](Self::wait_idle) now.
+    waiting: AtomicUsize,
     lock: Mutex<()>,
     idle: Condvar,
 }
@@ -149,8 +155,14 @@ impl PriorityGate {
         self.foreground.load(Ordering::Acquire)
     }
 
+    /// Background callers waiting for foreground work to end, now.
+    pub fn background_waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
     /// Blocks until no foreground work runs.
     pub fn wait_idle(&self) {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
         let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         while self.foreground.load(Ordering::Acquire) > 0 {
             // A timeout as well as the notification: a guard dropped between the
@@ -161,6 +173,7 @@ impl PriorityGate {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -256,6 +269,9 @@ impl UnitCache {
 struct State {
     inflight: HashMap<u64, Arc<Slot>>,
     cache: UnitCache,
+    /// Units some caller's [`ReadHold`] keeps alive (dead entries are swept
+    /// when holds are added).
+    held: HashMap<u64, Weak<Vec<u8>>>,
     /// One past the last unit of the previous foreground request: a request
     /// starting there is sequential.
     next_sequential: u64,
@@ -355,10 +371,19 @@ impl ChunkedBlob {
             blob: self,
             pending: Vec::new(),
         };
+        if priority == Priority::Background {
+            // Wait for foreground work to end before claiming anything: a
+            // claim held while waiting would make a reader of that unit wait
+            // for as long as other readers keep coming (priority inversion).
+            self.ctx.gate.wait_idle();
+        }
         {
             let mut st = self.lock();
             for index in first..=last {
                 if let Some(unit) = st.cache.get(index) {
+                    bump(&self.ctx.stats.cache_hits, 1);
+                    out[(index - first) as usize] = Some(unit);
+                } else if let Some(unit) = st.held.get(&index).and_then(Weak::upgrade) {
                     bump(&self.ctx.stats.cache_hits, 1);
                     out[(index - first) as usize] = Some(unit);
                 } else if let Some(slot) = st.inflight.get(&index) {
@@ -476,13 +501,9 @@ impl ChunkedBlob {
             .collect();
         let start = entries[0].stored_offset;
         let end = entries.last().map_or(start, |e| e.stored_range().end);
-        let _fg = match priority {
-            Priority::Foreground => Some(self.ctx.gate.foreground()),
-            Priority::Background => {
-                self.ctx.gate.wait_idle();
-                None
-            }
-        };
+        // Background work waited for foreground work before it claimed this
+        // run (see `units`), and does not wait again holding the claims.
+        let _fg = (priority == Priority::Foreground).then(|| self.ctx.gate.foreground());
         let mut stored = vec![0u8; (end - start) as usize];
         let stats = &self.ctx.stats;
         bump(&stats.range_requests, 1);
@@ -539,16 +560,45 @@ impl ChunkedBlob {
     /// Fetches (at `priority`) every unit of `[off, off + len)` not yet cached,
     /// bounded to what the unit cache can hold.
     pub fn ensure(&self, off: u64, len: u64, priority: Priority) -> io::Result<()> {
+        self.hold(off, len, priority).map(drop)
+    }
+
+    /// [`ensure`](Self::ensure), keeping the units for the caller until the
+    /// hold drops: at most the unit cache's budget, or one unit if a unit is
+    /// larger than that. The hold covers that part of the range.
+    fn hold(&self, off: u64, len: u64, priority: Priority) -> io::Result<ReadHold> {
         let size = self.table.uncompressed_size();
         let end = off.saturating_add(len).min(size);
         if off >= end {
-            return Ok(());
+            return Ok(ReadHold::nothing(off..off.saturating_add(len)));
         }
         let unit = u64::from(self.table.unit_size());
         let first = off / unit;
         let budget_units = (self.ctx.options.cache_bytes as u64 / unit).max(1);
         let last = ((end - 1) / unit).min(first + budget_units - 1);
-        self.units(first, last, priority).map(|_| ())
+        let units = self.units(first, last, priority)?;
+        {
+            let mut st = self.lock();
+            st.held.retain(|_, w| w.strong_count() > 0);
+            for (index, u) in (first..).zip(&units) {
+                // Another live hold of the unit stays as good as this one.
+                st.held
+                    .entry(index)
+                    .and_modify(|w| {
+                        if w.strong_count() == 0 {
+                            *w = Arc::downgrade(u);
+                        }
+                    })
+                    .or_insert_with(|| Arc::downgrade(u));
+            }
+        }
+        // Past the end of the blob is covered too: nothing is there to fetch.
+        let covered_end = if (last + 1) * unit >= end {
+            off.saturating_add(len)
+        } else {
+            (last + 1) * unit
+        };
+        Ok(ReadHold::new(off..covered_end, Box::new(units)))
     }
 }
 
@@ -565,6 +615,11 @@ impl BlobSource for ChunkedBlob {
         Some(self.table.unit_size() as usize)
     }
 
+    /// Every byte is verified against the chunk table: its sha256 binds it.
+    fn content_binding(&self) -> Option<[u8; 32]> {
+        Some(self.table.sha256())
+    }
+
     fn source_stats(&self) -> SourceStats {
         self.counters.snapshot()
     }
@@ -573,8 +628,8 @@ impl BlobSource for ChunkedBlob {
         self.read_at_priority(buf, off, Priority::Foreground)
     }
 
-    fn will_read(&self, off: u64, len: u64, priority: Priority) -> io::Result<()> {
-        self.ensure(off, len, priority)
+    fn will_read(&self, off: u64, len: u64, priority: Priority) -> io::Result<ReadHold> {
+        self.hold(off, len, priority)
     }
 
     fn read_at_priority(&self, buf: &mut [u8], off: u64, priority: Priority) -> io::Result<usize> {
@@ -973,9 +1028,9 @@ mod tests {
             let blob = blob.clone();
             std::thread::spawn(move || blob.ensure(0, 1, Priority::Background))
         };
-        // Once the background fetch has claimed its unit, it is committed to
-        // fetching it, and only the gate stands in its way.
-        until(|| blob.lock().inflight.contains_key(&0));
+        // Once the background fetch waits at the gate, only the gate stands
+        // in its way.
+        until(|| blob.ctx.gate.background_waiting() == 1);
         assert!(
             remote.log.lock().unwrap().is_empty(),
             "background ran during foreground work"
@@ -989,6 +1044,112 @@ mod tests {
             "the background fetch went out while foreground work ran"
         );
         assert_eq!(blob.ctx.stats.snapshot().background_units, 1);
+    }
+
+    /// A fill target's sink in memory.
+    struct VecSink(Mutex<Vec<u8>>);
+
+    impl crate::CacheSink for VecSink {
+        fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+            let mut d = self.0.lock().unwrap();
+            d[off as usize..off as usize + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+    }
+
+    /// Fills `[off, off + len)` of `blob` into `sink` as a transport would.
+    fn fill_into(
+        blob: &ChunkedBlob,
+        sink: &VecSink,
+        off: u64,
+        len: u64,
+        policy: &crate::FillPolicy,
+    ) -> Result<crate::FillOutcome, crate::FillError> {
+        let map = crate::FillMap::new(blob.size(), policy.window);
+        let mut buf = crate::AlignedBuf::new(policy.buffer_size_for(blob));
+        let target = crate::Target {
+            source: blob,
+            object_size: blob.size(),
+            map: &map,
+            sink,
+            priority: Priority::Foreground,
+        };
+        crate::fill(&target, off, len, policy, &mut buf)
+    }
+
+    #[test]
+    fn a_background_fetch_waiting_for_foreground_work_claims_nothing() {
+        let (data, remote, blob) = fixture(2, FetchOptions::default());
+        let blob = Arc::new(blob);
+        // Foreground work of others runs for as long as this test likes.
+        let guard = blob.ctx.gate.foreground();
+        let bg = {
+            let blob = blob.clone();
+            std::thread::spawn(move || blob.ensure(0, 1, Priority::Background))
+        };
+        until(|| blob.ctx.gate.background_waiting() == 1);
+        assert!(
+            blob.lock().inflight.is_empty(),
+            "the waiting background fetch holds a claim a reader would wait on"
+        );
+        // So a reader of that unit is served now, foreground work or not.
+        assert_eq!(read(&blob, 10, 10).unwrap(), &data[10..20]);
+        assert_eq!(remote.log.lock().unwrap().len(), 1);
+        drop(guard);
+        bg.join().unwrap().unwrap();
+        // The background fetch found the unit cached.
+        assert_eq!(remote.log.lock().unwrap().len(), 1);
+        assert_eq!(blob.ctx.stats.snapshot().background_units, 0);
+    }
+
+    #[test]
+    fn a_failing_unit_is_fetched_once_per_fill() {
+        let (_data, remote, blob) = fixture(2, FetchOptions::default());
+        remote.fail.store(true, Ordering::Relaxed);
+        let sink = VecSink(Mutex::new(vec![0; blob.size() as usize]));
+        let err = fill_into(&blob, &sink, 0, 10, &crate::FillPolicy::default()).unwrap_err();
+        assert!(
+            matches!(err, crate::FillError::Read { .. })
+                && err.to_string().contains("injected reset"),
+            "{err}"
+        );
+        assert_eq!(
+            remote.log.lock().unwrap().len(),
+            1,
+            "the announcement and the read fetched the failing units each"
+        );
+        assert_eq!(blob.ctx.stats.snapshot().fetch_failures, 1);
+    }
+
+    #[test]
+    fn a_unit_larger_than_the_unit_cache_is_fetched_once_per_fill() {
+        // 64 KiB units, a unit cache that holds none of them, 4 KiB windows:
+        // one fill of the whole blob covers 32 windows of 2 units.
+        let (data, remote, blob) = fixture(
+            2,
+            FetchOptions {
+                cache_bytes: 16 << 10,
+                ..FetchOptions::default()
+            },
+        );
+        let policy = crate::FillPolicy {
+            window: 4096,
+            io_size: 4096,
+        };
+        let sink = VecSink(Mutex::new(vec![0; blob.size() as usize]));
+        let out = fill_into(&blob, &sink, 0, blob.size(), &policy).unwrap();
+        assert_eq!(out.bytes_written, data.len() as u64);
+        assert!(*sink.0.lock().unwrap() == data);
+        let expected: Vec<_> = (0..2)
+            .map(|i| {
+                let e = blob.table().unit(i).unwrap();
+                (e.stored_offset, e.stored_len as usize)
+            })
+            .collect();
+        assert_eq!(*remote.log.lock().unwrap(), expected, "each unit once");
+        assert_eq!(blob.ctx.stats.snapshot().units_fetched, 2);
+        // Nothing is kept past the fill: the cache budget holds.
+        assert_eq!(blob.lock().cache.bytes, 0);
     }
 
     #[test]

@@ -21,6 +21,7 @@
 mod buf;
 pub mod chunked;
 pub mod local_cache;
+mod private_dir;
 
 pub use buf::AlignedBuf;
 pub use chunked::{
@@ -28,7 +29,8 @@ pub use chunked::{
 };
 use lazypull_source::BlobSource;
 pub use lazypull_source::Priority;
-pub use local_cache::{CacheFile, CacheReadError};
+pub use local_cache::{CacheFile, CacheReadError, NO_BINDING};
+pub use private_dir::private_dir;
 use std::io;
 use std::sync::Mutex;
 
@@ -256,23 +258,38 @@ pub fn fill(
     let wanted: Vec<u64> = (first..=last).filter(|&i| !map.is_filled(i)).collect();
     outcome.windows_overlapped = (last - first + 1) - wanted.len() as u64;
     // One announcement per run of consecutive missing windows lets a remote
-    // source fetch each run in as few requests as it likes (failures surface
-    // from the reads below). A run never spans a window that is already
-    // filled: its bytes would be fetched again for nothing.
-    let mut k = 0;
-    while k < wanted.len() {
-        let mut end = k + 1;
-        while end < wanted.len() && wanted[end] == wanted[end - 1] + 1 {
-            end += 1;
-        }
-        let start = wanted[k] * w;
-        let stop = ((wanted[end - 1] + 1) * w).min(object_size);
-        let _ = source.will_read(start, stop - start, priority);
-        k = end;
-    }
-    for index in wanted {
+    // source fetch each run in as few requests as it likes, and keep what it
+    // fetched until this fill is done with it (a unit too large for the
+    // source's own cache is then fetched once, not once per window). A run
+    // never spans a window that is already filled: its bytes would be fetched
+    // again for nothing. Where the hold covers less than the run, the rest is
+    // announced when the fill gets there. A failed announcement fails the
+    // fill: reading the same range would fetch (and fail) again.
+    let mut hold: Option<lazypull_source::ReadHold> = None;
+    for (k, &index) in wanted.iter().enumerate() {
         let start = index * w;
         let stop = (start + w).min(object_size);
+        let covered = hold
+            .as_ref()
+            .is_some_and(|h| h.covers().start <= start && stop <= h.covers().end);
+        if !covered {
+            let mut run_end = k + 1;
+            while run_end < wanted.len() && wanted[run_end] == wanted[run_end - 1] + 1 {
+                run_end += 1;
+            }
+            let run_stop = ((wanted[run_end - 1] + 1) * w).min(object_size);
+            // The new hold is made before the old one drops: units both
+            // cover stay alive.
+            let next = source
+                .will_read(start, run_stop - start, priority)
+                .map_err(|e| FillError::Read {
+                    blob: source.name().to_owned(),
+                    off: start,
+                    len: (run_stop - start) as usize,
+                    source: e,
+                })?;
+            hold = Some(next);
+        }
         let mut pos = start;
         while pos < stop {
             let n = (stop - pos).min(buf.capacity() as u64) as usize;
@@ -474,9 +491,14 @@ mod tests {
             fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
                 self.0.read_at(buf, off)
             }
-            fn will_read(&self, off: u64, len: u64, _p: Priority) -> io::Result<()> {
+            fn will_read(
+                &self,
+                off: u64,
+                len: u64,
+                _p: Priority,
+            ) -> io::Result<lazypull_source::ReadHold> {
                 self.1.lock().unwrap().push((off, len));
-                Ok(())
+                Ok(lazypull_source::ReadHold::nothing(off..off + len))
             }
         }
         let size = 5 * 4096;

@@ -9,15 +9,27 @@
 //! then replaces the map file (write to a temporary name, rename). A crash loses
 //! at most the windows filled since the last flush; they are fetched again.
 //!
-//! Map file layout (little-endian): `b"LPFMAP01"`, u64 blob size, u64 window,
-//! u32 CRC32C of the bitmap bytes, u32 reserved, then the bitmap as u64 words.
-//! A map that does not match the blob's size or the window, or fails its
-//! checksum, is discarded (and the data file emptied): nothing is trusted that
-//! this code did not write for this blob.
+//! Map file layout (little-endian): `b"LPFMAP"` and the format version as two
+//! ASCII digits ([`MAP_VERSION`]: `02`), u64 blob size, u64 window, u32 CRC32C
+//! of the bitmap bytes, u32 reserved, the 32-byte *binding* (see below), then
+//! the bitmap as u64 words. A map of
+//! another format version (older or newer), or that does not match the blob's
+//! size or the window, or fails its checksum, is discarded and the cache starts
+//! over in a new data file (the old one is never truncated: a live mount may
+//! read it, see `start_over`): nothing is trusted that this code did not write
+//! for this blob.
+//!
+//! The binding (version 2 on) is what the cache was filled under: the sha256
+//! of the blob's chunk table, whose unit digests verified every byte written
+//! (all zero for a source without one). Blob names are shared by every image
+//! that declares them, and two images can declare the same name with different
+//! tables (one of them lying): a cache filled under another table than the one
+//! it is opened with is discarded like any other map it cannot vouch for, so
+//! bytes verified against one image's table are never served to another's.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -26,8 +38,16 @@ use tracing::{debug, warn};
 
 use crate::{fill, AlignedBuf, CacheSink, FillError, FillMap, FillOutcome, FillPolicy, Target};
 
-const MAGIC: &[u8; 8] = b"LPFMAP01";
+/// A map file starts with this, then [`MAP_VERSION`] as two ASCII digits.
+const MAGIC_PREFIX: &[u8; 6] = b"LPFMAP";
+/// The map format this code reads and writes. Whoever changes the layout bumps
+/// it: a map of any other version is discarded, never read as this one.
+const MAP_VERSION: u8 = 2;
+/// Fixed header fields, then the 32-byte binding, then the bitmap.
 const MAP_HEADER: usize = 32;
+const MAP_BINDING: usize = 32;
+/// The binding of a source without a chunk table.
+pub const NO_BINDING: [u8; 32] = [0; 32];
 
 /// One blob's cache: its data file and fill map.
 #[derive(Debug)]
@@ -35,6 +55,8 @@ pub struct CacheFile {
     name: String,
     size: u64,
     policy: FillPolicy,
+    /// The chunk table digest this cache is filled under (see the module doc).
+    binding: [u8; 32],
     data: File,
     data_path: PathBuf,
     map_path: PathBuf,
@@ -63,28 +85,31 @@ pub enum CacheReadError {
 }
 
 impl CacheFile {
-    /// Opens (or creates) the cache of blob `name` of `size` bytes in `dir`.
+    /// Opens (or creates) the cache of blob `name` of `size` bytes in `dir`,
+    /// for a source without a chunk table ([`NO_BINDING`]).
     pub fn open(dir: &Path, name: &str, size: u64, policy: FillPolicy) -> io::Result<CacheFile> {
+        Self::open_bound(dir, name, size, policy, NO_BINDING)
+    }
+
+    /// [`open`](Self::open) for a blob whose bytes are verified against the
+    /// chunk table of sha256 `binding`: a cache filled under another table is
+    /// discarded (see the module doc).
+    pub fn open_bound(
+        dir: &Path,
+        name: &str,
+        size: u64,
+        policy: FillPolicy,
+        binding: [u8; 32],
+    ) -> io::Result<CacheFile> {
         policy
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        std::fs::create_dir_all(dir)?;
+        // Blob bytes (also of files an image keeps from other users): root only.
+        crate::private_dir(dir)?;
         let data_path = dir.join(format!("{name}.data"));
         let map_path = dir.join(format!("{name}.map"));
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&data_path)
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("opening the cache file {}: {e}", data_path.display()),
-                )
-            })?;
         let loaded = match std::fs::read(&map_path) {
-            Ok(bytes) => match decode_map(&bytes, size, policy.window) {
+            Ok(bytes) => match decode_map(&bytes, size, policy.window, &binding) {
                 Ok(words) => Some(words),
                 Err(why) => {
                     warn!(blob = name, map = %map_path.display(), "discarding the cache map: {why}");
@@ -97,17 +122,26 @@ impl CacheFile {
                 None
             }
         };
-        let map = match loaded {
-            Some(words) if data.metadata()?.len() == size => {
-                FillMap::from_words(size, policy.window, words)
-            }
-            _ => {
-                // Nothing of the old data file is vouched for: empty it.
-                data.set_len(0)?;
-                data.set_len(size)?;
-                let _ = std::fs::remove_file(&map_path);
-                FillMap::new(size, policy.window)
-            }
+        let kept = match loaded {
+            Some(words) => match OpenOptions::new().read(true).write(true).open(&data_path) {
+                Ok(data) if data.metadata()?.len() == size => Some((data, words)),
+                Ok(_) => None,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("opening the cache file {}: {e}", data_path.display()),
+                    ))
+                }
+            },
+            None => None,
+        };
+        let (data, map) = match kept {
+            Some((data, words)) => (data, FillMap::from_words(size, policy.window, words)),
+            None => (
+                start_over(&data_path, &map_path, size)?,
+                FillMap::new(size, policy.window),
+            ),
         };
         debug!(
             blob = name,
@@ -118,6 +152,7 @@ impl CacheFile {
             name: name.to_owned(),
             size,
             policy,
+            binding,
             data,
             data_path,
             map_path,
@@ -226,10 +261,21 @@ impl CacheFile {
             let words = self.map.words();
             self.data.sync_data()?;
             let tmp = self.map_path.with_extension("map.tmp");
-            let mut f = File::create(&tmp)?;
-            f.write_all(&encode_map(self.size, self.policy.window, &words))?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&encode_map(
+                self.size,
+                self.policy.window,
+                &self.binding,
+                &words,
+            ))?;
             f.sync_data()?;
-            std::fs::rename(&tmp, &self.map_path)
+            std::fs::rename(&tmp, &self.map_path)?;
+            sync_dir(&self.map_path)
         })();
         if result.is_err() {
             self.dirty.store(true, Ordering::Release);
@@ -243,24 +289,91 @@ impl CacheFile {
     }
 }
 
-fn encode_map(size: u64, window: u64, words: &[u64]) -> Vec<u8> {
+/// Starts the cache of a blob over: nothing of the old data file is vouched
+/// for. The old file is never truncated nor written: a complete data file is
+/// what EROFS mounts directly (no daemon on its read path), so a live mount
+/// may be reading it, and zeroing it would hand that mount zeros where it
+/// expects the blob (EROFS does not detect that). Instead:
+/// 1. the map goes first, durably (removal, then a directory fsync), so no
+///    crash can leave a map vouching for the new, empty file;
+/// 2. a fresh sparse file of `size` bytes replaces the data file by a rename:
+///    a new inode under the old name; open fds (the mount's) keep the old
+///    inode and its complete bytes until they close;
+/// 3. the directory is fsynced again, so the rename is durable.
+fn start_over(data_path: &Path, map_path: &Path, size: u64) -> io::Result<File> {
+    let context = |what: &str, path: &Path, e: io::Error| {
+        io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+    };
+    match std::fs::remove_file(map_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(context("removing the stale cache map", map_path, e)),
+    }
+    sync_dir(map_path)?;
+    let tmp = data_path.with_extension("data.tmp");
+    let data = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| context("creating the cache file", &tmp, e))?;
+    data.set_len(size)
+        .map_err(|e| context("sizing the cache file", &tmp, e))?;
+    std::fs::rename(&tmp, data_path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        context("replacing the cache file", data_path, e)
+    })?;
+    sync_dir(data_path)?;
+    Ok(data)
+}
+
+/// Fsyncs the directory holding `path`: makes a rename or removal there durable.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io::Error::new(e.kind(), format!("syncing {}: {e}", dir.display())))
+}
+
+fn encode_map(size: u64, window: u64, binding: &[u8; 32], words: &[u64]) -> Vec<u8> {
     let mut bits = Vec::with_capacity(words.len() * 8);
     for w in words {
         bits.extend_from_slice(&w.to_le_bytes());
     }
-    let mut out = Vec::with_capacity(MAP_HEADER + bits.len());
-    out.extend_from_slice(MAGIC);
+    let mut out = Vec::with_capacity(MAP_HEADER + MAP_BINDING + bits.len());
+    out.extend_from_slice(MAGIC_PREFIX);
+    out.extend_from_slice(format!("{MAP_VERSION:02}").as_bytes());
     out.extend_from_slice(&size.to_le_bytes());
     out.extend_from_slice(&window.to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(&bits).to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(binding);
     out.extend_from_slice(&bits);
     out
 }
 
-fn decode_map(bytes: &[u8], size: u64, window: u64) -> Result<Vec<u64>, String> {
-    if bytes.len() < MAP_HEADER || &bytes[..8] != MAGIC {
+fn decode_map(
+    bytes: &[u8],
+    size: u64,
+    window: u64,
+    binding: &[u8; 32],
+) -> Result<Vec<u64>, String> {
+    if bytes.len() < 8 || &bytes[..6] != MAGIC_PREFIX {
         return Err("not a lazypull cache map".into());
+    }
+    let version = std::str::from_utf8(&bytes[6..8])
+        .ok()
+        .and_then(|v| v.parse::<u8>().ok())
+        .ok_or("not a lazypull cache map (no format version)")?;
+    if version != MAP_VERSION {
+        return Err(format!(
+            "it is in cache map format version {version}; this daemon reads version {MAP_VERSION} only"
+        ));
+    }
+    if bytes.len() < MAP_HEADER + MAP_BINDING {
+        return Err("truncated cache map header".into());
     }
     let field = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     let (got_size, got_window) = (field(8), field(16));
@@ -269,7 +382,15 @@ fn decode_map(bytes: &[u8], size: u64, window: u64) -> Result<Vec<u64>, String> 
             "it is for a blob of {got_size} bytes in {got_window}-byte windows, not {size} in {window}"
         ));
     }
-    let bits = &bytes[MAP_HEADER..];
+    let filled_under = &bytes[MAP_HEADER..MAP_HEADER + MAP_BINDING];
+    if filled_under != binding {
+        return Err(format!(
+            "it was filled under chunk table sha256:{}, this blob is served under sha256:{}",
+            hex::encode(filled_under),
+            hex::encode(binding)
+        ));
+    }
+    let bits = &bytes[MAP_HEADER + MAP_BINDING..];
     let want = size.div_ceil(window).div_ceil(64) as usize * 8;
     if bits.len() != want {
         return Err(format!("bitmap of {} bytes, expected {want}", bits.len()));
@@ -397,6 +518,108 @@ mod tests {
         std::fs::write(&map, bytes).unwrap();
         let c = CacheFile::open(dir.path(), "b", 40_000, POLICY).unwrap();
         assert_eq!(c.map().filled_windows(), 0, "checksum caught the flip");
+    }
+
+    #[test]
+    fn a_discarded_map_never_changes_the_bytes_a_mount_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = blob(50_000);
+        let c = CacheFile::open(dir.path(), "b", src.size(), POLICY).unwrap();
+        c.fill(&src, 0, src.size(), Priority::Foreground).unwrap();
+        assert!(c.is_complete());
+        c.flush().unwrap();
+        drop(c);
+        // A complete data file is what EROFS mounts directly: the mount holds
+        // it open.
+        let mounted = File::open(dir.path().join("b.data")).unwrap();
+        // A restart with another fill window rejects the map.
+        let other = FillPolicy {
+            window: 32768,
+            io_size: 8192,
+        };
+        let c = CacheFile::open(dir.path(), "b", src.size(), other).unwrap();
+        assert_eq!(c.map().filled_windows(), 0);
+        assert!(!dir.path().join("b.map").exists(), "the map is gone");
+        assert_eq!(
+            std::fs::read(c.data_path()).unwrap(),
+            vec![0u8; 50_000],
+            "the cache starts over in a new file"
+        );
+        let mut seen = vec![0u8; 50_000];
+        mounted.read_exact_at(&mut seen, 0).unwrap();
+        assert!(
+            seen == src.data,
+            "the live mount still reads the blob's bytes"
+        );
+        let mut out = vec![0u8; 100];
+        c.read(&src, 40_000, &mut out, Priority::Foreground)
+            .unwrap();
+        assert_eq!(out, src.data[40_000..40_100]);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["b.data"], "no temporary left");
+    }
+
+    #[test]
+    fn a_map_of_another_format_version_is_discarded_by_name() {
+        let size = 50_000;
+        let words = vec![u64::MAX];
+        let good = encode_map(size, POLICY.window, &NO_BINDING, &words);
+        assert_eq!(
+            decode_map(&good, size, POLICY.window, &NO_BINDING).unwrap(),
+            words
+        );
+        // 01: the map before it recorded its binding.
+        for version in [b"00", b"01", b"03", b"99"] {
+            let mut other = good.clone();
+            other[6..8].copy_from_slice(version);
+            let why = decode_map(&other, size, POLICY.window, &NO_BINDING).unwrap_err();
+            let v = std::str::from_utf8(version).unwrap().parse::<u8>().unwrap();
+            assert!(why.contains(&format!("format version {v};")), "{why}");
+        }
+        // And opening a cache whose map is of an older version starts over.
+        let dir = tempfile::tempdir().unwrap();
+        let src = blob(size as usize);
+        let c = CacheFile::open(dir.path(), "b", size, POLICY).unwrap();
+        c.fill(&src, 0, size, Priority::Foreground).unwrap();
+        c.flush().unwrap();
+        drop(c);
+        let map = dir.path().join("b.map");
+        let mut old = std::fs::read(&map).unwrap();
+        old[6..8].copy_from_slice(b"00");
+        std::fs::write(&map, old).unwrap();
+        let c = CacheFile::open(dir.path(), "b", size, POLICY).unwrap();
+        assert_eq!(c.map().filled_windows(), 0, "an old map is not trusted");
+    }
+
+    #[test]
+    fn a_cache_filled_under_another_chunk_table_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = blob(50_000);
+        let trusted = [0x11; 32];
+        let c = CacheFile::open_bound(dir.path(), "b", src.size(), POLICY, trusted).unwrap();
+        c.fill(&src, 0, src.size(), Priority::Foreground).unwrap();
+        c.flush().unwrap();
+        drop(c);
+        // The same name and size under the same table: kept.
+        let c = CacheFile::open_bound(dir.path(), "b", src.size(), POLICY, trusted).unwrap();
+        assert!(c.is_complete());
+        drop(c);
+        // Under another table (another image declaring the same name): none
+        // of it is served.
+        let c = CacheFile::open_bound(dir.path(), "b", src.size(), POLICY, [0x22; 32]).unwrap();
+        assert_eq!(c.map().filled_windows(), 0);
+        assert_eq!(std::fs::read(c.data_path()).unwrap(), vec![0u8; 50_000]);
+        drop(c);
+        // Nor to a source without a table.
+        let c = CacheFile::open_bound(dir.path(), "b", src.size(), POLICY, [0x22; 32]).unwrap();
+        c.fill(&src, 0, src.size(), Priority::Foreground).unwrap();
+        c.flush().unwrap();
+        drop(c);
+        let c = CacheFile::open(dir.path(), "b", src.size(), POLICY).unwrap();
+        assert_eq!(c.map().filled_windows(), 0);
     }
 
     #[test]

@@ -290,3 +290,76 @@ pub fn build_from_layer_inputs(
         manifest_path: out_dir.join(MANIFEST_FILE),
     })
 }
+
+/// Appends the [blob trailer](crate::trailer) `trailer` to the meta blob of
+/// `img` (built into `out_dir` without one) once the data blobs' stored forms
+/// are final: the meta blob gets its new name (its new sha256), and
+/// `manifest.json` names it. The trailer must list the image's data blobs in
+/// device table order. The new meta blob and manifest are written under
+/// temporary names and renamed; the old meta blob is removed last.
+pub fn seal_output(
+    out_dir: &Path,
+    img: &BuiltImage,
+    trailer: &crate::Trailer,
+) -> Result<BuiltImage, BuildError> {
+    let old = img.meta_path(out_dir);
+    let bytes = fs::read(&old).map_err(|e| BuildError::Io {
+        path: old.clone(),
+        source: e,
+    })?;
+    let invalid = |why: String| BuildError::Io {
+        path: old.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, why),
+    };
+    let image = crate::Image::from_bytes(bytes).map_err(|e| invalid(e.to_string()))?;
+    if image.image_len() != image.data().len() as u64 {
+        return Err(invalid("the meta blob already has a blob trailer".into()));
+    }
+    let sealed = crate::append_trailer(image.data().to_vec(), trailer);
+    crate::Image::from_bytes(sealed.clone())
+        .and_then(|i| i.trailer())
+        .map_err(|e| invalid(e.to_string()))?;
+    let meta_digest = hex::encode(Sha256::digest(&sealed));
+    let meta_tmp = blob::temp_with(out_dir, ".meta-", &sealed)?;
+    let manifest = Manifest {
+        meta: meta_digest.clone(),
+        blobs: img.blobs.iter().map(|b| b.digest.clone()).collect(),
+        chunk_size: img.chunk_size,
+    };
+    let mut json = serde_json::to_vec_pretty(&manifest).map_err(|e| BuildError::Io {
+        path: out_dir.join(MANIFEST_FILE),
+        source: e.into(),
+    })?;
+    json.push(b'\n');
+    let manifest_tmp = blob::temp_with(out_dir, ".manifest-", &json)?;
+    for (t, name) in [
+        (meta_tmp, meta_digest.as_str()),
+        (manifest_tmp, MANIFEST_FILE),
+    ] {
+        let dest = out_dir.join(name);
+        t.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o644))
+            .map_err(|e| BuildError::Io {
+                path: t.path().to_path_buf(),
+                source: e,
+            })?;
+        t.persist(&dest).map_err(|e| BuildError::Io {
+            path: dest,
+            source: e.error,
+        })?;
+    }
+    if meta_digest != img.meta_digest {
+        fs::remove_file(&old).map_err(|e| BuildError::Io {
+            path: old.clone(),
+            source: e,
+        })?;
+    }
+    if let Ok(d) = fs::File::open(out_dir) {
+        let _ = d.sync_all();
+    }
+    Ok(BuiltImage {
+        meta_digest,
+        meta_size: sealed.len() as u64,
+        ..img.clone()
+    })
+}

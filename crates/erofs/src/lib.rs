@@ -14,6 +14,11 @@
 //! mount -t erofs -o ro,device=BLOB1,device=BLOB2 META MOUNTPOINT
 //! ```
 //!
+//! `lazypull build` then appends a [blob trailer](trailer) to the meta blob,
+//! after the last block the superblock counts (the kernel never reads it):
+//! each data blob's chunk table by sha256 and size, so the meta blob's own
+//! sha256 (the fsid) vouches for every byte an image serves.
+//!
 //! This crate does no I/O beyond the readers, writers and paths it is
 //! handed, and knows nothing of the kernel's cachefiles protocol, of daemons
 //! or of image archives. The on-disk structures live in [`layout`];
@@ -36,8 +41,10 @@ mod progress;
 mod reader;
 #[cfg(test)]
 mod tests;
+pub mod trailer;
 mod tree;
 
+pub use build::seal_output;
 pub use build::{
     build_from_layer_inputs, build_from_layers, BlobInfo, BuildOptions, BuiltImage, LayerInput,
     Manifest, MANIFEST_FILE,
@@ -46,6 +53,7 @@ pub use progress::{BuildProgress, Progress, Stage};
 pub use reader::{
     ChunkEntry, ChunkMap, DirEntry, Extent, Image, Inode, ReadError, WalkEntry, Xattr,
 };
+pub use trailer::{append_trailer, TableRef, Trailer, TrailerEntry, TrailerError};
 pub use tree::{check_xattrs, EntryMeta, LayerMeta, Meta, Special, XattrList};
 
 use std::path::PathBuf;

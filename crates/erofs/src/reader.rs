@@ -118,22 +118,37 @@ pub struct Extent {
 impl ChunkMap {
     /// Where the bytes of a file of `size` bytes live, in file order, with
     /// ranges that continue each other on the same device merged. Holes have
-    /// no extent.
-    pub fn extents(&self, size: u64) -> Vec<Extent> {
+    /// no extent. A chunk whose file offset, device offset or end does not
+    /// fit in 64 bits (a corrupt map) is an error naming it.
+    pub fn extents(&self, size: u64) -> Result<Vec<Extent>, ReadError> {
+        let overflow = |i: usize, what: &str| {
+            corrupt(format!(
+                "chunk {i} of a chunk map ({} byte chunks, file size {size}): its {what} \
+                 overflows 64 bits",
+                self.chunk_size
+            ))
+        };
         let mut out: Vec<Extent> = Vec::new();
         for (i, e) in self.entries.iter().enumerate() {
-            let start = i as u64 * self.chunk_size;
+            let start = (i as u64)
+                .checked_mul(self.chunk_size)
+                .ok_or_else(|| overflow(i, "file offset"))?;
             if start >= size {
                 break;
             }
             let ChunkEntry::Mapped { device_id, blkaddr } = *e else {
                 continue;
             };
-            let Some(offset) = blkaddr.checked_mul(BLOCK_SIZE) else {
-                continue;
-            };
+            let offset = blkaddr
+                .checked_mul(BLOCK_SIZE)
+                .ok_or_else(|| overflow(i, "device offset"))?;
             let len = self.chunk_size.min(size - start);
+            offset
+                .checked_add(len)
+                .ok_or_else(|| overflow(i, "device end"))?;
             match out.last_mut() {
+                // `last` ends within 64 bits (checked when it grew), and so
+                // does the merged extent: it ends where this chunk does.
                 Some(last) if last.device_id == device_id && last.offset + last.len == offset => {
                     last.len += len
                 }
@@ -144,7 +159,7 @@ impl ChunkMap {
                 }),
             }
         }
-        out
+        Ok(out)
     }
 
     /// `(device_id, byte offset on that device)` holding file offset `pos`,
@@ -324,6 +339,34 @@ impl Image {
     /// The raw meta blob.
     pub fn data(&self) -> &[u8] {
         &self.data
+    }
+
+    /// Bytes of the EROFS image proper (`blocks * 4096`): what follows is the
+    /// blob trailer, if there is one.
+    pub fn image_len(&self) -> u64 {
+        u64::from(self.sb.blocks) * BS
+    }
+
+    /// The meta blob's [blob trailer](crate::trailer), checked against the
+    /// device table (one entry per data blob, naming it, in order); `None` if
+    /// the meta blob ends with the EROFS image (built without one).
+    pub fn trailer(&self) -> Result<Option<crate::Trailer>, ReadError> {
+        let rest = &self.data[self.image_len() as usize..];
+        if rest.is_empty() {
+            return Ok(None);
+        }
+        let t = crate::Trailer::decode(rest).map_err(|e| corrupt(e.to_string()))?;
+        let tags: Vec<&[u8]> = self.devices.iter().map(|d| d.tag_bytes()).collect();
+        let names: Vec<String> = t.entries.iter().map(|e| e.name()).collect();
+        if names.len() != tags.len() || names.iter().zip(&tags).any(|(n, t)| n.as_bytes() != *t) {
+            return Err(corrupt(format!(
+                "the blob trailer lists data blobs {names:?}, the device table {:?}",
+                tags.iter()
+                    .map(|t| String::from_utf8_lossy(t).into_owned())
+                    .collect::<Vec<_>>()
+            )));
+        }
+        Ok(Some(t))
     }
 
     /// The superblock.

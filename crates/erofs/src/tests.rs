@@ -910,7 +910,7 @@ fn extents_cover_exactly_the_stored_bytes_of_a_file() {
     for name in ["f", "g"] {
         let inode = &entries[name];
         let map = inode.chunks.as_ref().expect("chunk-based");
-        let extents = map.extents(inode.size);
+        let extents = map.extents(inode.size).unwrap();
         let mut rebuilt = vec![0u8; inode.size as usize];
         let mut pos = 0u64;
         for (i, e) in map.entries.iter().enumerate() {
@@ -937,5 +937,69 @@ fn extents_cover_exactly_the_stored_bytes_of_a_file() {
             .filter(|e| **e == ChunkEntry::Hole)
             .count() as u64;
         assert_eq!(total, inode.size - holes * 4096, "{name}: {extents:?}");
+    }
+}
+
+/// A chunk map whose addresses or sizes overflow u64 (only a crafted meta
+/// blob, or a caller, can make one) is an error, not a panic or a wrapped
+/// extent.
+#[test]
+fn extents_of_overflowing_chunk_maps_are_errors() {
+    use crate::ChunkMap;
+    let last_block = u64::MAX >> 12; // its byte offset is 2^64 - 4096
+    let cases = [
+        // The first chunk ends at 2^64 (merging the next one overflows).
+        (
+            ChunkMap {
+                chunk_size: 4096,
+                indexes: true,
+                entries: vec![
+                    ChunkEntry::Mapped {
+                        device_id: 1,
+                        blkaddr: last_block,
+                    },
+                    ChunkEntry::Mapped {
+                        device_id: 1,
+                        blkaddr: 0,
+                    },
+                ],
+            },
+            8192,
+        ),
+        // A block address whose byte offset is past 2^64 (was skipped).
+        (
+            ChunkMap {
+                chunk_size: 4096,
+                indexes: true,
+                entries: vec![ChunkEntry::Mapped {
+                    device_id: 1,
+                    blkaddr: last_block + 1,
+                }],
+            },
+            4096,
+        ),
+        // The third chunk starts at 2 * 2^63.
+        (
+            ChunkMap {
+                chunk_size: 1 << 63,
+                indexes: true,
+                entries: vec![
+                    ChunkEntry::Hole,
+                    ChunkEntry::Hole,
+                    ChunkEntry::Mapped {
+                        device_id: 1,
+                        blkaddr: 0,
+                    },
+                ],
+            },
+            u64::MAX,
+        ),
+    ];
+    for (i, (map, size)) in cases.into_iter().enumerate() {
+        let err = map.extents(size).unwrap_err();
+        assert!(
+            matches!(err, ReadError::Corrupt(_)) && err.to_string().contains("overflows 64 bits"),
+            "case {i}: {err}"
+        );
     }
 }

@@ -88,11 +88,7 @@ fn reader_reads_erofs_utils_images() {
     let meta = tmp.path().join("chunked.img");
     let blob = tmp.path().join("blob");
     let blob_arg = format!("--blobdev={}", blob.display());
-    mkfs(
-        &["--quiet", "--chunksize=65536", &blob_arg],
-        &meta,
-        &src,
-    );
+    mkfs(&["--quiet", "--chunksize=65536", &blob_arg], &meta, &src);
     let img = Image::from_reader(File::open(&meta).unwrap()).unwrap();
     assert_eq!(img.devices().len(), 1);
     let got = common::image_manifest(&img, &[File::open(&blob).unwrap()]);

@@ -353,3 +353,69 @@ fn huge_sparse_file_round_trip() {
     }
     drop(guard);
 }
+
+/// A meta blob with lazypull's blob trailer after the EROFS image (see
+/// `lazypull_erofs::trailer`): the kernel reads only blocks the image addresses
+/// and fsck.erofs accepts the trailing bytes, so both see exactly the tree of
+/// the image without it; this crate's reader finds the trailer again.
+#[test]
+fn a_blob_trailer_is_invisible_to_the_kernel_and_to_fsck() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, out) = (tmp.path().join("src"), tmp.path().join("out"));
+    maketree::make_tree(
+        &src,
+        &TreeOptions {
+            seed: 3,
+            with_huge: false,
+        },
+    )
+    .unwrap();
+    let img = build_from_layers(std::slice::from_ref(&src), &out, &BuildOptions::default()).unwrap();
+    let entries = img
+        .blobs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| lazypull_erofs::TrailerEntry {
+            blob: hex::decode(&b.digest).unwrap().try_into().unwrap(),
+            table: (i % 2 == 0).then_some(lazypull_erofs::TableRef {
+                sha256: [7 + i as u8; 32],
+                size: 1000 + i as u64,
+            }),
+        })
+        .collect();
+    let trailer = lazypull_erofs::Trailer { entries };
+    let sealed = lazypull_erofs::seal_output(&out, &img, &trailer).unwrap();
+    assert_ne!(sealed.meta_digest, img.meta_digest);
+    assert!(
+        !img.meta_path(&out).exists(),
+        "the unsealed meta blob is gone"
+    );
+    let bytes = fs::read(sealed.meta_path(&out)).unwrap();
+    assert_eq!(bytes.len() as u64, sealed.meta_size);
+    assert_eq!(
+        sealed.meta_size % 4096,
+        0,
+        "still whole blocks (cachefiles writes them)"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["meta"], sealed.meta_digest.as_str());
+    let meta = Image::from_bytes(bytes).unwrap();
+    assert!(meta.image_len() < sealed.meta_size);
+    assert_eq!(meta.trailer().unwrap(), Some(trailer.clone()));
+    assert!(
+        lazypull_erofs::seal_output(&out, &sealed, &trailer).is_err(),
+        "a meta blob is sealed once"
+    );
+
+    fsck(&sealed, &out);
+    let mnt = tmp.path().join("mnt");
+    let _guard = mount(&sealed, &out, &mnt);
+    let diffs = compare_entries(&scan(&src).unwrap(), &scan(&mnt).unwrap());
+    assert!(
+        diffs.is_empty(),
+        "the mounted image with a trailer differs from its source:\n{}",
+        format_differences(&diffs, 50)
+    );
+}

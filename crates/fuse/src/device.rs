@@ -93,11 +93,18 @@ impl FuseDevice {
     }
 
     /// Mounts this connection at `target` as a read-only `fuse.<subtype>` file
-    /// system named `fsname`, readable by everyone (`allow_other`), with the
-    /// kernel checking permissions from the modes given (`default_permissions`).
+    /// system named `fsname`, with the kernel checking permissions from the
+    /// modes given (`default_permissions`).
+    ///
+    /// Without `allow_other` the kernel lets only processes whose uids and
+    /// gids are all `user_id` / `group_id` (0: root) into the mount
+    /// (`fuse_allow_current_process`). What reads through it on others'
+    /// behalf still works: a file-backed EROFS mount opens its backing file
+    /// once, as the root process mounting it, and later reads of an open
+    /// FUSE file are not checked again.
     pub fn mount(&self, target: &Path, fsname: &str, subtype: &str) -> io::Result<()> {
         let data = format!(
-            "fd={},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions",
+            "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions",
             self.fd.as_raw_fd()
         );
         let data = std::ffi::CString::new(data).expect("no NUL in mount options");

@@ -16,6 +16,7 @@
 //! No symlink is ever followed: parents are checked with `lstat`, files are
 //! created with `O_EXCL`, and `link(2)` does not follow its target.
 
+use std::cell::Cell;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
@@ -47,6 +48,26 @@ impl<R: Read> Read for EofTrack<R> {
         let n = self.inner.read(buf)?;
         if n == 0 && !buf.is_empty() {
             self.eof = true;
+        }
+        Ok(n)
+    }
+}
+
+/// Counts the bytes of a decompressed layer stream and fails once they pass
+/// `limit` (what a gzip bomb is cut off by; the extractor turns the failure
+/// into [`IngestError::TooLarge`] by looking at `count`).
+struct Counted<'c, R> {
+    inner: R,
+    count: &'c Cell<u64>,
+    limit: u64,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get().saturating_add(n as u64));
+        if self.count.get() > self.limit {
+            return Err(io::Error::other("the layer expands past its limit"));
         }
         Ok(n)
     }
@@ -87,11 +108,14 @@ pub(crate) fn normalize(path: &[u8]) -> Option<PathBuf> {
 
 /// Extract the tar layer read from `raw` (plain or gzip, detected by magic
 /// bytes) into a new private directory under `parent`. `layer` names the
-/// layer in errors.
+/// layer in errors. Past `limit` bytes of decompressed stream, or of file
+/// bytes declared by its entries (sparse files at full size), it stops with
+/// [`IngestError::TooLarge`].
 pub(crate) fn extract_layer<R: Read>(
     raw: R,
     layer: &str,
     parent: &Path,
+    limit: u64,
 ) -> Result<Extracted, IngestError> {
     let mut buffered = BufReader::with_capacity(1 << 16, raw);
     let head = buffered
@@ -109,8 +133,13 @@ pub(crate) fn extract_layer<R: Read>(
     } else {
         Box::new(buffered)
     };
+    let expanded = Cell::new(0u64);
     let mut stream = EofTrack {
-        inner: stream,
+        inner: Counted {
+            inner: stream,
+            count: &expanded,
+            limit,
+        },
         eof: false,
     };
     let dir = tempfile::Builder::new()
@@ -121,6 +150,9 @@ pub(crate) fn extract_layer<R: Read>(
         layer,
         root: dir.path().to_path_buf(),
         meta: LayerMeta::default(),
+        expanded: &expanded,
+        declared: 0,
+        limit,
     };
     {
         let mut archive = tar::Archive::new(&mut stream);
@@ -149,6 +181,11 @@ struct Extractor<'a> {
     layer: &'a str,
     root: PathBuf,
     meta: LayerMeta,
+    /// Bytes of decompressed stream read so far (by [`Counted`]).
+    expanded: &'a Cell<u64>,
+    /// File bytes the entries so far declared.
+    declared: u64,
+    limit: u64,
 }
 
 /// What is at a path, without following symlinks.
@@ -160,6 +197,17 @@ enum Existing {
 
 impl Extractor<'_> {
     fn stream_err(&self, gzip: bool, what: &str, e: io::Error) -> IngestError {
+        if self.expanded.get() > self.limit {
+            return IngestError::TooLarge {
+                layer: self.layer.to_owned(),
+                what: format!(
+                    "its {} stream expands to more than {} bytes",
+                    if gzip { "decompressed" } else { "tar" },
+                    self.limit
+                ),
+                limit: self.limit,
+            };
+        }
         let kind = if gzip { "gzip tar" } else { "tar" };
         archive_err(
             self.layer,
@@ -299,13 +347,33 @@ impl Extractor<'_> {
                 }
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                // Checked before a byte of it is written: for a GNU sparse
+                // entry the size is the expanded one (the tar reader writes
+                // its holes out as zeros), far more than the archive holds.
+                let want = entry.size();
+                self.declared = self.declared.saturating_add(want);
+                if self.declared > self.limit {
+                    return Err(IngestError::TooLarge {
+                        layer: self.layer.to_owned(),
+                        what: format!(
+                            "entry {:?} ({want} bytes{}) takes its files to {} bytes",
+                            String::from_utf8_lossy(&name),
+                            if et.is_gnu_sparse() {
+                                ", a sparse file at its full size"
+                            } else {
+                                ""
+                            },
+                            self.declared
+                        ),
+                        limit: self.limit,
+                    });
+                }
                 self.clear(&rel, false)?;
                 let mut f = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .open(&path)
                     .map_err(io_err(&path))?;
-                let want = entry.size();
                 let got = io::copy(&mut entry, &mut f).map_err(|e| {
                     let what = format!("reading the data of {:?}", String::from_utf8_lossy(&name));
                     self.stream_err(gzip, &what, e)

@@ -28,7 +28,32 @@ use std::path::PathBuf;
 
 use lazypull_erofs::BuildError;
 
-pub use source::build_from_source;
+pub use source::{build_from_source, build_from_source_with};
+
+/// Default of [`IngestOptions::max_layer_size`]: 32 GiB. Above ordinary
+/// layers (even toolkit and model layers of a few GB; bigger ones can raise
+/// it), yet a decompression bomb or a sparse entry of 2^60 bytes stops long
+/// before it fills the disk.
+pub const DEFAULT_MAX_LAYER_SIZE: u64 = 32 << 30;
+
+/// Limits on what reading a source may cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestOptions {
+    /// Most bytes one tar layer may expand to: its decompressed stream, and
+    /// the file bytes its entries declare (a GNU sparse file counts at its
+    /// full size, holes included, as that is what extraction writes). A
+    /// layer past it is refused with [`IngestError::TooLarge`] before the
+    /// bytes that would cross it are written.
+    pub max_layer_size: u64,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        IngestOptions {
+            max_layer_size: DEFAULT_MAX_LAYER_SIZE,
+        }
+    }
+}
 
 /// Errors from [`build_from_source`]: the source's own faults, or the
 /// build's ([`BuildError`], shown as is).
@@ -65,6 +90,19 @@ pub enum IngestError {
         path: PathBuf,
         /// What is wrong.
         reason: String,
+    },
+    /// A layer expands to more than [`IngestOptions::max_layer_size`].
+    #[error(
+        "layer {layer}: {what}, more than the limit of {limit} bytes one layer may expand to \
+         (lazypull build --max-layer-size): refusing it"
+    )]
+    TooLarge {
+        /// Which layer (source path or digest).
+        layer: String,
+        /// What crossed the limit.
+        what: String,
+        /// The limit.
+        limit: u64,
     },
     /// A blob's content does not match its descriptor's digest (or size).
     #[error(

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::extract::{self, Extracted, GZIP_MAGIC, ZSTD_MAGIC};
-use crate::{io_err, IngestError};
+use crate::{io_err, IngestError, IngestOptions};
 
 /// Largest JSON document (index, manifest) read.
 const MAX_JSON: u64 = 16 << 20;
@@ -54,12 +54,23 @@ pub fn build_from_source(
     out_dir: &Path,
     opts: &BuildOptions,
 ) -> Result<BuiltImage, IngestError> {
+    build_from_source_with(source, out_dir, opts, &IngestOptions::default())
+}
+
+/// [`build_from_source`] within the limits of `limits` (what one tar layer
+/// may expand to).
+pub fn build_from_source_with(
+    source: &Path,
+    out_dir: &Path,
+    opts: &BuildOptions,
+    limits: &IngestOptions,
+) -> Result<BuiltImage, IngestError> {
     opts.validate()?;
     let md = fs::metadata(source).map_err(io_err(source))?;
     if md.is_dir() {
         if is_oci_layout(source) {
             let layers = oci_layers(source)?;
-            return build_blobs(&layers, out_dir, opts, ArchiveCheck::None);
+            return build_blobs(&layers, out_dir, opts, limits, ArchiveCheck::None);
         }
         return Ok(build_from_layers(&[source.to_path_buf()], out_dir, opts)?);
     }
@@ -72,7 +83,13 @@ pub fn build_from_source(
     let head = &head[..n];
     if head.starts_with(&GZIP_MAGIC) || head.starts_with(&ZSTD_MAGIC) {
         let layer = LayerBlob::whole_file(source, md.len());
-        return build_blobs(&[layer], out_dir, opts, ArchiveCheck::RefuseImageArchive);
+        return build_blobs(
+            &[layer],
+            out_dir,
+            opts,
+            limits,
+            ArchiveCheck::RefuseImageArchive,
+        );
     }
     if !looks_like_tar(head) {
         return Err(invalid(
@@ -81,10 +98,16 @@ pub fn build_from_source(
         ));
     }
     match docker_layers(source)? {
-        Some(layers) => build_blobs(&layers, out_dir, opts, ArchiveCheck::None),
+        Some(layers) => build_blobs(&layers, out_dir, opts, limits, ArchiveCheck::None),
         None => {
             let layer = LayerBlob::whole_file(source, md.len());
-            build_blobs(&[layer], out_dir, opts, ArchiveCheck::RefuseImageArchive)
+            build_blobs(
+                &[layer],
+                out_dir,
+                opts,
+                limits,
+                ArchiveCheck::RefuseImageArchive,
+            )
         }
     }
 }
@@ -211,7 +234,7 @@ fn hash_region(path: &Path, offset: u64, size: u64) -> Result<(String, u64), Ing
     Ok((hex::encode(h.finalize()), n))
 }
 
-fn extract_blob(l: &LayerBlob, out_dir: &Path) -> Result<Extracted, IngestError> {
+fn extract_blob(l: &LayerBlob, out_dir: &Path, limit: u64) -> Result<Extracted, IngestError> {
     let mut f = File::open(&l.path).map_err(io_err(&l.path))?;
     f.seek(SeekFrom::Start(l.offset)).map_err(io_err(&l.path))?;
     let mut hash = Sha256::new();
@@ -223,7 +246,7 @@ fn extract_blob(l: &LayerBlob, out_dir: &Path) -> Result<Extracted, IngestError>
             count: &mut count,
         };
         let mut reader = reader;
-        extract::extract_layer(&mut reader, &l.label, out_dir).and_then(|ex| {
+        extract::extract_layer(&mut reader, &l.label, out_dir, limit).and_then(|ex| {
             // Hash what the tar reader left (trailing bytes).
             io::copy(&mut reader, &mut io::sink()).map_err(io_err(&l.path))?;
             Ok(ex)
@@ -267,6 +290,7 @@ fn build_blobs(
     layers: &[LayerBlob],
     out_dir: &Path,
     opts: &BuildOptions,
+    limits: &IngestOptions,
     check: ArchiveCheck,
 ) -> Result<BuiltImage, IngestError> {
     if layers.is_empty() {
@@ -281,7 +305,7 @@ fn build_blobs(
             label: l.label.clone(),
         });
         // Earlier extractions are dropped (removed) if this one fails.
-        extracted.push(extract_blob(l, out_dir)?);
+        extracted.push(extract_blob(l, out_dir, limits.max_layer_size)?);
     }
     if check == ArchiveCheck::RefuseImageArchive {
         for (l, e) in layers.iter().zip(&extracted) {
@@ -630,7 +654,7 @@ fn docker_layers(path: &Path) -> Result<Option<Vec<LayerBlob>>, IngestError> {
                 }
             }
         };
-        if offset.checked_add(size).map_or(true, |end| end > file_len) {
+        if offset.checked_add(size).is_none_or(|end| end > file_len) {
             return Err(IngestError::InvalidArchive {
                 layer: path.display().to_string(),
                 reason: format!("truncated: layer {label} extends past the end of the file"),

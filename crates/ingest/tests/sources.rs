@@ -925,3 +925,81 @@ fn whole_image_archives_given_as_one_layer_are_refused() {
     build_from_source(&save, &out, &BuildOptions::default()).unwrap();
     build_from_source(&layout, &out, &BuildOptions::default()).unwrap();
 }
+
+/// A tar holding one GNU sparse file of `real` bytes, of which only the last
+/// 512 are stored in the archive.
+fn sparse_tar(real: u64) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_path("sparse").unwrap();
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_600_000_000);
+    h.set_size(512);
+    let gnu = h.as_gnu_mut().unwrap();
+    gnu.set_real_size(real);
+    gnu.sparse[0].set_offset(real - 512);
+    gnu.sparse[0].set_length(512);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(&[7u8; 512]);
+    out.extend_from_slice(&[0u8; 1024]); // end-of-archive marker
+    out
+}
+
+/// What one layer may expand to is bounded (declared sizes, sparse files at
+/// their full size, and the decompressed stream): past the limit, a clear
+/// error before the bytes are written, and no image; within it, the build
+/// works as before.
+#[test]
+fn layers_past_the_expansion_limit_are_refused() {
+    use lazypull_ingest::{build_from_source_with, IngestOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let limit = 16u64 << 20;
+    let opts = IngestOptions {
+        max_layer_size: limit,
+    };
+    let big = 64usize << 20;
+    // A 64 MiB file of zeros gzips to some 64 KiB.
+    let bomb = gzip(&tar_of(&[sp("zeros", K::File(vec![0u8; big]), 0o644)]));
+    assert!(bomb.len() < 1 << 20);
+    // A tiny tar, then 64 MiB of zeros after its end marker: no entry is
+    // big, the decompressed stream is.
+    let mut tail = tar_of(&[sp("f", K::File(b"x".to_vec()), 0o644)]);
+    tail.resize(big, 0);
+    let tail_bomb = gzip(&tail);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("sparse.tar", sparse_tar(big as u64), "sparse"),
+        ("bomb.tar.gz", bomb, "zeros"),
+        ("tail.tar.gz", tail_bomb, "expands to more than"),
+    ];
+    for (name, bytes, want) in cases {
+        let src = tmp.path().join(name);
+        fs::write(&src, &bytes).unwrap();
+        let out = tmp.path().join(format!("out-{name}"));
+        let err = match build_from_source_with(&src, &out, &BuildOptions::default(), &opts) {
+            Ok(_) => panic!("{name}: a layer past the limit was built"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(want) && err.contains(&limit.to_string()) && err.contains("limit"),
+            "{name}: {err}"
+        );
+        let left: Vec<_> = fs::read_dir(&out)
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{name}: left {left:?}");
+        // Within the limit (the default), the same layer builds.
+        build_from_source(
+            &src,
+            &tmp.path().join(format!("ok-{name}")),
+            &BuildOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    assert_eq!(
+        IngestOptions::default().max_layer_size,
+        lazypull_ingest::DEFAULT_MAX_LAYER_SIZE
+    );
+}

@@ -78,13 +78,16 @@ pub struct DaemonArgs {
     pub(crate) takeover: bool,
 
     /// Local directory of blobs named by their key (fsid or device tag), for
-    /// images not mounted by reference. Optional.
+    /// images not mounted by reference. Optional. Trusted as it is (plain
+    /// blobs, images without a blob trailer).
     #[arg(long, value_name = "DIR")]
     pub(crate) blob_dir: Option<PathBuf>,
 
     /// Base URL of a blob directory served over HTTP(S) with Range support (the
     /// same layout as --blob-dir), for images not mounted by reference. Tried
-    /// before --blob-dir.
+    /// before --blob-dir. Served only for images registered by fsid (`lazypull
+    /// mount --fsid`), verified against the meta blob's blob trailer: zstd
+    /// builds of this lazypull; plain blobs are refused.
     #[arg(long, value_name = "URL")]
     pub(crate) blob_url: Option<String>,
 
@@ -103,7 +106,8 @@ pub struct DaemonArgs {
     /// metrics_addr, blob_dir, blob_url, work_dir, socket, tag, device,
     /// max_in_flight, fill_window, io_size, max_connections, max_merge,
     /// unit_cache, readahead, insecure_registries, ca_files, docker_config,
-    /// request_timeout_secs, retries.
+    /// request_timeout_secs, range_deadline_secs, min_throughput, retries,
+    /// max_meta_size.
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
 
@@ -121,7 +125,8 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "FILE")]
     pub(crate) docker_config: Option<PathBuf>,
 
-    /// Most concurrent requests to one registry.
+    /// Most requests in flight to one host (registry or web server), shared by
+    /// every image and blob on it.
     #[arg(long, value_name = "N")]
     pub(crate) max_connections: Option<usize>,
 
@@ -174,7 +179,15 @@ pub(crate) struct FileConfig {
     pub(crate) ca_files: Vec<PathBuf>,
     pub(crate) docker_config: Option<PathBuf>,
     pub(crate) request_timeout_secs: Option<u64>,
+    /// Fixed part of a Range request's deadline (default 30).
+    pub(crate) range_deadline_secs: Option<u64>,
+    /// Slowest transfer a Range request may take beyond that, per second
+    /// (default "64KiB"): a request of N bytes must be answered whole within
+    /// range_deadline_secs + N / min_throughput.
+    pub(crate) min_throughput: Option<SizeValue>,
     pub(crate) retries: Option<u32>,
+    /// Largest meta blob the daemon fetches (a size, e.g. "256MiB").
+    pub(crate) max_meta_size: Option<SizeValue>,
 }
 
 /// A size given as a number of bytes or a string such as "1MiB".
@@ -235,7 +248,11 @@ pub(crate) struct DaemonConfig {
     pub(crate) ca_files: Vec<PathBuf>,
     pub(crate) docker_config: Option<PathBuf>,
     pub(crate) request_timeout_secs: u64,
+    pub(crate) range_deadline_secs: u64,
+    pub(crate) min_throughput: u64,
     pub(crate) retries: u32,
+    /// Largest meta blob fetched or read (default 1 GiB).
+    pub(crate) max_meta_size: u64,
     pub(crate) tag: String,
     pub(crate) device: PathBuf,
     pub(crate) max_in_flight: usize,
@@ -328,7 +345,16 @@ impl DaemonArgs {
             ca_files,
             docker_config: self.docker_config.clone().or(file.docker_config),
             request_timeout_secs: file.request_timeout_secs.unwrap_or(30),
+            range_deadline_secs: file.range_deadline_secs.unwrap_or(30),
+            min_throughput: match &file.min_throughput {
+                Some(v) => v.bytes().context("config key min_throughput")?,
+                None => 64 << 10,
+            },
             retries: file.retries.unwrap_or(5),
+            max_meta_size: match &file.max_meta_size {
+                Some(v) => v.bytes().context("config key max_meta_size")?,
+                None => crate::catalog::DEFAULT_MAX_META_SIZE,
+            },
             tag: self
                 .tag
                 .clone()
@@ -354,6 +380,9 @@ impl DaemonArgs {
         }
         if cfg.retries == 0 {
             bail!("retries counts attempts and must be at least 1");
+        }
+        if cfg.min_throughput == 0 {
+            bail!("min_throughput must be at least 1 byte per second");
         }
         lazypull_engine::FillPolicy {
             window: cfg.fill_window,
@@ -412,6 +441,40 @@ mod tests {
         assert_eq!(c.transport, TransportKind::Auto);
         assert_eq!(c.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.fill_window, 1 << 20);
+    }
+
+    #[test]
+    fn range_deadline_keys_have_documented_defaults() {
+        let c = args().resolve().unwrap();
+        assert_eq!((c.range_deadline_secs, c.min_throughput), (30, 64 << 10));
+        let mut a = args();
+        a.config = Some(PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../dist/config.toml"
+        )));
+        let c = a.resolve().unwrap();
+        assert_eq!((c.range_deadline_secs, c.min_throughput), (30, 64 << 10));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "range_deadline_secs = 5\nmin_throughput = \"1MiB\"\n").unwrap();
+        let mut a = args();
+        a.config = Some(path.clone());
+        let c = a.resolve().unwrap();
+        assert_eq!((c.range_deadline_secs, c.min_throughput), (5, 1 << 20));
+        std::fs::write(&path, "min_throughput = 0\n").unwrap();
+        let err = a.resolve().unwrap_err().to_string();
+        assert!(err.contains("min_throughput"), "{err}");
+    }
+
+    #[test]
+    fn max_meta_size_defaults_to_1_gib_and_is_read_from_the_file() {
+        assert_eq!(args().resolve().unwrap().max_meta_size, 1 << 30);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "max_meta_size = \"256MiB\"\n").unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        assert_eq!(a.resolve().unwrap().max_meta_size, 256 << 20);
     }
 
     #[test]

@@ -2,39 +2,57 @@
 //! blocking: callers on the async runtime must not use them on a task.
 
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-/// Replaces `path` with `bytes` atomically (a temporary file in the same
-/// directory, then a rename), creating the directory if needed; a new file
-/// gets `mode` (before the umask). Readers see the old file or the new one,
-/// never a half-written one.
+/// Replaces `path` with `bytes` atomically and durably: a temporary file of a
+/// unique name in the same directory (so concurrent writers never share one),
+/// written and fsynced, renamed over `path`, then the directory fsynced (so
+/// the rename itself survives a crash). Creates the directory if needed; a new
+/// file gets `mode` (before the umask). Readers see the old file or the new
+/// one, never a half-written one, also after a crash.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("creating a temporary file in {}: {e}", dir.display()),
+            )
+        })?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    // On failure the temporary is removed when `e.file` drops.
+    tmp.persist(path).map_err(|e| {
         io::Error::new(
-            e.kind(),
-            format!("renaming {} to {}: {e}", tmp.display(), path.display()),
+            e.error.kind(),
+            format!(
+                "renaming {} to {}: {}",
+                e.file.path().display(),
+                path.display(),
+                e.error
+            ),
         )
-    })
+    })?;
+    sync_dir(dir)
+}
+
+/// Fsyncs a directory: makes the renames and removals done in it durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io::Error::new(e.kind(), format!("syncing {}: {e}", dir.display())))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn replaces_the_file_whole_with_the_mode_asked_for() {
@@ -47,6 +65,38 @@ mod tests {
         assert_eq!(mode, 0o600);
         assert_eq!(
             std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
+            1,
+            "no temporary left"
+        );
+    }
+
+    #[test]
+    fn two_writers_of_one_path_never_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let a = vec![b'a'; 256 << 10];
+        let b = vec![b'b'; 256 << 10];
+        std::thread::scope(|s| {
+            let writers: Vec<_> = [&a, &b]
+                .into_iter()
+                .map(|bytes| {
+                    let path = &path;
+                    s.spawn(move || {
+                        for _ in 0..200 {
+                            write_atomically(path, bytes, 0o600)?;
+                        }
+                        io::Result::Ok(())
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.join().unwrap().expect("each write succeeds");
+            }
+        });
+        let got = std::fs::read(&path).unwrap();
+        assert!(got == a || got == b, "the file is one write, whole");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
             1,
             "no temporary left"
         );

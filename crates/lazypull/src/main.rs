@@ -161,7 +161,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lazypull: error: {e:#}");
+            eprintln!("lazypull: error: {}", cli::error_text(&e));
             std::process::ExitCode::FAILURE
         }
     }

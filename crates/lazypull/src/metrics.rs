@@ -83,6 +83,16 @@ fn render(status: &Status) -> String {
         "Bytes written into the cache ahead of need.",
         k.prefetched_bytes,
     );
+    // The cachefiles transport's own: reads of the device that failed and were
+    // retried (serving goes on; only a lost device ends it).
+    if let Some(n) = status.transport.counters["device_read_errors"].as_u64() {
+        e.one(
+            "lazypull_cachefiles_device_read_errors_total",
+            "counter",
+            "Reads of /dev/cachefiles that failed with a transient error (EMFILE, ENOMEM...) and were retried.",
+            n,
+        );
+    }
     let h = &status.backend_http;
     e.one(
         "lazypull_backend_http_requests_total",
@@ -263,6 +273,32 @@ mod tests {
     }
 
     #[test]
+    fn the_page_counts_cachefiles_device_read_errors() {
+        let status = Status {
+            pid: 1,
+            version: "0.0.0",
+            uptime_secs: 7,
+            transport: crate::status::TransportStatus {
+                kind: "cachefiles",
+                reason: "test".into(),
+                counters: serde_json::json!({"reads": 5, "device_read_errors": 2}),
+                kernel: Default::default(),
+            },
+            fetch: Default::default(),
+            backend_http: Default::default(),
+            images: vec![],
+            blobs: vec![],
+            prefetching: vec![],
+            restoring: vec![],
+        };
+        let page = render(&status);
+        assert!(
+            page.contains("lazypull_cachefiles_device_read_errors_total 2\n"),
+            "{page}"
+        );
+    }
+
+    #[test]
     fn the_page_renders_a_status_snapshot() {
         let status = Status {
             pid: 1,
@@ -289,6 +325,8 @@ mod tests {
                 mountpoints: vec!["/mnt/a".into(), "/mnt/b".into()],
             }],
             blobs: vec![],
+            prefetching: vec![],
+            restoring: vec![],
         };
         let page = render(&status);
         for line in [

@@ -10,7 +10,7 @@ use lazypull_engine::FetchStatsSnapshot;
 use lazypull_transport::BlobCacheInfo;
 use serde::Serialize;
 
-use crate::catalog::ImageInfo;
+use crate::catalog::{ImageInfo, RestoringImage};
 
 /// Whatever can say how the daemon is doing right now. Taking a snapshot may
 /// lock the catalog and ask the transport: call it off the async runtime.
@@ -31,6 +31,10 @@ pub(crate) struct Status {
     pub(crate) backend_http: RequestStats,
     pub(crate) images: Vec<ImageInfo>,
     pub(crate) blobs: Vec<BlobCacheInfo>,
+    /// The fsids of the images being prefetched now.
+    pub(crate) prefetching: Vec<String>,
+    /// Images a previous daemon served that are not back yet (retried).
+    pub(crate) restoring: Vec<RestoringImage>,
 }
 
 /// The transport serving the kernel, and why it was chosen.
@@ -82,6 +86,8 @@ mod tests {
             backend_http: RequestStats::default(),
             images: Vec::new(),
             blobs: Vec::new(),
+            prefetching: Vec::new(),
+            restoring: Vec::new(),
         };
         let v = serde_json::to_value(&status).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -93,6 +99,8 @@ mod tests {
                 "fetch",
                 "images",
                 "pid",
+                "prefetching",
+                "restoring",
                 "transport",
                 "uptime_secs",
                 "version"

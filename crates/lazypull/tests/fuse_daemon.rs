@@ -14,9 +14,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use lazypull::blob_server::BlobServer;
 use lazypull_testkit::maketree::{self, TreeOptions};
 use lazypull_testkit::proxy::{FaultSource, Proxy};
-use lazypull::blob_server::BlobServer;
 use lazypull_testkit::{compare_entries, format_differences, scan};
 use sha2::{Digest, Sha256};
 
@@ -176,12 +176,17 @@ impl Site {
     }
 
     fn mount(&self, mnt: &Path) {
+        self.mount_with(mnt, &[]);
+    }
+
+    fn mount_with(&self, mnt: &Path, extra: &[&str]) {
         ok(
             lazypull()
                 .args(["mount", "--fsid", &self.meta])
                 .arg(mnt)
                 .arg("--socket")
                 .arg(self.socket())
+                .args(extra)
                 .output()
                 .unwrap(),
             "lazypull mount --fsid",
@@ -506,4 +511,1181 @@ fn fuse_mounts_survive_a_killed_daemon_and_an_upgrade() {
     assert_eq!(s["images"][0]["fsid"], site.meta.as_str(), "{s}");
     site.umount(&mnt);
     site.shutdown(third);
+}
+
+/// Runs `args` as uid 1000, gid 1000, no supplementary groups (util-linux
+/// `setpriv`): an unprivileged local user.
+fn as_user(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=1000", "--regid=1000", "--clear-groups", "--"])
+        .args(args)
+        .output()
+        .expect("these tests run commands as uid 1000 with setpriv (util-linux): install it")
+}
+
+/// `what` run as uid 1000 fails with EACCES.
+fn denied_to_user(args: &[&std::ffi::OsStr], what: &str) {
+    let out = as_user(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("Permission denied"),
+        "uid 1000 could {what} ({}): {}{err}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+            .chars()
+            .take(200)
+            .collect::<String>()
+    );
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// The per-mount options (`ro,nosuid,...`) of the topmost mount at `path`.
+fn mount_options(path: &Path) -> String {
+    let path = fs::canonicalize(path).unwrap();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (Path::new(f[4]) == path).then(|| f[5].to_owned())
+        })
+        .unwrap_or_else(|| panic!("nothing is mounted at {}", path.display()))
+}
+
+/// A temporary directory under /var/tmp that uid 1000 may traverse (the
+/// default is 0700), so that what decides its access is lazypull's own modes.
+fn traversable_tmp() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    tmp
+}
+
+#[test]
+fn unprivileged_users_read_the_image_but_not_its_blobs_caches_or_state() {
+    use std::os::unix::fs::PermissionsExt;
+    require_host();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = traversable_tmp();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let public = lazypull_testkit::maketree::random_bytes(3 << 20, 77);
+    fs::write(src.join("public.bin"), &public).unwrap();
+    fs::set_permissions(src.join("public.bin"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(src.join("secret"), b"root only\n").unwrap();
+    fs::set_permissions(src.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    // Directories left behind with loose modes (an older daemon, an admin's
+    // mkdir) are tightened, not trusted.
+    for d in ["cache", "cache/blobs", "work", "work/meta", "run"] {
+        fs::create_dir_all(tmp.path().join(d)).unwrap();
+        fs::set_permissions(tmp.path().join(d), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let site = Site::new(tmp.path(), &src);
+    let daemon = site.daemon(&[], "daemon.log");
+    let mnt = tmp.path().join("mnt");
+    site.mount(&mnt);
+    let _guard = Unmount(mnt.clone());
+
+    // Through EROFS, uid 1000 reads what the image lets it read, and only that.
+    let out = as_user(&["cat".as_ref(), mnt.join("public.bin").as_os_str()]);
+    assert!(
+        out.status.success(),
+        "uid 1000 cannot read a 0644 file of the image: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == public, "uid 1000 read wrong bytes");
+    denied_to_user(
+        &["cat".as_ref(), mnt.join("secret").as_os_str()],
+        "read a 0600 file of the image",
+    );
+
+    // Not the raw bytes, though: blob files, the cache, the meta copies, the state.
+    let blobs = tmp.path().join("blobs");
+    denied_to_user(
+        &["cat".as_ref(), blobs.join(&site.meta).as_os_str()],
+        "read the meta blob's FUSE file",
+    );
+    let cached: Vec<PathBuf> = fs::read_dir(tmp.path().join("cache/blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let data = cached
+        .iter()
+        .find(|p| p.extension().is_some_and(|x| x == "data"))
+        .unwrap_or_else(|| panic!("no cache .data file after a read: {cached:?}"));
+    let data_blob = data.file_stem().unwrap().to_str().unwrap();
+    denied_to_user(
+        &["cat".as_ref(), blobs.join(data_blob).as_os_str()],
+        "read a data blob's FUSE file",
+    );
+    denied_to_user(
+        &["cat".as_ref(), data.as_os_str()],
+        "read a cache .data file",
+    );
+    let meta_copy = tmp.path().join("work/meta").join(&site.meta);
+    denied_to_user(
+        &["cat".as_ref(), meta_copy.as_os_str()],
+        "read a meta blob copy",
+    );
+    let run = tmp.path().join("run");
+    denied_to_user(&["ls".as_ref(), run.as_os_str()], "list the run dir");
+    denied_to_user(
+        &["cat".as_ref(), run.join("images.json").as_os_str()],
+        "read the state file",
+    );
+
+    // What root sees: 0700 directories, 0600 files, blob files 0400.
+    for d in ["run", "cache", "cache/blobs", "work", "work/meta"] {
+        assert_eq!(mode_of(&tmp.path().join(d)), 0o700, "{d}");
+    }
+    // Wait for a map to be written (the daemon flushes maps every second).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !data.with_extension("map").exists() {
+        assert!(Instant::now() < deadline, "no cache map written");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for f in [
+        data.clone(),
+        data.with_extension("map"),
+        meta_copy,
+        run.join("images.json"),
+    ] {
+        assert_eq!(mode_of(&f), 0o600, "{}", f.display());
+    }
+    assert_eq!(mode_of(&blobs.join(&site.meta)), 0o400);
+    assert!(
+        !mount_options(&blobs).contains("allow_other"),
+        "{}",
+        mount_options(&blobs)
+    );
+    let log = fs::read_to_string(tmp.path().join("daemon.log")).unwrap();
+    assert!(
+        log.contains(&format!("{}: tightened", run.display())),
+        "the daemon logs the directories it tightened:\n{log}"
+    );
+    site.umount(&mnt);
+    site.shutdown(daemon);
+}
+
+#[test]
+fn image_mounts_are_nosuid_and_nodev_unless_asked() {
+    use std::os::unix::fs::PermissionsExt;
+    require_host();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = traversable_tmp();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    // A hostile image: a setuid-root `id` and a 0666 device node (/dev/null's).
+    fs::copy("/usr/bin/id", src.join("suid-id")).unwrap();
+    fs::set_permissions(src.join("suid-id"), fs::Permissions::from_mode(0o4755)).unwrap();
+    ok(
+        Command::new("mknod")
+            .args(["-m", "0666"])
+            .arg(src.join("null"))
+            .args(["c", "1", "3"])
+            .output()
+            .unwrap(),
+        "mknod",
+    );
+    let site = Site::new(tmp.path(), &src);
+    let daemon = site.daemon(&[], "daemon.log");
+    let mnt = tmp.path().join("mnt");
+    let _guard = Unmount(mnt.clone());
+    let euid_of_suid_id = |dir: &Path| -> String {
+        let out = as_user(&[dir.join("suid-id").as_os_str(), "-u".as_ref()]);
+        ok(out, "running the image's setuid id as uid 1000")
+            .trim()
+            .to_owned()
+    };
+
+    // By default: no setuid, no devices.
+    site.mount(&mnt);
+    let opts = mount_options(&mnt);
+    assert!(
+        opts.split(',').any(|o| o == "nosuid") && opts.split(',').any(|o| o == "nodev"),
+        "the image is mounted {opts}"
+    );
+    assert_eq!(
+        mode_of(&mnt.join("suid-id")),
+        0o4755,
+        "the image keeps the bit"
+    );
+    assert_eq!(
+        euid_of_suid_id(&mnt),
+        "1000",
+        "a setuid binary of the image gave root"
+    );
+    let err = fs::File::open(mnt.join("null")).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::EACCES),
+        "opening the device: {err}"
+    );
+
+    // A container root file system stacked on it (overlayfs, as containerd's
+    // snapshotter does) keeps setuid and devices: the lower mount's flags do
+    // not apply to the overlay's files.
+    let ovl = tmp.path().join("ovl");
+    fs::create_dir_all(&ovl).unwrap();
+    rustix::mount::mount(
+        "tmpfs",
+        &ovl,
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )
+    .unwrap();
+    let _ovl_guard = Unmount(ovl.clone());
+    for d in ["upper", "work", "root"] {
+        fs::create_dir(ovl.join(d)).unwrap();
+    }
+    fs::set_permissions(&ovl, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(ovl.join("root"), fs::Permissions::from_mode(0o755)).unwrap();
+    let data = std::ffi::CString::new(format!(
+        "lowerdir={},upperdir={},workdir={}",
+        mnt.display(),
+        ovl.join("upper").display(),
+        ovl.join("work").display()
+    ))
+    .unwrap();
+    rustix::mount::mount(
+        "overlay",
+        ovl.join("root"),
+        "overlay",
+        rustix::mount::MountFlags::empty(),
+        Some(data.as_c_str()),
+    )
+    .expect("mounting an overlay on the image");
+    let root_guard = Unmount(ovl.join("root"));
+    assert_eq!(
+        euid_of_suid_id(&ovl.join("root")),
+        "0",
+        "setuid through the overlay"
+    );
+    fs::File::open(ovl.join("root/null")).expect("the device through the overlay");
+    drop(root_guard);
+    drop(_ovl_guard);
+
+    // Asked for: both kept.
+    site.umount(&mnt);
+    site.mount_with(&mnt, &["--suid", "--dev"]);
+    let opts = mount_options(&mnt);
+    assert!(
+        !opts.contains("nosuid") && !opts.contains("nodev"),
+        "mounted with --suid --dev: {opts}"
+    );
+    assert_eq!(euid_of_suid_id(&mnt), "0", "--suid keeps setuid");
+    fs::File::open(mnt.join("null")).expect("--dev keeps devices");
+    site.umount(&mnt);
+    site.shutdown(daemon);
+}
+
+#[test]
+fn a_lookup_of_an_unregistered_name_reaches_no_backend() {
+    require_host();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"some bytes\n").unwrap();
+    let site = Site::new(tmp.path(), &src);
+    let daemon = site.daemon(&[], "daemon.log");
+    let blobs = tmp.path().join("blobs");
+    let before = site.server.requests();
+    // The web server holds this meta blob, but no image with it is registered;
+    // the other name is nowhere.
+    for name in [site.meta.as_str(), &"0".repeat(64)] {
+        let err = fs::metadata(blobs.join(name)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{name}: {err}");
+    }
+    assert_eq!(
+        site.server.requests(),
+        before,
+        "a lookup of an unregistered name reached the web server"
+    );
+    // Registered, it is there.
+    let mnt = tmp.path().join("mnt");
+    site.mount(&mnt);
+    let _guard = Unmount(mnt.clone());
+    assert_eq!(fs::read(mnt.join("f")).unwrap(), b"some bytes\n");
+    fs::metadata(blobs.join(&site.meta)).expect("a registered meta blob's file");
+    site.umount(&mnt);
+    site.shutdown(daemon);
+}
+
+/// A registry on 127.0.0.1 serving one lazypull manifest (`v1`) whose config
+/// descriptor declares `config_size` bytes, and for every blob an endless
+/// body: 200 without `Content-Length`, `STREAMED` bytes until the client
+/// hangs up. Nothing is stored: the bytes are made as they are sent.
+struct EndlessRegistry {
+    addr: std::net::SocketAddr,
+    blob_requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accept: Option<std::thread::JoinHandle<Vec<std::thread::JoinHandle<()>>>>,
+}
+
+impl EndlessRegistry {
+    /// What a blob body would run to: 4 GiB.
+    const STREAMED: u64 = 4 << 30;
+
+    fn start(config_size: u64) -> EndlessRegistry {
+        Self::serving(None, config_size)
+    }
+
+    /// The same, but serving `config` (its digest and size in the manifest)
+    /// as the config: the endless bodies are then the other blobs'.
+    fn with_config(config: serde_json::Value) -> EndlessRegistry {
+        Self::serving(Some(config.to_string().into_bytes()), 0)
+    }
+
+    fn serving(config: Option<Vec<u8>>, config_size: u64) -> EndlessRegistry {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::Ordering;
+        let (config_digest, config_size) = match &config {
+            Some(c) => (
+                format!("sha256:{}", hex::encode(Sha256::digest(c))),
+                c.len() as u64,
+            ),
+            None => (format!("sha256:{}", "c".repeat(64)), config_size),
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let blob_requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": lazypull_oci::lazy::CONFIG_MEDIA_TYPE,
+                "digest": config_digest,
+                "size": config_size,
+            },
+            "layers": [],
+        })
+        .to_string();
+        let (requests, stop2) = (blob_requests.clone(), stop.clone());
+        let accept = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let (manifest, requests) = (manifest.clone(), requests.clone());
+                let (config, config_digest) = (config.clone(), config_digest.clone());
+                conns.push(std::thread::spawn(move || {
+                    let mut r = BufReader::new(conn.try_clone().unwrap());
+                    let mut line = String::new();
+                    let _ = r.read_line(&mut line);
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                            break;
+                        }
+                    }
+                    let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    if path.ends_with("/manifests/v1") {
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\
+                             Content-Length: {}\r\nConnection: close\r\n\r\n{manifest}",
+                            manifest.len()
+                        );
+                    } else if let Some(c) = config.filter(|_| path.ends_with(&config_digest)) {
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            c.len()
+                        );
+                        let _ = conn.write_all(&c);
+                    } else if path.contains("/blobs/") {
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+                        let chunk = vec![b'x'; 64 << 10];
+                        let mut sent = 0u64;
+                        // Ends when the client hangs up (the write fails).
+                        while sent < Self::STREAMED && conn.write_all(&chunk).is_ok() {
+                            sent += chunk.len() as u64;
+                        }
+                    } else {
+                        let _ = conn.write_all(
+                            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        );
+                    }
+                }));
+            }
+            conns
+        });
+        EndlessRegistry {
+            addr,
+            blob_requests,
+            stop,
+            accept: Some(accept),
+        }
+    }
+
+    fn blob_requests(&self) -> u64 {
+        self.blob_requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for EndlessRegistry {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(t) = self.accept.take() {
+            for c in t.join().unwrap() {
+                let _ = c.join();
+            }
+        }
+    }
+}
+
+/// Peak resident memory of process `pid` (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .expect("VmHWM in /proc/PID/status")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
+
+/// The issue-10 probe: a registry that streams 4 GiB for an image's config.
+/// The daemon reads no more than the manifest's descriptor declares (and a
+/// descriptor past the config limit is refused before any download): its
+/// peak RSS stays under 64 MiB and `lazypull mount` fails saying why.
+#[test]
+fn a_registry_streaming_4_gib_for_a_config_is_cut_off_within_the_memory_bound() {
+    require_host();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"some bytes\n").unwrap();
+    let site = Site::new(tmp.path(), &src);
+    let daemon = site.daemon(&[], "daemon.log");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let mount = |reg: &EndlessRegistry| {
+        let out = lazypull()
+            .arg("mount")
+            .arg(format!("{}/evil/img:v1", reg.addr))
+            .arg(&mnt)
+            .arg("--socket")
+            .arg(site.socket())
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "the mount of a hostile image succeeded"
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    // The descriptor says 1000 bytes; the body runs on for 4 GiB.
+    let reg = EndlessRegistry::start(1000);
+    let err = mount(&reg);
+    eprintln!("{err}");
+    assert!(
+        err.contains("config") && err.contains("1000 bytes"),
+        "unclear error: {err}"
+    );
+    assert_eq!(reg.blob_requests(), 1, "{err}");
+    drop(reg);
+
+    // The descriptor itself says 4 GiB: refused before a byte is fetched.
+    let reg = EndlessRegistry::start(EndlessRegistry::STREAMED);
+    let err = mount(&reg);
+    eprintln!("{err}");
+    assert!(
+        err.contains("config") && err.contains(&EndlessRegistry::STREAMED.to_string()),
+        "unclear error: {err}"
+    );
+    assert_eq!(reg.blob_requests(), 0, "{err}");
+    drop(reg);
+
+    // A real config whose meta blob is declared past the limit (1 GiB by
+    // default), or small while its body runs on: refused before the
+    // download, cut off at the declared size.
+    let config = |meta_size: u64| {
+        serde_json::json!({
+            "lazypull": 1,
+            "meta": {"digest": format!("sha256:{}", "a".repeat(64)), "size": meta_size},
+            "chunk_size": 1 << 20,
+            "blobs": [],
+        })
+    };
+    let reg = EndlessRegistry::with_config(config(2 << 30));
+    let err = mount(&reg);
+    eprintln!("{err}");
+    assert!(
+        err.contains("meta blob") && err.contains(&(2u64 << 30).to_string()),
+        "unclear error: {err}"
+    );
+    assert_eq!(reg.blob_requests(), 0, "{err}");
+    drop(reg);
+    let reg = EndlessRegistry::with_config(config(5000));
+    let err = mount(&reg);
+    eprintln!("{err}");
+    assert!(
+        err.contains("meta blob") && err.contains("5000 bytes"),
+        "unclear error: {err}"
+    );
+    assert_eq!(reg.blob_requests(), 1, "{err}");
+    drop(reg);
+
+    let peak = peak_rss(daemon.id());
+    eprintln!("daemon peak RSS: {} KiB", peak >> 10);
+    assert!(
+        peak < 64 << 20,
+        "the daemon's peak RSS reached {} MiB",
+        peak >> 20
+    );
+    assert!(site.status().is_some(), "the daemon stopped serving");
+    site.shutdown(daemon);
+}
+
+/// Data requests (`.zst`) the proxy has answered so far, once it is idle.
+fn data_requests(site: &Site) -> usize {
+    assert!(site.proxy.wait_idle(Duration::from_secs(60)), "proxy busy");
+    lazypull_testkit::proxy::read_log(site.dir.join("proxy.log"))
+        .unwrap()
+        .iter()
+        .filter(|e| e.path.contains(".zst"))
+        .count()
+}
+
+/// Prefetch threads have an owner: unmounting the image stops and joins its
+/// prefetch (status lists none, and the backend gets no request after the
+/// unmount returned), and so does shutting the daemon down. A slow backend
+/// (500 ms per data request, 64 MiB of incompressible data in 4 MiB pieces:
+/// 8 s at least) keeps the prefetch running meanwhile.
+#[test]
+fn prefetch_threads_stop_at_unmount_and_at_shutdown() {
+    require_host();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..4 {
+        let data = lazypull_testkit::maketree::random_bytes(16 << 20, 900 + i);
+        fs::write(src.join(format!("big{i}.bin")), data).unwrap();
+    }
+    let site = Site::new(tmp.path(), &src);
+    fs::write(tmp.path().join("faults"), "slow:1,slow_ms:500,only:.zst").unwrap();
+    let daemon = site.daemon(&[], "daemon.log");
+    let mnt = tmp.path().join("mnt");
+    site.mount_with(&mnt, &["--prefetch-all"]);
+    let guard = Unmount(mnt.clone());
+    let s = site.status().unwrap();
+    assert_eq!(
+        s["prefetching"],
+        serde_json::json!([site.meta]),
+        "no prefetch listed: {s}"
+    );
+
+    site.umount(&mnt);
+    drop(guard);
+    let s = site.status().unwrap();
+    assert_eq!(s["prefetching"], serde_json::json!([]), "{s}");
+    let log = fs::read_to_string(tmp.path().join("daemon.log")).unwrap();
+    assert!(
+        log.contains("prefetch stopped") && !log.contains("prefetch finished"),
+        "the prefetch was not stopped at the unmount:\n{log}"
+    );
+    let after_stop = data_requests(&site);
+    // A prefetch still running would have sent two more by now; none did.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        data_requests(&site),
+        after_stop,
+        "the backend got requests after the prefetch was stopped"
+    );
+
+    // Shutdown stops (and joins) a prefetch still running too.
+    site.mount_with(&mnt, &["--prefetch-all"]);
+    let guard = Unmount(mnt.clone());
+    let s = site.status().unwrap();
+    assert_eq!(s["prefetching"], serde_json::json!([site.meta]), "{s}");
+    drop(guard);
+    site.shutdown(daemon);
+    let log = fs::read_to_string(tmp.path().join("daemon.log")).unwrap();
+    assert_eq!(
+        log.matches("prefetch stopped").count(),
+        2,
+        "the prefetch was not stopped at shutdown:\n{log}"
+    );
+    let after_exit = data_requests(&site);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(data_requests(&site), after_exit);
+}
+
+/// The data blob names of the build output in `out`.
+fn data_blobs(out: &Path) -> Vec<String> {
+    let m: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    m["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Waits until the daemon saved a FUSE session naming every one of `blobs`:
+/// it saves it every 200 ms, and a successor after a kill knows only the
+/// nodes saved.
+fn wait_session_names(run_dir: &Path, blobs: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !fs::read_to_string(run_dir.join("transport.json"))
+        .is_ok_and(|t| blobs.iter().all(|b| t.contains(b.as_str())))
+    {
+        assert!(Instant::now() < deadline, "the FUSE session is never saved");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// (inode, bytes) of a state file, to tell whether anyone replaced it.
+fn state_file(path: &Path) -> (u64, Vec<u8>) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (meta.ino(), fs::read(path).unwrap())
+}
+
+#[test]
+fn a_second_daemon_beside_a_running_one_changes_nothing_and_says_why() {
+    require_host();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let data = lazypull_testkit::maketree::random_bytes(6 << 20, 77);
+    let want: [u8; 32] = Sha256::digest(&data).into();
+    fs::write(src.join("big.bin"), &data).unwrap();
+    let site = Site::new(tmp.path(), &src);
+    let first = site.daemon(&[], "daemon.log");
+    let mnt = tmp.path().join("mnt");
+    site.mount(&mnt);
+    let _guard = Unmount(mnt.clone());
+    assert_eq!(sha(&mnt.join("big.bin")).unwrap(), want);
+    let images = tmp.path().join("run/images.json");
+    let before = state_file(&images);
+
+    // The same command line as the first daemon's.
+    let out = lazypull()
+        .arg("daemon")
+        .args(["--config", "/dev/null", "--transport", "fuse"])
+        .arg("--cache-dir")
+        .arg(tmp.path().join("cache"))
+        .arg("--work-dir")
+        .arg(tmp.path().join("work"))
+        .arg("--run-dir")
+        .arg(tmp.path().join("run"))
+        .arg("--fuse-dir")
+        .arg(tmp.path().join("blobs"))
+        .arg("--socket")
+        .arg(site.socket())
+        .arg("--fd-store")
+        .arg(tmp.path().join("run/fdstore.sock"))
+        .arg("--blob-url")
+        .arg(format!("http://{}/", site.proxy.addr()))
+        .args(["--log-level", "info"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second daemon ran: {err}");
+    let why = format!(
+        "another lazypull daemon (pid {}) is serving at {}; use --takeover to replace it",
+        first.id(),
+        site.socket().display()
+    );
+    assert!(err.contains(&why), "expected {why:?} in:\n{err}");
+    assert_eq!(
+        state_file(&images),
+        before,
+        "the second daemon rewrote images.json"
+    );
+
+    // The first one serves on, unchanged.
+    let s = site.status().unwrap();
+    assert_eq!(s["pid"].as_u64(), Some(first.id().into()));
+    drop_caches();
+    assert_eq!(sha(&mnt.join("big.bin")).unwrap(), want);
+    // And its fd store still holds the FUSE connection: a successor after a
+    // crash takes it over, and the mount reads on.
+    wait_session_names(
+        &tmp.path().join("run"),
+        &data_blobs(&tmp.path().join("www")),
+    );
+    let mut first = first;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let third = site.daemon(&[], "daemon-3.log");
+    let log = fs::read_to_string(tmp.path().join("daemon-3.log")).unwrap();
+    assert!(log.contains("took over the FUSE connection"), "{log}");
+    drop_caches();
+    assert_eq!(sha(&mnt.join("big.bin")).unwrap(), want);
+    site.umount(&mnt);
+    site.shutdown(third);
+}
+
+/// `lazypull mount REF MNT --insecure` through `site`'s daemon.
+fn mount_reference(site: &Site, reference: &str, mnt: &Path) -> Output {
+    lazypull()
+        .args(["mount", reference])
+        .arg(mnt)
+        .arg("--insecure")
+        .arg("--socket")
+        .arg(site.socket())
+        .output()
+        .unwrap()
+}
+
+/// Makes `out` (a build output) lie about data blob `name`: its stored form
+/// becomes that of `liar` (another blob of the same size, in `liar_dir`) under
+/// a chunk table that declares `name` (checksum fixed, so it decodes), and the
+/// meta blob's trailer vouches for that table. A chain as consistent as an
+/// honest one: only the whole blob's digest, which nothing reads lazily, would
+/// tell. Returns the new meta digest.
+fn forge_blob(out: &Path, name: &str, liar_dir: &Path, liar: &str) -> String {
+    let mut table = fs::read(liar_dir.join(format!("{liar}.table"))).unwrap();
+    table[40..72].copy_from_slice(&hex::decode(name).unwrap());
+    let n = table.len();
+    let sum = Sha256::digest(&table[..n - 32]);
+    table[n - 32..].copy_from_slice(&sum);
+    fs::write(out.join(format!("{name}.table")), &table).unwrap();
+    fs::copy(
+        liar_dir.join(format!("{liar}.zst")),
+        out.join(format!("{name}.zst")),
+    )
+    .unwrap();
+    let manifest_path = out.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+    let old = manifest["meta"].as_str().unwrap().to_owned();
+    let bytes = fs::read(out.join(&old)).unwrap();
+    let image = lazypull_erofs::Image::from_bytes(bytes.clone()).unwrap();
+    let mut trailer = image.trailer().unwrap().expect("built with a trailer");
+    for e in &mut trailer.entries {
+        let t = fs::read(out.join(format!("{}.table", e.name()))).unwrap();
+        e.table = Some(lazypull_erofs::TableRef {
+            sha256: Sha256::digest(&t).into(),
+            size: t.len() as u64,
+        });
+    }
+    let sealed =
+        lazypull_erofs::append_trailer(bytes[..image.image_len() as usize].to_vec(), &trailer);
+    let meta = hex::encode(Sha256::digest(&sealed));
+    fs::write(out.join(&meta), sealed).unwrap();
+    fs::remove_file(out.join(&old)).unwrap();
+    manifest["meta"] = meta.clone().into();
+    fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    meta
+}
+
+fn build_json(src: &Path, out: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(
+        lazypull()
+            .arg("build")
+            .arg(src)
+            .arg("-o")
+            .arg(out)
+            .arg("--json")
+            .output()
+            .unwrap(),
+        "lazypull build",
+    ))
+    .unwrap()
+}
+
+/// The issue's probe: a trusted image served from a web server (by fsid) and a
+/// hostile image from a registry that declares the trusted image's data blob
+/// name with another chunk table and other bytes. In either order, and across
+/// daemons sharing one cache, the trusted image's files read back byte-exact:
+/// the hostile registration is refused (naming both images), or, when the
+/// hostile image came first, the trusted one is refused rather than served the
+/// hostile bytes, and a later daemon discards the cache the hostile image
+/// filled under its own table.
+#[test]
+fn an_image_whose_blob_names_collide_cannot_change_a_byte_a_trusted_image_serves() {
+    require_host();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (src, liar_src) = (tmp.path().join("src"), tmp.path().join("liar-src"));
+    let big = lazypull_testkit::maketree::random_bytes(3 << 20, 41);
+    let evil = lazypull_testkit::maketree::random_bytes(3 << 20, 42);
+    for (dir, data, text) in [(&src, &big, "trusted\n"), (&liar_src, &evil, "hostile\n")] {
+        fs::create_dir_all(dir).unwrap();
+        fs::write(dir.join("big.bin"), data).unwrap();
+        fs::write(dir.join("hello.txt"), text).unwrap();
+    }
+    let site = Site::new(tmp.path(), &src);
+    let trusted: serde_json::Value =
+        serde_json::from_slice(&fs::read(tmp.path().join("www/manifest.json")).unwrap()).unwrap();
+    let name = trusted["blobs"][0].as_str().unwrap().to_owned();
+
+    // The hostile image: the same tree plus an empty file (another meta blob,
+    // the same data blob name), its blob's stored form swapped for the liar's.
+    let hostile_src = tmp.path().join("hostile-src");
+    fs::create_dir_all(&hostile_src).unwrap();
+    fs::write(hostile_src.join("big.bin"), &big).unwrap();
+    fs::write(hostile_src.join("hello.txt"), "trusted\n").unwrap();
+    fs::write(hostile_src.join("marker"), "").unwrap();
+    let hostile_out = tmp.path().join("hostile");
+    let hostile = build_json(&hostile_src, &hostile_out);
+    assert_eq!(
+        hostile["blobs"][0]["digest"],
+        name.as_str(),
+        "the same data blob"
+    );
+    let liar_out = tmp.path().join("liar");
+    let liar = build_json(&liar_src, &liar_out);
+    assert_eq!(liar["blobs"][0]["size"], hostile["blobs"][0]["size"]);
+    forge_blob(
+        &hostile_out,
+        &name,
+        &liar_out,
+        liar["blobs"][0]["digest"].as_str().unwrap(),
+    );
+    let registry =
+        lazypull_testkit::registry::RegistryServer::start(&tmp.path().join("reg"), None).unwrap();
+    let hostile_ref = format!("{}/evil/app:v1", registry.addr());
+    ok(
+        lazypull()
+            .arg("push")
+            .arg(&hostile_out)
+            .arg(&hostile_ref)
+            .output()
+            .unwrap(),
+        "lazypull push",
+    );
+
+    let mnt = tmp.path().join("mnt");
+    let mnt2 = tmp.path().join("mnt2");
+    let _guard = Unmount(mnt.clone());
+    let _guard2 = Unmount(mnt2.clone());
+    let check_trusted = |what: &str| {
+        let got = fs::read(mnt.join("big.bin")).unwrap();
+        assert!(got == big, "{what}: the trusted image served other bytes");
+        assert_eq!(
+            fs::read_to_string(mnt.join("hello.txt")).unwrap(),
+            "trusted\n",
+            "{what}"
+        );
+    };
+    let refused = |out: Output, image: &str, first: &str| {
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "the colliding image {image} was mounted"
+        );
+        for want in ["refusing image", image, first, name.as_str()] {
+            assert!(err.contains(want), "want {want:?} in: {err}");
+        }
+    };
+
+    // 1. The trusted image first: the hostile one is refused.
+    let daemon = site.daemon(&[], "daemon.log");
+    site.mount(&mnt);
+    check_trusted("mounted alone");
+    refused(
+        mount_reference(&site, &hostile_ref, &mnt2),
+        &hostile_ref,
+        &site.meta,
+    );
+    drop_caches();
+    check_trusted("after the hostile image was refused");
+    site.umount(&mnt);
+    site.shutdown(daemon);
+
+    // 2. The hostile image first (a new daemon, the same cache): it is served
+    // its own bytes, and the trusted image is refused rather than served them.
+    let daemon = site.daemon(&[], "daemon-2.log");
+    let out = mount_reference(&site, &hostile_ref, &mnt2);
+    assert!(
+        out.status.success(),
+        "the hostile image alone: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        fs::read(mnt2.join("big.bin")).unwrap() == evil,
+        "the forged chain serves the liar's bytes (and fills the cache with them)"
+    );
+    refused(
+        lazypull()
+            .args(["mount", "--fsid", &site.meta])
+            .arg(&mnt)
+            .arg("--socket")
+            .arg(site.socket())
+            .output()
+            .unwrap(),
+        &site.meta,
+        &hostile_ref,
+    );
+    site.umount(&mnt2);
+    site.shutdown(daemon);
+
+    // 3. A later daemon, the cache the hostile image filled: discarded, the
+    // trusted image fetches its own bytes again.
+    let daemon = site.daemon(&[], "daemon-3.log");
+    let before = site.server.requests();
+    site.mount(&mnt);
+    check_trusted("over a cache the hostile image filled");
+    assert!(
+        site.server.requests() > before,
+        "the trusted image's data came from its web server"
+    );
+    site.umount(&mnt);
+    site.shutdown(daemon);
+}
+
+/// Polls `lazypull status` on `socket` until `done` holds for it.
+fn wait_status(
+    socket: &Path,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let out = lazypull()
+            .args(["status", "--json", "--socket"])
+            .arg(socket)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if done(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{what}: never; last status {s}");
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the daemon does not answer"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_restart_during_a_registry_outage_keeps_the_image_and_brings_it_back() {
+    require_host();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let dir = tmp.path();
+    let registry =
+        lazypull_testkit::registry::RegistryServer::start(&dir.join("registry"), None).unwrap();
+    // Two images: `up` stays reachable through the outage, `down` does not.
+    let names = ["up", "down"];
+    let mut want = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let src = dir.join("src").join(name);
+        fs::create_dir_all(&src).unwrap();
+        let data = lazypull_testkit::maketree::random_bytes(3 << 20, 91 + i as u64);
+        want.push(<[u8; 32]>::from(Sha256::digest(&data)));
+        fs::write(src.join("big.bin"), &data).unwrap();
+        let img = dir.join("img").join(name);
+        ok(
+            lazypull()
+                .arg("build")
+                .arg(&src)
+                .arg("-o")
+                .arg(&img)
+                .output()
+                .unwrap(),
+            "lazypull build",
+        );
+        ok(
+            lazypull()
+                .arg("push")
+                .arg(&img)
+                .arg(format!("{}/lp/{name}:v1", registry.addr()))
+                .output()
+                .unwrap(),
+            "lazypull push",
+        );
+    }
+    // The daemon reaches the registry through a proxy that can answer 503.
+    let proxy = Proxy::start(
+        registry.addr(),
+        dir.join("proxy.log"),
+        FaultSource::Fixed(String::new()),
+    )
+    .unwrap();
+    // One attempt per request: the outage shows at once.
+    fs::write(dir.join("config.toml"), "retries = 1\n").unwrap();
+    let socket = dir.join("run/ctl.sock");
+    let start = |log: &str| -> Child {
+        let child = lazypull()
+            .arg("daemon")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .args(["--transport", "fuse"])
+            .arg("--cache-dir")
+            .arg(dir.join("cache"))
+            .arg("--work-dir")
+            .arg(dir.join("work"))
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .arg("--fuse-dir")
+            .arg(dir.join("blobs"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--fd-store")
+            .arg(dir.join("run/fdstore.sock"))
+            .args(["--log-level", "info"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join(log)).unwrap())
+            .spawn()
+            .unwrap();
+        let pid = u64::from(child.id());
+        wait_status(&socket, "daemon up", |s| s["pid"].as_u64() == Some(pid));
+        child
+    };
+    let mut first = start("daemon.log");
+    let _blobs = Unmount(dir.join("blobs"));
+    let mut guards = Vec::new();
+    let mnts: Vec<PathBuf> = names.iter().map(|n| dir.join(format!("mnt-{n}"))).collect();
+    for (name, mnt) in names.iter().zip(&mnts) {
+        ok(
+            lazypull()
+                .arg("mount")
+                .arg(format!("{}/lp/{name}:v1", proxy.addr()))
+                .arg(mnt)
+                .arg("--socket")
+                .arg(&socket)
+                .output()
+                .unwrap(),
+            "lazypull mount",
+        );
+        guards.push(Unmount(mnt.clone()));
+    }
+    for (mnt, want) in mnts.iter().zip(&want) {
+        assert_eq!(&sha(&mnt.join("big.bin")).unwrap(), want);
+    }
+    let images = dir.join("run/images.json");
+    // The saved images, by repository.
+    let saved = |why: &str| -> Vec<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_slice(&fs::read(&images).unwrap()).unwrap();
+        let mut list = v["images"].as_array().cloned().unwrap_or_default();
+        list.sort_by_key(|i| i["request"]["reference"].as_str().map(str::to_owned));
+        let refs: Vec<_> = list
+            .iter()
+            .map(|i| i["request"]["reference"].clone())
+            .collect();
+        assert!(
+            refs.len() == 2
+                && refs[0].as_str().unwrap().contains("/lp/down@")
+                && refs[1].as_str().unwrap().contains("/lp/up@"),
+            "{why}: {v}"
+        );
+        list
+    };
+    let before = saved("after the mounts");
+    // The daemon saves the FUSE session (which node is which blob) every
+    // 200 ms: let it name both images' data blobs before it is killed.
+    let blobs: Vec<String> = names
+        .iter()
+        .flat_map(|n| data_blobs(&dir.join("img").join(n)))
+        .collect();
+    wait_session_names(&dir.join("run"), &blobs);
+
+    // The registry of `down` goes away; the daemon dies and a new one starts.
+    proxy.set_faults("5xx:1,only:/lp/down/").unwrap();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let second = start("daemon-2.log");
+    let s = wait_status(&socket, "the image reported as not restored", |s| {
+        s["restoring"].as_array().is_some_and(|r| r.len() == 1)
+    });
+    let r = &s["restoring"][0];
+    assert!(
+        r["reference"].as_str().unwrap().contains("/lp/down@"),
+        "{s}"
+    );
+    assert_eq!(r["state"], "failed", "{s}");
+    assert!(
+        r["error"].as_str().is_some_and(|e| e.contains("503")),
+        "{s}"
+    );
+    assert_eq!(s["images"].as_array().unwrap().len(), 1, "{s}");
+    let during = saved("during the outage (up was registered again)");
+    for (d, b) in during.iter().zip(&before) {
+        assert_eq!(d["request"], b["request"]);
+        assert_eq!(d["mountpoints"], b["mountpoints"]);
+    }
+
+    // The registry is back: the daemon registers the image again by itself,
+    // and the mount reads on.
+    proxy.set_faults("").unwrap();
+    let s = wait_status(&socket, "the image back", |s| {
+        s["images"].as_array().is_some_and(|i| i.len() == 2)
+            && s["restoring"].as_array().is_some_and(Vec::is_empty)
+    });
+    let mounted: Vec<_> = s["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["mountpoints"][0].as_str().unwrap().to_owned())
+        .collect();
+    for mnt in &mnts {
+        assert!(mounted.contains(&mnt.to_str().unwrap().to_owned()), "{s}");
+    }
+    drop_caches();
+    for (mnt, want) in mnts.iter().zip(&want) {
+        let got = sha(&mnt.join("big.bin")).unwrap_or_else(|e| {
+            let log = fs::read_to_string(dir.join("daemon-2.log")).unwrap_or_default();
+            panic!(
+                "reading {} once its image is back: {e}\n{log}",
+                mnt.display()
+            )
+        });
+        assert_eq!(&got, want);
+    }
+    let after = saved("after the outage");
+    for (a, b) in after.iter().zip(&before) {
+        assert_eq!(a["request"], b["request"]);
+    }
+    for mnt in &mnts {
+        ok(
+            lazypull()
+                .arg("umount")
+                .arg(mnt)
+                .arg("--socket")
+                .arg(&socket)
+                .output()
+                .unwrap(),
+            "lazypull umount",
+        );
+    }
+    ok(
+        lazypull()
+            .arg("shutdown")
+            .arg("--socket")
+            .arg(&socket)
+            .output()
+            .unwrap(),
+        "lazypull shutdown",
+    );
+    let mut second = second;
+    assert!(second.wait().unwrap().success());
 }

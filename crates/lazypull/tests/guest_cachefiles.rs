@@ -449,6 +449,46 @@ fn missing_and_truncated_blobs_fail_cleanly_and_the_daemon_keeps_serving() {
     );
 }
 
+#[test]
+fn a_device_read_error_does_not_end_serving_and_a_second_daemon_is_refused() {
+    let run = boot("device_errors");
+    let log = run.read_out("daemon.log").unwrap();
+    // At its fd limit the daemon's read of the device failed with EMFILE (the
+    // kernel failed that OPEN, so the mount failed), and the daemon went on.
+    assert!(
+        log.contains("reading the cachefiles device failed") && log.contains("Too many open files"),
+        "the EMFILE read was met and logged:\n{}",
+        lazypull_guest::tail_lines(&log, 40)
+    );
+    assert_ne!(
+        run.read_out("mount-at-limit.rc").unwrap().trim(),
+        "0",
+        "the OPEN the kernel could not give an fd fails its mount"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&run.read_out("status.json").unwrap()).unwrap();
+    let errors = status["transport"]["counters"]["device_read_errors"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no device_read_errors counter: {status}"));
+    assert!(errors >= 1, "counted: {errors}");
+    for name in ["after-limit", "after-second"] {
+        let rc = run.read_out(format!("read-{name}.rc")).unwrap();
+        let err = run.read_out(format!("read-{name}.err")).unwrap();
+        assert_eq!(rc.trim(), "0", "reading a new blob {name}: {err}");
+    }
+    // The second daemon refused, naming the reason, and did not serve FUSE.
+    let second = run.read_out("second-daemon.log").unwrap();
+    let rc = run.read_out("second-daemon.rc").unwrap();
+    assert!(
+        rc.trim() != "0" && rc.trim() != "124",
+        "the second daemon exits at once with an error: rc={rc}\n{second}"
+    );
+    assert!(
+        second.contains("another daemon holds /dev/cachefiles"),
+        "{second}"
+    );
+}
+
 /// Unmounts on drop, so a failed assertion leaves no mount behind.
 struct Mounted(PathBuf);
 

@@ -135,6 +135,27 @@ fn readers_survive_a_killed_daemon_and_an_upgrade() {
     );
     assert_eq!(run.read_out("daemon.exit").unwrap().trim(), "0");
 
+    // The upgraded daemon knows what the adopted objects' cache files hold
+    // (SEEK_DATA on their anon fds): more than it wrote itself so far.
+    let status = run.read_out("status-after-takeover.json").unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status)
+        .unwrap_or_else(|e| panic!("status after the takeover: {e}: {status}"));
+    let cached: u64 = status["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["local_file"] == false)
+        .map(|b| b["cached_bytes"].as_u64().unwrap())
+        .sum();
+    let written = status["transport"]["counters"]["bytes_written"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached > written,
+        "after the takeover, status counts {cached} bytes cached, only the {written} this \
+         daemon wrote: {status}"
+    );
+
     // Every reader: the right bytes, no error.
     let want = fs::read_to_string(fx.data.join("sums")).unwrap();
     for (i, line) in want.lines().enumerate() {

@@ -273,8 +273,7 @@ fn fixture() -> &'static Fixture {
             web_manifest["meta"].as_str().unwrap(),
         )
         .unwrap();
-        let web_server =
-            lazypull::blob_server::BlobServer::start(&root.join("www")).unwrap();
+        let web_server = lazypull::blob_server::BlobServer::start(&root.join("www")).unwrap();
 
         // Prefetch: a whole image, and one file of another by list.
         for name in ["pall", "plist"] {

@@ -335,3 +335,115 @@ fn registry_commands_fail_clearly() {
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     }
 }
+
+/// A registry that answers every request with a Basic challenge and records
+/// the `Authorization` header of each (None for a request without one).
+struct ChallengingRegistry {
+    addr: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ChallengingRegistry {
+    fn start() -> ChallengingRegistry {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (seen2, stop2) = (seen.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut auth = None;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':') {
+                        if k.trim().eq_ignore_ascii_case("authorization") {
+                            auth = Some(v.trim().to_owned());
+                        }
+                    }
+                }
+                seen2.lock().unwrap().push(auth);
+                let _ = conn.write_all(
+                    b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"r\"\r\n\
+                      Content-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        ChallengingRegistry {
+            addr,
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn seen(&self) -> Vec<Option<String>> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ChallengingRegistry {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = std::net::TcpStream::connect(&self.addr);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+/// `convert`'s credentials (flags or environment) are the target registry's:
+/// a source on another host never sees them (it gets the docker config's
+/// entry for its own host, here none); a source on the target's host does.
+#[test]
+fn convert_sends_credentials_only_to_their_registry() {
+    let work = tempfile::tempdir().unwrap();
+    let no_config = work.path().join("no-docker-config.json");
+    let convert = |source: &str, target: &str| {
+        Command::new(env!("CARGO_BIN_EXE_lazypull"))
+            .args(["convert", source, target, "--username", "alice"])
+            .arg("--docker-config")
+            .arg(&no_config)
+            .env("LAZYPULL_REGISTRY_PASSWORD", "target-secret")
+            .env_remove("LAZYPULL_REGISTRY_USER")
+            .output()
+            .expect("running lazypull")
+    };
+    let source = ChallengingRegistry::start();
+    let target = ChallengingRegistry::start();
+    let out = convert(
+        &format!("{}/src/img:v1", source.addr),
+        &format!("{}/dst/img:v1", target.addr),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&source.addr), "{stderr}");
+    let seen = source.seen();
+    assert!(!seen.is_empty(), "the source was never asked");
+    assert!(
+        seen.iter().all(Option::is_none),
+        "the target's credentials reached the source registry: {seen:?}"
+    );
+
+    // Source and target on one host: the credentials are that host's.
+    let out = convert(
+        &format!("{}/src/img:v1", target.addr),
+        &format!("{}/dst/img:v1", target.addr),
+    );
+    assert!(!out.status.success());
+    // base64("alice:target-secret")
+    let basic = "Basic YWxpY2U6dGFyZ2V0LXNlY3JldA==".to_owned();
+    assert!(target.seen().contains(&Some(basic)), "{:?}", target.seen());
+}

@@ -25,7 +25,12 @@ pub const TAR_LAYERS: &[&str] = &[
 ];
 
 /// Manifest media types a registry is asked for, most preferred first.
-pub const MANIFEST_ACCEPT: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST];
+pub const MANIFEST_ACCEPT: &[&str] = &[
+    OCI_MANIFEST,
+    OCI_INDEX,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+];
 
 /// Whether `media_type` is an index of manifests (OCI or Docker).
 pub fn is_index(media_type: &str) -> bool {

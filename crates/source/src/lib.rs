@@ -26,4 +26,6 @@ mod source;
 pub use local::{LocalBlob, LocalDir};
 pub use name::{validate_name, OpenError};
 pub use resolver::BlobResolver;
-pub use source::{BlobSource, Priority, RangeBlob, RangeRead, SourceCounters, SourceStats};
+pub use source::{
+    BlobSource, Priority, RangeBlob, RangeRead, ReadHold, SourceCounters, SourceStats,
+};

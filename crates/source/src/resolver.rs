@@ -12,7 +12,7 @@ use crate::{BlobSource, OpenError};
 pub trait BlobResolver: Send + Sync + 'static {
     /// `volume` is the volume key without its NUL (`erofs,<domain_id|fsid>`),
     /// `cookie` the cookie key up to its first NUL (fsid or device tag). FUSE
-    /// passes an empty volume and the file name as the cookie.
+    /// passes `fuse` as the volume and the file name as the cookie.
     fn resolve(&self, volume: &[u8], cookie: &[u8]) -> Result<Arc<dyn BlobSource>, OpenError>;
 }
 

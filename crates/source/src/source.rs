@@ -25,9 +25,13 @@ pub trait BlobSource: Send + Sync + std::fmt::Debug {
     }
 
     /// Announces that `[off, off + len)` is about to be read: a source that
-    /// fetches remotely can fetch it now in as few requests as it likes.
-    fn will_read(&self, _off: u64, _len: u64, _priority: Priority) -> io::Result<()> {
-        Ok(())
+    /// fetches remotely can fetch it now in as few requests as it likes, and
+    /// keep what it fetched for the caller until the returned hold drops
+    /// (reads within [`ReadHold::covers`] then fetch nothing again). An error
+    /// is the error reading that range would have: the caller fails rather
+    /// than read (and fetch) it again.
+    fn will_read(&self, off: u64, len: u64, _priority: Priority) -> io::Result<ReadHold> {
+        Ok(ReadHold::nothing(off..off.saturating_add(len)))
     }
 
     /// [`read_at`](Self::read_at) on behalf of work of the given priority.
@@ -42,9 +46,56 @@ pub trait BlobSource: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// What the bytes of this source are verified against, if anything: the
+    /// SHA-256 of its chunk table. A cache of the blob's bytes is only reused
+    /// for a source of the same binding (two images may declare one blob name
+    /// with different tables).
+    fn content_binding(&self) -> Option<[u8; 32]> {
+        None
+    }
+
     /// What this source has fetched so far.
     fn source_stats(&self) -> SourceStats {
         SourceStats::default()
+    }
+}
+
+/// What a [`BlobSource::will_read`] fetched, kept alive for its caller: while
+/// it lives, reads of [`covers`](Self::covers) are served without a fetch.
+pub struct ReadHold {
+    covers: std::ops::Range<u64>,
+    _kept: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl ReadHold {
+    /// A hold of `covers` keeping `kept` (whatever the source needs alive).
+    pub fn new(covers: std::ops::Range<u64>, kept: Box<dyn std::any::Any + Send + Sync>) -> Self {
+        ReadHold {
+            covers,
+            _kept: Some(kept),
+        }
+    }
+
+    /// A hold that keeps nothing (the source needs no announcement).
+    pub fn nothing(covers: std::ops::Range<u64>) -> Self {
+        ReadHold {
+            covers,
+            _kept: None,
+        }
+    }
+
+    /// The byte range the announcement took care of (it may be less than
+    /// announced: the caller announces the rest when it gets there).
+    pub fn covers(&self) -> std::ops::Range<u64> {
+        self.covers.clone()
+    }
+}
+
+impl std::fmt::Debug for ReadHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadHold")
+            .field("covers", &self.covers)
+            .finish_non_exhaustive()
     }
 }
 
@@ -183,4 +234,3 @@ impl BlobSource for RangeBlob {
         self.counters.snapshot()
     }
 }
-

@@ -195,7 +195,7 @@ impl Faults {
         ];
         for (every, fault) in kinds {
             if let Some(every) = every {
-                if every > 0 && n % every == 0 {
+                if every > 0 && n.is_multiple_of(every) {
                     return fault;
                 }
             }

@@ -606,8 +606,7 @@ fn per_range_scripts_depend_on_the_ranges_not_on_the_interleaving() {
     // interleavings: the same faults per range.
     for reverse in [false, true] {
         let fx = Fx::fixed(spec);
-        let mut got: Vec<((usize, usize), Vec<(u16, bool)>)> =
-            want.iter().map(|(r, _)| (*r, Vec::new())).collect();
+        let mut got: Vec<_> = want.iter().map(|(r, _)| (*r, Vec::new())).collect();
         for (k, (r, _)) in want.iter().enumerate() {
             got[k].1.push(try_range(fx.addr(), r.0, r.1));
         }

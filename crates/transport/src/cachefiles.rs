@@ -1,23 +1,23 @@
 //! The cachefiles on-demand server.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lazypull_source::{BlobResolver, BlobSource};
 use lazypull_cachefiles::device::Received;
 use lazypull_cachefiles::{AnonFd, CacheDevice, Command, OpenRequest, ReadRequest, Request};
 use lazypull_engine::{
     fill, AlignedBuf, CacheSink, FillError, FillMap, FillOutcome, FillPolicy, Priority, Target,
 };
+use lazypull_source::{BlobResolver, BlobSource, OpenError};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 /// Settings of the cachefiles transport.
@@ -29,7 +29,9 @@ pub struct Config {
     pub cache_dir: PathBuf,
     /// The cache tag.
     pub tag: String,
-    /// Most READs being filled at once; further requests wait in the kernel.
+    /// Most READs being filled at once (one object at most one less, so that
+    /// READs stuck on one blob leave a slot for the others); further READs
+    /// wait in the daemon, while it goes on reading the device.
     pub max_in_flight: usize,
     /// How READs are widened and split.
     pub policy: FillPolicy,
@@ -54,6 +56,9 @@ pub struct Stats {
     pub unknown_objects: AtomicU64,
     /// Bytes written ahead of need by prefetch.
     pub prefetched_bytes: AtomicU64,
+    /// Reads of the device that failed with a transient error (EMFILE when the
+    /// kernel could not install an OPEN's fd, ENOMEM...) and were retried.
+    pub device_read_errors: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -70,6 +75,7 @@ pub struct StatsSnapshot {
     pub malformed: u64,
     pub unknown_objects: u64,
     pub prefetched_bytes: u64,
+    pub device_read_errors: u64,
 }
 
 impl Stats {
@@ -87,6 +93,7 @@ impl Stats {
             malformed: g(&self.malformed),
             unknown_objects: g(&self.unknown_objects),
             prefetched_bytes: g(&self.prefetched_bytes),
+            device_read_errors: g(&self.device_read_errors),
         }
     }
 }
@@ -119,6 +126,86 @@ pub struct HandedObject {
     pub size: u64,
 }
 
+/// The fill map of an object a previous daemon filled, from what its cache
+/// file holds: a window counts as filled when all of it is data. `lseek` on
+/// an anonymous fd acts on the backing cache file (the kernel's
+/// `cachefiles_ondemand_fd_llseek` passes it to the backing file's
+/// `vfs_llseek`), so SEEK_DATA / SEEK_HOLE find the extents written into it;
+/// lazypull writes there only verified bytes, whole windows at a time (a
+/// failed fill can leave part of a window, which does not count). Errors
+/// (a file system without SEEK_DATA) leave the rest unfilled: the map only
+/// saves fetches and feeds status, the kernel serves what it has itself.
+fn fill_map_from_extents(fd: BorrowedFd<'_>, size: u64, window: u64) -> FillMap {
+    use rustix::fs::{seek, SeekFrom};
+    let windows = size.div_ceil(window);
+    let mut words = vec![0u64; windows.div_ceil(64) as usize];
+    let mut pos = 0u64;
+    while pos < size {
+        let Ok(data) = seek(fd, SeekFrom::Data(pos)) else {
+            // ENXIO: no data at or after `pos`.
+            break;
+        };
+        if data >= size {
+            break;
+        }
+        let hole = seek(fd, SeekFrom::Hole(data)).unwrap_or(size).min(size);
+        // Windows entirely inside [data, hole); the short last window of the
+        // object counts when the data reaches the object's end.
+        let first = data.div_ceil(window);
+        let end = if hole >= size { windows } else { hole / window };
+        for i in first..end {
+            words[(i / 64) as usize] |= 1 << (i % 64);
+        }
+        if hole <= data {
+            break;
+        }
+        pos = hole;
+    }
+    FillMap::from_words(size, window, words)
+}
+
+#[cfg(test)]
+mod adopted_fill_map_tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// A sparse file stands in for an adopted object's anonymous fd (whose
+    /// `lseek` the kernel passes to its backing cache file).
+    #[test]
+    fn an_adopted_objects_fill_map_is_what_its_cache_file_holds() {
+        let window = 64u64 << 10;
+        let size = 5 * window + 1000;
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let f = std::fs::File::create_new(dir.path().join("object")).unwrap();
+        f.set_len(size).unwrap();
+        let bytes = vec![7u8; window as usize];
+        // Windows 1 and 2 whole, window 3 half (a failed fill), the short
+        // last window whole; 0 and 4 never written.
+        f.write_all_at(&bytes, window).unwrap();
+        f.write_all_at(&bytes, 2 * window).unwrap();
+        f.write_all_at(&bytes[..window as usize / 2], 3 * window)
+            .unwrap();
+        f.write_all_at(&bytes[..1000], 5 * window).unwrap();
+        f.sync_all().unwrap();
+        let map = fill_map_from_extents(f.as_fd(), size, window);
+        let filled: Vec<u64> = (0..6).filter(|&i| map.is_filled(i)).collect();
+        assert_eq!(filled, [1, 2, 5]);
+        assert_eq!(map.filled_bytes(size), 2 * window + 1000);
+
+        // Nothing written: nothing filled; everything written: all filled.
+        let empty = std::fs::File::create_new(dir.path().join("empty")).unwrap();
+        empty.set_len(size).unwrap();
+        let map = fill_map_from_extents(empty.as_fd(), size, window);
+        assert_eq!(map.filled_windows(), 0);
+        f.write_all_at(&bytes, 0).unwrap();
+        f.write_all_at(&bytes, 3 * window).unwrap();
+        f.write_all_at(&bytes, 4 * window).unwrap();
+        f.sync_all().unwrap();
+        let map = fill_map_from_extents(f.as_fd(), size, window);
+        assert_eq!(map.filled_bytes(size), size);
+    }
+}
+
 struct AnonSink<'a>(&'a AnonFd);
 
 impl CacheSink for AnonSink<'_> {
@@ -128,12 +215,6 @@ impl CacheSink for AnonSink<'_> {
 }
 
 struct DeviceFd(CacheDevice);
-
-impl AsRawFd for DeviceFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_fd().as_raw_fd()
-    }
-}
 
 /// The objects the kernel has open, shared between the serving loop and
 /// whoever fills them ahead of need (prefetch).
@@ -244,6 +325,82 @@ impl crate::Prefetch for OpenObjects {
     }
 }
 
+/// Why [`Server::bind`] failed: the step, the error and its errno, which the
+/// daemon decides on (EBUSY opening the device: another daemon holds it), so
+/// the message is added beside the errno and never replaces it.
+#[derive(Debug)]
+pub struct BindError {
+    step: BindStep,
+    context: String,
+    errno: Option<i32>,
+    error: io::Error,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BindStep {
+    Settings,
+    Open,
+    /// `dir`, `tag`.
+    Command,
+    /// `bind ondemand`.
+    Bind,
+}
+
+impl BindError {
+    fn new(step: BindStep, context: String, error: io::Error) -> Self {
+        BindError {
+            step,
+            context,
+            errno: lazypull_cachefiles::device::os_error(&error),
+            error,
+        }
+    }
+
+    /// Opening the device at `path` failed with `error`.
+    pub fn open(path: &std::path::Path, error: io::Error) -> Self {
+        Self::new(
+            BindStep::Open,
+            format!("cannot open {}", path.display()),
+            error,
+        )
+    }
+
+    /// The errno of the failure, when the kernel answered with one.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.errno
+    }
+
+    /// Whether another process holds the device (only one may open it; the
+    /// kernel answers EBUSY: fs/cachefiles/daemon.c, cachefiles_daemon_open).
+    pub fn device_busy(&self) -> bool {
+        self.step == BindStep::Open && self.errno == Some(libc::EBUSY)
+    }
+
+    fn hint(&self) -> &'static str {
+        match (self.step, self.errno) {
+            (BindStep::Open, Some(libc::ENOENT)) => " (this kernel has no cachefiles: CONFIG_CACHEFILES is not set or the module is not loaded)",
+            (BindStep::Open, Some(libc::EBUSY)) => " (another daemon holds the device: only one process may open it)",
+            (BindStep::Open, Some(libc::EPERM | libc::EACCES)) => " (needs root / CAP_SYS_ADMIN)",
+            (BindStep::Bind, Some(libc::EOPNOTSUPP)) => " (the cache dir's file system lacks what cachefiles needs, e.g. tmpfs; use ext4/xfs; or this kernel lacks CONFIG_CACHEFILES_ONDEMAND)",
+            (BindStep::Bind, Some(libc::EINVAL)) => " (kernel without CONFIG_CACHEFILES_ONDEMAND?)",
+            _ => "",
+        }
+    }
+}
+
+impl std::fmt::Display for BindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.context.is_empty() {
+            write!(f, "{}: ", self.context)?;
+        }
+        // The error is part of this message (not a `source`), so that chains
+        // printed with `{:#}` name it once.
+        write!(f, "{}{}", self.error, self.hint())
+    }
+}
+
+impl std::error::Error for BindError {}
+
 /// A bound cachefiles cache, ready to serve.
 pub struct Server {
     device: CacheDevice,
@@ -255,36 +412,30 @@ pub struct Server {
 
 impl Server {
     /// Opens the device and binds the cache in on-demand mode.
-    pub fn bind(config: Config, resolver: Arc<dyn BlobResolver>) -> io::Result<Self> {
+    pub fn bind(config: Config, resolver: Arc<dyn BlobResolver>) -> Result<Self, BindError> {
+        let settings = |e: io::Error| BindError::new(BindStep::Settings, String::new(), e);
         config
             .policy
             .validate()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            .map_err(|e| settings(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
         if config.max_in_flight == 0 {
-            return Err(io::Error::new(
+            return Err(settings(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "max_in_flight must be at least 1",
-            ));
+            )));
         }
-        let device = CacheDevice::open(&config.device).map_err(|e| {
-            let hint = match e.raw_os_error() {
-                Some(libc::ENOENT) => " (this kernel has no cachefiles: CONFIG_CACHEFILES is not set or the module is not loaded)",
-                Some(libc::EBUSY) => " (another daemon holds the device: only one process may open it)",
-                Some(libc::EPERM) | Some(libc::EACCES) => " (needs root / CAP_SYS_ADMIN)",
-                _ => "",
-            };
-            io::Error::new(e.kind(), format!("cannot open {}: {e}{hint}", config.device.display()))
-        })?;
-        device.send(&Command::Dir(config.cache_dir.clone()))?;
-        device.send(&Command::Tag(config.tag.clone()))?;
-        device.send(&Command::BindOndemand).map_err(|e| {
-            let hint = match e.raw_os_error() {
-                Some(libc::EOPNOTSUPP) => " (the cache dir's file system lacks what cachefiles needs, e.g. tmpfs; use ext4/xfs; or this kernel lacks CONFIG_CACHEFILES_ONDEMAND)",
-                Some(libc::EINVAL) => " (kernel without CONFIG_CACHEFILES_ONDEMAND?)",
-                _ => "",
-            };
-            io::Error::new(e.kind(), format!("{e}{hint}"))
-        })?;
+        let device =
+            CacheDevice::open(&config.device).map_err(|e| BindError::open(&config.device, e))?;
+        let command = |e| BindError::new(BindStep::Command, String::new(), e);
+        device
+            .send(&Command::Dir(config.cache_dir.clone()))
+            .map_err(command)?;
+        device
+            .send(&Command::Tag(config.tag.clone()))
+            .map_err(command)?;
+        device
+            .send(&Command::BindOndemand)
+            .map_err(|e| BindError::new(BindStep::Bind, String::new(), e))?;
         info!(
             cache_dir = %config.cache_dir.display(),
             tag = %config.tag,
@@ -328,6 +479,13 @@ impl Server {
             for h in handed {
                 match server.resolver.resolve(&h.volume, &h.cookie) {
                     Ok(blob) if blob.size() == h.size => {
+                        // What the previous daemon wrote is in the cache
+                        // file: status and fills know it.
+                        let filled = fill_map_from_extents(
+                            h.fd.as_fd(),
+                            h.size,
+                            server.config.policy.window,
+                        );
                         map.insert(
                             h.object_id,
                             Arc::new(Object {
@@ -335,7 +493,7 @@ impl Server {
                                 fd: AnonFd::from_owned(h.fd),
                                 blob,
                                 size: h.size,
-                                filled: FillMap::new(h.size, server.config.policy.window),
+                                filled,
                                 volume: h.volume,
                                 cookie: h.cookie,
                             }),
@@ -388,84 +546,405 @@ impl Server {
             config,
             resolver,
             stats,
-            objects: open_objects,
+            objects,
         } = self;
-        // SAFETY: `DeviceFd` owns the device's OwnedFd and never replaces it, so the
-        // registered fd stays open and the same for the whole life of the AsyncFd.
-        let device = unsafe {
-            AsyncFd::register_with_interest(DeviceFd(device), tokio::io::Interest::READABLE)
-        }
-        .map_err(|e| e.into_parts().1)?;
-        let slots = Arc::new(Semaphore::new(config.max_in_flight));
-        tokio::pin!(shutdown);
-        'serve: loop {
-            let mut ready = tokio::select! {
-                _ = &mut shutdown => break 'serve,
-                ready = device.readable() => ready?,
+        serve_device(DeviceFd(device), config, resolver, stats, objects, shutdown).await
+    }
+}
+
+/// The kernel's side of the connection as the serving loop sees it: requests
+/// in, replies out, readable when a request is pending. The device, or a model
+/// of it in tests.
+trait Device: Reply + AsFd + Send + Sync + 'static {
+    /// Takes the next pending request off the device; `Ok(None)` when none is pending.
+    fn recv(&self) -> io::Result<Option<Received>>;
+}
+
+impl Reply for DeviceFd {
+    fn send(&self, cmd: &Command) -> io::Result<()> {
+        self.0.send(cmd)
+    }
+}
+
+impl AsFd for DeviceFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl Device for DeviceFd {
+    fn recv(&self) -> io::Result<Option<Received>> {
+        self.0.recv()
+    }
+}
+
+/// A duplicate of the device's fd, registered with the reactor for readiness
+/// (epoll reports the open file description's readiness, whichever of its fds
+/// was registered).
+struct Readiness(OwnedFd);
+
+impl AsRawFd for Readiness {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// After a transient error reading the device the loop reads it again after
+/// this pause, doubled while the errors go on, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(10);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// Transient device errors are logged at most once per this interval (saying
+/// how many were not); the `device_read_errors` counter counts every one.
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Most OPENs resolved at once. Resolving may wait on the network (a
+/// `--blob-url` blob's size), so further OPENs wait their turn here rather
+/// than take every thread of the blocking pool.
+const MAX_RESOLVING: usize = 4;
+/// Most requests taken off the device in one go before the loop turns to its
+/// other work (finished fills and resolved OPENs).
+const RECV_BATCH: usize = 64;
+
+/// Whether an error reading the device means it is gone, so that nothing will
+/// ever be read from it again and serving must end. Kernel behaviour relied on
+/// (fs/cachefiles/ondemand.c, `cachefiles_ondemand_daemon_read`, 6.12): a
+/// request whose anonymous fd cannot be installed (EMFILE / ENFILE at the fd
+/// limit, ENOMEM, EBUSY from the object id allocator) or copied out (EFAULT) is
+/// failed towards its reader and removed, and the read returns that error; the
+/// next read returns the next request. A cache that is not bound reads as 0,
+/// not as an error. So only our fd going bad (EBADF) or a node that is no
+/// longer the device (ENODEV, ENXIO) means the device is lost; everything else
+/// is transient and retried.
+fn device_lost(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADF | libc::ENODEV | libc::ENXIO)
+    )
+}
+
+/// Transient read errors of the device: the backoff before the next read, and
+/// rate-limited logging.
+#[derive(Debug, Default)]
+struct ReadErrors {
+    backoff: Option<Duration>,
+    logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl ReadErrors {
+    /// Notes a transient error and returns how long to wait before reading again.
+    fn failed(&mut self, e: &io::Error) -> Duration {
+        let pause = self.backoff.map_or(RETRY_FIRST, |b| (b * 2).min(RETRY_MAX));
+        self.backoff = Some(pause);
+        let now = std::time::Instant::now();
+        if self
+            .logged
+            .is_none_or(|t| now.duration_since(t) >= ERROR_LOG_INTERVAL)
+        {
+            let hint = match e.raw_os_error() {
+                Some(libc::EMFILE | libc::ENFILE) => " (the kernel could not give an OPEN its fd: this process is at its open-file limit; that OPEN failed, the rest are served)",
+                Some(libc::ENOMEM) => " (the kernel could not allocate for a request; it failed that request)",
+                _ => "",
             };
-            loop {
-                let received = match ready.get_inner().0.recv() {
-                    Ok(Some(r)) => r,
-                    Ok(None) => {
-                        ready.clear_ready();
-                        break;
-                    }
-                    Err(e) => {
-                        error!(error = %e, "reading the cachefiles device failed");
-                        return Err(e);
-                    }
+            warn!(
+                error = %e,
+                retry_in = ?pause,
+                not_logged_since_last = self.unlogged,
+                "reading the cachefiles device failed; the device is still ours, retrying{hint}"
+            );
+            self.logged = Some(now);
+            self.unlogged = 0;
+        } else {
+            self.unlogged += 1;
+        }
+        pause
+    }
+
+    /// A read succeeded: the next error starts the backoff afresh.
+    fn recovered(&mut self) {
+        self.backoff = None;
+    }
+}
+
+/// The READs taken off the device and not yet finished, by object. At most
+/// `total` are filled at once, and one object at most `per_object` of them
+/// (one less than `total` when it is above 1): READs stuck on one blob (its
+/// server hangs) always leave a fill slot for every other object. The others
+/// wait here, in order, never in the serving loop, which keeps reading the
+/// device (OPEN, CLOSE, READs of other objects).
+#[derive(Debug)]
+struct ReadQueue {
+    total: usize,
+    per_object: usize,
+    in_flight: usize,
+    objects: HashMap<u32, ObjectReads>,
+    /// Objects with READs waiting, in the order they take turns.
+    turns: VecDeque<u32>,
+}
+
+#[derive(Debug, Default)]
+struct ObjectReads {
+    waiting: VecDeque<(Arc<Object>, ReadRequest)>,
+    in_flight: usize,
+}
+
+impl ReadQueue {
+    fn new(total: usize) -> Self {
+        ReadQueue {
+            total,
+            per_object: total.saturating_sub(1).max(1),
+            in_flight: 0,
+            objects: HashMap::new(),
+            turns: VecDeque::new(),
+        }
+    }
+
+    fn push(&mut self, object: Arc<Object>, read: ReadRequest) {
+        let reads = self.objects.entry(object.id).or_default();
+        if reads.waiting.is_empty() {
+            self.turns.push_back(object.id);
+        }
+        reads.waiting.push_back((object, read));
+    }
+
+    /// The next READ to fill, if a slot is free for it.
+    fn next(&mut self) -> Option<(Arc<Object>, ReadRequest)> {
+        if self.in_flight >= self.total {
+            return None;
+        }
+        for _ in 0..self.turns.len() {
+            let id = self.turns.pop_front()?;
+            let reads = self
+                .objects
+                .get_mut(&id)
+                .expect("an object in turn has READs");
+            if reads.in_flight >= self.per_object {
+                self.turns.push_back(id);
+                continue;
+            }
+            let next = reads
+                .waiting
+                .pop_front()
+                .expect("an object in turn has READs waiting");
+            reads.in_flight += 1;
+            self.in_flight += 1;
+            if !reads.waiting.is_empty() {
+                self.turns.push_back(id);
+            }
+            return Some(next);
+        }
+        None
+    }
+
+    /// A READ of object `id` finished.
+    fn finished(&mut self, id: u32) {
+        self.in_flight -= 1;
+        if let Some(reads) = self.objects.get_mut(&id) {
+            reads.in_flight -= 1;
+            if reads.in_flight == 0 && reads.waiting.is_empty() {
+                self.objects.remove(&id);
+            }
+        }
+    }
+
+    fn waiting(&self) -> usize {
+        self.objects.values().map(|r| r.waiting.len()).sum()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.objects.is_empty()
+    }
+}
+
+/// What the serving loop has in hand besides the device: READs being filled
+/// or waiting for a slot, OPENs being resolved or waiting their turn.
+struct Work<'a> {
+    config: &'a Config,
+    resolver: &'a Arc<dyn BlobResolver>,
+    stats: &'a Arc<Stats>,
+    objects: &'a OpenObjects,
+    reads: ReadQueue,
+    fills: JoinSet<u32>,
+    opens: VecDeque<PendingOpen>,
+    resolving: JoinSet<Resolved>,
+}
+
+impl Work<'_> {
+    fn take(&mut self, dev: &dyn Reply, received: Received) {
+        match dispatch(dev, received, self.objects, self.stats) {
+            Dispatched::Done => {}
+            Dispatched::Read(object, read) => self.reads.push(object, read),
+            Dispatched::Open(open) => self.opens.push_back(open),
+        }
+    }
+
+    /// Starts whatever READs and OPENs have a slot.
+    fn start(&mut self) {
+        while let Some((object, read)) = self.reads.next() {
+            let stats = self.stats.clone();
+            let policy = self.config.policy;
+            self.fills.spawn_blocking(move || {
+                let filled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    serve_read(&object, read, &policy, &stats)
+                }));
+                if filled.is_err() {
+                    bump(&stats.read_failures, 1);
+                    error!(
+                        object = object.id,
+                        msg_id = read.msg_id,
+                        "READ fill panicked (a bug); completed so the reader gets EIO"
+                    );
+                }
+                object.id
+            });
+        }
+        while self.resolving.len() < MAX_RESOLVING {
+            let Some(open) = self.opens.pop_front() else {
+                break;
+            };
+            let resolver = self.resolver.clone();
+            self.resolving
+                .spawn_blocking(move || resolve_open(open, resolver.as_ref()));
+        }
+    }
+
+    fn fill_done(&mut self, done: Result<u32, tokio::task::JoinError>) {
+        match done {
+            Ok(object_id) => self.reads.finished(object_id),
+            // Fills catch their panics and are never aborted while serving.
+            Err(e) => error!("a READ fill task failed: {e}"),
+        }
+    }
+
+    fn open_done(&mut self, dev: &dyn Reply, done: Result<Resolved, tokio::task::JoinError>) {
+        match done {
+            Ok(resolved) => {
+                finish_open(dev, resolved, self.objects, &self.config.policy, self.stats)
+            }
+            // resolve_open catches panics; this task is never aborted while serving.
+            Err(e) => error!("an OPEN's resolving task failed: {e}"),
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.reads.is_idle() && self.opens.is_empty() && self.resolving.is_empty()
+    }
+}
+
+async fn serve_device<D: Device>(
+    device: D,
+    config: Config,
+    resolver: Arc<dyn BlobResolver>,
+    stats: Arc<Stats>,
+    open_objects: OpenObjects,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<StatsSnapshot> {
+    // SAFETY: `Readiness` owns its OwnedFd and never replaces it, so the
+    // registered fd stays open and the same for the whole life of the AsyncFd.
+    let readiness = unsafe {
+        AsyncFd::register_with_interest(
+            Readiness(device.as_fd().try_clone_to_owned()?),
+            tokio::io::Interest::READABLE,
+        )
+    }
+    .map_err(|e| e.into_parts().1)?;
+    let mut work = Work {
+        config: &config,
+        resolver: &resolver,
+        stats: &stats,
+        objects: &open_objects,
+        reads: ReadQueue::new(config.max_in_flight),
+        fills: JoinSet::new(),
+        opens: VecDeque::new(),
+        resolving: JoinSet::new(),
+    };
+    let mut errors = ReadErrors::default();
+    // While set, the device is not read (a pause after a transient error).
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    tokio::pin!(shutdown);
+    // Nothing here waits for a fill slot or a resolver: READs and OPENs are
+    // queued and run on the blocking pool, and this loop only moves them on.
+    let served: io::Result<()> = 'serve: loop {
+        tokio::select! {
+            _ = &mut shutdown => break 'serve Ok(()),
+            Some(done) = work.resolving.join_next(), if !work.resolving.is_empty() => {
+                work.open_done(&device, done);
+            }
+            Some(done) = work.fills.join_next(), if !work.fills.is_empty() => {
+                work.fill_done(done);
+            }
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
+                if retry_at.is_some() => {
+                retry_at = None;
+            }
+            ready = readiness.readable(), if retry_at.is_none() => {
+                let mut ready = match ready {
+                    Ok(r) => r,
+                    Err(e) => break 'serve Err(e),
                 };
-                let dev = &ready.get_inner().0;
-                let work = {
-                    let mut objects = open_objects.lock();
-                    dispatch(dev, received, &mut objects, &resolver, &config, &stats)
-                };
-                match work {
-                    Some((object, read)) => {
-                        let permit = slots.clone().acquire_owned().await.expect("never closed");
-                        let stats = stats.clone();
-                        let policy = config.policy;
-                        tokio::task::spawn_blocking(move || {
-                            let filled = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                                serve_read(&object, read, &policy, &stats)
-                            }));
-                            if filled.is_err() {
-                                bump(&stats.read_failures, 1);
-                                error!(
-                                    object = object.id,
-                                    msg_id = read.msg_id,
-                                    "READ fill panicked (a bug); completed so the reader gets EIO"
-                                );
-                            }
-                            drop(permit);
-                        });
+                for _ in 0..RECV_BATCH {
+                    match device.recv() {
+                        Ok(Some(received)) => {
+                            errors.recovered();
+                            work.take(&device, received);
+                        }
+                        Ok(None) => {
+                            ready.clear_ready();
+                            break;
+                        }
+                        Err(e) if device_lost(&e) => {
+                            error!(error = %e, "the cachefiles device is lost: serving ends");
+                            break 'serve Err(e);
+                        }
+                        Err(e) => {
+                            bump(&stats.device_read_errors, 1);
+                            // Readiness stays set: the device is read again after the pause.
+                            retry_at = Some(tokio::time::Instant::now() + errors.failed(&e));
+                            break;
+                        }
                     }
-                    None => continue,
                 }
             }
         }
-        info!(
-            in_flight = config.max_in_flight - slots.available_permits(),
-            "shutting down: waiting for READs in flight"
-        );
-        let all = u32::try_from(config.max_in_flight).unwrap_or(u32::MAX);
-        if tokio::time::timeout(config.drain_timeout, slots.acquire_many(all))
-            .await
-            .is_err()
-        {
-            warn!(
-                "READs still in flight after {:?}; exiting anyway",
-                config.drain_timeout
-            );
+        work.start();
+    };
+    info!(
+        in_flight = work.reads.in_flight,
+        waiting = work.reads.waiting(),
+        opens = work.opens.len() + work.resolving.len(),
+        "shutting down: waiting for READs and OPENs in flight"
+    );
+    // Whatever is still queued or running when the drain times out is left to
+    // the kernel: after a handover the successor's `restore` hands it out
+    // again; after a shutdown the unbind fails it.
+    let drained = tokio::time::timeout(config.drain_timeout, async {
+        work.start();
+        while !work.is_idle() {
+            tokio::select! {
+                Some(done) = work.resolving.join_next(), if !work.resolving.is_empty() => {
+                    work.open_done(&device, done);
+                }
+                Some(done) = work.fills.join_next(), if !work.fills.is_empty() => {
+                    work.fill_done(done);
+                }
+                else => break,
+            }
+            work.start();
         }
-        let snapshot = stats.snapshot();
-        info!(
-            ?snapshot,
-            open_objects = open_objects.lock().len(),
-            "cachefiles server stopped"
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            "READs or OPENs still in flight after {:?}; exiting anyway",
+            config.drain_timeout
         );
-        Ok(snapshot)
     }
+    let snapshot = stats.snapshot();
+    info!(
+        ?snapshot,
+        open_objects = open_objects.lock().len(),
+        "cachefiles server stopped"
+    );
+    served.map(|()| snapshot)
 }
 
 /// Where `copen` replies go: the device, or a recorder in tests.
@@ -479,16 +958,40 @@ impl Reply for CacheDevice {
     }
 }
 
-/// Handles one request on the serving task. OPEN and CLOSE are answered here (they
-/// are cheap and their order matters); a READ is returned for a worker to fill.
+/// What became of one request taken off the device.
+enum Dispatched {
+    /// Answered (or refused) already.
+    Done,
+    /// A READ, for a worker to fill.
+    Read(Arc<Object>, ReadRequest),
+    /// An OPEN, to be resolved off the serving task ([`resolve_open`]) and
+    /// then answered ([`finish_open`]).
+    Open(PendingOpen),
+}
+
+/// An OPEN whose blob is still to be resolved.
+struct PendingOpen {
+    open: OpenRequest,
+    fd: AnonFd,
+}
+
+/// An OPEN with its blob resolved (or the reason it is not).
+struct Resolved {
+    open: OpenRequest,
+    fd: AnonFd,
+    blob: Result<Arc<dyn BlobSource>, OpenError>,
+}
+
+/// Handles one request on the serving task, never blocking: CLOSE and
+/// malformed requests are answered here; a READ is returned for a worker to
+/// fill, an OPEN to be resolved. The objects lock is held only to look up,
+/// insert or remove.
 fn dispatch(
     dev: &dyn Reply,
     received: Received,
-    objects: &mut HashMap<u32, Arc<Object>>,
-    resolver: &Arc<dyn BlobResolver>,
-    config: &Config,
+    objects: &OpenObjects,
     stats: &Stats,
-) -> Option<(Arc<Object>, ReadRequest)> {
+) -> Dispatched {
     let Received { request, anon_fd } = received;
     let request = match request {
         Ok(r) => r,
@@ -503,7 +1006,7 @@ fn dispatch(
                     errno: libc::EINVAL,
                 });
             }
-            return None;
+            return Dispatched::Done;
         }
     };
     match request {
@@ -519,14 +1022,19 @@ fn dispatch(
                     msg_id: open.msg_id,
                     errno: libc::EBADF,
                 });
-                return None;
+                return Dispatched::Done;
             };
-            handle_open(dev, open, fd, objects, resolver, config, stats);
-            None
+            Dispatched::Open(PendingOpen { open, fd })
         }
         Request::Close(close) => {
             bump(&stats.closes, 1);
-            match objects.remove(&close.object_id) {
+            // Kernel behaviour relied on (fs/cachefiles/ondemand.c, 6.12):
+            // cachefiles_ondemand_send_req queues a CLOSE only for an object that
+            // is open, and an object becomes open only when our `copen` for it is
+            // processed; so a CLOSE never names an object whose OPEN is still
+            // being resolved, and removing it here cannot race its insert.
+            let removed = objects.lock().remove(&close.object_id);
+            match removed {
                 // Workers still filling hold their own reference; the fd closes when
                 // the last of them finishes.
                 Some(obj) => info!(
@@ -537,7 +1045,7 @@ fn dispatch(
                 ),
                 None => warn!(object = close.object_id, "CLOSE for an unknown object"),
             }
-            None
+            Dispatched::Done
         }
         Request::Read(read) => {
             bump(&stats.reads, 1);
@@ -548,8 +1056,9 @@ fn dispatch(
                 len = read.len,
                 "READ"
             );
-            match objects.get(&read.object_id) {
-                Some(obj) => Some((obj.clone(), read)),
+            let object = objects.lock().get(&read.object_id).cloned();
+            match object {
+                Some(obj) => Dispatched::Read(obj, read),
                 None => {
                     bump(&stats.unknown_objects, 1);
                     error!(
@@ -557,25 +1066,44 @@ fn dispatch(
                         object = read.object_id,
                         "READ for an object this daemon never opened; cannot complete it"
                     );
-                    None
+                    Dispatched::Done
                 }
             }
         }
     }
 }
 
-fn handle_open(
+/// Resolves an OPEN's blob: on a blocking worker, as it may wait on the
+/// network. A panicking resolver refuses the OPEN (EIO) rather than leave the
+/// kernel waiting for an answer.
+fn resolve_open(pending: PendingOpen, resolver: &dyn BlobResolver) -> Resolved {
+    let PendingOpen { open, fd } = pending;
+    let blob = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        resolver.resolve(open.volume(), open.cookie())
+    }))
+    .unwrap_or_else(|_| {
+        Err(OpenError::Io {
+            name: String::from_utf8_lossy(open.cookie()).into_owned(),
+            path: PathBuf::new(),
+            source: io::Error::other("resolving it panicked (a bug)"),
+        })
+    });
+    Resolved { open, fd, blob }
+}
+
+/// Answers a resolved OPEN: registers the object, then `copen`s it (or refuses
+/// it with the resolver's errno).
+fn finish_open(
     dev: &dyn Reply,
-    open: OpenRequest,
-    fd: AnonFd,
-    objects: &mut HashMap<u32, Arc<Object>>,
-    resolver: &Arc<dyn BlobResolver>,
-    config: &Config,
+    resolved: Resolved,
+    objects: &OpenObjects,
+    policy: &FillPolicy,
     stats: &Stats,
 ) {
+    let Resolved { open, fd, blob } = resolved;
     let volume = String::from_utf8_lossy(open.volume()).into_owned();
     let cookie = String::from_utf8_lossy(open.cookie()).into_owned();
-    match resolver.resolve(open.volume(), open.cookie()) {
+    match blob {
         Ok(blob) => {
             let size = blob.size();
             let object = Arc::new(Object {
@@ -583,11 +1111,16 @@ fn handle_open(
                 fd,
                 blob,
                 size,
-                filled: FillMap::new(size, config.policy.window),
+                filled: FillMap::new(size, policy.window),
                 volume: open.volume().to_vec(),
                 cookie: open.cookie().to_vec(),
             });
-            if let Some(old) = objects.insert(open.object_id, object) {
+            // Inserted before the copen: the kernel may queue a READ for the object
+            // as soon as it processes the copen (cachefiles_ondemand_copen marks
+            // the object open and wakes the device), before our write returns,
+            // and the loop must then find the object.
+            let old = objects.lock().insert(open.object_id, object);
+            if let Some(old) = old {
                 warn!(
                     object = old.id,
                     "OPEN reused a live object id; the old fd is released"
@@ -602,8 +1135,10 @@ fn handle_open(
                     info!(object = open.object_id, %volume, %cookie, size, "OPEN: serving blob");
                 }
                 Err(e) => {
+                    // E.g. the reader that caused the OPEN was killed meanwhile: the
+                    // kernel dropped the request and refuses its msg_id.
                     bump(&stats.open_failures, 1);
-                    objects.remove(&open.object_id);
+                    objects.lock().remove(&open.object_id);
                     error!(object = open.object_id, %volume, %cookie, error = %e, "copen failed");
                 }
             }
@@ -705,8 +1240,8 @@ mod tests {
     //! files, and replies are recorded. (The completion ioctl fails on a plain
     //! file; that path only logs.) The real kernel is exercised by the guest tests.
     use super::*;
-    use lazypull_source::{LocalDir, OpenError};
     use lazypull_cachefiles::{CloseRequest, ParseError};
+    use lazypull_source::{LocalDir, OpenError};
     use std::cell::RefCell;
     use std::os::unix::fs::FileExt;
 
@@ -722,10 +1257,10 @@ mod tests {
     struct Model {
         blobs: tempfile::TempDir,
         cache: tempfile::TempDir,
-        objects: HashMap<u32, Arc<Object>>,
+        objects: OpenObjects,
         resolver: Arc<dyn BlobResolver>,
         config: Config,
-        stats: Stats,
+        stats: Arc<Stats>,
         replies: Recorder,
     }
 
@@ -736,23 +1271,29 @@ mod tests {
             let resolver = move |_v: &[u8], c: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
                 Ok(store.open(c)? as Arc<dyn BlobSource>)
             };
+            let stats = Arc::new(Stats::default());
+            let policy = FillPolicy {
+                window: 16384,
+                io_size: 8192,
+            };
             Model {
                 blobs,
                 cache: tempfile::tempdir().unwrap(),
-                objects: HashMap::new(),
+                objects: OpenObjects {
+                    map: Arc::default(),
+                    policy,
+                    stats: stats.clone(),
+                },
                 resolver: Arc::new(resolver),
                 config: Config {
                     device: "/nonexistent".into(),
                     cache_dir: "/nonexistent".into(),
                     tag: "t".into(),
                     max_in_flight: 1,
-                    policy: FillPolicy {
-                        window: 16384,
-                        io_size: 8192,
-                    },
+                    policy,
                     drain_timeout: Duration::from_secs(1),
                 },
-                stats: Stats::default(),
+                stats,
                 replies: Recorder::default(),
             }
         }
@@ -774,15 +1315,23 @@ mod tests {
                         .into(),
                 )
             });
-            if let Some((object, read)) = dispatch(
+            match dispatch(
                 &self.replies,
                 Received { request, anon_fd },
-                &mut self.objects,
-                &self.resolver,
-                &self.config,
+                &self.objects,
                 &self.stats,
             ) {
-                serve_read(&object, read, &self.config.policy, &self.stats);
+                Dispatched::Done => {}
+                Dispatched::Read(object, read) => {
+                    serve_read(&object, read, &self.config.policy, &self.stats)
+                }
+                Dispatched::Open(open) => finish_open(
+                    &self.replies,
+                    resolve_open(open, self.resolver.as_ref()),
+                    &self.objects,
+                    &self.config.policy,
+                    &self.stats,
+                ),
             }
         }
 
@@ -845,7 +1394,10 @@ mod tests {
             })),
             false,
         );
-        assert!(m.objects.is_empty(), "CLOSE drops the object and its fd");
+        assert!(
+            m.objects.lock().is_empty(),
+            "CLOSE drops the object and its fd"
+        );
         assert_eq!(m.stats.snapshot().closes, 1);
     }
 
@@ -855,7 +1407,7 @@ mod tests {
         m.open(1, 1, "absent");
         m.open(2, 2, "../etc/passwd");
         assert_eq!(m.replies(), ["copen 1,-2", "copen 2,-22"]);
-        assert!(m.objects.is_empty());
+        assert!(m.objects.lock().is_empty());
         assert_eq!(m.stats.snapshot().open_failures, 2);
     }
 
@@ -901,5 +1453,456 @@ mod tests {
         std::fs::write(m.blobs.path().join("ok"), pattern(4096)).unwrap();
         m.open(5, 3, "ok");
         assert_eq!(m.replies().last().unwrap(), "copen 5,4096");
+    }
+    /// The device as the serving loop sees it, scripted by a test: every
+    /// queued read result is announced by one byte on a socket pair, so the
+    /// fake is readable exactly while results are queued. Replies are recorded.
+    struct FakeDevice {
+        queue: Mutex<std::collections::VecDeque<io::Result<Received>>>,
+        /// The loop's end: readable while results are queued.
+        bell: std::os::unix::net::UnixDatagram,
+        ring: std::os::unix::net::UnixDatagram,
+        replies: Mutex<Vec<String>>,
+    }
+
+    impl FakeDevice {
+        fn new() -> Self {
+            let (bell, ring) = std::os::unix::net::UnixDatagram::pair().unwrap();
+            bell.set_nonblocking(true).unwrap();
+            FakeDevice {
+                queue: Mutex::default(),
+                bell,
+                ring,
+                replies: Mutex::default(),
+            }
+        }
+
+        fn push(&self, item: io::Result<Received>) {
+            let mut queue = self.queue.lock().unwrap();
+            queue.push_back(item);
+            self.ring.send(&[1]).unwrap();
+        }
+
+        fn replies(&self) -> Vec<String> {
+            self.replies.lock().unwrap().clone()
+        }
+    }
+
+    struct SharedFake(Arc<FakeDevice>);
+
+    impl Reply for SharedFake {
+        fn send(&self, cmd: &Command) -> io::Result<()> {
+            self.0.replies.lock().unwrap().push(cmd.to_string());
+            Ok(())
+        }
+    }
+
+    impl AsFd for SharedFake {
+        fn as_fd(&self) -> BorrowedFd<'_> {
+            self.0.bell.as_fd()
+        }
+    }
+
+    impl Device for SharedFake {
+        fn recv(&self) -> io::Result<Option<Received>> {
+            let mut queue = self.0.queue.lock().unwrap();
+            match self.0.bell.recv(&mut [0u8; 1]) {
+                Ok(_) => queue
+                    .pop_front()
+                    .expect("one byte per queued result")
+                    .map(Some),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                Err(e) => panic!("fake device bell: {e}"),
+            }
+        }
+    }
+
+    /// A serving loop on a [`FakeDevice`].
+    struct Harness {
+        kernel: Arc<FakeDevice>,
+        stats: Arc<Stats>,
+        objects: OpenObjects,
+        cache: tempfile::TempDir,
+        serving: tokio::task::JoinHandle<io::Result<StatsSnapshot>>,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+    }
+
+    /// How long a waiting test lets the loop take before it calls it
+    /// blocked: a deadlock guard only (the serving loop answers in
+    /// milliseconds when it works; when it is stuck it never does).
+    const DEADLOCK_GUARD: Duration = Duration::from_secs(60);
+
+    impl Harness {
+        fn start(resolver: Arc<dyn BlobResolver>, max_in_flight: usize) -> Self {
+            let config = Config {
+                device: "/nonexistent".into(),
+                cache_dir: "/nonexistent".into(),
+                tag: "t".into(),
+                max_in_flight,
+                policy: FillPolicy {
+                    window: 16384,
+                    io_size: 8192,
+                },
+                drain_timeout: Duration::from_secs(10),
+            };
+            let stats = Arc::new(Stats::default());
+            let objects = OpenObjects {
+                map: Arc::default(),
+                policy: config.policy,
+                stats: stats.clone(),
+            };
+            let kernel = Arc::new(FakeDevice::new());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let serving = tokio::spawn(serve_device(
+                SharedFake(kernel.clone()),
+                config,
+                resolver,
+                stats.clone(),
+                objects.clone(),
+                async move {
+                    let _ = stopped.await;
+                },
+            ));
+            Harness {
+                kernel,
+                stats,
+                objects,
+                cache: tempfile::tempdir().unwrap(),
+                serving,
+                stop: Some(stop),
+            }
+        }
+
+        fn cache_file(&self, object_id: u32) -> std::fs::File {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(self.cache.path().join(object_id.to_string()))
+                .unwrap()
+        }
+
+        fn open(&self, msg_id: u32, object_id: u32, cookie: &str) {
+            let request = Ok(Request::Open(OpenRequest {
+                msg_id,
+                object_id,
+                volume_key: b"erofs,img\0".to_vec(),
+                cookie_key: cookie.as_bytes().to_vec(),
+                fd: 0,
+                flags: 0,
+            }));
+            let anon_fd = Some(AnonFd::from_owned(self.cache_file(object_id).into()));
+            self.kernel.push(Ok(Received { request, anon_fd }));
+        }
+
+        fn read(&self, msg_id: u32, object_id: u32, off: u64, len: u64) {
+            let request = Ok(Request::Read(ReadRequest {
+                msg_id,
+                object_id,
+                off,
+                len,
+            }));
+            self.kernel.push(Ok(Received {
+                request,
+                anon_fd: None,
+            }));
+        }
+
+        fn close(&self, msg_id: u32, object_id: u32) {
+            let request = Ok(Request::Close(CloseRequest { msg_id, object_id }));
+            self.kernel.push(Ok(Received {
+                request,
+                anon_fd: None,
+            }));
+        }
+
+        /// The next read of the device fails with `errno`.
+        fn fail_read(&self, errno: i32) {
+            self.kernel.push(Err(io::Error::from_raw_os_error(errno)));
+        }
+
+        /// Waits until `done` holds; fails when the loop ended meanwhile, or
+        /// (deadlock guard) when it does not get there at all.
+        async fn until(&self, what: &str, done: impl Fn(&Self) -> bool) {
+            let start = std::time::Instant::now();
+            while !done(self) {
+                assert!(
+                    !self.serving.is_finished(),
+                    "the serving loop ended while waiting for {what}"
+                );
+                assert!(
+                    start.elapsed() < DEADLOCK_GUARD,
+                    "{what}: not after {DEADLOCK_GUARD:?}, the serving loop is blocked"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+
+        fn replied(&self, reply: &str) -> bool {
+            self.kernel.replies().iter().any(|r| r == reply)
+        }
+
+        async fn stop(mut self) -> io::Result<StatsSnapshot> {
+            drop(self.stop.take());
+            self.serving.await.expect("the serving loop panicked")
+        }
+    }
+
+    fn local_resolver(dir: &std::path::Path) -> Arc<dyn BlobResolver> {
+        let store = LocalDir::new(dir);
+        Arc::new(
+            move |_v: &[u8], c: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
+                Ok(store.open(c)? as Arc<dyn BlobSource>)
+            },
+        )
+    }
+
+    #[test]
+    fn a_failed_bind_keeps_the_os_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            device: dir.path().join("no-cachefiles"),
+            cache_dir: dir.path().to_path_buf(),
+            tag: "t".into(),
+            max_in_flight: 1,
+            policy: FillPolicy {
+                window: 16384,
+                io_size: 8192,
+            },
+            drain_timeout: Duration::from_secs(1),
+        };
+        let e = match Server::bind(config, local_resolver(dir.path())) {
+            Ok(_) => panic!("bound a device that does not exist"),
+            Err(e) => e,
+        };
+        // The daemon decides on the errno (EBUSY: another daemon holds the
+        // device), so the message must not replace it.
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+        assert!(
+            e.to_string().contains("this kernel has no cachefiles"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_busy_device_is_told_apart_from_a_missing_one() {
+        let path = std::path::Path::new("/dev/cachefiles");
+        let busy = BindError::open(path, io::Error::from_raw_os_error(libc::EBUSY));
+        assert!(busy.device_busy());
+        assert_eq!(busy.raw_os_error(), Some(libc::EBUSY));
+        assert!(
+            busy.to_string()
+                .starts_with("cannot open /dev/cachefiles: ")
+                && busy.to_string().contains("another daemon holds the device"),
+            "{busy}"
+        );
+        let missing = BindError::open(path, io::Error::from_raw_os_error(libc::ENOENT));
+        assert!(!missing.device_busy());
+        // A command the kernel refused keeps its errno too.
+        let refused = BindError::new(
+            BindStep::Bind,
+            String::new(),
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                lazypull_cachefiles::device::Refused {
+                    command: "bind ondemand".into(),
+                    errno: libc::EOPNOTSUPP,
+                },
+            ),
+        );
+        assert_eq!(refused.raw_os_error(), Some(libc::EOPNOTSUPP));
+        assert!(!refused.device_busy());
+        assert!(refused.to_string().contains("e.g. tmpfs"), "{refused}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_device_read_failing_with_emfile_keeps_serving() {
+        let blobs = tempfile::tempdir().unwrap();
+        std::fs::write(blobs.path().join("ok"), pattern(4096)).unwrap();
+        let h = Harness::start(local_resolver(blobs.path()), 1);
+        // The kernel could not install an OPEN's fd (EMFILE: this process is at
+        // its fd limit), could not allocate, or the read was interrupted:
+        // the device is still ours and has more to say.
+        h.fail_read(libc::EMFILE);
+        h.fail_read(libc::ENOMEM);
+        h.fail_read(libc::EINTR);
+        h.open(1, 1, "ok");
+        h.until("the copen of an OPEN after transient read errors", |h| {
+            h.replied("copen 1,4096")
+        })
+        .await;
+        assert_eq!(h.stats.snapshot().device_read_errors, 3);
+        h.read(2, 1, 0, 4096);
+        h.until("the READ after the errors", |h| {
+            h.stats.snapshot().bytes_written == 4096
+        })
+        .await;
+        // Losing the device itself ends serving, with that error.
+        h.fail_read(libc::EBADF);
+        let served = h.serving.await.expect("the serving loop panicked");
+        let err = served.expect_err("a lost device ends serving");
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_open_resolving_over_the_network_holds_up_no_other_request() {
+        let blobs = tempfile::tempdir().unwrap();
+        let data = pattern(40_000);
+        std::fs::write(blobs.path().join("fast"), &data).unwrap();
+        std::fs::write(blobs.path().join("slow"), pattern(5000)).unwrap();
+        let local = local_resolver(blobs.path());
+        let entered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        let resolver: Arc<dyn BlobResolver> = {
+            let entered = entered.clone();
+            Arc::new(
+                move |v: &[u8], c: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
+                    if c == b"slow" {
+                        // A --blob-url blob whose server takes its time to answer.
+                        entered.store(true, Ordering::SeqCst);
+                        // Bounded too, so that a loop blocked in here fails the
+                        // test (by the guard in `until`) instead of hanging it.
+                        let _ = released.lock().unwrap().recv_timeout(DEADLOCK_GUARD);
+                    }
+                    local.resolve(v, c)
+                },
+            )
+        };
+        let h = Harness::start(resolver, 2);
+        h.open(1, 1, "fast");
+        h.until("copen of the first object", |h| h.replied("copen 1,40000"))
+            .await;
+        h.open(2, 2, "slow");
+        h.until("the slow OPEN reaching its resolver", |_| {
+            entered.load(Ordering::SeqCst)
+        })
+        .await;
+        // While that OPEN resolves: a READ of the first object is served, a
+        // CLOSE is handled, and the open objects can be listed.
+        h.read(3, 1, 20_000, 100);
+        h.until("the READ of another object", |h| {
+            h.stats.snapshot().windows_written == 1
+        })
+        .await;
+        let mut got = vec![0u8; 16384];
+        h.cache_file(1).read_exact_at(&mut got, 16384).unwrap();
+        assert_eq!(got, data[16384..32768]);
+        assert_eq!(h.objects.list().len(), 1);
+        h.close(4, 1);
+        h.until("the CLOSE", |h| h.objects.list().is_empty()).await;
+        assert_eq!(h.kernel.replies(), ["copen 1,40000"]);
+        release.send(()).unwrap();
+        h.until("copen of the slow OPEN", |h| h.replied("copen 2,5000"))
+            .await;
+        assert_eq!(h.objects.list()[0].object_id, 2);
+        let s = h.stop().await.unwrap();
+        assert_eq!((s.opens, s.closes, s.reads), (2, 1, 1));
+    }
+
+    /// A blob whose reads block until the test opens the gate.
+    #[derive(Debug)]
+    struct Gated {
+        data: Vec<u8>,
+        open: Mutex<bool>,
+        opened: std::sync::Condvar,
+        waiting: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Gated {
+        fn open_gate(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+    }
+
+    impl BlobSource for Gated {
+        fn name(&self) -> &str {
+            "stuck"
+        }
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+            let mut open = self.open.lock().unwrap();
+            if !*open {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                while !*open {
+                    open = self.opened.wait(open).unwrap();
+                }
+            }
+            let off = off as usize;
+            let n = buf.len().min(self.data.len() - off);
+            buf[..n].copy_from_slice(&self.data[off..off + n]);
+            Ok(n)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_stuck_on_one_blob_stop_no_open_and_no_other_blob() {
+        let blobs = tempfile::tempdir().unwrap();
+        std::fs::write(blobs.path().join("fast"), pattern(4096)).unwrap();
+        let local = local_resolver(blobs.path());
+        let gated = Arc::new(Gated {
+            data: pattern(16 * 16384),
+            open: Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+            waiting: Default::default(),
+        });
+        // However the test ends, the stuck reads end too (the runtime joins them).
+        struct OpenAtEnd(Arc<Gated>);
+        impl Drop for OpenAtEnd {
+            fn drop(&mut self) {
+                self.0.open_gate();
+            }
+        }
+        let _open_at_end = OpenAtEnd(gated.clone());
+        let resolver: Arc<dyn BlobResolver> = {
+            let gated = gated.clone();
+            Arc::new(
+                move |v: &[u8], c: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
+                    if c == b"stuck" {
+                        return Ok(gated.clone() as Arc<dyn BlobSource>);
+                    }
+                    local.resolve(v, c)
+                },
+            )
+        };
+        let h = Harness::start(resolver, 8);
+        h.open(1, 1, "stuck");
+        h.until("copen of the stuck blob", |h| h.replied("copen 1,262144"))
+            .await;
+        // Nine READs of one blob whose server hangs (more than max_in_flight).
+        for i in 0..9u32 {
+            h.read(10 + i, 1, u64::from(i) * 16384, 100);
+        }
+        h.until("seven READs stuck in their fill", |_| {
+            gated.waiting.load(Ordering::SeqCst) >= 7
+        })
+        .await;
+        // A new mount's OPEN and a READ of another blob are served meanwhile.
+        h.open(30, 2, "fast");
+        h.until("copen of an OPEN behind the stuck READs", |h| {
+            h.replied("copen 30,4096")
+        })
+        .await;
+        h.read(31, 2, 0, 4096);
+        h.until("a READ of another blob behind the stuck READs", |h| {
+            h.stats.snapshot().windows_written == 1
+        })
+        .await;
+        assert_eq!(
+            gated.waiting.load(Ordering::SeqCst),
+            7,
+            "one blob never takes the last fill slot"
+        );
+        gated.open_gate();
+        h.until("every stuck READ, once the server answers", |h| {
+            h.stats.snapshot().windows_written == 10
+        })
+        .await;
+        let s = h.stop().await.unwrap();
+        assert_eq!((s.reads, s.read_failures, s.windows_written), (10, 0, 10));
     }
 }

@@ -1,10 +1,13 @@
 //! The FUSE blob transport, for kernels without cachefiles on-demand mode.
 //!
-//! Every blob the daemon can serve appears as a read-only file
-//! `<mountpoint>/<name>` of a private FUSE mount (looked up by name through the
-//! same [`BlobResolver`] the cachefiles transport uses). The kernel's EROFS
-//! then mounts an image *file-backed*: the meta blob's file as the source, each
-//! data blob's file as a `device=` (Linux 6.12+, `EROFS_FS_BACKED_BY_FILE`).
+//! Every blob the daemon serves appears as a read-only file
+//! `<mountpoint>/<name>` of a private FUSE mount (looked up by name through a
+//! [`BlobResolver`]; the daemon's resolves only names it registered). The
+//! mount and its files are root's only (no `allow_other`, files 0400): they
+//! hold an image's raw bytes, also of files the image keeps from other users.
+//! The kernel's EROFS then mounts an image *file-backed*: the meta blob's file
+//! as the source, each data blob's file as a `device=` (Linux 6.12+,
+//! `EROFS_FS_BACKED_BY_FILE`).
 //!
 //! A FUSE READ goes through the same engine as a cachefiles READ, into the
 //! daemon's own [`CacheFile`] per blob (the kernel keeps no cache of its own
@@ -33,11 +36,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use lazypull_source::{BlobResolver, BlobSource, Priority};
 use lazypull_engine::{CacheFile, FillError, FillOutcome, FillPolicy};
 use lazypull_fuse::abi::{self, init_flags, open_flags, FileAttr, InitOut, Operation};
 use lazypull_fuse::device::Readiness;
 use lazypull_fuse::FuseDevice;
+use lazypull_source::{BlobResolver, BlobSource, Priority};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
@@ -164,11 +167,19 @@ impl Node {
             ino: self.id,
             size,
             blocks: size.div_ceil(512),
-            mode: libc::S_IFREG | 0o444,
+            // Raw image bytes, also of files the image keeps from other
+            // users: root's only (the mount has no `allow_other` either).
+            mode: libc::S_IFREG | 0o400,
             nlink: 1,
             blksize: 4096,
             ..FileAttr::default()
         }
+    }
+
+    /// The kernel got one more reference to this node (a LOOKUP answered).
+    /// Done outside the nodes lock: it races with [`BlobFs::forget`].
+    fn referenced(&self) {
+        self.lookups.fetch_add(1, Ordering::AcqRel);
     }
 
     fn cached_bytes(&self) -> u64 {
@@ -200,7 +211,7 @@ struct BlobFs {
 fn root_attr() -> FileAttr {
     FileAttr {
         ino: abi::ROOT_ID,
-        mode: libc::S_IFDIR | 0o555,
+        mode: libc::S_IFDIR | 0o500,
         nlink: 2,
         blksize: 4096,
         ..FileAttr::default()
@@ -245,11 +256,16 @@ impl BlobFs {
                 return Ok(Store::Direct(file));
             }
         }
-        Ok(Store::Cached(CacheFile::open(
+        // The cache is named by the blob, but reused only under the same
+        // chunk table: another image may declare the name with another table.
+        Ok(Store::Cached(CacheFile::open_bound(
             &self.config.cache_dir,
             name,
             source.size(),
             self.config.policy,
+            source
+                .content_binding()
+                .unwrap_or(lazypull_engine::NO_BINDING),
         )?))
     }
 
@@ -306,6 +322,13 @@ impl BlobFs {
         Ok(node)
     }
 
+    /// A LOOKUP of `name`: its node, which the kernel now references once more.
+    fn lookup(&self, name: &[u8]) -> Result<Arc<Node>, i32> {
+        let node = self.node_by_name(name)?;
+        node.referenced();
+        Ok(node)
+    }
+
     fn node(&self, id: u64) -> Option<Arc<Node>> {
         let adopted_name = {
             let nodes = self.read_nodes();
@@ -323,8 +346,14 @@ impl BlobFs {
     fn forget(&self, id: u64, n: u64) {
         let mut nodes = self.write_nodes();
         if let Some(node) = nodes.by_id.get(&id) {
-            let left = node.lookups.load(Ordering::Acquire).saturating_sub(n);
-            node.lookups.store(left, Ordering::Release);
+            // One atomic read-modify-write: a LOOKUP takes its reference
+            // without the nodes lock (`Node::referenced`), so a load and a
+            // store here would lose the references taken in between.
+            let _ = node
+                .lookups
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                    Some(l.saturating_sub(n))
+                });
         } else if let Some(adopted) = nodes.adopted.get_mut(&id) {
             adopted.lookups = adopted.lookups.saturating_sub(n);
         }
@@ -463,11 +492,8 @@ impl BlobFs {
                 if h.nodeid != abi::ROOT_ID {
                     return fail(libc::ENOTDIR);
                 }
-                match self.node_by_name(name) {
-                    Ok(node) => {
-                        node.lookups.fetch_add(1, Ordering::AcqRel);
-                        reply(&abi::entry_out(node.id, 0, TTL, &node.attr()))
-                    }
+                match self.lookup(name) {
+                    Ok(node) => reply(&abi::entry_out(node.id, 0, TTL, &node.attr())),
                     Err(errno) => {
                         bump(&self.stats.lookup_failures, 1);
                         fail(errno)
@@ -659,8 +685,8 @@ impl FuseServer {
             .policy
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        std::fs::create_dir_all(&config.mountpoint)?;
-        std::fs::create_dir_all(&config.cache_dir)?;
+        lazypull_engine::private_dir(&config.mountpoint)?;
+        lazypull_engine::private_dir(&config.cache_dir)?;
         let dev = FuseDevice::open(&config.device)?;
         dev.mount(&config.mountpoint, "lazypull", "lazypull")?;
         info!(mountpoint = %config.mountpoint.display(), cache_dir = %config.cache_dir.display(), "FUSE blob mount ready");
@@ -824,5 +850,74 @@ fn worker(dev: &FuseDevice, fs: &BlobFs, stop: &OwnedFd) -> io::Result<()> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lazypull_source::{LocalDir, OpenError};
+
+    /// A file system whose resolver serves the files of `dir`.
+    fn blob_fs(dir: &Path) -> BlobFs {
+        let local = LocalDir::new(dir);
+        let resolver = move |_: &[u8], cookie: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
+            Ok(local.open(cookie)?)
+        };
+        let config = Config {
+            mountpoint: dir.join("mnt"),
+            device: PathBuf::from("/dev/null"),
+            cache_dir: dir.join("cache"),
+            threads: 1,
+            policy: FillPolicy {
+                window: 65536,
+                io_size: 65536,
+            },
+            flush_interval: Duration::from_secs(1),
+        };
+        BlobFs::new(Arc::new(resolver), config, None)
+    }
+
+    #[test]
+    fn forgets_racing_with_lookups_lose_no_reference() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("b"), b"bytes").unwrap();
+        let fs = blob_fs(dir.path());
+        const N: u64 = 100_000;
+        let node = fs.lookup(b"b").unwrap();
+        for _ in 0..N {
+            fs.lookup(b"b").unwrap();
+        }
+        // The kernel forgets N references while LOOKUPs answered meanwhile
+        // add more: every one of them must be counted, whatever the
+        // interleaving. (A LOOKUP takes its reference after the nodes lock is
+        // released; the third thread does only that part, for as long as the
+        // forgets go on, which makes the two race often.)
+        let forgetting = std::sync::atomic::AtomicBool::new(true);
+        let extra = std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..N {
+                    fs.forget(node.id, 1);
+                }
+                forgetting.store(false, Ordering::Release);
+            });
+            s.spawn(|| {
+                for _ in 0..N {
+                    fs.lookup(b"b").unwrap();
+                }
+            });
+            let racer = s.spawn(|| {
+                let mut n = 0u64;
+                while forgetting.load(Ordering::Acquire) {
+                    node.referenced();
+                    n += 1;
+                }
+                n
+            });
+            racer.join().unwrap()
+        });
+        let want = (N + 1) + N + extra - N;
+        let left = node.lookups.load(Ordering::Acquire);
+        assert_eq!(left, want, "{} references lost", want - left);
     }
 }

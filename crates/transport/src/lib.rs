@@ -18,8 +18,8 @@
 pub mod cachefiles;
 pub mod fuse;
 
-use lazypull_source::SourceStats;
 use lazypull_engine::{FillError, FillOutcome};
+use lazypull_source::SourceStats;
 
 /// Filling ahead of need, and what is cached, whatever the transport.
 pub trait Prefetch: Send + Sync {

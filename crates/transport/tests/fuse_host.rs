@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lazypull_source::{BlobSource, LocalDir, OpenError};
 use lazypull_engine::FillPolicy;
 use lazypull_erofs::{build_from_layers, BuildOptions, BuiltImage};
+use lazypull_source::{BlobSource, LocalDir, OpenError};
 use lazypull_testkit::maketree::{self, TreeOptions};
 use lazypull_testkit::{compare_entries, format_differences, scan};
 use lazypull_transport::fuse::{Config, FuseServer};

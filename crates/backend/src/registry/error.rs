@@ -65,6 +65,17 @@ pub enum RegistryError {
         source: io::Error,
     },
 
+    #[error(
+        "{url}: the answer to a Range request of {bytes} bytes did not arrive within its \
+         deadline of {:.1} s (the fixed minimum plus the bytes at the configured minimum \
+         throughput): the server is too slow or stalled", deadline.as_secs_f64()
+    )]
+    DeadlineExceeded {
+        url: String,
+        bytes: u64,
+        deadline: std::time::Duration,
+    },
+
     #[error("{url}: response body has the wrong length: expected {expected} bytes, got {got}")]
     BodyLength {
         url: String,
@@ -86,6 +97,15 @@ pub enum RegistryError {
 
     #[error("{what} is larger than the limit of {limit} bytes")]
     TooLarge { what: String, limit: u64 },
+
+    /// A blob whose body is not the size its (digest-checked) descriptor
+    /// declares: refused as soon as that shows, before more is read.
+    #[error("{what}: {why}, but its descriptor declares {declared} bytes")]
+    WrongSize {
+        what: String,
+        declared: u64,
+        why: String,
+    },
 
     #[error("{what}: {source}")]
     Io {
@@ -126,7 +146,9 @@ impl RegistryError {
             RegistryError::Transport { source, .. } => {
                 !source.is_builder() && !source.is_redirect()
             }
-            RegistryError::BodyRead { .. } | RegistryError::BodyLength { .. } => true,
+            RegistryError::BodyRead { .. }
+            | RegistryError::BodyLength { .. }
+            | RegistryError::DeadlineExceeded { .. } => true,
             RegistryError::Status { status, .. } => *status >= 500 || *status == 429,
             _ => false,
         }
@@ -162,6 +184,7 @@ impl RegistryError {
             RegistryError::Transport { source, .. } if source.is_timeout() => {
                 io::ErrorKind::TimedOut
             }
+            RegistryError::DeadlineExceeded { .. } => io::ErrorKind::TimedOut,
             RegistryError::Io { source, .. } => source.kind(),
             _ => io::ErrorKind::Other,
         };

@@ -77,6 +77,50 @@ pub use lazypull_oci::media_type;
 /// Largest manifest fetched or pushed.
 pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
 const MAX_TOKEN_RESPONSE: u64 = 1 << 20;
+/// Longest token lifetime believed (one day): longer ones are renewed daily,
+/// which costs one token request, and keeps `now + lifetime` representable.
+const MAX_TOKEN_LIFE_SECS: u64 = 24 * 60 * 60;
+
+/// May a token be asked for at `realm` by a client of the registry at `base`,
+/// and with credentials (`with_credentials`)? The rule (the registry's
+/// plain-HTTP rule carried over to its token server):
+///
+/// * an HTTPS realm, on any host: yes, as the distribution spec intends
+///   (token servers often live on another host, like `auth.docker.io`);
+/// * a plain-HTTP realm only for a registry itself spoken to over plain HTTP
+///   (loopback, or declared insecure): an HTTPS registry naming an HTTP realm
+///   would downgrade the login, so it is refused;
+/// * and then credentials go over plain HTTP only to the registry's own host
+///   (any port: a token server beside the registry); to another host, a
+///   client with credentials refuses (anonymous clients may ask, having
+///   nothing to leak).
+pub(crate) fn realm_credentials(
+    base: &Url,
+    realm: &Url,
+    with_credentials: bool,
+) -> Result<(), String> {
+    if realm.scheme() == "https" {
+        return Ok(());
+    }
+    if base.scheme() != "http" {
+        return Err(format!(
+            "the registry names token realm {realm}, which is plain HTTP; token realms must be \
+             HTTPS unless the registry is loopback or declared insecure"
+        ));
+    }
+    let same_host = match (realm.host_str(), base.host_str()) {
+        (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+        _ => false,
+    };
+    if with_credentials && !same_host {
+        return Err(format!(
+            "the registry names token realm {realm}, plain HTTP on another host than the \
+             registry's: lazypull sends credentials over plain HTTP only to the registry's own \
+             host (use an HTTPS realm)"
+        ));
+    }
+    Ok(())
+}
 
 /// A manifest as the registry stored it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -351,6 +395,8 @@ impl Registry {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(self.protocol(format!("Bearer realm {realm:?} is not http(s)")));
         }
+        realm_credentials(&self.inner.base_url, &url, self.inner.creds.is_some())
+            .map_err(|why| self.protocol(why))?;
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = service {
@@ -411,8 +457,10 @@ impl Registry {
                 url: url_s.clone(),
                 why: "token response holds neither token nor access_token".into(),
             })?;
-        // The spec's default lifetime is 60 s; renew a little early.
-        let life = Duration::from_secs(t.expires_in.unwrap_or(60).max(1));
+        // The spec's default lifetime is 60 s; renew a little early. A
+        // lifetime past MAX_TOKEN_LIFE counts as that much: an `Instant`
+        // cannot hold 2^63 s from now (adding it panics).
+        let life = Duration::from_secs(t.expires_in.unwrap_or(60).clamp(1, MAX_TOKEN_LIFE_SECS));
         let renew = Instant::now() + life.saturating_sub(Duration::from_secs(10)).max(life / 2);
         Ok((tok, renew))
     }
@@ -563,21 +611,65 @@ impl Registry {
     }
 
     /// The whole blob, its sha256 checked. `progress` gets the number of
-    /// bytes received so far.
+    /// bytes received so far. Its size is the server's word, unbounded: where
+    /// a descriptor declares the size (anything the daemon fetches), use
+    /// [`get_blob_sized`](Self::get_blob_sized).
     pub fn get_blob(&self, digest: &str, progress: &dyn Fn(u64)) -> Result<Vec<u8>, RegistryError> {
         let mut out = Vec::new();
         self.get_blob_to(digest, &mut out, progress)?;
         Ok(out)
     }
 
+    /// The whole blob that a descriptor (whose own digest was checked)
+    /// declares to be `size` bytes, its sha256 checked. Nothing past `size`
+    /// is read or kept: a `Content-Length` that disagrees, or a body that
+    /// runs on, is [`RegistryError::WrongSize`] at once. The caller bounds
+    /// `size` (by what it can hold) before calling.
+    pub fn get_blob_sized(
+        &self,
+        digest: &str,
+        size: u64,
+        progress: &dyn Fn(u64),
+    ) -> Result<Vec<u8>, RegistryError> {
+        // Grown as bytes arrive (up to `size`), not reserved whole up front.
+        let mut out = Vec::with_capacity(size.min(1 << 20) as usize);
+        self.fetch_blob_to(digest, Some(size), &mut out, progress)?;
+        Ok(out)
+    }
+
+    /// [`get_blob_to`](Self::get_blob_to) for a blob a descriptor declares to
+    /// be `size` bytes: as [`get_blob_sized`](Self::get_blob_sized), nothing
+    /// past `size` is read.
+    pub fn get_blob_to_sized(
+        &self,
+        digest: &str,
+        size: u64,
+        w: &mut dyn Write,
+        progress: &dyn Fn(u64),
+    ) -> Result<u64, RegistryError> {
+        self.fetch_blob_to(digest, Some(size), w, progress)
+    }
+
     /// Streams the whole blob into `w` and returns its size. The sha256 is
     /// checked at the end: on an error `w` may hold part (or, on a mismatch,
     /// all) of the bad data, and the caller must discard it. A transfer that
     /// breaks off is resumed with a Range request where it stopped. `progress`
-    /// gets the number of bytes written so far.
+    /// gets the number of bytes written so far. No size is known, so none is
+    /// enforced: where a descriptor declares one, use
+    /// [`get_blob_to_sized`](Self::get_blob_to_sized).
     pub fn get_blob_to(
         &self,
         digest: &str,
+        w: &mut dyn Write,
+        progress: &dyn Fn(u64),
+    ) -> Result<u64, RegistryError> {
+        self.fetch_blob_to(digest, None, w, progress)
+    }
+
+    fn fetch_blob_to(
+        &self,
+        digest: &str,
+        declared: Option<u64>,
         w: &mut dyn Write,
         progress: &dyn Fn(u64),
     ) -> Result<u64, RegistryError> {
@@ -622,6 +714,21 @@ impl Registry {
                 }
             }
             let announced = transport::content_length(&resp);
+            if let (Some(size), Some(n)) = (declared, announced) {
+                // What this answer should carry: all of it (200, of which
+                // `skip` bytes are had already) or the rest from `start`.
+                let rest = size.saturating_sub(start - skip);
+                if n != rest {
+                    return Err(RegistryError::WrongSize {
+                        what: what.clone(),
+                        declared: size,
+                        why: format!(
+                            "the server announces a body of {n} bytes (from byte {})",
+                            start - skip
+                        ),
+                    });
+                }
+            }
             let mut got = 0u64;
             loop {
                 let n = match resp.read(&mut chunk) {
@@ -643,6 +750,13 @@ impl Registry {
                 data = &data[drop_n..];
                 if data.is_empty() {
                     continue;
+                }
+                if declared.is_some_and(|size| written + data.len() as u64 > size) {
+                    return Err(RegistryError::WrongSize {
+                        what: what.clone(),
+                        declared: declared.unwrap_or_default(),
+                        why: "the server sends more bytes".into(),
+                    });
                 }
                 hasher.update(data);
                 w.write_all(data).map_err(|source| RegistryError::Io {
@@ -732,13 +846,19 @@ impl Registry {
         validate_digest(digest)?;
         let last = off + buf.len() as u64 - 1;
         let what = self.describe("blob", digest);
+        let bytes = buf.len() as u64;
+        let deadline = self.inner.opts.deadline_for(bytes);
         self.retrying(&format_args!("GET {url} bytes {off}-{last}"), |_| {
-            let (resp, _permit) = self.send(Access::Pull, url, &|c| {
-                inc(&self.inner.stats.range_requests);
-                Ok(c.get(url).header(RANGE, format!("bytes={off}-{last}")))
-            })?;
-            let resp = self.check(resp, url, &what)?;
-            transport::read_range_body(resp, url, buf, off, size, &self.inner.stats)
+            transport::within_deadline(url, bytes, deadline, || {
+                let (resp, _permit) = self.send(Access::Pull, url, &|c| {
+                    inc(&self.inner.stats.range_requests);
+                    Ok(c.get(url)
+                        .header(RANGE, format!("bytes={off}-{last}"))
+                        .timeout(deadline))
+                })?;
+                let resp = self.check(resp, url, &what)?;
+                transport::read_range_body(resp, url, &mut *buf, off, size, &self.inner.stats)
+            })
         })
     }
 
@@ -956,6 +1076,40 @@ impl RangeRead for RegistryBlob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_realms_follow_the_plain_http_rule() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        let https_reg = u("https://reg.example.com");
+        let http_reg = u("http://127.0.0.1:5000");
+        // HTTPS realms: anywhere, with credentials.
+        for base in [&https_reg, &http_reg] {
+            assert_eq!(
+                realm_credentials(base, &u("https://auth.example.org/t"), true),
+                Ok(())
+            );
+        }
+        // An HTTPS registry never names a plain-HTTP realm, not even its own host.
+        for creds in [true, false] {
+            let err = realm_credentials(&https_reg, &u("http://reg.example.com/t"), creds);
+            assert!(err.unwrap_err().contains("must be HTTPS"));
+        }
+        // A plain-HTTP registry: its own host (any port) gets credentials,
+        // another host only anonymous token requests.
+        assert_eq!(
+            realm_credentials(&http_reg, &u("http://127.0.0.1:5001/t"), true),
+            Ok(())
+        );
+        assert_eq!(
+            realm_credentials(&http_reg, &u("http://other.lan/t"), false),
+            Ok(())
+        );
+        let err = realm_credentials(&http_reg, &u("http://other.lan/t"), true).unwrap_err();
+        assert!(
+            err.contains("http://other.lan/t") && err.contains("own host"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn clients_are_send_and_sync_and_debug_hides_secrets() {

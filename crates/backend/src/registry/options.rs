@@ -24,8 +24,20 @@ pub struct ClientOptions {
     /// Limit for establishing a connection. Default 5 s.
     pub connect_timeout: Duration,
     /// Limit for sending a request and for each read of a response body.
-    /// Default 30 s. Uploads get extra time in proportion to their size.
+    /// Default 30 s. Uploads get extra time in proportion to their size;
+    /// Range requests have their whole deadline instead
+    /// ([`deadline_for`](Self::deadline_for): reqwest's blocking client has
+    /// one timeout per request, which bounds the whole exchange).
     pub request_timeout: Duration,
+    /// A Range request must be answered completely within this fixed
+    /// minimum plus its bytes at [`min_throughput`](Self::min_throughput)
+    /// ([`range_deadline`](Self::range_deadline)): a server that drips its
+    /// answer (a byte now and then, each within `request_timeout`) is cut off
+    /// and the read retried like any other transient failure. Default 30 s.
+    pub range_deadline: Duration,
+    /// The slowest transfer, in bytes per second, that a Range request may
+    /// take beyond [`range_deadline`](Self::range_deadline). Default 64 KiB/s.
+    pub min_throughput: u64,
     pub retry: RetryPolicy,
     /// Most requests in flight at once to one host, over every
     /// [`Registry`](super::Registry) and [`HttpBlob`](crate::http::HttpBlob)
@@ -45,6 +57,8 @@ impl Default for ClientOptions {
             ca_files: Vec::new(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            range_deadline: Duration::from_secs(30),
+            min_throughput: 64 << 10,
             retry: RetryPolicy::default(),
             max_connections: 8,
             user_agent: concat!("lazypull/", env!("CARGO_PKG_VERSION")).to_string(),
@@ -54,6 +68,15 @@ impl Default for ClientOptions {
 }
 
 impl ClientOptions {
+    /// The whole time a Range request of `bytes` may take, from sending it to
+    /// the end of its body: [`range_deadline`](Self::range_deadline) plus
+    /// `bytes` at [`min_throughput`](Self::min_throughput) (0 counts as 1).
+    pub fn deadline_for(&self, bytes: u64) -> Duration {
+        let per_byte = 1.0 / self.min_throughput.max(1) as f64;
+        self.range_deadline
+            .saturating_add(Duration::from_secs_f64((bytes as f64 * per_byte).min(1e12)))
+    }
+
     /// `"http"` for loopback and insecure hosts, `"https"` for all others.
     /// `host` is `host[:port]`, an IPv6 address in brackets.
     pub fn scheme_for(&self, host: &str) -> &'static str {

@@ -20,9 +20,13 @@ impl MetaDir {
         }
     }
 
+    /// The work dir and its `meta`, both root's only (0700, tightened if
+    /// found looser): meta blobs are image metadata other users must not read.
     fn create(&self) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating the work dir {}", self.dir.display()))
+        if let Some(work_dir) = self.dir.parent() {
+            lazypull_engine::private_dir(work_dir).context("the work dir")?;
+        }
+        lazypull_engine::private_dir(&self.dir).context("the work dir")
     }
 
     /// The copy of meta blob `hex` (its sha256), if one is there and still
@@ -42,7 +46,7 @@ impl MetaDir {
     pub(crate) fn keep(&self, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
         self.create()?;
         let path = self.dir.join(name);
-        crate::files::write_atomically(&path, bytes, 0o644)
+        crate::files::write_atomically(&path, bytes, 0o600)
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
     }

@@ -12,6 +12,7 @@
 //! It owns the record of images and names; it owns no format, fetch or
 //! protocol logic (those are its submodules' and the library crates').
 
+mod bindings;
 mod blob_store;
 mod meta_dir;
 mod persist;
@@ -23,16 +24,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use lazypull_engine::{ChunkedBlob, FetchContext};
+use lazypull_engine::FetchContext;
 use lazypull_source::{BlobSource, OpenError};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
 use crate::control::{RegisterRequest, Registered};
+use bindings::{Binding, KernelBindings};
 use blob_store::BlobStore;
 use meta_dir::MetaDir;
 use persist::{SavedImage, StateFile};
-pub(crate) use remote::RemoteSettings;
+pub(crate) use remote::{RemoteSettings, DEFAULT_MAX_META_SIZE};
 
 /// One data blob of an image, in device table order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +54,22 @@ pub(crate) struct ImageInfo {
     pub(crate) mountpoints: Vec<PathBuf>,
 }
 
+/// An image a previous daemon served that is not registered again yet (see
+/// [`Catalog::restore`]): kept in the state file, retried in the background,
+/// shown by `lazypull status`.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct RestoringImage {
+    pub(crate) reference: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) fsid: Option<String>,
+    pub(crate) mountpoints: Vec<PathBuf>,
+    /// `restoring` until an attempt failed, then `failed` (and retried).
+    pub(crate) state: &'static str,
+    /// Why the last attempt failed.
+    pub(crate) error: Option<String>,
+    pub(crate) attempts: u32,
+}
+
 struct Image {
     info: ImageInfo,
     blobs: Vec<ImageBlob>,
@@ -59,13 +77,25 @@ struct Image {
     request: RegisterRequest,
 }
 
+/// A data blob name as registered: what serves it and what it is bound to.
+struct Bound {
+    /// Its fetcher (shared by every image and object using it).
+    source: Arc<dyn BlobSource>,
+    /// Its chunk table's sha256 (see [`bindings`]).
+    binding: Binding,
+    /// The image that registered it first.
+    image: String,
+}
+
 #[derive(Default)]
 struct State {
-    /// Data blob name → its fetcher (shared by every image and object using it).
-    blobs: HashMap<String, Arc<ChunkedBlob>>,
+    /// Data blob name → what serves it: one binding per name.
+    blobs: HashMap<String, Bound>,
     /// Meta blob name → path of the verified copy in the work dir.
     metas: HashMap<String, PathBuf>,
     images: BTreeMap<String, Image>,
+    /// Images of the state file not registered again yet, in its order.
+    restoring: Vec<(SavedImage, RestoringImage)>,
 }
 
 pub(crate) struct Catalog {
@@ -78,6 +108,14 @@ pub(crate) struct Catalog {
     state: Mutex<State>,
     /// Where registered images are recorded for a successor daemon.
     state_file: Option<StateFile>,
+    /// The work dir (for the kernel bindings file).
+    work_dir: PathBuf,
+    /// Under cachefiles: the bindings the kernel's cache holds bytes under,
+    /// persisted across daemons (see [`bindings`]). Locked after `state`.
+    kernel: Mutex<Option<KernelBindings>>,
+    /// Serialises writers of the kernel bindings file (each writes the latest
+    /// snapshot), so no lock the serving path takes is held across the write.
+    kernel_writer: Mutex<()>,
 }
 
 impl Catalog {
@@ -90,8 +128,12 @@ impl Catalog {
         state_file: Option<PathBuf>,
     ) -> Self {
         Catalog {
-            store: BlobStore::new(blob_dir, blob_url, remote.client.clone(), fetch.clone()),
+            store: BlobStore::new(blob_dir, blob_url, remote.client.clone(), fetch.clone())
+                .with_max_meta_size(remote.max_meta_size),
             meta_dir: MetaDir::new(&work_dir),
+            work_dir,
+            kernel: Mutex::default(),
+            kernel_writer: Mutex::default(),
             fetch,
             remote,
             state: Mutex::default(),
@@ -115,13 +157,41 @@ impl Catalog {
         {
             let st = self.lock();
             if let Some(blob) = st.blobs.get(name) {
-                return Ok(blob.clone());
+                return Ok(blob.source.clone());
             }
             if let Some(path) = st.metas.get(name) {
                 return blob_store::open_meta_copy(path, cookie);
             }
         }
         self.store.open(name)
+    }
+
+    /// Like [`resolve`](Self::resolve), but only for names the catalog
+    /// registered (a registered image's meta blob or one of its data blobs):
+    /// any other name is `NotFound` at once, without asking a backend.
+    pub(crate) fn resolve_registered(
+        &self,
+        cookie: &[u8],
+    ) -> Result<Arc<dyn BlobSource>, OpenError> {
+        let name = lazypull_source::validate_name(cookie)?;
+        let registered = {
+            let st = self.lock();
+            st.blobs.contains_key(name)
+                || st.metas.contains_key(name)
+                || st
+                    .images
+                    .values()
+                    .any(|i| i.blobs.iter().any(|b| b.digest == name))
+        };
+        if !registered {
+            return Err(OpenError::NotFound {
+                name: name.to_owned(),
+                path: PathBuf::from(
+                    "(no registered image has it: `lazypull mount` registers images)",
+                ),
+            });
+        }
+        self.resolve(cookie)
     }
 
     /// Fetches what an image needs at mount and registers its blobs. Blocking
@@ -133,6 +203,7 @@ impl Catalog {
             None => self.register_remote(req)?,
         };
         self.save_state();
+        self.save_kernel_bindings();
         Ok(registered)
     }
 
@@ -154,18 +225,29 @@ impl Catalog {
             .with_context(|| format!("reading {}", meta_path.display()))?;
         let image = lazypull_erofs::Image::from_bytes(meta)
             .with_context(|| format!("meta blob {name} is not a valid EROFS image"))?;
+        // What the fsid (the meta blob's sha256, checked) vouches for about
+        // the data blobs' stored forms: their chunk tables, by sha256 and size.
+        let trailer = image
+            .trailer()
+            .with_context(|| format!("meta blob {name}"))?;
+        let label = format!("{name} (blob dir)");
         let mut blobs = Vec::new();
+        let mut sources = Vec::new();
         for d in image.devices() {
             let tag = String::from_utf8_lossy(d.tag_bytes()).into_owned();
-            let blob = self
-                .resolve(tag.as_bytes())
+            // Opened (and its table checked) even if another image serves the
+            // name already: [`bind`](Self::bind) then compares the bindings.
+            let blob = lazypull_source::validate_name(tag.as_bytes())
+                .and_then(|_| self.store.open_data(&tag, trailer.as_ref()))
                 .map_err(|e| anyhow::anyhow!("image {name}: data blob {tag}: {e}"))?;
             blobs.push(ImageBlob {
-                digest: tag,
+                digest: tag.clone(),
                 size: blob.size(),
             });
+            sources.push((tag, blob));
         }
         let mut st = self.lock();
+        self.bind(&mut st, &label, sources)?;
         st.metas.insert(name.clone(), meta_path);
         let mountpoints = st
             .images
@@ -174,7 +256,7 @@ impl Catalog {
             .unwrap_or_default();
         let info = ImageInfo {
             fsid: name.clone(),
-            reference: format!("{} (blob dir)", name),
+            reference: label,
             manifest_digest: String::new(),
             blobs: blobs.iter().map(|b| b.digest.clone()).collect(),
             mountpoints,
@@ -205,13 +287,15 @@ impl Catalog {
         let image = remote::fetch_image(req, &self.remote, &self.meta_dir, &self.fetch)?;
         let fsid = image.fsid.clone();
         let mut st = self.lock();
-        for b in &image.blobs {
-            // A blob already served (by another image) keeps its fetcher: the
-            // kernel may have it open, and its bytes are the same by digest.
-            st.blobs
-                .entry(b.digest.clone())
-                .or_insert_with(|| b.source.clone());
-        }
+        self.bind(
+            &mut st,
+            &image.reference,
+            image
+                .blobs
+                .iter()
+                .map(|b| (b.digest.clone(), b.source.clone() as Arc<dyn BlobSource>))
+                .collect(),
+        )?;
         st.metas.insert(fsid.clone(), image.meta_path.clone());
         let mountpoints = st
             .images
@@ -265,6 +349,122 @@ impl Catalog {
         Ok(registered)
     }
 
+    /// Records the data blobs `sources` of image `image`, or refuses the image
+    /// (recording nothing) if one of its names is bound to other content:
+    /// a blob name maps to exactly one chunk table, in this daemon and, under
+    /// cachefiles, in the kernel's cache (see [`bindings`]). A name served
+    /// already under the same binding keeps its fetcher: the kernel may have
+    /// it open, and the same table verifies the same bytes.
+    fn bind(
+        &self,
+        st: &mut State,
+        image: &str,
+        sources: Vec<(String, Arc<dyn BlobSource>)>,
+    ) -> anyhow::Result<()> {
+        let mut kernel = self.kernel.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, source) in &sources {
+            let binding = source.content_binding();
+            let existing = st
+                .blobs
+                .get(name)
+                .map(|b| (b.binding, b.image.as_str()))
+                .or_else(|| kernel.as_ref().and_then(|k| k.get(name)));
+            if let Some((bound, first)) = existing {
+                if bound != binding {
+                    bail!(
+                        "refusing image {image}: it declares data blob {name} with {}, but \
+                         {name} is already bound to {} by image {first}{}; a blob name is the \
+                         digest of its bytes, so one of the two images lies about it (or is \
+                         damaged), and bytes verified for one are never served to the other",
+                        bindings::describe(&binding),
+                        bindings::describe(&bound),
+                        if st.blobs.contains_key(name) {
+                            ""
+                        } else {
+                            " (in the kernel's cachefiles cache, recorded by an earlier daemon)"
+                        },
+                    );
+                }
+            }
+        }
+        if let Some(k) = kernel.as_mut() {
+            k.add(
+                sources
+                    .iter()
+                    .map(|(n, s)| (n.as_str(), s.content_binding(), image)),
+            );
+        }
+        for (name, source) in sources {
+            st.blobs.entry(name).or_insert_with(|| Bound {
+                binding: source.content_binding(),
+                source,
+                image: image.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The daemon serves the cachefiles transport: the kernel keeps cached
+    /// bytes by name beyond this daemon's life, so blob bindings are kept in
+    /// the work dir and checked by later daemons too. Call before anything is
+    /// registered for the kernel (before [`restore`](Self::restore)).
+    pub(crate) fn keep_kernel_bindings(&self) -> anyhow::Result<()> {
+        if self
+            .kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            return Ok(());
+        }
+        let mut k = KernelBindings::load(self.work_dir.join("kernel-bindings.json"))?;
+        // `state` before `kernel`, as in `bind`.
+        let st = self.lock();
+        let mut kernel = self.kernel.lock().unwrap_or_else(|p| p.into_inner());
+        if kernel.is_some() {
+            return Ok(());
+        }
+        for (name, b) in &st.blobs {
+            if let Some((bound, first)) = k.get(name) {
+                if bound != b.binding {
+                    error!(
+                        blob = %name,
+                        "bound to {} by image {first} in the kernel's cache, but registered \
+                         with {} by image {}",
+                        bindings::describe(&bound),
+                        bindings::describe(&b.binding),
+                        b.image
+                    );
+                }
+            }
+        }
+        k.add(
+            st.blobs
+                .iter()
+                .map(|(n, b)| (n.as_str(), b.binding, b.image.as_str())),
+        );
+        *kernel = Some(k);
+        drop(kernel);
+        drop(st);
+        self.save_kernel_bindings();
+        Ok(())
+    }
+
+    /// Writes the kernel bindings, if kept, with no lock of the serving path
+    /// held.
+    fn save_kernel_bindings(&self) {
+        let _one = self.kernel_writer.lock().unwrap_or_else(|p| p.into_inner());
+        let snapshot = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(KernelBindings::snapshot);
+        if let Some(s) = snapshot {
+            bindings::save(s);
+        }
+    }
+
     /// Writes what a successor needs to serve the same images (see
     /// [`restore`](Self::restore)) to the state file, if there is one.
     fn save_state(&self) {
@@ -272,14 +472,29 @@ impl Catalog {
             return;
         };
         file.save(|| {
-            self.lock()
+            let st = self.lock();
+            let mut saved: Vec<SavedImage> = st
                 .images
                 .values()
                 .map(|i| SavedImage {
                     request: i.request.clone(),
+                    fsid: Some(i.info.fsid.clone()),
                     mountpoints: i.info.mountpoints.clone(),
                 })
-                .collect()
+                .collect();
+            // Images not back yet stay in the file: this daemon's retries or a
+            // successor still serve them (unless registered again meanwhile).
+            saved.extend(
+                st.restoring
+                    .iter()
+                    .filter(|(s, _)| {
+                        !st.images.values().any(|i| {
+                            i.request == s.request || s.fsid.as_deref() == Some(&i.info.fsid)
+                        })
+                    })
+                    .map(|(s, _)| s.clone()),
+            );
+            saved
         });
     }
 
@@ -308,8 +523,21 @@ impl Catalog {
                 break;
             }
         }
+        let mut restoring = false;
+        if found.is_none() {
+            // An image not back yet is unmounted: it is restored without it.
+            for (saved, info) in st.restoring.iter_mut() {
+                if let Some(pos) = saved.mountpoints.iter().position(|m| m == mountpoint) {
+                    saved.mountpoints.remove(pos);
+                    info.mountpoints.retain(|m| m != mountpoint);
+                    found = info.fsid.clone();
+                    restoring = true;
+                    break;
+                }
+            }
+        }
         drop(st);
-        if found.is_some() {
+        if found.is_some() || restoring {
             self.save_state();
         }
         found
@@ -332,13 +560,43 @@ impl Catalog {
 
     /// Registers again every image a previous daemon had registered (from the
     /// state file): a daemon taking over mounts must resolve their blobs
-    /// before the kernel asks. Failures are logged; those images' reads fail.
+    /// before the kernel asks. Returns how many are back. Those that fail
+    /// (a registry unreachable) are kept — in the state file too, so that no
+    /// restart loses them — and reported as restoring; their reads fail until
+    /// [`retry_restoring`](Self::retry_restoring) brings them back.
     pub(crate) fn restore(&self) -> usize {
         let Some(file) = &self.state_file else {
             return 0;
         };
+        let saved = file.load();
+        self.lock().restoring = saved
+            .into_iter()
+            .map(|s| {
+                let info = RestoringImage {
+                    reference: s.request.reference.clone(),
+                    fsid: s.fsid.clone().or_else(|| s.request.fsid.clone()),
+                    mountpoints: s.mountpoints.clone(),
+                    state: "restoring",
+                    error: None,
+                    attempts: 0,
+                };
+                (s, info)
+            })
+            .collect();
+        self.retry_restoring().0
+    }
+
+    /// Tries once to register again each image still restoring. Returns how
+    /// many came back and how many are left. Blocking (network I/O).
+    pub(crate) fn retry_restoring(&self) -> (usize, usize) {
+        let todo: Vec<SavedImage> = self
+            .lock()
+            .restoring
+            .iter()
+            .map(|(s, _)| s.clone())
+            .collect();
         let mut restored = 0;
-        for image in file.load() {
+        for image in todo {
             let what = image
                 .request
                 .fsid
@@ -346,16 +604,159 @@ impl Catalog {
                 .unwrap_or_else(|| image.request.reference.clone());
             match self.register(&image.request) {
                 Ok(r) => {
-                    for m in &image.mountpoints {
-                        let _ = self.mounted(&r.fsid, m);
+                    let mut st = self.lock();
+                    st.restoring.retain(|(s, _)| s.request != image.request);
+                    if let Some(registered) = st.images.get_mut(&r.fsid) {
+                        for m in &image.mountpoints {
+                            if !registered.info.mountpoints.contains(m) {
+                                registered.info.mountpoints.push(m.clone());
+                            }
+                        }
                     }
+                    drop(st);
+                    self.save_state();
+                    info!(image = %what, "serving again an image a previous daemon served");
                     restored += 1;
                 }
                 Err(e) => {
-                    error!(image = %what, "cannot serve an image a previous daemon served; its reads will fail: {e:#}")
+                    let why = format!("{e:#}");
+                    error!(image = %what, "cannot serve an image a previous daemon served; its reads fail until it is back (retrying): {why}");
+                    let mut st = self.lock();
+                    if let Some((_, info)) = st
+                        .restoring
+                        .iter_mut()
+                        .find(|(s, _)| s.request == image.request)
+                    {
+                        info.state = "failed";
+                        info.error = Some(why);
+                        info.attempts += 1;
+                    }
                 }
             }
         }
-        restored
+        (restored, self.lock().restoring.len())
+    }
+
+    /// The images a previous daemon served that are not back yet.
+    pub(crate) fn restoring(&self) -> Vec<RestoringImage> {
+        self.lock()
+            .restoring
+            .iter()
+            .map(|(_, info)| info.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::blob_store::trust_tests::{build, data, forge, Form};
+    use super::*;
+    use crate::blob_server::BlobServer;
+    use lazypull_backend::registry::ClientOptions;
+
+    fn catalog(work: &Path, url: String) -> Catalog {
+        Catalog::new(
+            work.to_path_buf(),
+            None,
+            Some(url),
+            FetchContext::new(Default::default()),
+            RemoteSettings {
+                client: ClientOptions::default(),
+                docker_config: None,
+                max_meta_size: DEFAULT_MAX_META_SIZE,
+            },
+            None,
+        )
+    }
+
+    fn by_fsid(fsid: &str) -> RegisterRequest {
+        RegisterRequest {
+            fsid: Some(fsid.to_owned()),
+            ..RegisterRequest::default()
+        }
+    }
+
+    /// Under cachefiles the kernel keeps cached bytes by blob name beyond the
+    /// daemon's life: a later daemon refuses an image (from another web
+    /// server) that declares a name the kernel's cache holds under another
+    /// chunk table, naming both images; FUSE daemons, whose cache maps record
+    /// their own binding, do not carry the refusal over.
+    #[test]
+    fn a_name_bound_in_the_kernel_cache_stays_bound_across_daemons() {
+        let dir = tempfile::tempdir().unwrap();
+        let (www_a, www_b) = (dir.path().join("a"), dir.path().join("b"));
+        let (fsid_a, name) = build(&www_a, &data(1), Form::Sealed);
+        let (fsid_b, same) = build(&www_b, &data(1), Form::Sealed);
+        assert_eq!(name, same);
+        let liar_out = dir.path().join("liar");
+        let (_, liar) = build(&liar_out, &data(2), Form::Sealed);
+        let hostile = forge(&www_b, &fsid_b, &name, &liar_out, &liar);
+        let (a, b) = (
+            BlobServer::start(&www_a).unwrap(),
+            BlobServer::start(&www_b).unwrap(),
+        );
+        let work = dir.path().join("work");
+
+        let first = catalog(&work, a.url());
+        first.keep_kernel_bindings().unwrap();
+        first.register(&by_fsid(&fsid_a)).unwrap();
+        drop(first);
+        let file = std::fs::read_to_string(work.join("kernel-bindings.json")).unwrap();
+        assert!(file.contains(&name), "{file}");
+
+        let second = catalog(&work, b.url());
+        second.keep_kernel_bindings().unwrap();
+        let err = format!("{:#}", second.register(&by_fsid(&hostile)).unwrap_err());
+        for want in [
+            "refusing image",
+            hostile.as_str(),
+            fsid_a.as_str(),
+            name.as_str(),
+            "kernel's cachefiles cache",
+        ] {
+            assert!(err.contains(want), "want {want:?} in: {err}");
+        }
+        assert!(second.images().is_empty(), "nothing of it was registered");
+        assert!(
+            second.resolve(name.as_bytes()).is_err(),
+            "its blob is not served"
+        );
+
+        // A FUSE daemon on the same work dir: its cache maps do the job.
+        let fuse = catalog(&work, b.url());
+        fuse.register(&by_fsid(&hostile)).unwrap();
+    }
+
+    /// Within one daemon, a name keeps one binding: a second image declaring
+    /// it with the same table shares the first one's fetcher, one with another
+    /// table is refused whole.
+    #[test]
+    fn one_name_one_binding_in_a_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let www = dir.path().join("www");
+        let (fsid, name) = build(&www, &data(5), Form::Sealed);
+        let server = BlobServer::start(&www).unwrap();
+        let c = catalog(&dir.path().join("work"), server.url());
+        c.register(&by_fsid(&fsid)).unwrap();
+        let served = c.resolve(name.as_bytes()).unwrap();
+        c.register(&by_fsid(&fsid)).unwrap();
+        assert!(
+            Arc::ptr_eq(&served, &c.resolve(name.as_bytes()).unwrap()),
+            "registering again keeps the fetcher the kernel may have open"
+        );
+        // Another image (same server) declaring the name with a forged table.
+        let liar_out = dir.path().join("liar");
+        let (_, liar) = build(&liar_out, &data(6), Form::Sealed);
+        let copy = dir.path().join("copy");
+        std::fs::create_dir_all(&copy).unwrap();
+        std::fs::copy(www.join(&fsid), copy.join(&fsid)).unwrap();
+        let hostile = forge(&copy, &fsid, &name, &liar_out, &liar);
+        std::fs::copy(copy.join(&hostile), www.join(&hostile)).unwrap();
+        // The web server holds the trusted table: the forged trailer does not
+        // match it, and the hostile image is refused before binding.
+        let err = format!("{:#}", c.register(&by_fsid(&hostile)).unwrap_err());
+        assert!(err.contains("vouches for sha256:"), "{err}");
+        assert_eq!(c.images().len(), 1);
+        assert!(Arc::ptr_eq(&served, &c.resolve(name.as_bytes()).unwrap()));
     }
 }

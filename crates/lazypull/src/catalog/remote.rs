@@ -21,12 +21,33 @@ use lazypull_oci::lazy::{ImageConfig, Manifest};
 use super::meta_dir::MetaDir;
 use crate::control::RegisterRequest;
 
+/// Largest image config fetched, 4 MiB (as for manifests): a config names
+/// each data blob in about 400 bytes, so this is room for some 10,000 blobs.
+pub(crate) const MAX_CONFIG_SIZE: u64 = 4 << 20;
+
+/// Default of [`RemoteSettings::max_meta_size`] (config key `max_meta_size`),
+/// 1 GiB: a meta blob holds metadata only (inodes, directories, chunk
+/// indexes), some hundred bytes a file, so this is millions of files. It is
+/// fetched whole and parsed in memory, hence a limit at all.
+pub(crate) const DEFAULT_MAX_META_SIZE: u64 = 1 << 30;
+
 /// Settings for remote images.
 #[derive(Debug, Clone)]
 pub(crate) struct RemoteSettings {
     pub(crate) client: ClientOptions,
     /// Docker-style config file for credentials (None: the default places).
     pub(crate) docker_config: Option<PathBuf>,
+    /// Largest meta blob fetched (from a registry, a blob URL or a blob dir).
+    pub(crate) max_meta_size: u64,
+}
+
+/// Refuses a blob whose trusted descriptor declares more than `limit` bytes,
+/// before any of it is fetched.
+fn check_declared(what: &str, declared: u64, limit: u64) -> anyhow::Result<()> {
+    if declared > limit {
+        bail!("{what} declares {declared} bytes, more than the limit of {limit} bytes: refusing to fetch it");
+    }
+    Ok(())
 }
 
 /// What registering an image of a registry fetched.
@@ -86,14 +107,28 @@ pub(crate) fn fetch_image(
     let mut fetched = manifest.bytes.len() as u64;
     let parsed =
         Manifest::parse_lazypull(&manifest.bytes).with_context(|| format!("{reference}"))?;
+    // Every size below comes from a descriptor whose own digest was checked
+    // (the manifest's, then the config's), and is bounded before a byte is
+    // fetched; the download then stops at the declared size.
+    check_declared(
+        &format!("the manifest of {reference}: its config"),
+        parsed.config.size,
+        MAX_CONFIG_SIZE,
+    )?;
     let config_bytes = registry
-        .get_blob(&parsed.config.digest, &|_| {})
+        .get_blob_sized(&parsed.config.digest, parsed.config.size, &|_| {})
         .with_context(|| format!("fetching the config of {reference}"))?;
     fetched += config_bytes.len() as u64;
     let config = ImageConfig::parse(&config_bytes).with_context(|| format!("{reference}"))?;
     let fsid = config.meta_hex().to_owned();
 
-    let meta_path = fetch_meta(&registry, &config, meta_dir, &mut fetched)?;
+    let meta_path = fetch_meta(
+        &registry,
+        &config,
+        meta_dir,
+        remote.max_meta_size,
+        &mut fetched,
+    )?;
     let meta =
         std::fs::read(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?;
     let image = lazypull_erofs::Image::from_bytes(meta)
@@ -112,8 +147,16 @@ pub(crate) fn fetch_image(
 
     let mut blobs = Vec::new();
     for b in &config.blobs {
+        check_declared(
+            &format!(
+                "the config of {reference}: the chunk table of blob {} ({} bytes)",
+                b.digest, b.size
+            ),
+            b.table.size,
+            lazypull_blob::format::max_table_len(b.size),
+        )?;
         let table_bytes = registry
-            .get_blob(&b.table.digest, &|_| {})
+            .get_blob_sized(&b.table.digest, b.table.size, &|_| {})
             .with_context(|| format!("fetching the chunk table of blob {}", b.digest))?;
         fetched += table_bytes.len() as u64;
         let table = ChunkTable::decode(&table_bytes)
@@ -157,14 +200,20 @@ fn fetch_meta(
     registry: &Registry,
     config: &ImageConfig,
     meta_dir: &MetaDir,
+    max_meta_size: u64,
     fetched: &mut u64,
 ) -> anyhow::Result<PathBuf> {
     let hex = config.meta_hex();
     if let Some(path) = meta_dir.verified(hex)? {
         return Ok(path);
     }
+    check_declared(
+        "the image config: its meta blob",
+        config.meta.size,
+        max_meta_size,
+    )?;
     let bytes = registry
-        .get_blob(&config.meta.digest, &|_| {})
+        .get_blob_sized(&config.meta.digest, config.meta.size, &|_| {})
         .context("fetching the meta blob")?;
     *fetched += bytes.len() as u64;
     meta_dir.keep(hex, &bytes)

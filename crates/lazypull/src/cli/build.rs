@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use lazypull_erofs::{BuildOptions, BuildProgress, Progress, Stage};
+use sha2::{Digest, Sha256};
 
 use super::output::{human, progress_bar};
 use crate::config::parse_size;
@@ -36,6 +37,11 @@ pub struct BuildArgs {
     /// zstd level (1-19).
     #[arg(long, default_value_t = 3)]
     pub(crate) zstd_level: i32,
+    /// Most bytes one tar layer may expand to (its decompressed stream, and
+    /// its files, sparse ones at full size): a bigger layer, or a
+    /// decompression bomb, is refused. Suffixes K, M, G.
+    #[arg(long, value_name = "SIZE", default_value = "32GiB", value_parser = parse_size)]
+    pub(crate) max_layer_size: u64,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub(crate) json: bool,
@@ -97,7 +103,17 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
         })?;
     let started = std::time::Instant::now();
     let zstd = (args.compression == Compress::Zstd).then_some(args.zstd_level);
-    let (img, stored_total) = build_image(&args.source, &args.output, chunk_size, zstd, args.json)?;
+    let limits = lazypull_ingest::IngestOptions {
+        max_layer_size: args.max_layer_size,
+    };
+    let (img, stored_total) = build_image(
+        &args.source,
+        &args.output,
+        chunk_size,
+        zstd,
+        &limits,
+        args.json,
+    )?;
     let data: u64 = img.blobs.iter().map(|b| b.size).sum();
     let secs = started.elapsed().as_secs_f64();
     if args.json {
@@ -157,6 +173,7 @@ pub(crate) fn build_image(
     output: &Path,
     chunk_size: u32,
     zstd: Option<i32>,
+    limits: &lazypull_ingest::IngestOptions,
     quiet: bool,
 ) -> anyhow::Result<(lazypull_erofs::BuiltImage, u64)> {
     let pb = progress_bar(quiet);
@@ -165,11 +182,12 @@ pub(crate) fn build_image(
         progress: Progress::new(Arc::new(Bar(pb.clone()))),
         ..BuildOptions::default()
     };
-    let result = lazypull_ingest::build_from_source(source, output, &opts);
+    let result = lazypull_ingest::build_from_source_with(source, output, &opts, limits);
     pb.finish_and_clear();
     let img = result.with_context(|| format!("building {}", source.display()))?;
     let Some(level) = zstd else {
         let stored = img.blobs.iter().map(|b| b.size).sum();
+        let img = seal(output, &img, vec![None; img.blobs.len()])?;
         return Ok((img, stored));
     };
     let pb = progress_bar(quiet);
@@ -178,6 +196,7 @@ pub(crate) fn build_image(
         ..lazypull_blob::PackOptions::default()
     };
     let mut stored = 0;
+    let mut tables = Vec::new();
     for (i, b) in img.blobs.iter().enumerate() {
         pb.set_message(format!(
             "compressing data blob {}/{}",
@@ -189,7 +208,33 @@ pub(crate) fn build_image(
             .with_context(|| format!("compressing {}", plain.display()))?;
         std::fs::remove_file(&plain).with_context(|| format!("removing {}", plain.display()))?;
         stored += packed.stored_size + packed.table_size;
+        let table = std::fs::read(&packed.table_path)
+            .with_context(|| format!("reading {}", packed.table_path.display()))?;
+        tables.push(Some(lazypull_erofs::TableRef {
+            sha256: Sha256::digest(&table).into(),
+            size: table.len() as u64,
+        }));
     }
     pb.finish_and_clear();
+    let img = seal(output, &img, tables)?;
     Ok((img, stored))
+}
+
+/// Appends the blob trailer to the meta blob: per data blob its chunk table's
+/// sha256 and size (`None`: stored plain), so the fsid vouches for the tables
+/// and a daemon serving the image from a web server can verify every byte.
+fn seal(
+    output: &Path,
+    img: &lazypull_erofs::BuiltImage,
+    tables: Vec<Option<lazypull_erofs::TableRef>>,
+) -> anyhow::Result<lazypull_erofs::BuiltImage> {
+    let mut entries = Vec::with_capacity(tables.len());
+    for (b, table) in img.blobs.iter().zip(tables) {
+        let mut blob = [0u8; 32];
+        hex::decode_to_slice(&b.digest, &mut blob)
+            .with_context(|| format!("data blob name {} is not a sha256", b.digest))?;
+        entries.push(lazypull_erofs::TrailerEntry { blob, table });
+    }
+    lazypull_erofs::seal_output(output, img, &lazypull_erofs::Trailer { entries })
+        .with_context(|| format!("writing the blob trailer into {}", output.display()))
 }

@@ -21,7 +21,10 @@ use super::registry_args::RegistryArgs;
 pub struct ConvertArgs {
     /// An ordinary OCI or Docker image in a registry: REGISTRY/REPOSITORY[:TAG|@DIGEST].
     pub(crate) source: String,
-    /// Where to push the lazy image: REGISTRY/REPOSITORY:TAG.
+    /// Where to push the lazy image: REGISTRY/REPOSITORY:TAG. The
+    /// --username / --password-stdin credentials (and the environment's) are
+    /// this registry's; the source gets them only if it is on the same
+    /// registry host, else its own docker config entry.
     pub(crate) target: String,
     #[command(flatten)]
     pub(crate) registry: RegistryArgs,
@@ -54,8 +57,9 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
         .ok()
         .filter(|c| c.is_power_of_two() && *c >= 4096)
         .context("--chunk-size must be a power of two of at least 4KiB")?;
-    let src = args.registry.connect(&source)?;
-    let dst = args.registry.connect(&target)?;
+    // The credentials given are the target's (pushing needs them): the
+    // source gets them only on the same registry host.
+    let (dst, src) = args.registry.connect_pair(&target, &source)?;
     let scratch = tempfile::tempdir().context("creating a temporary directory")?;
     let work = args
         .work_dir
@@ -96,7 +100,8 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
             let pb = pb.clone();
             move |n: u64| pb.set_position(base + n)
         };
-        src.get_blob_to(digest, &mut file, &progress)
+        // No more than the (digest-checked) manifest declares lands on disk.
+        src.get_blob_to_sized(digest, l.size, &mut file, &progress)
             .with_context(|| format!("downloading layer {digest}"))?;
         file.flush()?;
     }

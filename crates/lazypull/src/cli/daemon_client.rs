@@ -117,10 +117,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         h["failures"],
         bytes(&h["bytes_received"])
     );
-    let short = |v: &serde_json::Value| {
-        let s = v.as_str().unwrap_or("?");
-        s[..12.min(s.len())].to_owned()
-    };
+    let short = |v: &serde_json::Value| short_name(v.as_str().unwrap_or("?"));
     for i in s["images"].as_array().into_iter().flatten() {
         println!(
             "  image {} fsid {} mounted at {}",
@@ -128,6 +125,21 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             short(&i["fsid"]),
             i["mountpoints"]
         );
+    }
+    for i in s["restoring"].as_array().into_iter().flatten() {
+        println!(
+            "  image {} NOT SERVED ({}{}), mounted at {}",
+            i["reference"].as_str().unwrap_or("?"),
+            i["state"].as_str().unwrap_or("?"),
+            i["error"]
+                .as_str()
+                .map(|e| format!(": {e}; retrying"))
+                .unwrap_or_default(),
+            i["mountpoints"]
+        );
+    }
+    for f in s["prefetching"].as_array().into_iter().flatten() {
+        println!("  prefetching image {}", short(f));
     }
     for b in s["blobs"].as_array().into_iter().flatten() {
         println!(
@@ -142,4 +154,25 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The first 12 characters of a name (a digest, an fsid: registered names
+/// may hold any UTF-8).
+fn short_name(s: &str) -> String {
+    s.chars().take(12).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_name;
+
+    #[test]
+    fn short_names_are_cut_by_character_not_byte() {
+        assert_eq!(short_name("sha256:0123456789abcdef"), "sha256:01234");
+        assert_eq!(short_name("abc"), "abc");
+        // 'é' is two bytes: the 12th character ends at byte 13, and byte 12
+        // is inside the 'é'.
+        assert_eq!(short_name("abcdefghijkéxyz"), "abcdefghijké");
+        assert_eq!(short_name("ééééééééééééé"), "éééééééééééé");
+    }
 }

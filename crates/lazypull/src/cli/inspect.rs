@@ -27,6 +27,10 @@ struct BlobSummary {
     size: u64,
     present: bool,
     chunks_referenced: u64,
+    /// What the meta blob's trailer vouches for: `sha256:<hex>` of its chunk
+    /// table, `plain`, or nothing (no trailer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    table: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -50,6 +54,9 @@ struct Inspection {
     unique_chunks: u64,
     dedup_ratio: f64,
     blobs: Vec<BlobSummary>,
+    /// Whether the meta blob carries a blob trailer (needed to serve the
+    /// image from --blob-url).
+    trailer: bool,
     data_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     files: Option<Vec<FileLine>>,
@@ -110,6 +117,17 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let trailer = o
+        .image
+        .trailer()
+        .context("reading the meta blob's trailer")?;
+    let vouched = |digest: &str| {
+        let e = trailer.as_ref()?.entry(digest)?;
+        Some(match e.table {
+            Some(t) => format!("sha256:{} ({} bytes)", hex::encode(t.sha256), t.size),
+            None => "plain".to_owned(),
+        })
+    };
     let blobs: Vec<BlobSummary> = tags(&o.image)
         .into_iter()
         .zip(o.image.devices())
@@ -118,6 +136,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             present: BlobFile::present(&o.blob_dir, &digest),
             size: u64::from(slot.blocks) * 4096,
             chunks_referenced: per_device.get(&(i as u16 + 1)).copied().unwrap_or(0),
+            table: vouched(&digest),
             digest,
         })
         .collect();
@@ -137,6 +156,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             refs as f64 / unique.len() as f64
         },
         data_bytes: blobs.iter().map(|b| b.size).sum(),
+        trailer: trailer.is_some(),
         blobs,
         files: args.files.then_some(files),
     };
@@ -171,7 +191,17 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             .unwrap_or_default(),
         report.dedup_ratio
     );
+    if report.trailer {
+        println!("  blob trailer: the meta blob vouches for each data blob's chunk table");
+    } else {
+        println!(
+            "  no blob trailer (built by an older lazypull): it cannot be served from --blob-url"
+        );
+    }
     for (i, b) in report.blobs.iter().enumerate() {
+        if let Some(t) = &b.table {
+            println!("  device {}: chunk table {t}", i + 1);
+        }
         println!(
             "  device {}: {} {} {} chunks referenced{}",
             i + 1,

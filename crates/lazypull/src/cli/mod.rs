@@ -26,5 +26,6 @@ pub use demo::{run as demo, DemoArgs};
 pub use image_dir::ImageArgs;
 pub use inspect::{inspect, InspectArgs};
 pub use mount::{mount, umount, MountArgs, UmountArgs};
+pub use output::error_text;
 pub use push::{push, PushArgs};
 pub use verify::verify;

@@ -45,6 +45,43 @@ pub struct MountArgs {
     /// not by a registry reference.
     #[arg(long)]
     pub(crate) fsid: bool,
+    /// Honour the setuid and setgid bits of the image's files. Without it the
+    /// image is mounted `nosuid`: a setuid-root binary in the image runs with
+    /// its caller's rights. (A container root file system stacked on the
+    /// mount with overlayfs keeps setuid without this: the overlay's own mount
+    /// flags apply to its files.)
+    #[arg(long)]
+    pub(crate) suid: bool,
+    /// Let device nodes in the image be opened. Without it the image is
+    /// mounted `nodev`: opening one fails with EACCES (also as root).
+    #[arg(long)]
+    pub(crate) dev: bool,
+}
+
+/// What an image's own file modes may grant beyond reading it. Off unless
+/// asked for: an image comes from elsewhere, and its mount is reachable by
+/// every local user who reaches the mountpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ImageTrust {
+    /// Setuid and setgid bits take effect (else `nosuid`).
+    pub(crate) suid: bool,
+    /// Device nodes can be opened (else `nodev`).
+    pub(crate) dev: bool,
+}
+
+impl ImageTrust {
+    /// The mount(2) flags of an image mounted with this trust.
+    pub(crate) fn mount_flags(self) -> rustix::mount::MountFlags {
+        use rustix::mount::MountFlags;
+        let mut flags = MountFlags::RDONLY;
+        if !self.suid {
+            flags |= MountFlags::NOSUID;
+        }
+        if !self.dev {
+            flags |= MountFlags::NODEV;
+        }
+        flags
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,6 +125,10 @@ fn mount_error_hint(errno: Option<i32>, cachefiles: bool) -> &'static str {
             " (this kernel's EROFS lacks fscache on-demand mode: CONFIG_EROFS_FS_ONDEMAND; or the daemon is not bound)"
         }
         Some(libc::EPERM) => " (mounting needs root / CAP_SYS_ADMIN)",
+        // The FUSE blob files let in only uid 0 with gid 0 (no `allow_other`).
+        Some(libc::EACCES) if !cachefiles => {
+            " (the daemon's FUSE blob files are root's only: mount as root, with group root)"
+        }
         Some(libc::EBUSY) => {
             " (this image is already mounted: the kernel allows one on-demand mount per image fsid)"
         }
@@ -121,6 +162,10 @@ pub fn mount(args: MountArgs) -> anyhow::Result<()> {
         &args.mountpoint,
         args.domain.as_deref(),
         &prefetch,
+        ImageTrust {
+            suid: args.suid,
+            dev: args.dev,
+        },
     )?;
     let (registered, mountpoint, mounted_ms, after) =
         (m.registered, m.mountpoint, m.mount_ms, m.prefetch);
@@ -168,7 +213,8 @@ pub(crate) struct Mounted {
 
 /// Registers `req` with the daemon at `socket`, mounts the image at
 /// `mountpoint` as the daemon's plan says (mount(2) in this process's mount
-/// namespace), and tells the daemon. `what` names the image in errors.
+/// namespace, read-only, and `nosuid` / `nodev` unless `trust` says
+/// otherwise), and tells the daemon. `what` names the image in errors.
 pub(crate) fn mount_image(
     socket: &Path,
     req: RegisterRequest,
@@ -176,6 +222,7 @@ pub(crate) fn mount_image(
     mountpoint: &Path,
     domain: Option<&str>,
     prefetch: &PrefetchSpec,
+    trust: ImageTrust,
 ) -> anyhow::Result<Mounted> {
     let started = Instant::now();
     let reply = control::call(socket, &Request::Register(req), Duration::from_secs(600))?;
@@ -198,7 +245,7 @@ pub(crate) fn mount_image(
         plan.source.as_str(),
         mountpoint,
         plan.fstype.as_str(),
-        rustix::mount::MountFlags::RDONLY,
+        trust.mount_flags(),
         Some(data.as_c_str()),
     )
     .map_err(|e| {
@@ -252,4 +299,27 @@ pub fn umount(args: UmountArgs) -> anyhow::Result<()> {
     }
     println!("unmounted {}", mountpoint.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::mount::MountFlags;
+
+    #[test]
+    fn images_mount_nosuid_and_nodev_unless_trusted() {
+        let flags = |suid, dev| ImageTrust { suid, dev }.mount_flags();
+        assert_eq!(
+            flags(false, false),
+            MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV
+        );
+        assert_eq!(flags(true, false), MountFlags::RDONLY | MountFlags::NODEV);
+        assert_eq!(flags(false, true), MountFlags::RDONLY | MountFlags::NOSUID);
+        assert_eq!(flags(true, true), MountFlags::RDONLY);
+        let none = ImageTrust {
+            suid: false,
+            dev: false,
+        };
+        assert_eq!(ImageTrust::default(), none);
+    }
 }

@@ -38,3 +38,22 @@ pub(crate) fn byte_bar(hidden: bool, total: u64, msg: &str) -> ProgressBar {
 pub(crate) fn human(bytes: u64) -> String {
     indicatif::HumanBytes(bytes).to_string()
 }
+
+/// An error and its causes on one line, `outer: cause: its cause`, each
+/// said once: a cause whose text ends the line so far is already in it (an
+/// error whose message embeds its source, as `path: io error` does, would
+/// otherwise print that source twice).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if s.is_empty() || out.ends_with(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}

@@ -72,11 +72,42 @@ impl RegistryArgs {
 
     pub(crate) fn connect(&self, reference: &Reference) -> anyhow::Result<Registry> {
         let creds = self.credentials(&reference.registry)?;
+        self.connect_with(reference, creds)
+    }
+
+    /// A client for `reference` logging in with `creds`.
+    pub(crate) fn connect_with(
+        &self,
+        reference: &Reference,
+        creds: Option<Credentials>,
+    ) -> anyhow::Result<Registry> {
         Ok(Registry::new(
             &reference.registry,
             &reference.repository,
             creds,
             &self.client_options(&reference.registry),
         )?)
+    }
+
+    /// Clients for two registries, `flags_for` the one the flag or
+    /// environment credentials belong to (`convert`'s target). Credentials
+    /// are scoped per registry host: `other` gets them only when it is on
+    /// the same `host[:port]`; elsewhere it gets the docker config's entry
+    /// for its own host (or none). The password is read once.
+    pub(crate) fn connect_pair(
+        &self,
+        flags_for: &Reference,
+        other: &Reference,
+    ) -> anyhow::Result<(Registry, Registry)> {
+        let creds = self.credentials(&flags_for.registry)?;
+        let other_creds = if other.registry.eq_ignore_ascii_case(&flags_for.registry) {
+            creds.clone()
+        } else {
+            docker_config_credentials(self.docker_config.as_deref(), &other.registry)?
+        };
+        Ok((
+            self.connect_with(flags_for, creds)?,
+            self.connect_with(other, other_creds)?,
+        ))
     }
 }

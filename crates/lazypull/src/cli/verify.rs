@@ -34,10 +34,21 @@ fn sha256_blob(blob: &BlobFile, pb: &ProgressBar) -> std::io::Result<(String, u6
     Ok((hex::encode(h.finalize()), n))
 }
 
+/// Where chunk `i` (at block `blkaddr`) of a file of `file_size` bytes in
+/// `chunk_size` byte chunks ends on its device, or None when that does not
+/// fit in 64 bits or the chunk starts past the file (a corrupt chunk map).
+fn chunk_end(chunk_size: u64, file_size: u64, i: usize, blkaddr: u64) -> Option<u64> {
+    let start = (i as u64).checked_mul(chunk_size)?;
+    let len = chunk_size.min(file_size.checked_sub(start)?);
+    blkaddr.checked_mul(4096)?.checked_add(len)
+}
+
 #[derive(Serialize)]
 struct Verification {
     ok: bool,
     meta: String,
+    /// Whether the meta blob has a blob trailer (checked against the tables).
+    trailer: bool,
     blobs_checked: usize,
     files_read: u64,
     bytes_read: u64,
@@ -64,6 +75,42 @@ pub fn verify(args: ImageArgs) -> anyhow::Result<()> {
         }
     }
     let tags = tags(&o.image);
+    // The blob trailer: each chunk table beside the meta blob must be the one
+    // it vouches for (what a daemon serving the image from a URL checks).
+    let trailer = match o.image.trailer() {
+        Ok(t) => t,
+        Err(e) => {
+            problems.push(format!("meta blob trailer: {e}"));
+            None
+        }
+    };
+    for e in trailer.iter().flat_map(|t| &t.entries) {
+        let name = e.name();
+        let path = lazypull_blob::StoredPaths::in_dir(&o.blob_dir, &name).table;
+        match (e.table, std::fs::read(&path)) {
+            (Some(want), Ok(bytes)) => {
+                let got: [u8; 32] = Sha256::digest(&bytes).into();
+                if got != want.sha256 || bytes.len() as u64 != want.size {
+                    problems.push(format!(
+                        "data blob {name}: chunk table sha256:{} ({} bytes), the meta blob's \
+                         trailer vouches for sha256:{} ({} bytes)",
+                        hex::encode(got),
+                        bytes.len(),
+                        hex::encode(want.sha256),
+                        want.size
+                    ));
+                }
+            }
+            (Some(_), Err(err)) if err.kind() != std::io::ErrorKind::NotFound => {
+                problems.push(format!("data blob {name}: {}: {err}", path.display()));
+            }
+            (None, Ok(_)) => problems.push(format!(
+                "data blob {name}: the meta blob's trailer says it is stored plain, but {} exists",
+                path.display()
+            )),
+            _ => {}
+        }
+    }
     let total: u64 = o
         .image
         .devices()
@@ -120,7 +167,12 @@ pub fn verify(args: ImageArgs) -> anyhow::Result<()> {
     let (mut files_read, mut bytes_read) = (0u64, 0u64);
     if blob_files.iter().all(Option::is_some) {
         let blobs: Vec<BlobFile> = blob_files.into_iter().flatten().collect();
-        pb.set_length(files.iter().map(|e| e.inode.size).sum());
+        // Saturating: a crafted image's sizes may add up past u64.
+        pb.set_length(
+            files
+                .iter()
+                .fold(0u64, |n, e| n.saturating_add(e.inode.size)),
+        );
         pb.set_position(0);
         pb.set_message("reading every file");
         let mut seen = HashSet::new();
@@ -133,8 +185,14 @@ pub fn verify(args: ImageArgs) -> anyhow::Result<()> {
             if let Some(map) = &e.inode.chunks {
                 for (i, c) in map.entries.iter().enumerate() {
                     if let ChunkEntry::Mapped { device_id, blkaddr } = c {
-                        let len = map.chunk_size.min(e.inode.size - i as u64 * map.chunk_size);
-                        let end = blkaddr * 4096 + len;
+                        let Some(end) = chunk_end(map.chunk_size, e.inode.size, i, *blkaddr) else {
+                            problems.push(format!(
+                                "{path}: chunk {i} (block {blkaddr}, {} byte chunks, file size {}) \
+                                 lies past what 64 bits can address",
+                                map.chunk_size, e.inode.size
+                            ));
+                            continue;
+                        };
                         match blob_sizes.get(usize::from(*device_id).wrapping_sub(1)) {
                             Some(&size) if end <= size => {}
                             Some(&size) => problems.push(format!(
@@ -163,13 +221,14 @@ pub fn verify(args: ImageArgs) -> anyhow::Result<()> {
                 }
             }
             files_read += 1;
-            bytes_read += pos;
+            bytes_read = bytes_read.saturating_add(pos);
         }
     }
     pb.finish_and_clear();
     let report = Verification {
         ok: problems.is_empty(),
         meta: o.meta_path.display().to_string(),
+        trailer: trailer.is_some(),
         blobs_checked: tags.len(),
         files_read,
         bytes_read,
@@ -197,4 +256,25 @@ pub fn verify(args: ImageArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_end;
+
+    /// Crafted sizes and addresses are problems to report, not overflows.
+    #[test]
+    fn chunk_ends_are_checked() {
+        assert_eq!(
+            chunk_end(4096, 10_000, 2, 5),
+            Some(5 * 4096 + 10_000 - 8192)
+        );
+        assert_eq!(chunk_end(4096, 10_000, 0, 1), Some(8192));
+        // Block address past 2^64 / 4096; end past 2^64; start past 2^64;
+        // a chunk past the end of its file.
+        assert_eq!(chunk_end(4096, 4096, 0, u64::MAX >> 11), None);
+        assert_eq!(chunk_end(4096, 4096, 0, u64::MAX >> 12), None);
+        assert_eq!(chunk_end(1 << 63, u64::MAX, 2, 0), None);
+        assert_eq!(chunk_end(4096, 4096, 3, 0), None);
+    }
 }

@@ -33,8 +33,8 @@ impl PrefetchSpec {
 
 /// What `lazypull mount` asks the daemon to register: an image in a registry
 /// (`reference`), or one the daemon's blob dir or blob URL holds (`fsid`, the
-/// meta blob's name).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// meta blob's name). Its `Debug` hides the password (requests are logged).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RegisterRequest {
     #[serde(default)]
     pub(crate) reference: String,
@@ -47,6 +47,18 @@ pub(crate) struct RegisterRequest {
     /// Speak plain HTTP to this registry (loopback registries always are).
     #[serde(default)]
     pub(crate) insecure: bool,
+}
+
+impl std::fmt::Debug for RegisterRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterRequest")
+            .field("reference", &self.reference)
+            .field("fsid", &self.fsid)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("insecure", &self.insecure)
+            .finish()
+    }
 }
 
 /// What registering an image did.
@@ -118,7 +130,8 @@ impl Reply {
             Err(e) => Reply {
                 ok: false,
                 result: None,
-                error: Some(format!("{e:#}")),
+                // Each cause once (as the CLI prints its own errors).
+                error: Some(crate::cli::error_text(&e)),
             },
         }
     }
@@ -146,5 +159,30 @@ mod tests {
             serde_json::from_str(r#"{"op":"register","reference":"h:1/r:t"}"#).unwrap();
         assert!(matches!(reg, Request::Register(r) if !r.insecure && r.username.is_none()));
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+    }
+
+    /// A register request (or a request holding one) in a log line or an
+    /// error message shows the user name, never the password.
+    #[test]
+    fn debug_hides_the_password() {
+        let r = RegisterRequest {
+            reference: "h:1/r:t".into(),
+            username: Some("alice".into()),
+            password: Some("s3cret-pw".into()),
+            ..RegisterRequest::default()
+        };
+        for text in [
+            format!("{r:?}"),
+            format!("{:?}", Request::Register(r.clone())),
+        ] {
+            assert!(
+                text.contains("alice") && text.contains("h:1/r:t") && !text.contains("s3cret"),
+                "{text}"
+            );
+        }
+        let none = format!("{:?}", RegisterRequest::default());
+        assert!(none.contains("password: None"), "{none}");
+        // The wire form still carries it.
+        assert!(serde_json::to_string(&r).unwrap().contains("s3cret-pw"));
     }
 }

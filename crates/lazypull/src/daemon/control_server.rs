@@ -25,7 +25,13 @@ use crate::status::StatusSource;
 /// file but refusing to steal one a live daemon answers on.
 pub(crate) fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
+        // Created root's only; one that exists (maybe shared, like /run) is
+        // left as it is: the socket itself is 0600.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
             .with_context(|| format!("creating the socket directory {}", dir.display()))?;
     }
     if path.exists() {
@@ -129,12 +135,24 @@ fn handle(daemon: &Daemon, req: Request) -> anyhow::Result<serde_json::Value> {
             }
             let prefetcher = daemon.view.prefetcher();
             let planned: u64 = spans.iter().map(|s| s.len).sum();
-            prefetch::start(prefetcher, fsid, spans)?;
+            daemon.prefetches.start(prefetcher, fsid, spans)?;
             Ok(json!({"prefetch": true, "planned_bytes": planned, "warnings": warnings}))
         }
         Request::Unmounted { mountpoint } => {
             let fsid = daemon.catalog.unmounted(&mountpoint);
             info!(mountpoint = %mountpoint.display(), ?fsid, "image unmounted");
+            if let Some(fsid) = &fsid {
+                let still_mounted = daemon
+                    .catalog
+                    .images()
+                    .iter()
+                    .any(|i| &i.fsid == fsid && !i.mountpoints.is_empty());
+                if !still_mounted {
+                    daemon
+                        .prefetches
+                        .stop_image(fsid, "its image was unmounted");
+                }
+            }
             Ok(json!({ "fsid": fsid }))
         }
         Request::Status => Ok(serde_json::to_value(daemon.status())?),

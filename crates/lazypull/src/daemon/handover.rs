@@ -75,6 +75,12 @@ impl Parked {
             .any(|e| e.name == DEVICE_ENTRY || e.name == FUSE_ENTRY)
     }
 
+    /// Whether that connection is a cachefiles device (whose kernel cache
+    /// outlives the daemon, see `Catalog::keep_kernel_bindings`).
+    pub(crate) fn has_cachefiles(&self) -> bool {
+        self.held.iter().any(|e| e.name == DEVICE_ENTRY)
+    }
+
     /// Takes an entry out of what the fd store gave back.
     fn take(&mut self, name: &str) -> Option<OwnedFd> {
         let pos = self.held.iter().position(|e| e.name == name)?;

@@ -14,8 +14,10 @@
 
 mod control_server;
 mod handover;
+mod instance;
 mod persist;
 mod prefetch;
+mod restoring;
 mod shared;
 mod transport;
 mod view;
@@ -28,10 +30,10 @@ use anyhow::{bail, Context};
 use lazypull_backend::registry::ClientOptions;
 use lazypull_backend::retry::RetryPolicy;
 use lazypull_engine::{FetchContext, FetchOptions};
-use lazypull_source::{BlobResolver, BlobSource, OpenError};
+use lazypull_source::{BlobSource, OpenError};
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::catalog::{Catalog, RemoteSettings};
 use crate::config::{DaemonArgs, DaemonConfig};
@@ -50,11 +52,15 @@ pub fn run(args: DaemonArgs, started: Instant) -> anyhow::Result<()> {
             bail!("blob directory {} does not exist", dir.display());
         }
     }
-    std::fs::create_dir_all(&cfg.cache_dir)
-        .with_context(|| format!("creating the cache directory {}", cfg.cache_dir.display()))?;
+    // The cache, the run dir and the work dir hold image bytes, state and
+    // credentials: root's only (0700, tightened if found looser).
+    lazypull_engine::private_dir(&cfg.cache_dir).context("the cache directory")?;
     if takeover {
         handover::request_handover(&cfg)?;
     }
+    // Before anything a running daemon owns is touched (fd store, kernel
+    // connection, state files); held until this process ends.
+    let _instance = instance::acquire(&cfg.run_dir, &cfg.socket)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(cfg.max_in_flight.max(1) + 8)
@@ -75,6 +81,8 @@ fn catalog(cfg: &DaemonConfig) -> Catalog {
         insecure_hosts: cfg.insecure_registries.clone(),
         ca_files: cfg.ca_files.clone(),
         request_timeout: Duration::from_secs(cfg.request_timeout_secs),
+        range_deadline: Duration::from_secs(cfg.range_deadline_secs),
+        min_throughput: cfg.min_throughput,
         retry: RetryPolicy {
             attempts: cfg.retries,
             ..RetryPolicy::default()
@@ -90,20 +98,76 @@ fn catalog(cfg: &DaemonConfig) -> Catalog {
         RemoteSettings {
             client,
             docker_config: cfg.docker_config.clone(),
+            max_meta_size: cfg.max_meta_size,
         },
         Some(persist::images_file(&cfg.run_dir)),
     )
 }
 
+/// Until the daemon is ready: if it fails to start, the fd store it started
+/// itself is ended. Nothing of a previous daemon is in such a store (there was
+/// none), and left running it would hold its socket, and this daemon's fresh
+/// kernel connection, with nobody to serve them.
+struct StartGuard<'a> {
+    store: Option<&'a fdstore::Client>,
+    spawned: Option<fdstore::Spawned>,
+}
+
+impl StartGuard<'_> {
+    /// The daemon serves: the store lives on, for its successor.
+    fn started(mut self) {
+        if let Some(spawned) = self.spawned.take() {
+            spawned.keep_running();
+        }
+    }
+}
+
+impl Drop for StartGuard<'_> {
+    fn drop(&mut self) {
+        if let (Some(store), Some(spawned)) = (self.store, self.spawned.take()) {
+            if let Err(e) = store.end_spawned(spawned) {
+                warn!("ending the fd store this daemon started: {e:#}");
+            }
+        }
+    }
+}
+
+/// How the daemon leaves: as asked, except that a cachefiles server that
+/// stopped on an error (its device lost) hands over rather than shuts down.
+/// Shutting down has the fd store let go of the device, which unbinds the
+/// cache and fails every mount with EIO; parked, the connection waits for a
+/// successor (a restart takes it over, and `restore` re-queues what was in
+/// flight).
+fn exit_mode(asked: ExitMode, finished: &Finished, served_ok: bool) -> ExitMode {
+    match (asked, finished, served_ok) {
+        (ExitMode::Shutdown, Finished::Cachefiles(_), false) => {
+            warn!("serving ended on an error: the cachefiles connection stays in the fd store for a successor");
+            ExitMode::Handover
+        }
+        _ => asked,
+    }
+}
+
 async fn serve(cfg: DaemonConfig, started: Instant) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.run_dir)
-        .with_context(|| format!("creating {}", cfg.run_dir.display()))?;
-    let store = match &cfg.fd_store {
-        Some(path) => Some(fdstore::Client::connect_or_spawn(path)?),
-        None => None,
+    lazypull_engine::private_dir(&cfg.run_dir).context("the run directory")?;
+    let (store, spawned) = match &cfg.fd_store {
+        Some(path) => {
+            let (client, spawned) = fdstore::Client::connect_or_spawn(path)?;
+            (Some(client), spawned)
+        }
+        None => (None, None),
+    };
+    let start = StartGuard {
+        store: store.as_ref(),
+        spawned,
     };
     let mut parked = Parked::from_store(store.as_ref())?;
     let catalog = Arc::new(catalog(&cfg));
+    if parked.has_cachefiles() {
+        // The images restored next serve a kernel cache that outlived the
+        // previous daemon: check them against the bindings it holds.
+        catalog.keep_kernel_bindings()?;
+    }
     let saved = if parked.has_connection() {
         // The kernel asks for these images' blobs as soon as the transport
         // serves again: know them first.
@@ -119,15 +183,25 @@ async fn serve(cfg: DaemonConfig, started: Instant) -> anyhow::Result<()> {
         persist::forget(&cfg.run_dir);
         TransportState::default()
     };
-    let resolver: Arc<dyn BlobResolver> = {
-        let catalog = catalog.clone();
-        Arc::new(
-            move |_volume: &[u8], cookie: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
-                catalog.resolve(cookie)
-            },
-        )
+    let resolvers = {
+        let (c, f) = (catalog.clone(), catalog.clone());
+        transport::Resolvers {
+            cachefiles: Arc::new(
+                move |_volume: &[u8], cookie: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
+                    c.resolve(cookie)
+                },
+            ),
+            fuse: Arc::new(
+                move |_volume: &[u8], cookie: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
+                    f.resolve_registered(cookie)
+                },
+            ),
+        }
     };
-    let (running, reason) = transport::start(&cfg, resolver, &mut parked, saved)?;
+    let (running, reason) = transport::start(&cfg, resolvers, &mut parked, saved)?;
+    if matches!(running, Running::Cachefiles(_)) {
+        catalog.keep_kernel_bindings()?;
+    }
     parked.drop_unclaimed(store.as_ref())?;
     let view = running.view(&cfg.fuse_dir);
     if let Some(s) = &store {
@@ -171,6 +245,11 @@ async fn serve(cfg: DaemonConfig, started: Instant) -> anyhow::Result<()> {
         startup_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0,
         "lazypull daemon ready"
     );
+    start.started();
+    // Images the previous daemon served that are not back yet: retried
+    // until they are, stopped (joined) before this daemon hands over or ends.
+    let retrier = restoring::Retrier::start(daemon.catalog.clone())
+        .context("starting the thread that restores images")?;
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -197,6 +276,18 @@ async fn serve(cfg: DaemonConfig, started: Instant) -> anyhow::Result<()> {
             (Finished::Fuse(server), r)
         }
     };
+    // No prefetch may write into the cache past this point: the successor
+    // (handover) or nobody (shutdown) owns it next.
+    {
+        let d = daemon.clone();
+        let why = match mode.lock().unwrap_or_else(|p| p.into_inner()).0 {
+            ExitMode::Handover => "the daemon hands over",
+            ExitMode::Shutdown => "the daemon shuts down",
+        };
+        if let Err(e) = tokio::task::spawn_blocking(move || d.prefetches.stop_all(why)).await {
+            tracing::error!("stopping the prefetch threads failed (a bug): {e}");
+        }
+    }
     control_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
@@ -204,10 +295,16 @@ async fn serve(cfg: DaemonConfig, started: Instant) -> anyhow::Result<()> {
     if let Some(t) = session_task {
         t.abort();
     }
+    if let Some(r) = retrier {
+        // Stops and joins the thread (a round under way finishes first), so
+        // nothing rewrites images.json while a successor reads it.
+        let _ = tokio::task::spawn_blocking(move || drop(r)).await;
+    }
     let (mode, done) = std::mem::replace(
         &mut *mode.lock().unwrap_or_else(|p| p.into_inner()),
         (ExitMode::Shutdown, None),
     );
+    let mode = exit_mode(mode, &finished, served.is_ok());
     let outcome = match mode {
         ExitMode::Handover => handover::hand_over(&finished, store.as_ref(), &cfg.run_dir),
         ExitMode::Shutdown => {
@@ -236,4 +333,27 @@ async fn serve(cfg: DaemonConfig, started: Instant) -> anyhow::Result<()> {
         "lazypull daemon exiting"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cachefiles_server_that_failed_leaves_its_connection_parked() {
+        let cachefiles = Finished::Cachefiles(Default::default());
+        assert_eq!(
+            exit_mode(ExitMode::Shutdown, &cachefiles, false),
+            ExitMode::Handover,
+            "a lost device must not unbind the cache"
+        );
+        assert_eq!(
+            exit_mode(ExitMode::Shutdown, &cachefiles, true),
+            ExitMode::Shutdown
+        );
+        assert_eq!(
+            exit_mode(ExitMode::Handover, &cachefiles, false),
+            ExitMode::Handover
+        );
+    }
 }

@@ -26,6 +26,10 @@ pub(crate) fn forget(run_dir: &Path) {
     let _ = std::fs::remove_file(images_file(run_dir));
 }
 
+/// transport.json's format version (written as `"version"`). A file without
+/// one is version 0, the form before versions: this one's without the field.
+pub(crate) const TRANSPORT_VERSION: u32 = 1;
+
 /// What a successor needs besides the fds: written to `<run_dir>/transport.json`.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub(crate) struct TransportState {
@@ -50,21 +54,52 @@ impl TransportState {
         run_dir.join("transport.json")
     }
 
+    /// What a previous daemon saved, or nothing. A file this daemon cannot
+    /// read (not this form, or a format version it does not know) is never
+    /// guessed at: it is discarded (kept aside as `transport.json.unreadable`)
+    /// and the transport starts without it.
     pub(crate) fn load(run_dir: &Path) -> TransportState {
-        match std::fs::read(Self::path(run_dir)) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                warn!("ignoring an unreadable transport state: {e}");
-                TransportState::default()
-            }),
-            Err(_) => TransportState::default(),
-        }
+        let path = Self::path(run_dir);
+        let Ok(bytes) = std::fs::read(&path) else {
+            return TransportState::default();
+        };
+        let why = match serde_json::from_slice::<Versioned<TransportState>>(&bytes) {
+            // Version 0 has this form without the version field.
+            Ok(v) if v.version <= TRANSPORT_VERSION => return v.state,
+            Ok(v) => format!(
+                "it is in format version {}, this daemon reads versions 0 to {TRANSPORT_VERSION}",
+                v.version
+            ),
+            Err(e) => format!("unreadable: {e}"),
+        };
+        let aside = run_dir.join("transport.json.unreadable");
+        let kept = std::fs::rename(&path, &aside).map_or_else(
+            |e| format!("cannot keep it aside: {e}"),
+            |()| format!("kept aside as {}", aside.display()),
+        );
+        warn!(path = %path.display(), "ignoring the transport state a previous daemon saved ({kept}): {why}");
+        TransportState::default()
     }
 
     pub(crate) fn save(&self, run_dir: &Path) -> anyhow::Result<()> {
         let path = Self::path(run_dir);
-        crate::files::write_atomically(&path, &serde_json::to_vec_pretty(self)?, 0o600)
+        let versioned = Versioned {
+            version: TRANSPORT_VERSION,
+            state: self,
+        };
+        crate::files::write_atomically(&path, &serde_json::to_vec_pretty(&versioned)?, 0o600)
             .with_context(|| format!("saving {}", path.display()))
     }
+}
+
+/// transport.json: the state with its format version beside its fields.
+#[derive(Serialize, Deserialize)]
+struct Versioned<T> {
+    /// [`TRANSPORT_VERSION`]; absent (0) in files written before versions.
+    #[serde(default)]
+    version: u32,
+    #[serde(flatten)]
+    state: T,
 }
 
 /// Keeps `<run_dir>/transport.json` current with the FUSE session (node ids
@@ -84,5 +119,54 @@ pub(crate) async fn save_fuse_sessions(server: Arc<FuseServer>, run_dir: PathBuf
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object() -> ParkedObject {
+        ParkedObject {
+            object_id: 7,
+            volume: b"erofs,lazypull".to_vec(),
+            cookie: b"sha256-abc".to_vec(),
+            size: 4096,
+        }
+    }
+
+    #[test]
+    fn transport_state_says_its_version_and_reads_version_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = TransportState {
+            objects: vec![object()],
+            ..TransportState::default()
+        };
+        state.save(dir.path()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(TransportState::path(dir.path())).unwrap())
+                .unwrap();
+        assert_eq!(v["version"], TRANSPORT_VERSION);
+        assert_eq!(TransportState::load(dir.path()).objects[0].object_id, 7);
+        // As written before files carried a version.
+        std::fs::write(
+            TransportState::path(dir.path()),
+            r#"{"fuse":null,"objects":[{"object_id":9,"volume":[1],"cookie":[2],"size":10}]}"#,
+        )
+        .unwrap();
+        assert_eq!(TransportState::load(dir.path()).objects[0].object_id, 9);
+    }
+
+    #[test]
+    fn transport_state_of_an_unknown_version_is_discarded_and_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let newer = r#"{"version":99,"fuse":null,"objects":[{"object_id":9,"volume":[1],"cookie":[2],"size":10}]}"#;
+        std::fs::write(TransportState::path(dir.path()), newer).unwrap();
+        let loaded = TransportState::load(dir.path());
+        assert!(loaded.objects.is_empty() && loaded.fuse.is_none());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("transport.json.unreadable")).unwrap(),
+            newer
+        );
     }
 }

@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use tracing::info;
 
+use super::prefetch::Prefetches;
 use super::view::TransportView;
 use crate::catalog::Catalog;
 use crate::status::{Status, StatusSource, TransportStatus};
@@ -35,6 +36,8 @@ pub(crate) type ExitRequest = (
 pub(crate) struct Daemon {
     pub(crate) catalog: Arc<Catalog>,
     pub(crate) view: TransportView,
+    /// The prefetch threads, joined at unmount, shutdown and handover.
+    pub(crate) prefetches: Prefetches,
     started: Instant,
     /// Why this transport was chosen.
     reason: String,
@@ -52,6 +55,7 @@ impl Daemon {
         Daemon {
             catalog,
             view,
+            prefetches: Prefetches::default(),
             started,
             reason,
             exit: Mutex::new(Some(exit)),
@@ -93,6 +97,8 @@ impl StatusSource for Daemon {
             backend_http: lazypull_backend::http_totals(),
             images: self.catalog.images(),
             blobs: self.view.blobs(),
+            prefetching: self.prefetches.running(),
+            restoring: self.catalog.restoring(),
         }
     }
 }

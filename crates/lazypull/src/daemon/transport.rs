@@ -15,7 +15,7 @@ use anyhow::{bail, Context};
 use lazypull_cachefiles::CacheDevice;
 use lazypull_engine::FillPolicy;
 use lazypull_source::BlobResolver;
-use lazypull_transport::cachefiles::{self, Server};
+use lazypull_transport::cachefiles::{self, BindError, Server};
 use lazypull_transport::fuse::{self, FuseServer};
 
 use super::handover::Parked;
@@ -91,11 +91,36 @@ fn fuse_unusable() -> Option<String> {
     None
 }
 
+/// How each transport turns what the kernel names into a blob.
+pub(crate) struct Resolvers {
+    /// cachefiles: an OPEN names an image root mounted, also without `lazypull
+    /// mount` (`mount -t erofs -o fsid=` of a blob store's image), so any
+    /// blob of the blob store resolves.
+    pub(crate) cachefiles: Arc<dyn BlobResolver>,
+    /// FUSE: a LOOKUP is anything that stats a name in the blob dir; only
+    /// names the catalog registered resolve (`lazypull mount` registers
+    /// first), others are ENOENT without reaching a backend.
+    pub(crate) fuse: Arc<dyn BlobResolver>,
+}
+
+/// Why `auto` must not fall back to FUSE when binding cachefiles failed with
+/// `e`, if it must not: the device is held by another process (a daemon serving
+/// this node's cachefiles mounts), and a FUSE daemon beside it would split the
+/// images between two daemons and hide that one already runs.
+fn auto_refusal(device: &Path, e: &BindError) -> Option<anyhow::Error> {
+    e.device_busy().then(|| {
+        anyhow::anyhow!(
+            "another daemon holds {}: not falling back to FUSE beside it (stop it, or replace it with `lazypull daemon --takeover`): {e}",
+            device.display()
+        )
+    })
+}
+
 /// Starts the transport, or takes over the one a previous daemon parked.
 /// Returns it with why it was chosen.
 pub(crate) fn start(
     cfg: &DaemonConfig,
-    resolver: Arc<dyn BlobResolver>,
+    resolvers: Resolvers,
     parked: &mut Parked,
     saved: TransportState,
 ) -> anyhow::Result<(Running, String)> {
@@ -103,7 +128,7 @@ pub(crate) fn start(
         let n = handed.len();
         let server = Server::adopt(
             cachefiles_config(cfg),
-            resolver,
+            resolvers.cachefiles,
             CacheDevice::from_fd(fd),
             handed,
         )?;
@@ -113,7 +138,7 @@ pub(crate) fn start(
         ));
     }
     if let Some((fd, session)) = parked.take_fuse(saved.fuse) {
-        let server = FuseServer::adopt(fuse_config(cfg), resolver, fd, session)?;
+        let server = FuseServer::adopt(fuse_config(cfg), resolvers.fuse, fd, session)?;
         return Ok((
             Running::Fuse(Arc::new(server)),
             "took over the FUSE connection from the previous daemon".into(),
@@ -123,13 +148,13 @@ pub(crate) fn start(
         if let Some(missing) = fuse_unusable() {
             bail!("no transport can serve images on this kernel: {why}; FUSE: {missing}");
         }
-        let server = FuseServer::mount(fuse_config(cfg), resolver.clone())
+        let server = FuseServer::mount(fuse_config(cfg), resolvers.fuse.clone())
             .with_context(|| format!("starting the FUSE transport ({why})"))?;
         Ok((Running::Fuse(Arc::new(server)), why))
     };
     match cfg.transport {
         TransportKind::Cachefiles => {
-            let server = Server::bind(cachefiles_config(cfg), resolver.clone())?;
+            let server = Server::bind(cachefiles_config(cfg), resolvers.cachefiles.clone())?;
             Ok((Running::Cachefiles(server), "--transport cachefiles".into()))
         }
         TransportKind::Fuse => fuse("--transport fuse".into()),
@@ -140,16 +165,43 @@ pub(crate) fn start(
                     cfg.device.display()
                 ));
             }
-            match Server::bind(cachefiles_config(cfg), resolver.clone()) {
+            match Server::bind(cachefiles_config(cfg), resolvers.cachefiles.clone()) {
                 Ok(server) => Ok((
                     Running::Cachefiles(server),
                     "the kernel has cachefiles on-demand mode".into(),
                 )),
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(e.into()),
-                Err(e) => fuse(format!(
-                    "cachefiles on-demand mode is unusable ({e}): using FUSE"
-                )),
+                Err(e) => match auto_refusal(&cfg.device, &e) {
+                    Some(refused) => Err(refused),
+                    None => fuse(format!(
+                        "cachefiles on-demand mode is unusable ({e}): using FUSE"
+                    )),
+                },
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_refuses_a_device_another_daemon_holds() {
+        let device = Path::new("/dev/cachefiles");
+        let busy = BindError::open(device, std::io::Error::from_raw_os_error(libc::EBUSY));
+        let refused = auto_refusal(device, &busy).expect("EBUSY is refused, not a FUSE fallback");
+        let msg = format!("{refused:#}");
+        assert!(
+            msg.starts_with("another daemon holds /dev/cachefiles: ")
+                && msg.contains("Device or resource busy"),
+            "{msg}"
+        );
+        for errno in [libc::ENOENT, libc::EOPNOTSUPP, libc::EPERM] {
+            let other = BindError::open(device, std::io::Error::from_raw_os_error(errno));
+            assert!(
+                auto_refusal(device, &other).is_none(),
+                "errno {errno} falls back to FUSE"
+            );
         }
     }
 }

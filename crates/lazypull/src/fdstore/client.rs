@@ -17,6 +17,22 @@ pub(crate) struct Entry {
     pub(crate) fd: OwnedFd,
 }
 
+/// A store this process started (`Client::connect_or_spawn`).
+#[derive(Debug)]
+pub(crate) struct Spawned {
+    child: std::process::Child,
+}
+
+impl Spawned {
+    /// Lets the store outlive this process (it is meant to: it keeps the
+    /// kernel connections for the next daemon).
+    pub(crate) fn keep_running(self) {
+        let mut child = self.child;
+        // Reap it if it ever exits while we live; it is not our child to wait on otherwise.
+        std::thread::spawn(move || child.wait());
+    }
+}
+
 /// The store at one socket path. Each call is a connection of its own: the
 /// store serves one connection at a time and drops idle ones, so none is kept.
 pub(crate) struct Client {
@@ -45,10 +61,10 @@ impl Client {
 
     /// Connects to the store at `socket`, starting one (this executable's
     /// `fdstore` command, in its own process group so a terminal's Ctrl-C
-    /// does not reach it) if none answers.
-    pub(crate) fn connect_or_spawn(socket: &Path) -> anyhow::Result<Client> {
+    /// does not reach it) if none answers; then also returns the store started.
+    pub(crate) fn connect_or_spawn(socket: &Path) -> anyhow::Result<(Client, Option<Spawned>)> {
         if let Ok(c) = Client::connect(socket) {
-            return Ok(c);
+            return Ok((c, None));
         }
         let exe =
             std::env::current_exe().context("finding this executable to start the fd store")?;
@@ -65,9 +81,7 @@ impl Client {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(c) = Client::connect(socket) {
-                // Reap it if it ever exits while we live; it is not our child to wait on otherwise.
-                std::thread::spawn(move || child.wait());
-                return Ok(c);
+                return Ok((c, Some(Spawned { child })));
             }
             if let Some(status) = child.try_wait()? {
                 bail!("the fd store exited at start ({status}); see its messages above");
@@ -80,6 +94,17 @@ impl Client {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Ends a store this process started: closes every fd it holds and waits
+    /// until the process is gone (its socket is removed before it answers).
+    pub(crate) fn end_spawned(&self, mut spawned: Spawned) -> anyhow::Result<()> {
+        self.exit()?;
+        spawned
+            .child
+            .wait()
+            .context("waiting for the fd store to exit")?;
+        Ok(())
     }
 
     /// Sends `op`; returns the connection (for multi-part replies) and the first reply.

@@ -25,7 +25,7 @@ mod client;
 mod server;
 mod wire;
 
-pub(crate) use client::{Client, Entry};
+pub(crate) use client::{Client, Entry, Spawned};
 pub use server::serve;
 
 /// Default path of the store's socket.

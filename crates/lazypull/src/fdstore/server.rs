@@ -15,7 +15,13 @@ use super::wire::{recv, send, seqpacket, Op, Reply, MAX_FDS};
 /// Runs the store on `socket` until told to exit.
 pub fn serve(socket: &Path) -> anyhow::Result<()> {
     if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)?;
+        // Created root's only; one that exists is left as it is: the socket
+        // itself is 0600.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
     if Client::connect(socket).is_ok() {
         bail!("an fd store already answers on {}", socket.display());
@@ -95,12 +101,14 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
                     send(conn.as_fd(), &ok(vec![], false), &[])
                 }
                 Op::Exit => {
+                    // The socket goes before the reply: whoever hears it
+                    // finds no store there any more.
+                    let _ = std::fs::remove_file(socket);
                     let _ = send(conn.as_fd(), &ok(vec![], false), &[]);
                     info!(
                         fds = entries.len(),
                         "fd store: closing every fd and exiting"
                     );
-                    let _ = std::fs::remove_file(socket);
                     return Ok(());
                 }
             };

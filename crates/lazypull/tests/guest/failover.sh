@@ -79,6 +79,8 @@ LOG=/run/lp/daemon-3.log
 	--log-level "${LP_LOG_LEVEL:-info,lazypull_transport=debug}" >>"$LOG" 2>&1 &
 DPID=$!
 ready_in "$LOG"
+# What the adopted objects hold, as the new daemon sees it at once.
+"$LP_BIN" status --json >"$LP_OUT/status-after-takeover.json" 2>&1 || true
 rc=0
 wait "$OLD" || rc=$?
 echo "$rc" >"$LP_OUT/old-daemon.exit"

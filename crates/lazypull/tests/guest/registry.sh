@@ -45,9 +45,15 @@ LAZYPULL_REGISTRY_USER=alice LAZYPULL_REGISTRY_PASSWORD=secret \
 sha256sum /mnt/auth/secret.bin | sed 's#  /mnt/auth/#  #' >"$LP_OUT/auth.sum" || fail "reading through auth"
 
 # 5. A blob directory on a plain web server (Range requests), mounted by fsid.
-mount_image "$(cat "$LP_DATA/web-meta")" /mnt/web || fail "mounting the image served over HTTP"
+# Registered first (lazypull mount --fsid): the daemon serves bytes from the
+# web server only for an image whose meta blob (its fsid) vouches for them.
+"$LP_BIN" mount --fsid "$(cat "$LP_DATA/web-meta")" /mnt/web || fail "mounting the image served over HTTP"
 (cd /mnt/web && sha256sum $(cut -d' ' -f3 "$LP_DATA/web.sums")) >"$LP_OUT/web.sums" || fail "reading over HTTP"
-umount /mnt/web
+"$LP_BIN" umount /mnt/web || fail "lazypull umount /mnt/web"
+# The kernel's cache outlives the daemon: the name -> chunk table bindings it
+# holds bytes under are kept for later daemons (0600, in the work dir).
+grep -q "$(cat "$LP_DATA/web-meta")" "$CACHE/work/kernel-bindings.json" || fail "the kernel bindings file does not name the web image"
+[ "$(stat -c %a "$CACHE/work/kernel-bindings.json")" = 600 ] || fail "the kernel bindings file is not 0600"
 
 # 6. Prefetch: the whole image, then a list of files.
 prefetched() { # N: waits until N prefetches have finished

@@ -9,7 +9,6 @@
 //! the end, also after an error or Ctrl-C. It drives the real commands (the
 //! daemon is this executable); it must not take shortcuts around them.
 
-
 mod sample;
 
 use std::path::{Path, PathBuf};
@@ -23,7 +22,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::build::build_image;
-use super::mount::mount_image;
+use super::mount::{mount_image, ImageTrust};
 use super::output::human;
 use crate::config::TransportKind;
 use crate::control::{self, PrefetchSpec, RegisterRequest, Request};
@@ -204,7 +203,8 @@ fn demo(
     let _ = std::fs::remove_dir_all(&out);
     sample::make(&src).context("writing the sample tree")?;
     check(interrupted)?;
-    let (img, stored) = build_image(&src, &out, 1 << 20, Some(3), true)?;
+    let limits = lazypull_ingest::IngestOptions::default();
+    let (img, stored) = build_image(&src, &out, 1 << 20, Some(3), &limits, true)?;
     std::fs::remove_dir_all(&src)?;
     let data_bytes: u64 = img.blobs.iter().map(|b| b.size).sum();
     let image_bytes = img.meta_size + data_bytes;
@@ -221,7 +221,8 @@ fn demo(
     check(interrupted)?;
 
     // 2. The web server.
-    let server = crate::blob_server::BlobServer::start(&out).context("starting the demo's web server")?;
+    let server =
+        crate::blob_server::BlobServer::start(&out).context("starting the demo's web server")?;
     let url = server.url();
     say(
         json,
@@ -307,6 +308,7 @@ fn demo(
         &mnt,
         None,
         &PrefetchSpec::default(),
+        ImageTrust::default(),
     )?;
     stage.mountpoint = Some(mounted.mountpoint.clone());
     let http_at_mount = stage.server.as_ref().map_or(0, |s| s.bytes());
