@@ -371,7 +371,8 @@ fn a_blob_trailer_is_invisible_to_the_kernel_and_to_fsck() {
         },
     )
     .unwrap();
-    let img = build_from_layers(std::slice::from_ref(&src), &out, &BuildOptions::default()).unwrap();
+    let img =
+        build_from_layers(std::slice::from_ref(&src), &out, &BuildOptions::default()).unwrap();
     let entries = img
         .blobs
         .iter()

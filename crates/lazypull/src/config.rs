@@ -456,7 +456,11 @@ mod tests {
         assert_eq!((c.range_deadline_secs, c.min_throughput), (30, 64 << 10));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "range_deadline_secs = 5\nmin_throughput = \"1MiB\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "range_deadline_secs = 5\nmin_throughput = \"1MiB\"\n",
+        )
+        .unwrap();
         let mut a = args();
         a.config = Some(path.clone());
         let c = a.resolve().unwrap();

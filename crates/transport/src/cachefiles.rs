@@ -539,7 +539,10 @@ impl Server {
     }
 
     /// Serves requests until `shutdown` resolves, then waits (bounded) for READs
-    /// in flight and returns. Dropping the device afterwards unbinds the cache.
+    /// and OPENs in flight and returns. Dropping the device afterwards unbinds
+    /// the cache. A failed read of the device ends serving (with that error)
+    /// only when the device is lost (EBADF, ENODEV, ENXIO); any other is counted
+    /// (`device_read_errors`), logged and retried after a short backoff.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> io::Result<StatsSnapshot> {
         let Server {
             device,

@@ -6,13 +6,17 @@
 # must get it; the first one comes back corrupted once. Every read must return
 # the right bytes (the first file's may fail with EIO), never wrong bytes; the
 # second pass reads everything right; and the daemon keeps serving a healthy
-# image meanwhile. The request timeout is short enough that the proxy's slow
-# answers (8 s) always time out, and long enough that no clean one does.
+# image meanwhile. The request timeout, and a Range request's deadline (4 s +
+# its bytes at 4 MiB/s: at most 5 s for the 4 MiB merged ranges), are short
+# enough that the proxy's slow answers (8 s) always time out, and long enough
+# that no clean one does.
 source "$LP_SCENARIOS/lib.sh"
 setup_disks
 network_up
 cat >/run/lp/daemon.toml <<TOML
 request_timeout_secs = 4
+range_deadline_secs = 4
+min_throughput = "4MiB"
 retries = 3
 TOML
 start_daemon --work-dir "$CACHE/work" --config /run/lp/daemon.toml
