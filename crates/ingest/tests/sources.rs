@@ -6,6 +6,10 @@
 //! Needs root (mounting; the expected trees hold devices, owners, trusted.*
 //! xattrs and ACLs). Without root the tests FAIL; they never skip.
 
+// The erofs crate's test helpers (the reader's view of an image as a testkit
+// manifest): shared by path, since lazypull-testkit does not depend on the
+// format crate and a dev-dependency on it would make a cycle.
+#[path = "../../erofs/tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;
