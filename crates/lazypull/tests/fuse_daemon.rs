@@ -72,6 +72,30 @@ struct Site {
     metrics_port: u16,
 }
 
+/// `lazypull daemon` over FUSE with every directory, the control socket
+/// (`<dir>/run/ctl.sock`) and the fd store under `dir`, logging at info.
+fn daemon_command(dir: &Path, config: &Path) -> Command {
+    let mut cmd = lazypull();
+    cmd.arg("daemon")
+        .arg("--config")
+        .arg(config)
+        .args(["--transport", "fuse"])
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .arg("--work-dir")
+        .arg(dir.join("work"))
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .arg("--fuse-dir")
+        .arg(dir.join("blobs"))
+        .arg("--socket")
+        .arg(dir.join("run/ctl.sock"))
+        .arg("--fd-store")
+        .arg(dir.join("run/fdstore.sock"))
+        .args(["--log-level", "info"]);
+    cmd
+}
+
 impl Site {
     fn new(dir: &Path, src: &Path) -> Site {
         let www = dir.join("www");
@@ -111,26 +135,11 @@ impl Site {
 
     fn daemon(&self, extra: &[&str], log: &str) -> Child {
         let log = fs::File::create(self.dir.join(log)).unwrap();
-        let child = lazypull()
-            .arg("daemon")
-            .args(["--config", "/dev/null", "--transport", "fuse"])
-            .arg("--cache-dir")
-            .arg(self.dir.join("cache"))
-            .arg("--work-dir")
-            .arg(self.dir.join("work"))
-            .arg("--run-dir")
-            .arg(self.dir.join("run"))
-            .arg("--fuse-dir")
-            .arg(self.dir.join("blobs"))
-            .arg("--socket")
-            .arg(self.socket())
-            .arg("--fd-store")
-            .arg(self.dir.join("run/fdstore.sock"))
+        let child = daemon_command(&self.dir, Path::new("/dev/null"))
             .arg("--blob-url")
             .arg(format!("http://{}/", self.proxy.addr()))
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", self.metrics_port))
-            .args(["--log-level", "info"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1188,24 +1197,9 @@ fn a_second_daemon_beside_a_running_one_changes_nothing_and_says_why() {
     let before = state_file(&images);
 
     // The same command line as the first daemon's.
-    let out = lazypull()
-        .arg("daemon")
-        .args(["--config", "/dev/null", "--transport", "fuse"])
-        .arg("--cache-dir")
-        .arg(tmp.path().join("cache"))
-        .arg("--work-dir")
-        .arg(tmp.path().join("work"))
-        .arg("--run-dir")
-        .arg(tmp.path().join("run"))
-        .arg("--fuse-dir")
-        .arg(tmp.path().join("blobs"))
-        .arg("--socket")
-        .arg(site.socket())
-        .arg("--fd-store")
-        .arg(tmp.path().join("run/fdstore.sock"))
+    let out = daemon_command(tmp.path(), Path::new("/dev/null"))
         .arg("--blob-url")
         .arg(format!("http://{}/", site.proxy.addr()))
-        .args(["--log-level", "info"])
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -1534,24 +1528,7 @@ fn a_restart_during_a_registry_outage_keeps_the_image_and_brings_it_back() {
     fs::write(dir.join("config.toml"), "retries = 1\n").unwrap();
     let socket = dir.join("run/ctl.sock");
     let start = |log: &str| -> Child {
-        let child = lazypull()
-            .arg("daemon")
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .args(["--transport", "fuse"])
-            .arg("--cache-dir")
-            .arg(dir.join("cache"))
-            .arg("--work-dir")
-            .arg(dir.join("work"))
-            .arg("--run-dir")
-            .arg(dir.join("run"))
-            .arg("--fuse-dir")
-            .arg(dir.join("blobs"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--fd-store")
-            .arg(dir.join("run/fdstore.sock"))
-            .args(["--log-level", "info"])
+        let child = daemon_command(dir, &dir.join("config.toml"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.join(log)).unwrap())

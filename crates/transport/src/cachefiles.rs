@@ -1248,6 +1248,18 @@ mod tests {
     use std::cell::RefCell;
     use std::os::unix::fs::FileExt;
 
+    /// The file standing in for object `object_id`'s cache file (and its anon
+    /// fd) in the models below.
+    fn open_cache_file(dir: &std::path::Path, object_id: u32) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(dir.join(object_id.to_string()))
+            .unwrap()
+    }
+
     #[derive(Default)]
     struct Recorder(RefCell<Vec<String>>);
     impl Reply for Recorder {
@@ -1302,13 +1314,7 @@ mod tests {
         }
 
         fn cache_file(&self, object_id: u32) -> std::fs::File {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .open(self.cache.path().join(object_id.to_string()))
-                .unwrap()
+            open_cache_file(self.cache.path(), object_id)
         }
 
         fn send(&mut self, request: Result<Request, ParseError>, with_fd: bool) {
@@ -1577,13 +1583,7 @@ mod tests {
         }
 
         fn cache_file(&self, object_id: u32) -> std::fs::File {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .open(self.cache.path().join(object_id.to_string()))
-                .unwrap()
+            open_cache_file(self.cache.path(), object_id)
         }
 
         fn open(&self, msg_id: u32, object_id: u32, cookie: &str) {
