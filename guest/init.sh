@@ -4,9 +4,11 @@
 # The root filesystem is the host's `/`, read-only over 9p, so every host binary and every
 # host path is visible at the same place. This script makes the few writable places a test
 # needs (tmpfs on /run, /mnt, /dev/shm; tmpfs-backed overlays on /tmp and /var/tmp, which keep
-# showing the host's files), mounts the read-write output share, runs the scenario script and
-# records its result, then reboots, which ends qemu (`-no-reboot`). If anything goes wrong
-# before the scenario starts, it says so on the console and reboots without a `started` file.
+# showing the host's files), what containers need (cgroup v2 at /sys/fs/cgroup with every
+# controller enabled for child cgroups, devpts, mqueue at /dev/mqueue), mounts the read-write
+# output share, runs the scenario script and records its result, then reboots, which ends
+# qemu (`-no-reboot`). If anything goes wrong before the scenario starts, it says so on the
+# console and reboots without a `started` file.
 #
 # Parameters arrive from the kernel command line (unknown NAME=value words become our
 # environment; names cannot contain dots):
@@ -63,6 +65,7 @@ fi
 #   link|TARGET|PATH       symlink PATH -> TARGET unless PATH exists
 #   mount|TYPE|SRC|DST|DATA    mount (creating DST); mount? skips an already mounted DST;
 #                              else|... is tried only if the mount on the same DST failed
+#                              try|... is a mount whose failure is only reported
 setup() {
 	if command -v perl >/dev/null; then
 		perl -e '
@@ -84,6 +87,7 @@ setup() {
 				} else {
 					my ($type, $src, $dst, $data) = @a;
 					next if $op eq "mount?" and mounted($dst);
+					my $try = $op eq "try";
 					next if $op eq "else" and !$failed{$dst};
 					mkdir_p($dst);
 					# 165 is mount(2) on x86_64.
@@ -91,7 +95,7 @@ setup() {
 						delete $failed{$dst};
 					} else {
 						warn "lp-init: mount -t $type $src $dst -o $data: $!\n";
-						$failed{$dst} = 1;
+						$failed{$dst} = 1 unless $try;
 					}
 				}
 			}
@@ -105,6 +109,10 @@ setup() {
 		case $op in
 		dir) mkdir -p "$a" && chmod "$b" "$a" ;;
 		link) [ -e "$b" ] || [ -L "$b" ] || ln -s "$a" "$b" ;;
+		try)
+			mkdir -p "$c" 2>/dev/null
+			mount -t "$a" -o "$d" "$b" "$c" || true
+			;;
 		mount | mount\? | else)
 			if [ "$op" = "mount?" ] && grep -qs "^[^ ]* $c " /proc/self/mounts; then continue; fi
 			if [ "$op" = else ] && [ "$failed" != "$c" ]; then continue; fi
@@ -138,8 +146,24 @@ setup \
 	"dir|/run/lp-ovl/var/tmp/upper|1777" "dir|/run/lp-ovl/var/tmp/work|0755" \
 	"mount|overlay|overlay|/var/tmp|lowerdir=/var/tmp,upperdir=/run/lp-ovl/var/tmp/upper,workdir=/run/lp-ovl/var/tmp/work" \
 	"else|tmpfs|tmpfs|/var/tmp|mode=1777" \
+	"try|cgroup2|cgroup2|/sys/fs/cgroup|" \
+	"try|mqueue|mqueue|/dev/mqueue|" \
 	"mount|9p|$LP_OUT_TAG|$LP_OUT_MNT|trans=virtio,version=9p2000.L,msize=512000,cache=none" ||
 	die "setting up the guest's filesystems failed (see above)"
+
+# Containers: runc (cgroupfs driver) creates each container's cgroup below the root and
+# enables controllers on the way down; enabling them all at the root here (bash builtins, no
+# exec) lets any scenario use them too. Without cgroup v2 (a kernel built without CGROUPS)
+# the cgroup2 mount above only warned: the other scenarios do not need it, and runc fails
+# naming what is missing.
+if [ -r /sys/fs/cgroup/cgroup.controllers ]; then
+	read -r controllers </sys/fs/cgroup/cgroup.controllers
+	for c in $controllers; do
+		echo "+$c" >/sys/fs/cgroup/cgroup.subtree_control || say "enabling cgroup controller $c failed"
+	done
+	unset c controllers
+fi
+
 ctl=$LP_OUT_MNT/.lp
 [ -f "$ctl/scenario" ] || die "no scenario at $ctl/scenario"
 export LP_OUT=$LP_OUT_MNT

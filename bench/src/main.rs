@@ -17,8 +17,11 @@
 //! `build`: `lazypull build` against Debian's `mkfs.erofs` on the same ~500 MB tree
 //! (wall time, peak RSS), and the deduplication of two overlapping layers.
 //!
+//! `digest`: the per-unit digest candidates (SHA-256, BLAKE3) on the same units,
+//! against zstd decoding of them; run natively and under `qemu-x86_64 -cpu max`.
+//!
 //! Run: `cargo build --release -p lazypull -p lazypull-bench && target/release/lazypull-bench cachefiles`
-//! (or `... registry`, `... build`, `... fuse`).
+//! (or `... registry`, `... build`, `... fuse`, `... digest`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -26,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+mod digest;
 mod fuse;
 
 use anyhow::{bail, Context, Result};
@@ -80,6 +84,27 @@ enum Bench {
         #[arg(long, default_value = "target/bench-build")]
         work: PathBuf,
     },
+    /// Per-unit digest throughput (SHA-256 vs. BLAKE3) against zstd decoding of the same units.
+    Digest {
+        /// MiB of data per round.
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+        /// Unit sizes in bytes.
+        #[arg(long, value_delimiter = ',', default_value = "65536,1048576,4194304")]
+        units: Vec<u32>,
+        /// Rounds (figures are medians over them).
+        #[arg(long, default_value_t = 7)]
+        rounds: u32,
+        /// Synthetic data, when no --input is given.
+        #[arg(long, value_enum, default_value_t = digest::Data::Words)]
+        data: digest::Data,
+        /// Take the units from the first --mib MiB of this file instead.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Print JSON instead of a Markdown table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal: run a command and print its wall time and peak RSS as JSON.
     #[command(hide = true)]
     Measure {
@@ -98,6 +123,21 @@ fn main() -> Result<()> {
         Bench::Registry { rounds, work } => registry(rounds, &work),
         Bench::Build { rounds, work } => build_bench(rounds, &work),
         Bench::Fuse { rounds, work } => fuse::run(rounds, &work),
+        Bench::Digest {
+            mib,
+            units,
+            rounds,
+            data,
+            input,
+            json,
+        } => digest::run(&digest::Args {
+            mib,
+            units,
+            rounds,
+            data,
+            input,
+            json,
+        }),
         Bench::Measure { command } => measure(&command),
     }
 }

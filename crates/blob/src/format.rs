@@ -50,6 +50,22 @@
 //! checks the length, magic and version, then the checksum (so any flipped byte
 //! is detected), then every field rule above; a table that passes describes a
 //! gap-free, overlap-free layout of the stored data.
+//!
+//! # Why the per-unit digest is SHA-256
+//!
+//! BLAKE3 was measured as the per-unit digest (issues 11 and 13) with
+//! `lazypull-bench digest` (BENCHMARKS.md, "Per-unit digest"). It would have
+//! replaced SHA-256 only if it were at least 1.5× faster at 1 MiB units both
+//! natively and under qemu TCG, where the test guest's daemon runs. Natively
+//! (SHA-NI, AVX-512) it is 4.4× faster. Under `qemu-x86_64 -cpu max` (qemu 7.2,
+//! the guest's CPU model) it is 0.5×, i.e. twice *slower*: qemu emulates the AVX2
+//! that BLAKE3 picks, slowly, and has no SHA-NI, so SHA-256 falls back to plain
+//! scalar code, which qemu translates well. No BLAKE3 build gets there either:
+//! SSE4.1 0.7×, SSE2 1.2×, portable 1.0×. So SHA-256 stays, and the format stays
+//! at version 1. The hash is a large share of a unit's decode-and-verify time
+//! either way (about 55% natively, 62% under TCG), so the way to cut it is to
+//! verify units in parallel with fetching and decoding them, not to change the
+//! algorithm.
 
 use std::fmt;
 use std::ops::Range;

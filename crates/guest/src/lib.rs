@@ -11,7 +11,9 @@
 //!   same paths; nothing needs packing.
 //! - PID 1 is `guest/init.sh`. It mounts proc, sysfs, devtmpfs, tmpfs on `/run` and `/mnt`,
 //!   and a tmpfs-backed overlay on `/tmp` and `/var/tmp` (writable, still showing the host's
-//!   files), then mounts the read-write output share at [`GUEST_OUT_DIR`].
+//!   files), cgroup2 at `/sys/fs/cgroup` (every controller enabled for children) and mqueue at
+//!   `/dev/mqueue` (both for runc; a kernel without them only warns), then mounts the
+//!   read-write output share at [`GUEST_OUT_DIR`].
 //! - The scenario script runs as root in `/tmp`, with `HOME=/tmp`, a standard `PATH`,
 //!   `LP_OUT` set to [`GUEST_OUT_DIR`], stdin from `/dev/null` and the variables of
 //!   [`GuestConfig::env`]. Its output goes to the serial console and to a log; its exit

@@ -1,6 +1,8 @@
 //! `lazypull-ingest` reads image sources — what users have — into lazypull
 //! EROFS images: a layer directory, a tar layer (plain or gzip), an OCI image
-//! layout directory, or a `docker save` archive ([`build_from_source`]).
+//! layout directory, or a `docker save` archive ([`build_from_source`]); and
+//! hands back the source image's config, verified, for the lazy image's
+//! runtime config ([`build_source_image`]).
 //!
 //! It owns telling these formats apart (by content, never by file name),
 //! selecting the image and its layers (OCI indexes and manifests, the
@@ -28,7 +30,9 @@ use std::path::PathBuf;
 
 use lazypull_erofs::BuildError;
 
-pub use source::{build_from_source, build_from_source_with};
+pub use source::{
+    build_from_source, build_from_source_with, build_source_image, SourceConfig, SourceImage,
+};
 
 /// Default of [`IngestOptions::max_layer_size`]: 32 GiB. Above ordinary
 /// layers (even toolkit and model layers of a few GB; bigger ones can raise

@@ -65,14 +65,42 @@ pub fn build_from_source_with(
     opts: &BuildOptions,
     limits: &IngestOptions,
 ) -> Result<BuiltImage, IngestError> {
+    Ok(build_source_image(source, out_dir, opts, limits)?.image)
+}
+
+/// [`build_from_source_with`], also returning the source image's config
+/// (OCI image layouts and `docker save` archives carry one; directories and
+/// tar layers do not), read and verified as the layers are: in an OCI
+/// layout against its descriptor's digest and size; in a `docker save`
+/// archive against the digest its file name carries (`<hex>.json` or
+/// `blobs/sha256/<hex>`), when it carries one. Either way it must be a JSON
+/// object.
+pub fn build_source_image(
+    source: &Path,
+    out_dir: &Path,
+    opts: &BuildOptions,
+    limits: &IngestOptions,
+) -> Result<SourceImage, IngestError> {
     opts.validate()?;
     let md = fs::metadata(source).map_err(io_err(source))?;
+    let no_config = |image| SourceImage {
+        image,
+        config: None,
+    };
     if md.is_dir() {
         if is_oci_layout(source) {
-            let layers = oci_layers(source)?;
-            return build_blobs(&layers, out_dir, opts, limits, ArchiveCheck::None);
+            let (layers, config) = oci_layers(source)?;
+            let image = build_blobs(&layers, out_dir, opts, limits, ArchiveCheck::None)?;
+            return Ok(SourceImage {
+                image,
+                config: Some(config),
+            });
         }
-        return Ok(build_from_layers(&[source.to_path_buf()], out_dir, opts)?);
+        return Ok(no_config(build_from_layers(
+            &[source.to_path_buf()],
+            out_dir,
+            opts,
+        )?));
     }
     if !md.is_file() {
         return Err(invalid(source, "neither a directory nor a regular file"));
@@ -83,13 +111,13 @@ pub fn build_from_source_with(
     let head = &head[..n];
     if head.starts_with(&GZIP_MAGIC) || head.starts_with(&ZSTD_MAGIC) {
         let layer = LayerBlob::whole_file(source, md.len());
-        return build_blobs(
+        return Ok(no_config(build_blobs(
             &[layer],
             out_dir,
             opts,
             limits,
             ArchiveCheck::RefuseImageArchive,
-        );
+        )?));
     }
     if !looks_like_tar(head) {
         return Err(invalid(
@@ -98,17 +126,56 @@ pub fn build_from_source_with(
         ));
     }
     match docker_layers(source)? {
-        Some(layers) => build_blobs(&layers, out_dir, opts, limits, ArchiveCheck::None),
+        Some((layers, config)) => {
+            let image = build_blobs(&layers, out_dir, opts, limits, ArchiveCheck::None)?;
+            Ok(SourceImage { image, config })
+        }
         None => {
             let layer = LayerBlob::whole_file(source, md.len());
-            build_blobs(
+            Ok(no_config(build_blobs(
                 &[layer],
                 out_dir,
                 opts,
                 limits,
                 ArchiveCheck::RefuseImageArchive,
-            )
+            )?))
         }
+    }
+}
+
+/// What [`build_source_image`] built, and the source image's config.
+#[derive(Debug)]
+pub struct SourceImage {
+    /// The built image.
+    pub image: BuiltImage,
+    /// The source image's config, if the source has one.
+    pub config: Option<SourceConfig>,
+}
+
+/// A source image's config, verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceConfig {
+    /// Its media type: the OCI image config's or Docker's (for `docker save`
+    /// archives, Docker's).
+    pub media_type: String,
+    /// `sha256:<hex>` of `bytes`.
+    pub digest: String,
+    /// The config JSON (an object) as the source holds it.
+    pub bytes: Vec<u8>,
+}
+
+impl SourceConfig {
+    /// A config whose bytes were checked against what names them.
+    fn new(path: &Path, media_type: &str, bytes: Vec<u8>) -> Result<SourceConfig, IngestError> {
+        let value: serde_json::Value = parse_json(path, &bytes)?;
+        if !value.is_object() {
+            return Err(invalid(path, "the image config is not a JSON object"));
+        }
+        Ok(SourceConfig {
+            media_type: media_type.to_owned(),
+            digest: format!("sha256:{}", hex::encode(Sha256::digest(&bytes))),
+            bytes,
+        })
     }
 }
 
@@ -447,7 +514,7 @@ fn select<'d>(path: &Path, manifests: &'d [Descriptor]) -> Result<&'d Descriptor
     }
 }
 
-fn oci_layers(layout: &Path) -> Result<Vec<LayerBlob>, IngestError> {
+fn oci_layers(layout: &Path) -> Result<(Vec<LayerBlob>, SourceConfig), IngestError> {
     let marker = layout.join("oci-layout");
     let _: ImageLayout = parse_json(&marker, &read_json_file(&marker, MAX_JSON)?)?;
     let index_path = layout.join("index.json");
@@ -518,7 +585,21 @@ fn oci_layers(layout: &Path) -> Result<Vec<LayerBlob>, IngestError> {
                 digest: Some(hex),
             });
         }
-        return Ok(out);
+        let mt = manifest.config.media_type.as_str();
+        if mt != media_type::OCI_CONFIG && mt != media_type::DOCKER_CONFIG {
+            return Err(invalid(
+                &path,
+                format!(
+                    "config ({}): unsupported media type {mt:?} (expected {} or {})",
+                    manifest.config.digest,
+                    media_type::OCI_CONFIG,
+                    media_type::DOCKER_CONFIG
+                ),
+            ));
+        }
+        let (config_path, bytes) = read_json_blob(layout, &manifest.config)?;
+        let config = SourceConfig::new(&config_path, mt, bytes)?;
+        return Ok((out, config));
     }
     Err(invalid(layout, "image indexes nested too deeply"))
 }
@@ -528,6 +609,8 @@ fn oci_layers(layout: &Path) -> Result<Vec<LayerBlob>, IngestError> {
 
 #[derive(Debug, Deserialize)]
 struct DockerImage {
+    #[serde(rename = "Config", default)]
+    config: Option<String>,
     #[serde(rename = "Layers")]
     layers: Vec<String>,
 }
@@ -566,9 +649,10 @@ fn scan_tar(
     Ok(())
 }
 
-/// The layers of a `docker save` archive, or `None` if `path` is not one
-/// (no top-level `manifest.json` of that shape).
-fn docker_layers(path: &Path) -> Result<Option<Vec<LayerBlob>>, IngestError> {
+/// The layers of a `docker save` archive and its config (if its
+/// `manifest.json` names one), or `None` if `path` is not one (no top-level
+/// `manifest.json` of that shape).
+fn docker_layers(path: &Path) -> Result<Option<DockerSource>, IngestError> {
     let mut manifest: Option<Vec<u8>> = None;
     scan_tar(path, |name, entry| {
         if name == Path::new("manifest.json") && entry.header().entry_type().is_file() {
@@ -619,11 +703,10 @@ fn docker_layers(path: &Path) -> Result<Option<Vec<LayerBlob>>, IngestError> {
         Ok(())
     })?;
     let file_len = fs::metadata(path).map_err(io_err(path))?.len();
-    let mut out = Vec::with_capacity(image.layers.len());
-    for (i, l) in image.layers.iter().enumerate() {
-        let label = format!("{} ({l})", i + 1);
-        let mut cur = extract::normalize(l.as_bytes())
-            .ok_or_else(|| invalid(&shown, format!("layer {label}: path leaves the archive")))?;
+    // Where member `name` (following symlinks) is: offset and size.
+    let locate = |name: &str, label: &str| -> Result<(u64, u64), IngestError> {
+        let mut cur = extract::normalize(name.as_bytes())
+            .ok_or_else(|| invalid(&shown, format!("{label}: path leaves the archive")))?;
         let mut hops = 0;
         let (offset, size) = loop {
             match members.get(&cur) {
@@ -637,19 +720,19 @@ fn docker_layers(path: &Path) -> Result<Option<Vec<LayerBlob>>, IngestError> {
                         [base, b"/", target].concat()
                     };
                     cur = extract::normalize(&joined).ok_or_else(|| {
-                        invalid(&shown, format!("layer {label}: link leaves the archive"))
+                        invalid(&shown, format!("{label}: link leaves the archive"))
                     })?;
                 }
                 Some(_) => {
                     return Err(invalid(
                         &shown,
-                        format!("layer {label}: not a regular file in the archive"),
+                        format!("{label}: not a regular file in the archive"),
                     ))
                 }
                 None => {
                     return Err(invalid(
                         &shown,
-                        format!("layer {label}: missing from the archive"),
+                        format!("{label}: missing from the archive"),
                     ))
                 }
             }
@@ -657,9 +740,45 @@ fn docker_layers(path: &Path) -> Result<Option<Vec<LayerBlob>>, IngestError> {
         if offset.checked_add(size).is_none_or(|end| end > file_len) {
             return Err(IngestError::InvalidArchive {
                 layer: path.display().to_string(),
-                reason: format!("truncated: layer {label} extends past the end of the file"),
+                reason: format!("truncated: {label} extends past the end of the file"),
             });
         }
+        Ok((offset, size))
+    };
+    let config = match &image.config {
+        None => None,
+        Some(name) => {
+            let label = format!("config ({name})");
+            let (offset, size) = locate(name, &label)?;
+            if size > MAX_JSON {
+                return Err(invalid(
+                    &shown,
+                    format!("{label}: larger than {MAX_JSON} bytes"),
+                ));
+            }
+            let mut f = File::open(path).map_err(io_err(path))?;
+            f.seek(SeekFrom::Start(offset)).map_err(io_err(path))?;
+            let mut bytes = Vec::new();
+            f.take(size).read_to_end(&mut bytes).map_err(io_err(path))?;
+            let shown_config = path.join(name);
+            let config = SourceConfig::new(&shown_config, media_type::DOCKER_CONFIG, bytes)?;
+            // Docker names the config by its digest (the image id).
+            if let Some(want) = digest_in_name(name) {
+                if config.digest[7..] != *want {
+                    return Err(IngestError::DigestMismatch {
+                        layer: label,
+                        expected: format!("sha256:{want}"),
+                        actual: config.digest,
+                    });
+                }
+            }
+            Some(config)
+        }
+    };
+    let mut out = Vec::with_capacity(image.layers.len());
+    for (i, l) in image.layers.iter().enumerate() {
+        let label = format!("{} ({l})", i + 1);
+        let (offset, size) = locate(l, &format!("layer {label}"))?;
         out.push(LayerBlob {
             label,
             path: path.to_path_buf(),
@@ -668,5 +787,16 @@ fn docker_layers(path: &Path) -> Result<Option<Vec<LayerBlob>>, IngestError> {
             digest: None,
         });
     }
-    Ok(Some(out))
+    Ok(Some((out, config)))
+}
+
+/// A `docker save` archive's layers and config.
+type DockerSource = (Vec<LayerBlob>, Option<SourceConfig>);
+
+/// The SHA-256 (hex) a `docker save` member name carries: `<hex>.json`
+/// (classic) or `blobs/sha256/<hex>` (OCI-style archives), else `None`.
+fn digest_in_name(name: &str) -> Option<&str> {
+    let base = name.rsplit('/').next().unwrap_or(name);
+    let hex = base.strip_suffix(".json").unwrap_or(base);
+    (hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(hex)
 }

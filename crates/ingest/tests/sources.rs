@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use flate2::write::GzEncoder;
 use lazypull_erofs::{build_from_layers, BuildOptions, Image};
-use lazypull_ingest::{build_from_source, IngestError};
+use lazypull_ingest::{build_from_source, build_source_image, IngestError, IngestOptions};
 use lazypull_testkit::maketree::acl_xattr;
 use lazypull_testkit::{compare_entries, format_differences, scan};
 use sha2::{Digest, Sha256};
@@ -431,14 +431,21 @@ fn write_blob(layout: &Path, data: &[u8]) -> String {
 /// An OCI image layout with the given (already compressed) layer blobs.
 /// Returns the layer digests (hex).
 fn make_oci(layout: &Path, layers: &[Vec<u8>]) -> Vec<String> {
+    make_oci_with(
+        layout,
+        layers,
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,
+    )
+}
+
+/// [`make_oci`] with `config` as the image config.
+fn make_oci_with(layout: &Path, layers: &[Vec<u8>], config: &[u8]) -> Vec<String> {
     fs::create_dir_all(layout).unwrap();
     fs::write(
         layout.join("oci-layout"),
         br#"{"imageLayoutVersion":"1.0.0"}"#,
     )
     .unwrap();
-    let config =
-        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
     let config_hex = write_blob(layout, config);
     let mut hexes = Vec::new();
     let mut descs = Vec::new();
@@ -494,6 +501,19 @@ fn make_oci(layout: &Path, layers: &[Vec<u8>]) -> Vec<String> {
 /// A `docker save` archive: uncompressed layers, the second stored once
 /// under blobs/ and reached through a symlink, manifest.json last.
 fn make_docker_save(path: &Path, l1: &[u8], l2: &[u8]) {
+    make_docker_save_with(path, l1, l2, "cfg.json", "cfg.json", br#"{"os":"linux"}"#)
+}
+
+/// [`make_docker_save`] with `config` stored as the member `stored`, and
+/// `manifest.json` naming `listed` as the config.
+fn make_docker_save_with(
+    path: &Path,
+    l1: &[u8],
+    l2: &[u8],
+    listed: &str,
+    stored: &str,
+    config: &[u8],
+) {
     let mut b = tar::Builder::new(Vec::new());
     let file = |b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]| {
         let mut h = tar::Header::new_gnu();
@@ -518,9 +538,9 @@ fn make_docker_save(path: &Path, l1: &[u8], l2: &[u8]) {
     h.set_entry_type(tar::EntryType::Symlink);
     b.append_link(&mut h, "bbb/layer.tar", format!("../blobs/sha256/{l2hex}"))
         .unwrap();
-    file(&mut b, "cfg.json", br#"{"os":"linux"}"#);
+    file(&mut b, stored, config);
     let manifest = serde_json::json!([{
-        "Config": "cfg.json",
+        "Config": listed,
         "RepoTags": ["example:latest"],
         "Layers": ["aaa/layer.tar", "bbb/layer.tar"],
     }]);
@@ -958,7 +978,7 @@ fn sparse_tar(real: u64) -> Vec<u8> {
 /// works as before.
 #[test]
 fn layers_past_the_expansion_limit_are_refused() {
-    use lazypull_ingest::{build_from_source_with, IngestOptions};
+    use lazypull_ingest::build_from_source_with;
     let tmp = tempfile::tempdir().unwrap();
     let limit = 16u64 << 20;
     let opts = IngestOptions {
@@ -1006,4 +1026,92 @@ fn layers_past_the_expansion_limit_are_refused() {
         IngestOptions::default().max_layer_size,
         lazypull_ingest::DEFAULT_MAX_LAYER_SIZE
     );
+}
+
+/// A config with every runtime field, as `docker inspect` shows them.
+const RICH_CONFIG: &[u8] = br#"{"architecture":"arm64","os":"linux","variant":"v8","created":"2024-05-06T07:08:09.123456789Z","author":"me","config":{"Entrypoint":["/bin/app","-x"],"Cmd":["serve"],"Env":["PATH=/usr/bin","LANG=C.UTF-8"],"WorkingDir":"/srv","User":"1000:1000","ExposedPorts":{"8080/tcp":{}},"Volumes":{"/data":{}},"Labels":{"org.example":"yes"},"StopSignal":"SIGINT"},"history":[{"created_by":"COPY . /srv"}],"rootfs":{"type":"layers","diff_ids":["sha256:00"]},"x-extra":[1,2]}"#;
+
+#[test]
+fn the_source_config_comes_through_verified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let l1 = tar_of(&[sp("a", K::File(b"one".to_vec()), 0o644)]);
+    let l2 = tar_of(&[sp("b", K::File(b"two".to_vec()), 0o644)]);
+    let opts = BuildOptions::default();
+    let limits = IngestOptions::default();
+
+    // An OCI layout: the config blob, byte for byte, with its media type.
+    let layout = tmp.path().join("oci");
+    make_oci_with(&layout, &[gzip(&l1), gzip(&l2)], RICH_CONFIG);
+    let built = build_source_image(&layout, &tmp.path().join("o1"), &opts, &limits).unwrap();
+    let config = built.config.expect("the OCI layout's config");
+    assert_eq!(config.bytes, RICH_CONFIG);
+    assert_eq!(
+        config.media_type,
+        "application/vnd.oci.image.config.v1+json"
+    );
+    assert_eq!(config.digest, format!("sha256:{}", sha256_hex(RICH_CONFIG)));
+    assert_eq!(built.image.blobs.len(), 2);
+    // A config blob that does not match its descriptor is refused.
+    let config_blob = layout.join("blobs/sha256").join(sha256_hex(RICH_CONFIG));
+    let mut tampered = RICH_CONFIG.to_vec();
+    tampered[20] = b'X';
+    fs::write(&config_blob, &tampered).unwrap();
+    let err = build_source_image(&layout, &tmp.path().join("o2"), &opts, &limits).unwrap_err();
+    assert!(matches!(err, IngestError::DigestMismatch { .. }), "{err:?}");
+    // A missing one too, naming it.
+    fs::remove_file(&config_blob).unwrap();
+    let err = build_source_image(&layout, &tmp.path().join("o3"), &opts, &limits).unwrap_err();
+    assert!(
+        err.to_string().contains(&sha256_hex(RICH_CONFIG)) && err.to_string().contains("missing"),
+        "{err}"
+    );
+
+    // docker save, config named by its digest (as docker names it): verified.
+    let name = format!("{}.json", sha256_hex(RICH_CONFIG));
+    let save = tmp.path().join("save.tar");
+    make_docker_save_with(&save, &l1, &l2, &name, &name, RICH_CONFIG);
+    let built = build_source_image(&save, &tmp.path().join("o4"), &opts, &limits).unwrap();
+    let config = built.config.expect("the docker save archive's config");
+    assert_eq!(config.bytes, RICH_CONFIG);
+    assert_eq!(
+        config.media_type,
+        "application/vnd.docker.container.image.v1+json"
+    );
+    // ... and the OCI-style name of newer docker versions.
+    let name = format!("blobs/sha256/{}", sha256_hex(RICH_CONFIG));
+    make_docker_save_with(&save, &l1, &l2, &name, &name, RICH_CONFIG);
+    let built = build_source_image(&save, &tmp.path().join("o5"), &opts, &limits).unwrap();
+    assert_eq!(built.config.unwrap().bytes, RICH_CONFIG);
+    // A config that is not what its name says is refused.
+    let name = format!("{}.json", "0".repeat(64));
+    make_docker_save_with(&save, &l1, &l2, &name, &name, RICH_CONFIG);
+    let err = build_source_image(&save, &tmp.path().join("o6"), &opts, &limits).unwrap_err();
+    assert!(
+        matches!(err, IngestError::DigestMismatch { .. }) && err.to_string().contains("config"),
+        "{err:?}"
+    );
+    // Not JSON, or not an object: refused.
+    for bad in [&b"{"[..], b"[1]"] {
+        make_docker_save_with(&save, &l1, &l2, "c.json", "c.json", bad);
+        let err = build_source_image(&save, &tmp.path().join("o7"), &opts, &limits).unwrap_err();
+        assert!(err.to_string().contains("c.json"), "{err}");
+    }
+    // A config member that is missing.
+    make_docker_save_with(&save, &l1, &l2, "c.json", "d.json", b"{}");
+    let err = build_source_image(&save, &tmp.path().join("o8"), &opts, &limits).unwrap_err();
+    assert!(
+        err.to_string().contains("config (c.json)") && err.to_string().contains("missing"),
+        "{err}"
+    );
+
+    // Sources without a config: none.
+    let dir = tmp.path().join("dir");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("f"), "x").unwrap();
+    let built = build_source_image(&dir, &tmp.path().join("o9"), &opts, &limits).unwrap();
+    assert!(built.config.is_none());
+    let tar = tmp.path().join("layer.tar");
+    fs::write(&tar, &l1).unwrap();
+    let built = build_source_image(&tar, &tmp.path().join("o10"), &opts, &limits).unwrap();
+    assert!(built.config.is_none());
 }

@@ -75,6 +75,26 @@ enum Command {
     /// both steps at once.)
     Handover(cli::HandoverArgs),
 
+    /// Serve containerd's snapshots API: an overlayfs snapshotter for
+    /// containerd, in its own process beside the daemon (each survives the
+    /// other's restarts).
+    ///
+    /// containerd reaches it as a proxy plugin; in /etc/containerd/config.toml:
+    ///
+    ///     [proxy_plugins.lazypull]
+    ///       type = "snapshot"
+    ///       address = "/run/lazypull/snapshotter.sock"
+    ///
+    /// then `ctr run --snapshotter lazypull ...`, or in the CRI plugin:
+    /// `[plugins."io.containerd.grpc.v1.cri".containerd] snapshotter = "lazypull"`.
+    ///
+    /// Snapshots and their store live under --root (crash-safe: a killed
+    /// snapshotter restarts consistent and removes half-made directories).
+    /// The socket is 0600; a stale one is replaced, a live one refused.
+    /// SIGTERM / SIGINT stop it gracefully. Log each call with --log-level debug.
+    #[command(verbatim_doc_comment)]
+    Snapshotter(cli::SnapshotterArgs),
+
     /// The fd store process (started by the daemon; see `lazypull daemon --help`).
     #[command(hide = true)]
     Fdstore(FdstoreArgs),
@@ -157,6 +177,7 @@ fn main() -> std::process::ExitCode {
         Command::Shutdown(args) => cli::shutdown(args),
         Command::Handover(args) => cli::handover(args),
         Command::Fdstore(args) => fdstore::serve(&args.socket),
+        Command::Snapshotter(args) => cli::snapshotter(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

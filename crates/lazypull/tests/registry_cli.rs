@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use lazypull_backend::registry::{ClientOptions, Registry};
-use lazypull_oci::lazy::{ImageConfig, Manifest};
+use lazypull_oci::lazy::LazyImage;
 use lazypull_source::BlobSource;
 use lazypull_testkit::registry::RegistryServer;
 use sha2::{Digest, Sha256};
@@ -38,9 +38,11 @@ fn sha(bytes: &[u8]) -> String {
 fn check_lazy_image(registry: &str, repo: &str, tag: &str, source: &Path) {
     let reg = Registry::new(registry, repo, None, &ClientOptions::default()).unwrap();
     let manifest = reg.get_manifest(tag).unwrap();
-    let parsed = Manifest::parse_lazypull(&manifest.bytes).unwrap();
-    let config =
-        ImageConfig::parse(&reg.get_blob(&parsed.config.digest, &|_| {}).unwrap()).unwrap();
+    let (parsed, config) = LazyImage::parse_manifest(&manifest.bytes).unwrap();
+    // The config is an OCI image config whose diff_ids are the layers.
+    config
+        .check_config(&reg.get_blob(&parsed.config.digest, &|_| {}).unwrap())
+        .unwrap();
     let meta = reg.get_blob(&config.meta.digest, &|_| {}).unwrap();
     let image = lazypull_erofs::Image::from_bytes(meta).unwrap();
     // Each data blob, decoded from its stored form into a plain file.
@@ -86,6 +88,156 @@ fn check_lazy_image(registry: &str, repo: &str, tag: &str, source: &Path) {
     assert!(checked > 10, "only {checked} files checked");
 }
 
+/// An ordinary image's config with every runtime field set, and fields
+/// lazypull does not know.
+const RICH_CONFIG: &[u8] = br#"{
+  "architecture": "amd64",
+  "os": "linux",
+  "created": "2024-05-06T07:08:09.123456789Z",
+  "author": "lazypull tests <tests@example.invalid>",
+  "config": {
+    "User": "1000:1000",
+    "ExposedPorts": {"8080/tcp": {}, "53/udp": {}},
+    "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "GREETING=hello world", "EMPTY="],
+    "Entrypoint": ["/bin/app", "--config", "/etc/app.toml"],
+    "Cmd": ["serve", "--port=8080"],
+    "Volumes": {"/data": {}, "/var/log/app": {}},
+    "WorkingDir": "/srv/app",
+    "Labels": {"org.opencontainers.image.title": "app", "com.example.z": "last", "com.example.a": "first"},
+    "StopSignal": "SIGQUIT",
+    "ArgsEscaped": true
+  },
+  "rootfs": {"type": "layers", "diff_ids": [
+    "sha256:1111111111111111111111111111111111111111111111111111111111111111",
+    "sha256:2222222222222222222222222222222222222222222222222222222222222222"]},
+  "history": [
+    {"created": "2024-05-06T07:08:00Z", "created_by": "ADD rootfs.tar /", "comment": "base"},
+    {"created": "2024-05-06T07:08:05Z", "created_by": "ENV GREETING=hello world", "empty_layer": true},
+    {"created": "2024-05-06T07:08:09Z", "created_by": "COPY app /srv/app"}
+  ],
+  "x-lazypull-test-unknown": {"kept": [1, 2.5, null, "x"]}
+}"#;
+
+/// The manifest of `tag` (a lazypull image) and its config's bytes.
+fn lazy_config(reg: &Registry, tag: &str) -> (lazypull_oci::ImageManifest, Vec<u8>) {
+    let (manifest, image) =
+        LazyImage::parse_manifest(&reg.get_manifest(tag).unwrap().bytes).unwrap();
+    assert_eq!(
+        manifest.config.media_type,
+        "application/vnd.oci.image.config.v1+json"
+    );
+    let config = reg
+        .get_blob_sized(&manifest.config.digest, manifest.config.size, &|_| {})
+        .unwrap();
+    image.check_config(&config).unwrap();
+    (manifest, config)
+}
+
+/// `config_bytes` is the `source` config with only `rootfs` replaced: one
+/// diff id per manifest layer, each that layer's digest.
+fn check_runtime_config(
+    config_bytes: &[u8],
+    source: &[u8],
+    manifest: &lazypull_oci::ImageManifest,
+) {
+    let got: serde_json::Value = serde_json::from_slice(config_bytes).unwrap();
+    let want: serde_json::Value = serde_json::from_slice(source).unwrap();
+    for key in ["architecture", "os", "created", "author", "history"] {
+        assert!(!want[key].is_null(), "{key}");
+        assert_eq!(got[key], want[key], "{key}");
+    }
+    for key in [
+        "Entrypoint",
+        "Cmd",
+        "Env",
+        "WorkingDir",
+        "User",
+        "ExposedPorts",
+        "Volumes",
+        "Labels",
+        "StopSignal",
+    ] {
+        assert!(!want["config"][key].is_null(), "config.{key}");
+        assert_eq!(got["config"][key], want["config"][key], "config.{key}");
+    }
+    // Every other field as well, unknown ones included.
+    let (mut got_rest, mut want_rest) = (got.clone(), want.clone());
+    got_rest.as_object_mut().unwrap().remove("rootfs");
+    want_rest.as_object_mut().unwrap().remove("rootfs");
+    assert_eq!(got_rest, want_rest);
+    assert_eq!(got["rootfs"]["type"], "layers");
+    let ids: Vec<&str> = got["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let layers: Vec<&str> = manifest.layers.iter().map(|l| l.digest.as_str()).collect();
+    assert_eq!(ids, layers);
+}
+
+/// Where Debian's golang-github-opencontainers-image-spec-dev puts the schema package.
+const IMAGE_SPEC_SCHEMA: &str = "/usr/share/gocode/src/github.com/opencontainers/image-spec/schema";
+
+/// Builds `go/ocivalidate` (offline, GOPATH mode, in `work`) and validates
+/// `manifest` and `config` with it against the OCI image spec's schemas.
+fn oci_validate(work: &Path, manifest: &lazypull_oci::ImageManifest, config: &[u8]) {
+    assert!(
+        Path::new(IMAGE_SPEC_SCHEMA).join("validator.go").is_file(),
+        "{IMAGE_SPEC_SCHEMA} is missing: install Debian's golang-github-opencontainers-image-spec-dev"
+    );
+    let gopath = work.join("gopath");
+    let pkg = gopath.join("src/lazypull.invalid/ocivalidate");
+    fs::create_dir_all(&pkg).unwrap();
+    let main_go = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../go/ocivalidate/main.go");
+    fs::copy(&main_go, pkg.join("main.go"))
+        .unwrap_or_else(|e| panic!("{}: {e}", main_go.display()));
+    let bin = work.join("ocivalidate");
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg("lazypull.invalid/ocivalidate")
+        .current_dir(&gopath)
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "")
+        .env("GOPROXY", "off")
+        .env("GOPATH", format!("{}:/usr/share/gocode", gopath.display()))
+        .env("GOCACHE", work.join("gocache"))
+        .output()
+        .unwrap_or_else(|e| panic!("running go (install Debian's golang-go): {e}"));
+    assert!(
+        out.status.success(),
+        "building go/ocivalidate failed (needs golang-go and golang-github-opencontainers-image-spec-dev): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (m, c) = (work.join("manifest.json"), work.join("config.json"));
+    fs::write(&m, serde_json::to_vec(manifest).unwrap()).unwrap();
+    fs::write(&c, config).unwrap();
+    let out = Command::new(&bin)
+        .arg("manifest")
+        .arg(&m)
+        .arg("config")
+        .arg(&c)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the lazy image does not validate against the OCI image spec: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ok manifest") && stdout.contains("ok config"),
+        "{stdout}"
+    );
+    // Not vacuous: a manifest the spec refuses fails.
+    let mut bad = serde_json::to_value(manifest).unwrap();
+    bad["config"]["size"] = "big".into();
+    fs::write(&m, serde_json::to_vec(&bad).unwrap()).unwrap();
+    let out = Command::new(&bin).arg("manifest").arg(&m).output().unwrap();
+    assert!(!out.status.success(), "ocivalidate accepted a bad manifest");
+}
+
 fn make_tree(dir: &Path) {
     for i in 0..40u32 {
         let sub = dir.join(format!("d{}", i % 4));
@@ -120,7 +272,25 @@ fn push_uploads_an_image_that_reads_back_identical_and_skips_what_is_there() {
     ])))
     .unwrap();
     assert!(pushed["uploaded_bytes"].as_u64().unwrap() > 0, "{pushed}");
+    assert_eq!(pushed["format"], 2, "{pushed}");
     check_lazy_image(&server.addr().to_string(), "lazy/app", "v1", &src);
+    // A directory has no config: a minimal one, the host's architecture in
+    // OCI naming.
+    let reg = Registry::new(
+        &server.addr().to_string(),
+        "lazy/app",
+        None,
+        &ClientOptions::default(),
+    )
+    .unwrap();
+    let (_, config) = lazy_config(&reg, "v1");
+    let config: serde_json::Value = serde_json::from_slice(&config).unwrap();
+    assert_eq!(config["os"], "linux");
+    assert_eq!(
+        config["architecture"],
+        lazypull_oci::lazy::host_architecture()
+    );
+    assert_eq!(config["config"], serde_json::json!({}));
 
     // Again, under another tag: every blob is already there.
     let again: serde_json::Value = serde_json::from_str(&ok(lazypull(&[
@@ -149,6 +319,150 @@ fn push_uploads_an_image_that_reads_back_identical_and_skips_what_is_there() {
         &format!("{}/lazy/plain:v1", server.addr()),
     ]));
     check_lazy_image(&server.addr().to_string(), "lazy/plain", "v1", &src);
+}
+
+/// An OCI image layout in `layout` of one gzip'd tar layer of `tree`, with
+/// `config` as its config.
+fn make_oci_layout(layout: &Path, tree: &Path, config: &[u8]) {
+    let blobs = layout.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let digest = sha(bytes);
+        fs::write(blobs.join(&digest[7..]), bytes).unwrap();
+        digest
+    };
+    let tgz = layout.join("layer.tar.gz");
+    let st = Command::new("tar")
+        .arg("-czf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(tree)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let layer = fs::read(&tgz).unwrap();
+    fs::remove_file(&tgz).unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put(&layer), "size": layer.len()}],
+    }))
+    .unwrap();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put(&manifest), "size": manifest.len()}],
+    });
+    fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+}
+
+#[test]
+fn build_keeps_the_source_config_for_push() {
+    let work = tempfile::tempdir().unwrap();
+    let server = RegistryServer::start(&work.path().join("reg"), None).unwrap();
+    let addr = server.addr().to_string();
+    let reg = Registry::new(&addr, "lazy/kept", None, &ClientOptions::default()).unwrap();
+    let tree = work.path().join("tree");
+    make_tree(&tree);
+    let layout = work.path().join("oci");
+    make_oci_layout(&layout, &tree, RICH_CONFIG);
+    let out = work.path().join("img");
+    let build = |src: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "build",
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend(extra);
+        let built: serde_json::Value = serde_json::from_str(&ok(lazypull(&args))).unwrap();
+        built
+    };
+    let built = build(&layout, &[]);
+    assert_eq!(built["runtime_config"], true, "{built}");
+    // inspect shows the recorded runtime config.
+    let inspected: serde_json::Value =
+        serde_json::from_str(&ok(lazypull(&["inspect", out.to_str().unwrap(), "--json"]))).unwrap();
+    let want: serde_json::Value = serde_json::from_slice(RICH_CONFIG).unwrap();
+    assert_eq!(inspected["push_format"], 2);
+    assert_eq!(
+        inspected["runtime_config"]["config"], want["config"],
+        "{inspected}"
+    );
+    assert_eq!(inspected["runtime_config"]["architecture"], "amd64");
+    let text = ok(lazypull(&["inspect", out.to_str().unwrap()]));
+    assert!(
+        text.contains("Entrypoint") && text.contains("format 2"),
+        "{text}"
+    );
+    ok(lazypull(&[
+        "push",
+        out.to_str().unwrap(),
+        &format!("{addr}/lazy/kept:oci"),
+    ]));
+    let (manifest, config) = lazy_config(&reg, "oci");
+    check_runtime_config(&config, RICH_CONFIG, &manifest);
+    check_lazy_image(&addr, "lazy/kept", "oci", &tree);
+
+    // Built again into the same directory from a plain directory: the old
+    // config does not linger.
+    let built = build(&tree, &[]);
+    assert_eq!(built["runtime_config"], false, "{built}");
+    ok(lazypull(&[
+        "push",
+        out.to_str().unwrap(),
+        &format!("{addr}/lazy/kept:dir"),
+    ]));
+    let (_, config) = lazy_config(&reg, "dir");
+    let config: serde_json::Value = serde_json::from_slice(&config).unwrap();
+    assert_eq!(config["config"], serde_json::json!({}));
+
+    // --config FILE gives one.
+    let file = work.path().join("config.json");
+    fs::write(&file, RICH_CONFIG).unwrap();
+    build(&tree, &["--config", file.to_str().unwrap()]);
+    ok(lazypull(&[
+        "push",
+        out.to_str().unwrap(),
+        &format!("{addr}/lazy/kept:given"),
+    ]));
+    let (manifest, config) = lazy_config(&reg, "given");
+    check_runtime_config(&config, RICH_CONFIG, &manifest);
+    // A --config that is no config is refused before anything is built.
+    fs::write(&file, "[1, 2]").unwrap();
+    let out2 = work.path().join("img2");
+    let failed = lazypull(&[
+        "build",
+        tree.to_str().unwrap(),
+        "-o",
+        out2.to_str().unwrap(),
+        "--config",
+        file.to_str().unwrap(),
+    ]);
+    assert!(!failed.status.success());
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        err.contains("not a JSON object") && err.contains("config.json"),
+        "{err}"
+    );
+    assert!(!out2.exists(), "a refused build wrote {}", out2.display());
+    // A config without architecture cannot be pushed, and push says why.
+    fs::write(out.join("image-config.json"), r#"{"os":"linux"}"#).unwrap();
+    let failed = lazypull(&[
+        "push",
+        out.to_str().unwrap(),
+        &format!("{addr}/lazy/kept:bad"),
+    ]);
+    assert!(!failed.status.success());
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(err.contains("architecture"), "{err}");
 }
 
 #[test]
@@ -192,12 +506,11 @@ fn convert_turns_an_ordinary_oci_image_into_a_lazy_one() {
             "digest": digest, "size": size,
         }));
     }
-    let config =
-        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config = RICH_CONFIG;
     reg.push_blob(
         &sha(config),
         config.len() as u64,
-        &|| Ok(Box::new(&config[..]) as Box<dyn Read + Send>),
+        &|| Ok(Box::new(config) as Box<dyn Read + Send>),
         &|_| {},
     )
     .unwrap();
@@ -227,6 +540,19 @@ fn convert_turns_an_ordinary_oci_image_into_a_lazy_one() {
     .unwrap();
     reg.put_manifest("v1", "application/vnd.oci.image.index.v1+json", &index)
         .unwrap();
+    // The same image as Docker schema 2 (Docker media types throughout).
+    let mut docker: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    docker["mediaType"] = "application/vnd.docker.distribution.manifest.v2+json".into();
+    docker["config"]["mediaType"] = "application/vnd.docker.container.image.v1+json".into();
+    for l in docker["layers"].as_array_mut().unwrap() {
+        l["mediaType"] = "application/vnd.docker.image.rootfs.diff.tar.gzip".into();
+    }
+    reg.put_manifest(
+        "docker",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        &serde_json::to_vec(&docker).unwrap(),
+    )
+    .unwrap();
 
     let converted: serde_json::Value = serde_json::from_str(&ok(lazypull(&[
         "convert",
@@ -252,9 +578,24 @@ fn convert_turns_an_ordinary_oci_image_into_a_lazy_one() {
     fs::write(expected.join("added.txt"), "from layer two\n").unwrap();
     check_lazy_image(&addr, "lazy/app", "v1", &expected);
     let reg = Registry::new(&addr, "lazy/app", None, &ClientOptions::default()).unwrap();
-    let parsed = Manifest::parse_lazypull(&reg.get_manifest("v1").unwrap().bytes).unwrap();
-    let config =
-        ImageConfig::parse(&reg.get_blob(&parsed.config.digest, &|_| {}).unwrap()).unwrap();
+    // The lazy image carries the source's runtime config, field for field.
+    let (manifest, config_bytes) = lazy_config(&reg, "v1");
+    check_runtime_config(&config_bytes, config, &manifest);
+    // ... and validates against the OCI image spec's schemas.
+    oci_validate(work.path(), &manifest, &config_bytes);
+    // From a Docker image too: its config kept, as an OCI config.
+    ok(lazypull(&[
+        "convert",
+        &format!("{addr}/plain/app:docker"),
+        &format!("{addr}/lazy/app:docker"),
+    ]));
+    let (docker_manifest, docker_config) = lazy_config(&reg, "docker");
+    check_runtime_config(&docker_config, config, &docker_manifest);
+    assert_eq!(
+        docker_config, config_bytes,
+        "the same image, the same config"
+    );
+    let (_, config) = LazyImage::parse_manifest(&reg.get_manifest("v1").unwrap().bytes).unwrap();
     let image =
         lazypull_erofs::Image::from_bytes(reg.get_blob(&config.meta.digest, &|_| {}).unwrap())
             .unwrap();

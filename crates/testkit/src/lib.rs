@@ -10,6 +10,13 @@
 //! - [`proxy`]: a fault-injecting, logging HTTP/1.1 reverse proxy to put
 //!   in front of a registry.
 //! - [`registry`]: a real `docker-registry` on 127.0.0.1 for tests.
+//! - [`containerd`]: a real containerd (with runc) whose root, state and
+//!   sockets live in a test's directory, optionally with proxy
+//!   snapshotters; stopped, its containers killed and mounts undone when
+//!   dropped.
+//! - [`oci_image`]: ordinary OCI images built from tiny trees (gzip tar
+//!   layers, OCI config and manifest), pushed to a registry or written as
+//!   an OCI layout; [`oci_image::busybox_image`] is a runnable one.
 //!
 //! A web server holding a blob directory is `lazypull::blob_server` (the
 //! demo's, shipped): tests use that one rather than a second copy here.
@@ -21,8 +28,10 @@
 #![warn(missing_docs)]
 
 pub mod compare;
+pub mod containerd;
 pub mod maketree;
 pub mod manifest;
+pub mod oci_image;
 pub mod proxy;
 pub mod registry;
 

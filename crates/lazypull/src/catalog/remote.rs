@@ -1,6 +1,8 @@
 //! Images in OCI registries: what mounting one by reference fetches — the
-//! manifest, the config, the meta blob (whole, verified, kept in the work dir)
-//! and every chunk table (verified against the config) — and the
+//! manifest (lazypull image format 2, whose layers and annotations say all
+//! the daemon needs: the config is the container runtime's and is not
+//! fetched), the meta blob (whole, verified, kept in the work dir) and every
+//! chunk table (verified against the manifest's annotations) — and the
 //! [`ChunkedBlob`]s that then read its data blobs' stored bytes by Range from
 //! the registry.
 //!
@@ -16,14 +18,10 @@ use lazypull_backend::registry::{
 };
 use lazypull_blob::ChunkTable;
 use lazypull_engine::{ChunkedBlob, FetchContext};
-use lazypull_oci::lazy::{ImageConfig, Manifest};
+use lazypull_oci::lazy::LazyImage;
 
 use super::meta_dir::MetaDir;
 use crate::control::RegisterRequest;
-
-/// Largest image config fetched, 4 MiB (as for manifests): a config names
-/// each data blob in about 400 bytes, so this is room for some 10,000 blobs.
-pub(crate) const MAX_CONFIG_SIZE: u64 = 4 << 20;
 
 /// Default of [`RemoteSettings::max_meta_size`] (config key `max_meta_size`),
 /// 1 GiB: a meta blob holds metadata only (inodes, directories, chunk
@@ -63,7 +61,7 @@ pub(crate) struct FetchedImage {
     pub(crate) meta_path: PathBuf,
     /// Its data blobs, in device table order.
     pub(crate) blobs: Vec<FetchedBlob>,
-    /// Bytes fetched (manifest, config, meta blob, tables).
+    /// Bytes fetched (manifest, meta blob, tables).
     pub(crate) fetched_bytes: u64,
 }
 
@@ -105,26 +103,16 @@ pub(crate) fn fetch_image(
         .get_manifest(&reference.reference)
         .with_context(|| format!("fetching the manifest of {reference}"))?;
     let mut fetched = manifest.bytes.len() as u64;
-    let parsed =
-        Manifest::parse_lazypull(&manifest.bytes).with_context(|| format!("{reference}"))?;
-    // Every size below comes from a descriptor whose own digest was checked
-    // (the manifest's, then the config's), and is bounded before a byte is
-    // fetched; the download then stops at the declared size.
-    check_declared(
-        &format!("the manifest of {reference}: its config"),
-        parsed.config.size,
-        MAX_CONFIG_SIZE,
-    )?;
-    let config_bytes = registry
-        .get_blob_sized(&parsed.config.digest, parsed.config.size, &|_| {})
-        .with_context(|| format!("fetching the config of {reference}"))?;
-    fetched += config_bytes.len() as u64;
-    let config = ImageConfig::parse(&config_bytes).with_context(|| format!("{reference}"))?;
-    let fsid = config.meta_hex().to_owned();
+    let (_, lazy) =
+        LazyImage::parse_manifest(&manifest.bytes).with_context(|| format!("{reference}"))?;
+    // Every size below comes from the manifest, whose digest was checked,
+    // and is bounded before a byte is fetched; the download then stops at
+    // the declared size.
+    let fsid = lazy.meta_hex().to_owned();
 
     let meta_path = fetch_meta(
         &registry,
-        &config,
+        &lazy,
         meta_dir,
         remote.max_meta_size,
         &mut fetched,
@@ -138,18 +126,18 @@ pub(crate) fn fetch_image(
         .iter()
         .map(|d| String::from_utf8_lossy(d.tag_bytes()).into_owned())
         .collect();
-    let names: Vec<String> = config.blobs.iter().map(|b| b.digest.clone()).collect();
+    let names: Vec<String> = lazy.blobs.iter().map(|b| b.digest.clone()).collect();
     if tags != names {
         bail!(
-            "{reference}: the image config lists blobs {names:?} but its meta blob's device table names {tags:?}"
+            "{reference}: the manifest lists blobs {names:?} but its meta blob's device table names {tags:?}"
         );
     }
 
     let mut blobs = Vec::new();
-    for b in &config.blobs {
+    for b in &lazy.blobs {
         check_declared(
             &format!(
-                "the config of {reference}: the chunk table of blob {} ({} bytes)",
+                "the manifest of {reference}: the chunk table of blob {} ({} bytes)",
                 b.digest, b.size
             ),
             b.table.size,
@@ -166,7 +154,7 @@ pub(crate) fn fetch_image(
             || table.stored_size() != b.data.size
         {
             bail!(
-                "{reference}: chunk table {} describes blob {} ({} bytes, {} stored), the config says {} ({} bytes, {} stored)",
+                "{reference}: chunk table {} describes blob {} ({} bytes, {} stored), the manifest says {} ({} bytes, {} stored)",
                 b.table.digest, table.digest(), table.uncompressed_size(), table.stored_size(),
                 b.digest, b.size, b.data.size
             );
@@ -198,22 +186,22 @@ pub(crate) fn fetch_image(
 /// copy is already there.
 fn fetch_meta(
     registry: &Registry,
-    config: &ImageConfig,
+    image: &LazyImage,
     meta_dir: &MetaDir,
     max_meta_size: u64,
     fetched: &mut u64,
 ) -> anyhow::Result<PathBuf> {
-    let hex = config.meta_hex();
+    let hex = image.meta_hex();
     if let Some(path) = meta_dir.verified(hex)? {
         return Ok(path);
     }
     check_declared(
-        "the image config: its meta blob",
-        config.meta.size,
+        "the manifest: its meta blob",
+        image.meta.size,
         max_meta_size,
     )?;
     let bytes = registry
-        .get_blob_sized(&config.meta.digest, config.meta.size, &|_| {})
+        .get_blob_sized(&image.meta.digest, image.meta.size, &|_| {})
         .context("fetching the meta blob")?;
     *fetched += bytes.len() as u64;
     meta_dir.keep(hex, &bytes)

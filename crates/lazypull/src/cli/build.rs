@@ -1,7 +1,10 @@
 //! `lazypull build`: an image from a directory, a tar, an OCI image layout or
 //! a `docker save` archive, through `lazypull-ingest` and `lazypull-erofs`,
 //! with its data blobs packed by `lazypull-blob`; and the progress it shows.
-//! It must not build or pack anything itself.
+//! The source image's runtime config (OCI layouts and `docker save` archives
+//! carry one; `--config FILE` gives one) is kept beside the manifest as
+//! [`IMAGE_CONFIG_FILE`], for `lazypull push`. It must not build or pack
+//! anything itself.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,9 +45,63 @@ pub struct BuildArgs {
     /// decompression bomb, is refused. Suffixes K, M, G.
     #[arg(long, value_name = "SIZE", default_value = "32GiB", value_parser = parse_size)]
     pub(crate) max_layer_size: u64,
+    /// The image's runtime config: an OCI image config JSON file
+    /// (architecture, os, `config.Entrypoint`, `Env`, ...), kept as it is but
+    /// for `rootfs`, which `push` writes. Default: the source image's config
+    /// (OCI layout, `docker save`), else a minimal one (the host's
+    /// architecture, linux, no entrypoint).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// The file of a built image directory that holds the source image's
+/// runtime config (its JSON as the source had it), if it had one.
+pub(crate) const IMAGE_CONFIG_FILE: &str = "image-config.json";
+
+/// Largest runtime config read (`--config`, an image directory's).
+pub(crate) const MAX_IMAGE_CONFIG: u64 = 16 << 20;
+
+/// Reads a runtime config file: a JSON object within [`MAX_IMAGE_CONFIG`].
+pub(crate) fn read_image_config(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut bytes = Vec::new();
+    f.take(MAX_IMAGE_CONFIG + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() as u64 > MAX_IMAGE_CONFIG {
+        anyhow::bail!(
+            "{}: larger than {MAX_IMAGE_CONFIG} bytes, too large for an image config",
+            path.display()
+        );
+    }
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not an image config: malformed JSON", path.display()))?;
+    if !value.is_object() {
+        anyhow::bail!(
+            "{} is not an image config: not a JSON object",
+            path.display()
+        );
+    }
+    Ok(bytes)
+}
+
+/// Records `config` (or that there is none) as `output`'s
+/// [`IMAGE_CONFIG_FILE`], replacing what an earlier build left.
+pub(crate) fn record_image_config(output: &Path, config: Option<&[u8]>) -> anyhow::Result<()> {
+    let path = output.join(IMAGE_CONFIG_FILE);
+    match config {
+        Some(bytes) => crate::files::write_atomically(&path, bytes, 0o644)
+            .with_context(|| format!("writing {}", path.display())),
+        None => match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+        },
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -101,6 +158,8 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
                 args.chunk_size
             )
         })?;
+    // Read before building, so a bad file leaves the output as it was.
+    let config = args.config.as_deref().map(read_image_config).transpose()?;
     let started = std::time::Instant::now();
     let zstd = (args.compression == Compress::Zstd).then_some(args.zstd_level);
     let limits = lazypull_ingest::IngestOptions {
@@ -114,6 +173,9 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
         &limits,
         args.json,
     )?;
+    if let Some(config) = &config {
+        record_image_config(&args.output, Some(config))?;
+    }
     let data: u64 = img.blobs.iter().map(|b| b.size).sum();
     let secs = started.elapsed().as_secs_f64();
     if args.json {
@@ -130,6 +192,7 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
             "chunks_stored": img.chunks_stored,
             "chunks_deduplicated": img.chunks_deduplicated,
             "chunks_holes": img.chunks_holes,
+            "runtime_config": args.output.join(IMAGE_CONFIG_FILE).is_file(),
             "seconds": secs,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -166,8 +229,10 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
 }
 
 /// Builds an image from `source` into `output` and, with `zstd` (a level),
-/// packs each data blob into zstd units with its chunk table. Returns the
-/// image and its stored size (meta blob excluded). Progress bars unless `quiet`.
+/// packs each data blob into zstd units with its chunk table; records the
+/// source's runtime config ([`IMAGE_CONFIG_FILE`], removed if the source has
+/// none). Returns the image and its stored size (meta blob excluded).
+/// Progress bars unless `quiet`.
 pub(crate) fn build_image(
     source: &Path,
     output: &Path,
@@ -182,9 +247,11 @@ pub(crate) fn build_image(
         progress: Progress::new(Arc::new(Bar(pb.clone()))),
         ..BuildOptions::default()
     };
-    let result = lazypull_ingest::build_from_source_with(source, output, &opts, limits);
+    let result = lazypull_ingest::build_source_image(source, output, &opts, limits);
     pb.finish_and_clear();
-    let img = result.with_context(|| format!("building {}", source.display()))?;
+    let built = result.with_context(|| format!("building {}", source.display()))?;
+    record_image_config(output, built.config.as_ref().map(|c| &c.bytes[..]))?;
+    let img = built.image;
     let Some(level) = zstd else {
         let stored = img.blobs.iter().map(|b| b.size).sum();
         let img = seal(output, &img, vec![None; img.blobs.len()])?;

@@ -1,6 +1,8 @@
-//! `lazypull convert`: pulls an ordinary OCI/Docker image from a registry,
-//! builds it into a lazy image (`lazypull-ingest`) and pushes that (as
-//! `lazypull push` does). The registry protocol is `lazypull-backend`'s.
+//! `lazypull convert`: pulls an ordinary OCI/Docker image from a registry
+//! (layers and config, each checked against the manifest's digests), builds
+//! it into a lazy image (`lazypull-ingest`) that keeps the source's runtime
+//! config, and pushes that (as `lazypull push` does). The registry protocol
+//! is `lazypull-backend`'s.
 
 use std::fs::File;
 use std::io::Write;
@@ -13,6 +15,7 @@ use lazypull_blob::{pack, PackOptions};
 use lazypull_oci::{media_type, ImageIndex, ImageManifest};
 use serde_json::json;
 
+use super::build::{record_image_config, MAX_IMAGE_CONFIG};
 use super::output::byte_bar;
 use super::push::{push_dir, report};
 use super::registry_args::RegistryArgs;
@@ -81,9 +84,26 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     }
     let parsed: ImageManifest =
         serde_json::from_slice(&manifest.bytes).context("parsing the source manifest")?;
-    if parsed.config.media_type == lazypull_oci::lazy::CONFIG_MEDIA_TYPE {
+    if lazypull_oci::lazy::is_lazypull(&parsed) {
         bail!("{source} is already a lazypull image");
     }
+    // The runtime config, verified against the manifest (digest and size);
+    // ingest checks it again as it reads the layout.
+    let config_hex = parsed
+        .config
+        .digest
+        .strip_prefix("sha256:")
+        .context("a config digest that is not sha256")?;
+    if parsed.config.size > MAX_IMAGE_CONFIG {
+        bail!(
+            "the config of {source} declares {} bytes, more than the limit of {MAX_IMAGE_CONFIG}",
+            parsed.config.size
+        );
+    }
+    let config = src
+        .get_blob_sized(&parsed.config.digest, parsed.config.size, &|_| {})
+        .with_context(|| format!("downloading the config of {source}"))?;
+    std::fs::write(blobs_dir.join(config_hex), &config)?;
     let layers = &parsed.layers;
     let total: u64 = layers.iter().map(|l| l.size).sum();
     let pb = byte_bar(args.json, total, &format!("pulling {source}"));
@@ -130,15 +150,21 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     };
     pb.set_message(format!("building the lazy image of {source}"));
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
-    let built = lazypull_ingest::build_from_source(
+    let built = lazypull_ingest::build_source_image(
         &layout,
         &out,
         &lazypull_erofs::BuildOptions {
             chunk_size,
             ..lazypull_erofs::BuildOptions::default()
         },
+        &lazypull_ingest::IngestOptions::default(),
     )
     .with_context(|| format!("building {source}"))?;
+    let Some(config) = &built.config else {
+        bail!("building {source}: the image layout gave no config");
+    };
+    record_image_config(&out, Some(&config.bytes))?;
+    let built = built.image;
     for b in &built.blobs {
         pb.set_message(format!("compressing blob {}", &b.digest[..12]));
         let plain = out.join(&b.digest);

@@ -9,6 +9,7 @@ use lazypull_erofs::layout::FileType;
 use lazypull_erofs::ChunkEntry;
 use serde::Serialize;
 
+use super::build::{read_image_config, IMAGE_CONFIG_FILE};
 use super::image_dir::{open, tags, BlobFile, ImageArgs};
 use super::output::human;
 
@@ -58,8 +59,39 @@ struct Inspection {
     /// image from --blob-url).
     trailer: bool,
     data_bytes: u64,
+    /// The lazypull image format `lazypull push` writes this image as.
+    push_format: u32,
+    /// The runtime config recorded by `build` (an image directory's
+    /// `image-config.json`): architecture, os and the `config` object
+    /// (Entrypoint, Cmd, Env, WorkingDir, User, ...). None: the source had
+    /// none, and `push` writes a minimal one.
+    runtime_config: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     files: Option<Vec<FileLine>>,
+}
+
+/// The runtime config fields of an image directory's recorded config.
+fn runtime_config(image: &std::path::Path) -> anyhow::Result<Option<serde_json::Value>> {
+    let path = image.join(IMAGE_CONFIG_FILE);
+    if !image.is_dir() || !path.exists() {
+        return Ok(None);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&read_image_config(&path)?)
+        .with_context(|| format!("parsing {}", path.display()))?;
+    let mut out = serde_json::Map::new();
+    for key in [
+        "architecture",
+        "os",
+        "variant",
+        "created",
+        "author",
+        "config",
+    ] {
+        if let Some(x) = v.get(key) {
+            out.insert(key.to_owned(), x.clone());
+        }
+    }
+    Ok(Some(serde_json::Value::Object(out)))
 }
 
 pub(crate) fn kind(t: FileType) -> &'static str {
@@ -158,6 +190,8 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         data_bytes: blobs.iter().map(|b| b.size).sum(),
         trailer: trailer.is_some(),
         blobs,
+        push_format: lazypull_oci::lazy::FORMAT_VERSION,
+        runtime_config: runtime_config(&args.image.image)?,
         files: args.files.then_some(files),
     };
     if args.image.json {
@@ -197,6 +231,25 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         println!(
             "  no blob trailer (built by an older lazypull): it cannot be served from --blob-url"
         );
+    }
+    match &report.runtime_config {
+        Some(c) => {
+            println!(
+                "  runtime config ({}/{}), pushed as lazypull image format {}:",
+                c["os"].as_str().unwrap_or("?"),
+                c["architecture"].as_str().unwrap_or("?"),
+                report.push_format
+            );
+            if let Some(fields) = c.get("config").and_then(|c| c.as_object()) {
+                for (k, v) in fields {
+                    println!("    {k}: {v}");
+                }
+            }
+        }
+        None => println!(
+            "  no runtime config: pushed as lazypull image format {} with a minimal one",
+            report.push_format
+        ),
     }
     for (i, b) in report.blobs.iter().enumerate() {
         if let Some(t) = &b.table {

@@ -17,6 +17,7 @@ mod mount;
 mod output;
 mod push;
 mod registry_args;
+mod snapshotter;
 mod verify;
 
 pub use build::{build, BuildArgs};
@@ -28,4 +29,5 @@ pub use inspect::{inspect, InspectArgs};
 pub use mount::{mount, umount, MountArgs, UmountArgs};
 pub use output::error_text;
 pub use push::{push, PushArgs};
+pub use snapshotter::{snapshotter, SnapshotterArgs};
 pub use verify::verify;

@@ -1,7 +1,8 @@
-//! `lazypull push`: uploads a built image to an OCI registry as a lazy image —
-//! the meta blob, every data blob's chunk table and stored units, and a config
-//! tying them together, under an OCI manifest with lazypull media types.
-//! Blobs already there are skipped. The forms are `lazypull-oci`'s and
+//! `lazypull push`: uploads a built image to an OCI registry as a lazy image
+//! (format 2, `lazypull_oci::lazy`) — the meta blob, every data blob's chunk
+//! table and stored units as annotated layers, and the source image's runtime
+//! config (the image directory's `image-config.json`, else a minimal one) as
+//! the OCI config, under an OCI manifest. Blobs already there are skipped. The forms are `lazypull-oci`'s and
 //! `lazypull-blob`'s, the registry protocol `lazypull-backend`'s.
 
 use std::fs::File;
@@ -11,9 +12,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use lazypull_backend::registry::{Reference, Registry};
 use lazypull_blob::{pack, Compression, PackOptions};
-use lazypull_oci::lazy::{BlobRef, DataBlob, ImageConfig, CONFIG_VERSION};
+use lazypull_oci::lazy::{BlobRef, DataBlob, LazyImage, FORMAT_VERSION};
 use sha2::{Digest, Sha256};
 
+use super::build::{read_image_config, IMAGE_CONFIG_FILE};
 use super::output::byte_bar;
 use super::registry_args::RegistryArgs;
 
@@ -63,6 +65,10 @@ struct Upload {
 pub(crate) struct Pushed {
     pub(crate) target: String,
     pub(crate) manifest_digest: String,
+    /// The lazypull image format pushed.
+    pub(crate) format: u32,
+    /// The config's digest.
+    pub(crate) config_digest: String,
     pub(crate) meta: String,
     pub(crate) blobs: usize,
     pub(crate) uploaded_bytes: u64,
@@ -153,12 +159,21 @@ pub(crate) fn push_dir(
             blob: data_ref,
         });
     }
-    let config = ImageConfig {
-        lazypull: CONFIG_VERSION,
+    let image = LazyImage {
         meta,
         chunk_size: built.chunk_size,
         blobs,
     };
+    let recorded = dir.join(IMAGE_CONFIG_FILE);
+    let source_config = if recorded.exists() {
+        let bytes = read_image_config(&recorded)?;
+        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", recorded.display()))?
+    } else {
+        lazypull_oci::lazy::minimal_config()
+    };
+    let config = image
+        .config(&source_config)
+        .with_context(|| format!("the runtime config of {}", dir.display()))?;
     let config_bytes = serde_json::to_vec(&config)?;
     let config_path = scratch.path().join("config.json");
     std::fs::write(&config_path, &config_bytes)?;
@@ -166,6 +181,7 @@ pub(crate) fn push_dir(
         digest: format!("sha256:{}", hex::encode(Sha256::digest(&config_bytes))),
         size: config_bytes.len() as u64,
     };
+    let config_digest = config_ref.digest.clone();
     uploads.push(Upload {
         path: config_path,
         blob: config_ref,
@@ -193,7 +209,7 @@ pub(crate) fn push_dir(
             skipped += u.blob.size;
         }
     }
-    let manifest = config.manifest(&config_bytes);
+    let manifest = image.manifest(&config_bytes);
     let manifest_bytes = serde_json::to_vec(&manifest)?;
     let manifest_digest = registry
         .put_manifest(
@@ -206,6 +222,8 @@ pub(crate) fn push_dir(
     Ok(Pushed {
         target: target.to_string(),
         manifest_digest,
+        format: FORMAT_VERSION,
+        config_digest,
         meta: built.meta,
         blobs: built.blobs.len(),
         uploaded_bytes: uploaded,
@@ -218,9 +236,10 @@ pub(crate) fn report(p: &Pushed, json_out: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(p)?);
     } else {
         println!(
-            "pushed {} ({}): meta {}, {} data blobs; uploaded {}, already there {}",
+            "pushed {} ({}), lazypull image format {}: meta {}, {} data blobs; uploaded {}, already there {}",
             p.target,
             p.manifest_digest,
+            p.format,
             &p.meta[..12],
             p.blobs,
             indicatif::HumanBytes(p.uploaded_bytes),

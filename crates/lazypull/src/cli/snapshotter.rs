@@ -1,0 +1,49 @@
+//! `lazypull snapshotter`: runs containerd's proxy snapshotter
+//! (crates/snapshotter) on a unix socket until SIGTERM / SIGINT. Its own
+//! process, apart from the daemon, so either can restart without the other.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Flags of `lazypull snapshotter`.
+#[derive(Debug, clap::Args)]
+pub struct SnapshotterArgs {
+    /// Where snapshots live: the store (metadata.json) and
+    /// snapshots/<id>/{fs,work}. Created 0700.
+    #[arg(long, value_name = "DIR", default_value = lazypull_snapshotter::DEFAULT_ROOT)]
+    pub root: PathBuf,
+
+    /// The unix socket containerd connects to (created 0600; a missing parent
+    /// directory is created 0700).
+    #[arg(long, value_name = "SOCKET", default_value = lazypull_snapshotter::DEFAULT_ADDRESS)]
+    pub address: PathBuf,
+}
+
+/// Serves until SIGTERM or SIGINT, then stops gracefully.
+pub fn snapshotter(args: SnapshotterArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("lazypull-snapshotter")
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async move {
+        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = int.recv() => tracing::info!("SIGINT: stopping"),
+            }
+        };
+        let config = lazypull_snapshotter::Config {
+            root: args.root,
+            address: args.address,
+        };
+        lazypull_snapshotter::serve(config, shutdown)
+            .await
+            .context("snapshotter")
+    })
+}
