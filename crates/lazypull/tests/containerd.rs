@@ -15,6 +15,10 @@
 //!   snapshotter `lazypull` and CRI's `snapshotter = "lazypull"` with
 //!   snapshot annotations on.
 //!
+//! - `a_lazy_image_is_fetched_whole_and_refused_by_name_without_lazypull`:
+//!   what a runtime without lazypull makes of a lazy image: it fetches it, and
+//!   refuses to unpack it, naming the layer media type.
+//!
 //! Needs root (containerd mounts, runc). A missing containerd, runc,
 //! docker-registry or busybox-static fails the test naming the package.
 
@@ -497,4 +501,101 @@ fn dist_containerd_snippet_is_accepted() {
         "CRI plugin not running with the snippet:\n{plugins}\ncontainerd's log ends:\n{}",
         ctr.log_tail(30)
     );
+}
+
+/// A lazy image made by `lazypull convert` from the ordinary busybox image,
+/// in front of containerd without lazypull's remote snapshots: containerd's
+/// content handling takes it whole (`ctr content fetch`: manifest, config,
+/// every layer, each checked against its digest), and unpacking it fails,
+/// naming lazypull's layer media type, rather than unpacking anything: the
+/// layers' media types carry the OCI layer prefix (so containerd treats them
+/// as layers and hands their annotations to a snapshotter) but no base type
+/// containerd can decompress. No snapshot is left behind.
+#[test]
+fn a_lazy_image_is_fetched_whole_and_refused_by_name_without_lazypull() {
+    let tmp = temp_dir();
+    let registry = RegistryServer::start(&tmp.path().join("registry"), None).unwrap();
+    let image = busybox_image().unwrap();
+    image.push(registry.addr(), REPOSITORY, TAG).unwrap();
+    let source = format!("{}/{REPOSITORY}:{TAG}", registry.addr());
+    let lazy = format!("{}/test/busybox-lazy:{TAG}", registry.addr());
+    let out = Command::new(env!("CARGO_BIN_EXE_lazypull"))
+        .args(["convert", &source, &lazy, "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lazypull convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let ctr = Containerd::start(&tmp.path().join("c"), &ContainerdOptions::default()).unwrap();
+    ctr.ctr(&[
+        "--timeout",
+        "60s",
+        "content",
+        "fetch",
+        "--plain-http",
+        &lazy,
+    ])
+    .unwrap();
+    // Everything the manifest names is now in containerd's content store.
+    let content = ctr.ctr_stdout(&["content", "ls", "-q"]).unwrap();
+    let out = ctr
+        .ctr_raw(&["--timeout", "60s", "images", "pull", "--plain-http", &lazy])
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "containerd unpacked a lazy image with its overlayfs snapshotter:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("application/vnd.oci.image.layer.lazypull.meta.v2")
+            && stderr.contains("no processor for media-type"),
+        "containerd's refusal does not name lazypull's media type:\n{stderr}"
+    );
+    eprintln!("containerd without lazypull says: {}", stderr.trim());
+    assert_eq!(
+        snapshot_rows(&ctr, "overlayfs")
+            .into_iter()
+            .filter(|(_, _, kind)| kind == "Committed")
+            .count(),
+        0,
+        "a lazy layer was committed as an ordinary snapshot"
+    );
+    // Every layer and the config were fetched into the content store.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &ctr.ctr(&["content", "get", &manifest_digest(&ctr, &lazy)])
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let mut wanted = vec![manifest["config"]["digest"].as_str().unwrap().to_owned()];
+    for layer in manifest["layers"].as_array().unwrap() {
+        assert!(
+            layer["mediaType"]
+                .as_str()
+                .unwrap()
+                .starts_with("application/vnd.oci.image.layer."),
+            "{layer}"
+        );
+        wanted.push(layer["digest"].as_str().unwrap().to_owned());
+    }
+    for digest in wanted {
+        assert!(
+            content.lines().any(|l| l.trim() == digest),
+            "{digest} is not in containerd's content store:\n{content}"
+        );
+    }
+}
+
+/// The manifest digest `ctr images ls` records for `reference`.
+fn manifest_digest(ctr: &Containerd, reference: &str) -> String {
+    let listed = ctr.ctr_stdout(&["images", "ls"]).unwrap();
+    listed
+        .lines()
+        .find(|l| l.starts_with(&format!("{reference} ")))
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
+        .unwrap_or_else(|| panic!("{reference} not in `ctr images ls`:\n{listed}"))
+        .to_owned()
 }
