@@ -9,7 +9,10 @@
 //! the kernel may open) → the catalog's blob opening (blob store, registry);
 //! `metrics` → `status` (a snapshot the daemon produces, not the daemon);
 //! `control` (the control socket's protocol and client), `files` and
-//! `status` are leaves that several layers share.
+//! `status` are leaves that several layers share. `lazypull pull`: `cli` →
+//! [`pull`] (what a lazy pull writes to containerd, in which order) →
+//! [`containerd_client`] (the calls on containerd's socket; their wire
+//! contract is `lazypull-containerd-api`'s).
 //!
 //! It owns wiring: which library does what, when, with which settings. It
 //! must not hold format logic (EROFS: `lazypull-erofs`; chunk tables and the
@@ -23,9 +26,11 @@
 pub mod blob_server;
 pub mod cli;
 pub mod config;
+pub mod containerd_client;
 pub mod daemon;
 pub mod fdstore;
 pub mod logging;
+pub mod pull;
 
 mod catalog;
 mod control;

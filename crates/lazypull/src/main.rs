@@ -88,8 +88,15 @@ enum Command {
     /// then `ctr run --snapshotter lazypull ...`, or in the CRI plugin:
     /// `[plugins."io.containerd.grpc.v1.cri".containerd] snapshotter = "lazypull"`.
     ///
+    /// Lazy images (`lazypull pull`, or CRI with snapshot annotations): their
+    /// layers are committed without fetching anything; a container's
+    /// snapshot gets the image mounted through the daemon at
+    /// --daemon-socket, once per image under <root>/lazy/<meta digest>, and
+    /// unmounted when the image's last container snapshot is removed.
+    ///
     /// Snapshots and their store live under --root (crash-safe: a killed
-    /// snapshotter restarts consistent and removes half-made directories).
+    /// snapshotter restarts consistent and removes half-made directories;
+    /// lazy mounts still in use are kept, unused ones unmounted).
     /// The socket is 0600; a stale one is replaced, a live one refused.
     /// SIGTERM / SIGINT stop it gracefully. Log each call with --log-level debug.
     #[command(verbatim_doc_comment)]
@@ -146,6 +153,32 @@ enum Command {
     /// Unmount an image mounted with `lazypull mount`.
     Umount(cli::UmountArgs),
 
+    /// Pull a lazy image into containerd without fetching its layers.
+    ///
+    /// Fetches the image's manifest (the linux/<this host's architecture>
+    /// one, from an index) and config from the registry, writes both to
+    /// containerd's content store, and has containerd's snapshotter make
+    /// every layer's snapshot remotely (containerd's snapshots service, with
+    /// the layer's labels): `lazypull snapshotter` commits them on the spot,
+    /// fetching nothing. Then containerd has the image, unpacked, under its
+    /// name; the first container to start mounts it through `lazypull
+    /// daemon`, which fetches data as the container reads it.
+    ///
+    /// Needs containerd with `lazypull snapshotter` as its proxy snapshotter
+    /// (see `lazypull snapshotter --help`) and `lazypull daemon` running.
+    /// containerd 1.6's own `ctr image pull` is not the lazy path: it fetches
+    /// every layer first (and cannot unpack lazypull's layers).
+    ///
+    ///     lazypull pull registry.example.com/app:v1-lazy
+    ///     ctr run --rm --snapshotter lazypull registry.example.com/app:v1-lazy c1
+    ///
+    /// Under a containerd lease while it works: if it fails, containerd
+    /// collects what it wrote. Credentials as for `lazypull mount` (they are
+    /// used here for the manifest and config only: the daemon's own
+    /// registry settings fetch the data).
+    #[command(verbatim_doc_comment)]
+    Pull(cli::PullArgs),
+
     /// Show the running daemon's transport, counters, images and blobs.
     Status(cli::StatusArgs),
 }
@@ -172,6 +205,7 @@ fn main() -> std::process::ExitCode {
         Command::Convert(args) => cli::convert(args),
         Command::Mount(args) => cli::mount(args),
         Command::Umount(args) => cli::umount(args),
+        Command::Pull(args) => cli::pull(args),
         Command::Status(args) => cli::status(args),
         Command::Demo(args) => cli::demo(args),
         Command::Shutdown(args) => cli::shutdown(args),

@@ -19,6 +19,9 @@ pub enum Error {
     /// The request itself is malformed (bad filter, field path, empty key, ...).
     #[error("{0}")]
     InvalidArgument(String),
+    /// A service the snapshotter needs (the lazypull daemon) cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
     /// A file system operation failed.
     #[error("{what} {}: {source}", path.display())]
     Io {
@@ -64,6 +67,7 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            Error::Unavailable(_) => tonic::Status::unavailable(msg),
             Error::Io { .. } | Error::Corrupt { .. } | Error::Locked { .. } => {
                 tonic::Status::internal(msg)
             }
@@ -91,6 +95,7 @@ mod tests {
                 Error::InvalidArgument("x".into()),
                 tonic::Code::InvalidArgument,
             ),
+            (Error::Unavailable("x".into()), tonic::Code::Unavailable),
         ];
         for (e, code) in cases {
             let s: tonic::Status = e.into();

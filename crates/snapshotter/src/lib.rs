@@ -14,15 +14,17 @@
 //!
 //! It must not touch fetching, EROFS, the kernel's cachefiles/FUSE or the
 //! daemon: it runs in its own process so that it outlives daemon restarts
-//! (and vice versa). Lazily pulled layers ("remote snapshots") are a later
-//! step; they plug in at [`service::RemoteSnapshots`], which every `Prepare`
-//! consults with its labels.
+//! (and vice versa). Lazily pulled layers ("remote snapshots") and the
+//! container snapshots on them are [`lazy`]'s; the daemon that mounts lazy
+//! images is reached through the [`lazy::LazyMounts`] trait, which the
+//! `lazypull` binary implements.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod du;
 pub mod error;
 pub mod filter;
+pub mod lazy;
 pub mod mounts;
 pub mod proto;
 pub mod service;
@@ -35,7 +37,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use error::Error;
-pub use service::{NoRemote, RemotePrepare, RemoteSnapshots, Service};
+pub use lazy::{LazyMounts, NoDaemon};
+pub use service::Service;
 pub use store::Store;
 
 /// Default `--root`.
@@ -147,16 +150,34 @@ pub struct Config {
 }
 
 /// Opens the store, binds the socket and serves until `shutdown` resolves;
-/// then finishes the calls in flight and removes the socket.
+/// then finishes the calls in flight and removes the socket. Lazy images'
+/// containers are refused ([`NoDaemon`]); see [`serve_with`].
 pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_with(config, Arc::new(NoDaemon), shutdown).await
+}
+
+/// [`serve`] with lazy images mounted through `provider`. At start-up,
+/// mounts of lazy images under `<root>/lazy` that no snapshot uses (a crash
+/// left them) are unmounted; those in use are kept.
+pub async fn serve_with(
+    config: Config,
+    provider: Arc<dyn LazyMounts>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
     let root = config.root.clone();
-    let (store, opts) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+    let (store, opts, lazy) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
         let store = Store::open(&root)?;
         let opts = mounts::OverlayOptions::detect(&root);
-        Ok((store, opts))
+        let lazy = lazy::Lazy::open(&root, provider)?;
+        match lazy.reconcile(&store) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(unmounted = n, "unmounted lazy images no snapshot uses"),
+            Err(e) => tracing::warn!(error = %e, "cannot unmount every unused lazy image"),
+        }
+        Ok((store, opts, lazy))
     })
     .await??;
     tracing::info!(root = %config.root.display(), index_off = opts.index_off, userxattr = opts.userxattr, "snapshot store open");
@@ -172,7 +193,7 @@ pub async fn serve(
         )
     })?;
     tracing::info!(socket = %config.address.display(), "snapshotter listening");
-    let service = Service::new(Arc::new(store), opts, Arc::new(NoRemote));
+    let service = Service::new(Arc::new(store), opts, Arc::new(lazy));
     let result = tonic::transport::Server::builder()
         .add_service(
             proto::containerd::services::snapshots::v1::snapshots_server::SnapshotsServer::new(

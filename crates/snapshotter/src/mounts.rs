@@ -119,6 +119,36 @@ pub fn mounts(store: &Store, s: &Snapshot, opts: OverlayOptions) -> Vec<Mount> {
     }]
 }
 
+/// The mounts for `s`, a snapshot on a lazy image mounted at `image`: an
+/// overlay whose one lower dir is the image (active), or a read-only bind
+/// mount of it (view).
+pub fn lazy_mounts(store: &Store, s: &Snapshot, image: &Path, opts: OverlayOptions) -> Vec<Mount> {
+    if s.kind != Kind::Active {
+        return vec![Mount {
+            r#type: "bind".into(),
+            source: path_string(image),
+            target: String::new(),
+            options: vec!["ro".into(), "rbind".into()],
+        }];
+    }
+    let mut options = Vec::new();
+    if opts.index_off {
+        options.push("index=off".to_string());
+    }
+    if opts.userxattr {
+        options.push("userxattr".to_string());
+    }
+    options.push(format!("workdir={}", path_string(&store.work_path(s.id))));
+    options.push(format!("upperdir={}", path_string(&store.fs_path(s.id))));
+    options.push(format!("lowerdir={}", path_string(image)));
+    vec![Mount {
+        r#type: "overlay".into(),
+        source: "overlay".into(),
+        target: String::new(),
+        options,
+    }]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,15 +1,5 @@
-//! Rust types and the tonic service of proto/*.proto (containerd's wire contract).
-#![allow(missing_docs, clippy::all, clippy::pedantic)]
+//! containerd's wire contract (types and the tonic service of the snapshots
+//! API), which lives in crates/containerd-api; re-exported here under the
+//! paths this crate's code uses.
 
-pub mod containerd {
-    pub mod types {
-        tonic::include_proto!("containerd.types");
-    }
-    pub mod services {
-        pub mod snapshots {
-            pub mod v1 {
-                tonic::include_proto!("containerd.services.snapshots.v1");
-            }
-        }
-    }
-}
+pub use lazypull_containerd_api::containerd;

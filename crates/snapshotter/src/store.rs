@@ -416,6 +416,51 @@ impl Store {
                 "snapshot {key}: only active or view snapshots can be created"
             )));
         }
+        self.create_entry(kind, key, parent, labels)
+    }
+
+    /// A committed snapshot `name` on `parent` made directly, with an empty
+    /// `fs` and no usage: a remote (lazily pulled) layer, whose contents are
+    /// served elsewhere. Crash-safe as [`Store::create`] is.
+    pub fn create_committed(
+        &self,
+        name: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), Error> {
+        self.create_entry(Kind::Committed, name, parent, labels)
+            .map(|_| ())
+    }
+
+    /// `name`'s info and its parents', nearest first (`name` first; empty
+    /// `name`: none).
+    pub fn chain(&self, name: &str) -> Result<Vec<Info>, Error> {
+        let guard = self.lock();
+        let mut out = Vec::new();
+        let mut cur = name;
+        while !cur.is_empty() {
+            let e = guard
+                .snapshots
+                .get(cur)
+                .ok_or_else(|| Error::NotFound(format!("snapshot {cur} does not exist")))?;
+            out.push(Self::info(cur, e));
+            if out.len() > guard.snapshots.len() {
+                return Err(Error::FailedPrecondition(format!(
+                    "parent chain of {name} has a cycle"
+                )));
+            }
+            cur = &e.parent;
+        }
+        Ok(out)
+    }
+
+    fn create_entry(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Snapshot, Error> {
         if key.is_empty() {
             return Err(Error::InvalidArgument(
                 "snapshot key must not be empty".into(),
@@ -899,7 +944,23 @@ mod tests {
     #[test]
     fn crash_at_every_step_reopens_consistent() {
         type Op = fn(&Store);
-        let ops: [(&str, Op, &[&str]); 4] = [
+        let ops: [(&str, Op, &[&str]); 5] = [
+            (
+                "remote",
+                |s| {
+                    s.create_committed("new", "base", labels(&[("l", "v")]))
+                        .unwrap();
+                },
+                &[
+                    "create.tmp",
+                    "create.synced",
+                    "create.renamed",
+                    "persist.written",
+                    "persist.synced",
+                    "persist.renamed",
+                    "create.stored",
+                ],
+            ),
             (
                 "prepare",
                 |s| {
@@ -982,7 +1043,9 @@ mod tests {
                 check_consistent(&store);
                 let after: Vec<String> = store.lock().snapshots.keys().cloned().collect();
                 let expect_done: Vec<String> = match op_name {
-                    "prepare" | "view" => vec!["active".into(), "base".into(), "new".into()],
+                    "prepare" | "view" | "remote" => {
+                        vec!["active".into(), "base".into(), "new".into()]
+                    }
                     "commit" => vec!["base".into(), "new".into()],
                     _ => vec!["base".into()],
                 };
@@ -990,6 +1053,10 @@ mod tests {
                     after == before || after == expect_done,
                     "{op_name}@{step}: half-done state {after:?}"
                 );
+                if op_name == "remote" && after == expect_done {
+                    let i = store.stat("new").unwrap();
+                    assert_eq!((i.kind, i.parent.as_str()), (Kind::Committed, "base"));
+                }
                 if op_name == "commit" && after == expect_done {
                     assert_eq!(store.stat("new").unwrap().kind, Kind::Committed);
                 }

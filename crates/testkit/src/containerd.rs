@@ -1,6 +1,8 @@
 //! A real containerd for tests: Debian's `containerd` (1.6) started with its
 //! root, state, gRPC and ttrpc sockets in a directory, optionally with proxy
-//! snapshotters (`[proxy_plugins.NAME]`, `type = "snapshot"`), run with
+//! snapshotters (`[proxy_plugins.NAME]`, `type = "snapshot"`) and with or
+//! without the CRI plugin ([`ContainerdOptions::cri`], [`CriSettings`]: the
+//! sandbox image, plain-HTTP registries, the snapshotter), run with
 //! Debian's `runc`, and stopped when dropped.
 //!
 //! There is no systemd here: the test owns the daemon. Dropping a
@@ -43,11 +45,97 @@ pub struct ContainerdOptions {
     /// socket need not exist yet when containerd starts.
     pub proxy_snapshotters: Vec<(String, PathBuf)>,
     /// Keep the CRI plugin (off by default: it starts slower and complains
-    /// about the missing CNI configuration).
+    /// about the missing CNI configuration). Its CNI directories are empty
+    /// ones in the daemon's directory (`cni/bin`, `cni/net.d`), never the
+    /// host's: host-network pods need none.
     pub cri: bool,
+    /// Settings of the CRI plugin; `Some` keeps the plugin as [`cri`](Self::cri)
+    /// does.
+    pub cri_settings: Option<CriSettings>,
     /// Further config files, as the config's `imports = [...]` (they
     /// override the generated file's fields, as in containerd).
     pub imports: Vec<PathBuf>,
+}
+
+/// What the CRI plugin (`[plugins."io.containerd.grpc.v1.cri"]`) is set to
+/// beyond containerd's defaults. An import ([`ContainerdOptions::imports`])
+/// with a CRI section replaces the whole generated section (containerd
+/// merges imported plugin sections whole), these settings included.
+#[derive(Debug, Clone, Default)]
+pub struct CriSettings {
+    /// `sandbox_image`: the pod sandbox ("pause") image, pulled by the CRI
+    /// plugin when a pod starts (e.g. [`crate::cri::sandbox_image`] pushed to
+    /// the test registry).
+    pub sandbox_image: Option<String>,
+    /// Registries (`host:port`) reached over plain HTTP: a `hosts.toml` each
+    /// under `certs.d/<host:port>/` in the daemon's directory, which becomes
+    /// the registry `config_path`.
+    pub plain_http_registries: Vec<String>,
+    /// `[...containerd] snapshotter`: the snapshotter the CRI plugin
+    /// unpacks images and makes container snapshots with (containerd's
+    /// default: `overlayfs`).
+    pub snapshotter: Option<String>,
+    /// `disable_snapshot_annotations = false`: the CRI plugin passes the
+    /// image's layer annotations, and `containerd.io/snapshot/cri.image-ref`
+    /// and `...cri.layer-digest`, to the snapshotter (remote snapshotters
+    /// need them; containerd's default is off).
+    pub snapshot_annotations: bool,
+    /// `restrict_oom_score_adj = true`: containers get no lower
+    /// `oom_score_adj` than containerd's own. Needed where root lacks
+    /// `CAP_SYS_RESOURCE` (runc then cannot give a pod sandbox the -998 the
+    /// CRI plugin asks for, and fails with "can't get final child's PID
+    /// from pipe").
+    pub restrict_oom_score_adj: bool,
+}
+
+/// The `hosts.toml` making `host` (`host:port`) a plain-HTTP registry
+/// with pull and resolve capabilities.
+pub fn plain_http_hosts_toml(host: &str) -> String {
+    let url = toml_string(&format!("http://{host}"));
+    format!(
+        "# Written by lazypull-testkit: {host} over plain HTTP.\n\
+         server = {url}\n\
+         \n\
+         [host.{url}]\n  capabilities = [\"pull\", \"resolve\"]\n"
+    )
+}
+
+/// The CRI plugin's section of the config for a daemon living in `dir`.
+fn cri_section(dir: &Path, settings: Option<&CriSettings>) -> io::Result<String> {
+    let cri = "[plugins.\"io.containerd.grpc.v1.cri\"]";
+    let mut text = format!("\n  {cri}\n");
+    let default = CriSettings::default();
+    let settings = settings.unwrap_or(&default);
+    if settings.restrict_oom_score_adj {
+        text.push_str("    restrict_oom_score_adj = true\n");
+    }
+    if let Some(image) = &settings.sandbox_image {
+        text.push_str(&format!("    sandbox_image = {}\n", toml_string(image)));
+    }
+    let cri = &cri[..cri.len() - 1];
+    text.push_str(&format!(
+        "    {cri}.cni]\n      bin_dir = {}\n      conf_dir = {}\n",
+        toml_path(&dir.join("cni/bin"))?,
+        toml_path(&dir.join("cni/net.d"))?
+    ));
+    text.push_str(&format!("    {cri}.containerd]\n"));
+    if let Some(snapshotter) = &settings.snapshotter {
+        text.push_str(&format!(
+            "      snapshotter = {}\n",
+            toml_string(snapshotter)
+        ));
+    }
+    text.push_str(&format!(
+        "      disable_snapshot_annotations = {}\n",
+        !settings.snapshot_annotations
+    ));
+    if !settings.plain_http_registries.is_empty() {
+        text.push_str(&format!(
+            "    {cri}.registry]\n      config_path = {}\n",
+            toml_path(&dir.join("certs.d"))?
+        ));
+    }
+    Ok(text)
 }
 
 /// A running containerd.
@@ -112,7 +200,8 @@ fn toml_path(p: &Path) -> io::Result<String> {
 /// The containerd config (version 2) for a daemon living in `dir`.
 pub fn config_text(dir: &Path, opts: &ContainerdOptions) -> io::Result<String> {
     let mut disabled: Vec<String> = ALWAYS_DISABLED.iter().map(|s| toml_string(s)).collect();
-    if !opts.cri {
+    let cri = opts.cri || opts.cri_settings.is_some();
+    if !cri {
         disabled.push(toml_string("io.containerd.grpc.v1.cri"));
     }
     let imports = opts
@@ -143,6 +232,9 @@ pub fn config_text(dir: &Path, opts: &ContainerdOptions) -> io::Result<String> {
         ttrpc = toml_path(&dir.join("containerd.sock.ttrpc"))?,
         opt = toml_path(&dir.join("opt"))?,
     );
+    if cri {
+        text.push_str(&cri_section(dir, opts.cri_settings.as_ref())?);
+    }
     if !opts.proxy_snapshotters.is_empty() {
         text.push_str("\n[proxy_plugins]\n");
         for (name, socket) in &opts.proxy_snapshotters {
@@ -159,6 +251,25 @@ pub fn config_text(dir: &Path, opts: &ContainerdOptions) -> io::Result<String> {
 /// Writes the config for `dir` to `dir/config.toml` and returns its path.
 fn write_config(dir: &Path, opts: &ContainerdOptions) -> io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
+    if opts.cri || opts.cri_settings.is_some() {
+        std::fs::create_dir_all(dir.join("cni/bin"))?;
+        std::fs::create_dir_all(dir.join("cni/net.d"))?;
+    }
+    for host in opts
+        .cri_settings
+        .iter()
+        .flat_map(|s| s.plain_http_registries.iter())
+    {
+        if host.is_empty() || host.contains(['/', '\\']) || host.starts_with('.') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("registry {host:?} is not a host:port"),
+            ));
+        }
+        let hosts = dir.join("certs.d").join(host);
+        std::fs::create_dir_all(&hosts)?;
+        std::fs::write(hosts.join("hosts.toml"), plain_http_hosts_toml(host))?;
+    }
     let path = dir.join("config.toml");
     std::fs::write(&path, config_text(dir, opts)?)?;
     Ok(path)
@@ -542,6 +653,7 @@ mod tests {
         let opts = ContainerdOptions {
             proxy_snapshotters: vec![("lazypull".into(), PathBuf::from("/tmp/a \"b\"/s.sock"))],
             cri: false,
+            cri_settings: None,
             imports: vec![PathBuf::from("/etc/x.toml")],
         };
         let text = config_text(Path::new("/tmp/d"), &opts).unwrap();
@@ -558,7 +670,64 @@ mod tests {
             ..ContainerdOptions::default()
         };
         let text = config_text(Path::new("/tmp/d"), &cri).unwrap();
-        assert!(!text.contains("grpc.v1.cri"), "{text}");
+        let disabled = text
+            .lines()
+            .find(|l| l.starts_with("disabled_plugins"))
+            .unwrap();
+        assert!(!disabled.contains("grpc.v1.cri"), "{text}");
+        assert!(text.contains("conf_dir = \"/tmp/d/cni/net.d\""), "{text}");
+        assert!(!text.contains("sandbox_image"), "{text}");
+    }
+
+    /// What containerd makes of the CRI settings: every one lands where the
+    /// CRI plugin reads it (a misplaced key would leave the default).
+    #[test]
+    fn cri_settings_reach_containerd() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = ContainerdOptions {
+            cri_settings: Some(CriSettings {
+                sandbox_image: Some("127.0.0.1:5000/pause:1".into()),
+                plain_http_registries: vec!["127.0.0.1:5000".into()],
+                snapshotter: Some("lazypull".into()),
+                snapshot_annotations: true,
+                restrict_oom_score_adj: true,
+            }),
+            ..ContainerdOptions::default()
+        };
+        let dir = tmp.path();
+        let dump = config_dump(dir, &opts).unwrap();
+        let p = |s: &Path| s.to_str().unwrap().to_string();
+        for want in [
+            "sandbox_image = \"127.0.0.1:5000/pause:1\"".to_string(),
+            "snapshotter = \"lazypull\"".to_string(),
+            "disable_snapshot_annotations = false".to_string(),
+            "restrict_oom_score_adj = true".to_string(),
+            format!("config_path = \"{}\"", p(&dir.join("certs.d"))),
+            format!("conf_dir = \"{}\"", p(&dir.join("cni/net.d"))),
+            format!("bin_dir = \"{}\"", p(&dir.join("cni/bin"))),
+        ] {
+            assert!(dump.contains(&want), "{want} not in:\n{dump}");
+        }
+        let hosts = std::fs::read_to_string(dir.join("certs.d/127.0.0.1:5000/hosts.toml")).unwrap();
+        assert!(
+            hosts.contains("server = \"http://127.0.0.1:5000\""),
+            "{hosts}"
+        );
+        assert!(
+            hosts.contains(
+                "[host.\"http://127.0.0.1:5000\"]\n  capabilities = [\"pull\", \"resolve\"]"
+            ),
+            "{hosts}"
+        );
+        let bad = ContainerdOptions {
+            cri_settings: Some(CriSettings {
+                plain_http_registries: vec!["../x".into()],
+                ..CriSettings::default()
+            }),
+            ..ContainerdOptions::default()
+        };
+        let e = config_dump(&dir.join("bad"), &bad).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
     }
 
     #[test]

@@ -17,6 +17,10 @@
 //! - [`oci_image`]: ordinary OCI images built from tiny trees (gzip tar
 //!   layers, OCI config and manifest), pushed to a registry or written as
 //!   an OCI layout; [`oci_image::busybox_image`] is a runnable one.
+//! - [`cri`]: a small blocking client of Kubernetes' CRI (`runtime.v1`,
+//!   our restatement of the part of cri-api's protos it uses) to drive
+//!   containerd's CRI plugin as kubelet would: images, host-network pods,
+//!   containers, their logs; and a busybox pod sandbox image.
 //!
 //! A web server holding a blob directory is `lazypull::blob_server` (the
 //! demo's, shipped): tests use that one rather than a second copy here.
@@ -29,6 +33,7 @@
 
 pub mod compare;
 pub mod containerd;
+pub mod cri;
 pub mod maketree;
 pub mod manifest;
 pub mod oci_image;

@@ -1,8 +1,11 @@
 //! `lazypull snapshotter`: runs containerd's proxy snapshotter
 //! (crates/snapshotter) on a unix socket until SIGTERM / SIGINT. Its own
 //! process, apart from the daemon, so either can restart without the other.
+//! Lazy images' containers are mounted through the daemon at
+//! `--daemon-socket` ([`super::daemon_mounts`]).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
@@ -19,6 +22,12 @@ pub struct SnapshotterArgs {
     /// directory is created 0700).
     #[arg(long, value_name = "SOCKET", default_value = lazypull_snapshotter::DEFAULT_ADDRESS)]
     pub address: PathBuf,
+
+    /// The lazypull daemon's control socket: containers on lazy images get
+    /// their image mounted through it (once per image, under
+    /// <root>/lazy/<meta digest>). Needed only when such a container starts.
+    #[arg(long, value_name = "SOCKET", default_value = crate::control::DEFAULT_SOCKET)]
+    pub daemon_socket: PathBuf,
 }
 
 /// Serves until SIGTERM or SIGINT, then stops gracefully.
@@ -42,7 +51,8 @@ pub fn snapshotter(args: SnapshotterArgs) -> anyhow::Result<()> {
             root: args.root,
             address: args.address,
         };
-        lazypull_snapshotter::serve(config, shutdown)
+        let daemon = Arc::new(super::daemon_mounts::DaemonMounts::new(args.daemon_socket));
+        lazypull_snapshotter::serve_with(config, daemon, shutdown)
             .await
             .context("snapshotter")
     })

@@ -1,0 +1,641 @@
+//! Kubernetes' path into containerd: the CRI API (`runtime.v1`) of Debian's
+//! containerd 1.6 with `snapshotter = "lazypull"` and snapshot annotations
+//! on, driven by testkit's CRI client the way kubelet drives it (there is no
+//! kubelet or crictl in Debian bookworm). Pods use the host's network (no
+//! CNI) and a sandbox image the test builds from busybox and pushes to the
+//! loopback registry, reached over plain HTTP through a `hosts.toml`.
+//!
+//! - `cri_runs_an_ordinary_image_under_lazypull_snapshotter`: CRI PullImage
+//!   unpacks an ordinary image into `lazypull snapshotter`, a host-network
+//!   pod runs it, its CRI log holds the image's output, ImageFsInfo sums the
+//!   snapshotter's usage, and RemoveImage lets containerd's GC remove its
+//!   snapshots.
+//! - `cri_pulls_a_lazy_image_lazily_and_runs_it`: the same with the image
+//!   converted by `lazypull convert`, `lazypull daemon` (FUSE) serving it
+//!   and the snapshotter pointed at the daemon: the pull moves no data blob
+//!   (the registry's access log), the committed snapshots carry the CRI
+//!   plugin's `containerd.io/snapshot/cri.image-ref`, and a pod runs it.
+//!
+//! Needs root (containerd mounts, runc; FUSE for the daemon). A missing
+//! containerd, runc, docker-registry or busybox-static fails the test naming
+//! the package.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lazypull_testkit::containerd::{self, Containerd, ContainerdOptions, CriSettings};
+use lazypull_testkit::cri::{self, Cri};
+use lazypull_testkit::oci_image::{busybox_image, BUSYBOX_IMAGE_OUTPUT};
+use lazypull_testkit::registry::RegistryServer;
+use sha2::{Digest, Sha256};
+
+/// containerd's namespace for everything the CRI plugin makes.
+const K8S_NAMESPACE: &str = "k8s.io";
+
+fn temp_dir() -> tempfile::TempDir {
+    // Short: the containerd and snapshotter sockets live in it.
+    tempfile::Builder::new()
+        .prefix("lpcri")
+        .tempdir_in("/tmp")
+        .expect("temp dir")
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Waits until something listens on unix socket `socket`, or panics
+/// naming `what` and its log, also if `child` exits first.
+fn wait_listening(child: &mut Child, socket: &Path, what: &str, log: &Path) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "{what} exited with {status} during start; its log ends:\n{}",
+                tail(log, 20)
+            );
+        }
+        if UnixStream::connect(socket).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "{what} did not listen on {} within 20 s; its log ends:\n{}",
+        socket.display(),
+        tail(log, 20)
+    );
+}
+
+/// A `lazypull` process (snapshotter or daemon); killed, reaped and the
+/// mounts under `mounts` undone when dropped.
+struct Process {
+    child: Child,
+    what: &'static str,
+    log: PathBuf,
+    mounts: PathBuf,
+}
+
+impl Process {
+    fn start(
+        what: &'static str,
+        mut cmd: Command,
+        socket: &Path,
+        log: &Path,
+        mounts: &Path,
+    ) -> Self {
+        let logfile = std::fs::File::create(log).expect("log file");
+        let mut child = cmd
+            .env(
+                "LAZYPULL_LOG",
+                "info,lazypull=debug,lazypull_snapshotter=debug",
+            )
+            .stdin(Stdio::null())
+            .stdout(logfile.try_clone().unwrap())
+            .stderr(logfile)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        wait_listening(&mut child, socket, what, log);
+        Process {
+            child,
+            what,
+            log: log.to_path_buf(),
+            mounts: mounts.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "{}'s log ({}) ends:\n{}",
+                self.what,
+                self.log.display(),
+                tail(&self.log, 30)
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        containerd::unmount_under(&self.mounts);
+    }
+}
+
+fn lazypull() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lazypull"))
+}
+
+/// `lazypull snapshotter` on `root`, listening on `socket`, with the daemon's
+/// control socket if given.
+fn snapshotter(root: &Path, socket: &Path, log: &Path, daemon: Option<&Path>) -> Process {
+    let mut cmd = lazypull();
+    cmd.arg("snapshotter")
+        .arg("--root")
+        .arg(root)
+        .arg("--address")
+        .arg(socket);
+    if let Some(d) = daemon {
+        cmd.arg("--daemon-socket").arg(d);
+    }
+    Process::start("lazypull snapshotter", cmd, socket, log, root)
+}
+
+/// `lazypull daemon` over FUSE with everything under `dir`; its control
+/// socket is `dir/run/ctl.sock`.
+fn daemon(dir: &Path) -> Process {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = dir.join("config.toml");
+    std::fs::write(&config, "retries = 1\n").unwrap();
+    let mut cmd = lazypull();
+    cmd.arg("daemon")
+        .arg("--config")
+        .arg(&config)
+        .args(["--transport", "fuse"])
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .arg("--work-dir")
+        .arg(dir.join("work"))
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .arg("--fuse-dir")
+        .arg(dir.join("blobs"))
+        .arg("--socket")
+        .arg(dir.join("run/ctl.sock"))
+        .arg("--fd-store")
+        .arg(dir.join("run/fdstore.sock"));
+    Process::start(
+        "lazypull daemon",
+        cmd,
+        &dir.join("run/ctl.sock"),
+        &dir.join("daemon.log"),
+        dir,
+    )
+}
+
+/// The pods' parent cgroup (cgroupfs syntax) and, when dropped, the removal
+/// of its (by then empty) directories in every cgroup hierarchy.
+struct CgroupParent(String);
+
+impl CgroupParent {
+    fn new(test: &str) -> CgroupParent {
+        CgroupParent(format!("/lazypull-{test}-{}", std::process::id()))
+    }
+}
+
+impl Drop for CgroupParent {
+    fn drop(&mut self) {
+        let rel = self.0.trim_start_matches('/');
+        let mut dirs = vec![PathBuf::from("/sys/fs/cgroup").join(rel)];
+        if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+            dirs.extend(entries.flatten().map(|e| e.path().join(rel)));
+        }
+        for d in dirs {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// The chain ids of a layer stack: containerd's names for the committed
+/// snapshots.
+fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for d in diff_ids {
+        let id = match out.last() {
+            None => d.clone(),
+            Some(parent) => format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("{parent} {d}").as_bytes()))
+            ),
+        };
+        out.push(id);
+    }
+    out
+}
+
+/// The committed snapshots (names) of the CRI namespace in `lazypull`.
+fn committed_snapshots(ctr: &Containerd) -> Vec<String> {
+    let text = ctr
+        .ctr_stdout(&[
+            "-n",
+            K8S_NAMESPACE,
+            "snapshots",
+            "--snapshotter",
+            "lazypull",
+            "ls",
+        ])
+        .unwrap();
+    text.lines()
+        .skip(1)
+        .filter(|l| l.trim_end().ends_with("Committed"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+/// Polls until `cond` holds, up to `limit`; false if it never did.
+fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The CRI settings of these tests: `sandbox` as the sandbox image, the
+/// registry over plain HTTP, lazypull with annotations.
+fn cri_options(registry: &RegistryServer, sandbox: &str, socket: &Path) -> ContainerdOptions {
+    ContainerdOptions {
+        proxy_snapshotters: vec![("lazypull".into(), socket.to_path_buf())],
+        cri_settings: Some(CriSettings {
+            sandbox_image: Some(sandbox.into()),
+            plain_http_registries: vec![registry.addr().to_string()],
+            snapshotter: Some("lazypull".into()),
+            snapshot_annotations: true,
+            // Root here lacks CAP_SYS_RESOURCE: runc could not give the
+            // sandbox the oom_score_adj of -998 CRI asks for.
+            restrict_oom_score_adj: true,
+        }),
+        ..ContainerdOptions::default()
+    }
+}
+
+/// Pushes the sandbox image: its reference.
+fn push_sandbox(registry: &RegistryServer) -> String {
+    cri::sandbox_image()
+        .unwrap()
+        .push(registry.addr(), "test/pause", "v1")
+        .unwrap();
+    format!("{}/test/pause:v1", registry.addr())
+}
+
+/// Runs `image` (its own entrypoint and command) as container `main` in a
+/// new host-network pod `pod`, waits for its exit, checks its CRI log holds
+/// exactly the busybox image's line, then stops and removes the pod.
+fn run_in_pod(
+    cri: &mut Cri,
+    ctr: &Containerd,
+    image: &str,
+    pod: &str,
+    logs: &Path,
+    cgroup: &CgroupParent,
+) {
+    let pod_config = cri::host_network_pod(pod, logs, &cgroup.0);
+    let pod_id = cri
+        .run_pod(&pod_config)
+        .unwrap_or_else(|e| panic!("{e}\ncontainerd's log ends:\n{}", ctr.log_tail(30)));
+    let status = cri.pod_status(&pod_id).unwrap();
+    assert_eq!(
+        status.state,
+        cri::proto::PodSandboxState::SandboxReady as i32,
+        "{status:?}"
+    );
+    let config = cri::container_config("main", image, &[], "main.log");
+    let id = cri
+        .create_and_start(&pod_id, &config, &pod_config)
+        .unwrap_or_else(|e| panic!("{e}\ncontainerd's log ends:\n{}", ctr.log_tail(30)));
+    let code = cri.wait_exit(&id, Duration::from_secs(60)).unwrap();
+    let status = cri.container_status(&id).unwrap();
+    let log = cri::read_log(&logs.join("main.log")).unwrap();
+    assert_eq!(code, 0, "container {id} failed: {status:?}\nlog: {log:?}");
+    assert_eq!(status.log_path, logs.join("main.log").to_str().unwrap());
+    let lines: Vec<(&str, &str)> = log
+        .iter()
+        .map(|l| (l.stream.as_str(), l.text.as_str()))
+        .collect();
+    assert_eq!(lines, [("stdout", BUSYBOX_IMAGE_OUTPUT)], "{log:?}");
+
+    let listed = cri.list_containers(Some(&pod_id)).unwrap();
+    assert_eq!(
+        listed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        [id.as_str()]
+    );
+    cri.remove_container(&id).unwrap();
+    cri.stop_pod(&pod_id).unwrap();
+    cri.remove_pod(&pod_id).unwrap();
+    assert!(cri.list_containers(Some(&pod_id)).unwrap().is_empty());
+}
+
+/// ImageFsInfo answers one image file system, with the snapshotter's usage
+/// summed in (containerd refreshes it every 10 s) and at least `min` bytes.
+fn check_image_fs(cri: &mut Cri, ctr: &Containerd, min: u64) {
+    let mut last = Vec::new();
+    let ok = eventually(Duration::from_secs(25), || {
+        last = cri.image_fs_info().unwrap();
+        last.len() == 1 && last[0].used_bytes.as_ref().is_some_and(|u| u.value >= min)
+    });
+    assert!(ok, "ImageFsInfo: {last:?}");
+    let fs = &last[0];
+    let mountpoint = fs.fs_id.as_ref().map(|f| f.mountpoint.clone());
+    eprintln!("ImageFsInfo: {fs:?}");
+    assert_eq!(
+        mountpoint.as_deref().map(Path::new),
+        Some(
+            ctr.config_path()
+                .parent()
+                .unwrap()
+                .join("root/io.containerd.snapshotter.v1.lazypull")
+                .as_path()
+        ),
+        "{fs:?}"
+    );
+    assert!(fs.timestamp > 0, "{fs:?}");
+}
+
+#[test]
+fn cri_runs_an_ordinary_image_under_lazypull_snapshotter() {
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let registry = RegistryServer::start(&dir.join("registry"), None).unwrap();
+    let image = busybox_image().unwrap();
+    image.push(registry.addr(), "test/busybox", "v1").unwrap();
+    let reference = format!("{}/test/busybox:v1", registry.addr());
+    let sandbox = push_sandbox(&registry);
+
+    let cgroup = CgroupParent::new("cri-ordinary");
+    let socket = dir.join("snap.sock");
+    let _snap = snapshotter(&dir.join("snap"), &socket, &dir.join("snap.log"), None);
+    let ctr =
+        Containerd::start(&dir.join("c"), &cri_options(&registry, &sandbox, &socket)).unwrap();
+    let mut cri = Cri::connect(ctr.address()).unwrap();
+    let version = cri.version().unwrap();
+    assert_eq!(version.runtime_name, "containerd", "{version:?}");
+    assert_eq!(version.runtime_api_version, "v1", "{version:?}");
+
+    // PullImage: containerd's image id is the config digest; the image is
+    // unpacked into lazypull, one committed snapshot per layer.
+    assert!(cri.image_status(&reference).unwrap().is_none());
+    let id = cri
+        .pull_image(&reference)
+        .unwrap_or_else(|e| panic!("{e}\ncontainerd's log ends:\n{}", ctr.log_tail(30)));
+    assert_eq!(id, image.config_digest());
+    let status = cri.image_status(&reference).unwrap().expect("pulled image");
+    assert_eq!(status.id, id);
+    assert!(status.repo_tags.contains(&reference), "{status:?}");
+    assert!(status.size > 0, "{status:?}");
+    let diff_ids: Vec<String> = image.layers.iter().map(|l| l.diff_id.clone()).collect();
+    let chain = chain_ids(&diff_ids);
+    let committed = committed_snapshots(&ctr);
+    for c in &chain {
+        assert!(
+            committed.contains(c),
+            "{c} not committed in lazypull: {committed:?}"
+        );
+    }
+    // containerd read the registry's hosts.toml (plain HTTP by config, not
+    // by its loopback default).
+    let hosts_dir = dir.join("c/certs.d").join(registry.addr().to_string());
+    let log = std::fs::read_to_string(ctr.log_path()).unwrap();
+    assert!(
+        log.lines().any(
+            |l| l.contains("loading host directory") && l.contains(hosts_dir.to_str().unwrap())
+        ),
+        "containerd did not load {}",
+        hosts_dir.display()
+    );
+
+    let logs = dir.join("pods/busybox");
+    run_in_pod(&mut cri, &ctr, &reference, "busybox", &logs, &cgroup);
+    // The sandbox image, pulled by RunPodSandbox, is unpacked into lazypull too.
+    assert!(cri.image_status(&sandbox).unwrap().is_some());
+
+    // The busybox binary alone is over 1 MB of the snapshots' usage.
+    check_image_fs(&mut cri, &ctr, 1 << 20);
+
+    // RemoveImage: containerd's GC removes the image's snapshots from
+    // lazypull.
+    cri.remove_image(&reference).unwrap();
+    assert!(cri.image_status(&reference).unwrap().is_none());
+    let top = chain.last().unwrap().clone();
+    let mut left = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            left = committed_snapshots(&ctr);
+            !left.contains(&top)
+        }),
+        "the removed image's top snapshot {top} is still in lazypull: {left:?}"
+    );
+}
+
+/// A blob's bytes in the registry's storage (docker-registry's filesystem
+/// driver layout).
+fn registry_blob(registry_dir: &Path, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    let path = registry_dir.join(format!(
+        "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The manifest tagged `tag` in `repository`, from the registry's storage.
+fn registry_manifest(registry_dir: &Path, repository: &str, tag: &str) -> serde_json::Value {
+    let link = registry_dir.join(format!(
+        "data/docker/registry/v2/repositories/{repository}/_manifests/tags/{tag}/current/link"
+    ));
+    let digest = std::fs::read_to_string(&link).unwrap();
+    serde_json::from_slice(&registry_blob(registry_dir, digest.trim())).unwrap()
+}
+
+/// The registry's access log: its standard output, which testkit keeps
+/// beside its log.
+fn access_log(registry: &RegistryServer) -> PathBuf {
+    registry.log_path().with_file_name("registry.stdout")
+}
+
+/// The registry access log's request lines from byte `from` on that name
+/// `repository`'s blobs: (method, digest).
+fn blob_requests(
+    registry: &RegistryServer,
+    from: usize,
+    repository: &str,
+) -> Vec<(String, String)> {
+    let text = std::fs::read(access_log(registry)).unwrap();
+    let text = String::from_utf8_lossy(&text[from.min(text.len())..]).into_owned();
+    let prefix = format!("/v2/{repository}/blobs/");
+    let mut out = Vec::new();
+    for line in text.lines() {
+        // Access lines: ... "GET /v2/REPO/blobs/sha256:... HTTP/1.1" 200 ...
+        let Some(start) = line.find('"') else {
+            continue;
+        };
+        let mut words = line[start + 1..].split_whitespace();
+        let (Some(method), Some(path)) = (words.next(), words.next()) else {
+            continue;
+        };
+        if let Some(digest) = path.strip_prefix(&prefix) {
+            out.push((method.to_string(), digest.to_string()));
+        }
+    }
+    out
+}
+
+#[test]
+fn cri_pulls_a_lazy_image_lazily_and_runs_it() {
+    let help = lazypull().args(["snapshotter", "--help"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("--daemon-socket"),
+        "`lazypull snapshotter` has no --daemon-socket: remote snapshots are not built yet"
+    );
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let registry_dir = dir.join("registry");
+    let registry = RegistryServer::start(&registry_dir, None).unwrap();
+    busybox_image()
+        .unwrap()
+        .push(registry.addr(), "test/busybox", "v1")
+        .unwrap();
+    let source = format!("{}/test/busybox:v1", registry.addr());
+    let lazy_repo = "test/busybox-lazy";
+    let lazy = format!("{}/{lazy_repo}:v1", registry.addr());
+    let out = lazypull()
+        .args(["convert", &source, &lazy])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lazypull convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sandbox = push_sandbox(&registry);
+    let manifest = registry_manifest(&registry_dir, lazy_repo, "v1");
+    let config_digest = manifest["config"]["digest"].as_str().unwrap().to_owned();
+    let config: serde_json::Value =
+        serde_json::from_slice(&registry_blob(&registry_dir, &config_digest)).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    let role = |l: &serde_json::Value| {
+        l["annotations"]["containerd.io/snapshot/lazypull.role"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    let data_blobs: Vec<String> = layers
+        .iter()
+        .filter(|l| role(l) == "data")
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!data_blobs.is_empty(), "no data layer in {manifest}");
+    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_owned())
+        .collect();
+    let chain = chain_ids(&diff_ids);
+
+    let cgroup = CgroupParent::new("cri-lazy");
+    let daemon_dir = dir.join("d");
+    let _daemon = daemon(&daemon_dir);
+    let socket = dir.join("snap.sock");
+    let _snap = snapshotter(
+        &dir.join("snap"),
+        &socket,
+        &dir.join("snap.log"),
+        Some(&daemon_dir.join("run/ctl.sock")),
+    );
+    let ctr =
+        Containerd::start(&dir.join("c"), &cri_options(&registry, &sandbox, &socket)).unwrap();
+    let mut cri = Cri::connect(ctr.address()).unwrap();
+
+    // PullImage of the lazy image: lazy, no data blob moves.
+    let before = std::fs::metadata(access_log(&registry)).unwrap().len() as usize;
+    let id = cri
+        .pull_image(&lazy)
+        .unwrap_or_else(|e| panic!("{e}\ncontainerd's log ends:\n{}", ctr.log_tail(30)));
+    assert_eq!(id, config_digest);
+    let requests = blob_requests(&registry, before, lazy_repo);
+    eprintln!("blob requests of the CRI pull: {requests:?}");
+    for (method, digest) in &requests {
+        assert!(
+            !data_blobs.contains(digest),
+            "the CRI pull fetched data blob {digest} ({method}): {requests:?}"
+        );
+    }
+    assert!(
+        requests.iter().any(|(_, d)| *d == config_digest),
+        "the CRI pull did not fetch the config: {requests:?}"
+    );
+    // The committed snapshots are lazypull's remote ones, labelled by CRI
+    // with the image reference.
+    let committed = committed_snapshots(&ctr);
+    for c in &chain {
+        assert!(
+            committed.contains(c),
+            "{c} not committed in lazypull: {committed:?}"
+        );
+    }
+    let info = ctr
+        .ctr_stdout(&[
+            "-n",
+            K8S_NAMESPACE,
+            "snapshots",
+            "--snapshotter",
+            "lazypull",
+            "info",
+            chain.last().unwrap(),
+        ])
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(
+        info["Labels"]["containerd.io/snapshot/cri.image-ref"].as_str(),
+        Some(lazy.as_str()),
+        "{info}"
+    );
+    assert!(
+        info["Labels"]["containerd.io/snapshot/lazypull.role"].is_string(),
+        "{info}"
+    );
+
+    // A pod runs it, with the right output.
+    let logs = dir.join("pods/lazy");
+    run_in_pod(&mut cri, &ctr, &lazy, "lazy", &logs, &cgroup);
+    // The container's reads went through lazypull's daemon to the registry.
+    let after = blob_requests(&registry, before, lazy_repo);
+    eprintln!("blob requests after the run: {after:?}");
+    assert!(
+        after.iter().any(|(_, d)| data_blobs.contains(d)),
+        "the container ran but no data blob was read: {after:?}"
+    );
+    // The lazy snapshots' usage is the bytes the daemon has cached for
+    // them, and ImageFsInfo sums it in (with the sandbox image's ordinary
+    // snapshots).
+    let cached = usage(&ctr, &chain);
+    eprintln!("usage of the lazy snapshots after the run: {cached} bytes");
+    assert!(
+        cached > 0,
+        "the lazy snapshots report no usage after the run"
+    );
+    check_image_fs(&mut cri, &ctr, cached);
+}
+
+/// The summed `ctr snapshots usage` (bytes) of snapshots `keys` in the CRI
+/// namespace's lazypull.
+fn usage(ctr: &Containerd, keys: &[String]) -> u64 {
+    let mut args = vec![
+        "-n",
+        K8S_NAMESPACE,
+        "snapshots",
+        "--snapshotter",
+        "lazypull",
+        "usage",
+        "-b",
+    ];
+    args.extend(keys.iter().map(String::as_str));
+    let text = ctr.ctr_stdout(&args).unwrap();
+    text.lines()
+        .skip(1)
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.get(1)
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("unexpected `ctr snapshots usage` row {l:?}:\n{text}"))
+        })
+        .sum()
+}
