@@ -4,8 +4,8 @@
 //! snapshotter modelled on containerd 1.6's own.
 //!
 //! It owns:
-//! * the API's wire contract (`proto/*.proto`, restated from containerd) and
-//!   the service answering it ([`service`]);
+//! * the service answering the API ([`service`]; the wire contract and the
+//!   generated code are `lazypull-containerd-api`'s, re-exported as [`proto`]);
 //! * the snapshot store: kinds, parent chains, labels, times, usage, ids and
 //!   the on-disk layout under `--root`, crash-safe ([`store`]);
 //! * containerd's filter expressions for `List` ([`filter`]);
