@@ -14,6 +14,10 @@
 //! `fuse`: on the host, the FUSE transport cold, warm and remounted against the
 //! plain file-backed EROFS mount of the same bytes.
 //!
+//! `containers`: on the host, `lazypull pull` + `ctr run --snapshotter lazypull`
+//! against `ctr images pull` + `ctr run` with overlayfs, of the python image from
+//! the same loopback registry: pull to the container's first line, bytes moved.
+//!
 //! `build`: `lazypull build` against Debian's `mkfs.erofs` on the same ~500 MB tree
 //! (wall time, peak RSS), and the deduplication of two overlapping layers.
 //!
@@ -21,7 +25,7 @@
 //! against zstd decoding of them; run natively and under `qemu-x86_64 -cpu max`.
 //!
 //! Run: `cargo build --release -p lazypull -p lazypull-bench && target/release/lazypull-bench cachefiles`
-//! (or `... registry`, `... build`, `... fuse`, `... digest`).
+//! (or `... registry`, `... build`, `... fuse`, `... containers`, `... digest`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -29,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+mod containers;
 mod digest;
 mod fuse;
 
@@ -74,6 +79,29 @@ enum Bench {
         /// Work directory (rebuilt).
         #[arg(long, default_value = "target/bench-fuse")]
         work: PathBuf,
+    },
+    /// On the host: `lazypull pull` + `ctr run` vs. `ctr images pull` + `ctr run` (overlayfs),
+    /// pull to the container's first line, and the bytes each moved from the registry.
+    Containers {
+        /// Rounds (each runs both arms on fresh state, order alternating).
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// Work directory (rebuilt; short: containerd's sockets live in it).
+        #[arg(long, default_value = "/tmp/lpbench-containers")]
+        work: PathBuf,
+        /// Print JSON instead of a Markdown table.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's `readahead` (bytes; 0: off); default: the daemon's default.
+        #[arg(long)]
+        readahead: Option<u64>,
+        /// The daemon's `fill_window` (bytes); default: the daemon's default.
+        #[arg(long)]
+        fill_window: Option<u64>,
+        /// `lazypull convert --chunk-size` (the EROFS chunk size) for the lazy image;
+        /// default: convert's default.
+        #[arg(long)]
+        chunk_size: Option<String>,
     },
     /// Image build throughput and memory vs. mkfs.erofs; dedup of overlapping layers.
     Build {
@@ -123,6 +151,21 @@ fn main() -> Result<()> {
         Bench::Registry { rounds, work } => registry(rounds, &work),
         Bench::Build { rounds, work } => build_bench(rounds, &work),
         Bench::Fuse { rounds, work } => fuse::run(rounds, &work),
+        Bench::Containers {
+            rounds,
+            work,
+            json,
+            readahead,
+            fill_window,
+            chunk_size,
+        } => containers::run(
+            rounds,
+            &work,
+            json,
+            readahead,
+            fill_window,
+            chunk_size.as_deref(),
+        ),
         Bench::Digest {
             mib,
             units,

@@ -43,13 +43,13 @@ pub struct FetchOptions {
     pub max_merge: u64,
     /// Verified units kept per blob, in uncompressed bytes.
     pub cache_bytes: usize,
-    /// On sequential access (a request starting where the previous one of the
-    /// blob ended), also fetch up to this many stored bytes of the units that
-    /// follow, in the same range request; 0 (the default) turns read-ahead off.
-    /// Units read ahead wait in the unit cache until asked for; when readers
-    /// jump around, other units can evict them first and they are fetched
-    /// twice, so it pays only for mostly sequential readers.
-    pub readahead: u64,
+    /// Threads that decompress and verify the units of one range read at
+    /// once (the calling thread is one of them); 0 means one per core. A
+    /// run's units are cut into that many shares, each decoded on its own
+    /// thread while the others are: memory stays what the run holds anyway
+    /// (its stored bytes and its decoded units, bounded by `max_merge` and
+    /// the hold budget, `cache_bytes`).
+    pub decode_threads: usize,
 }
 
 impl Default for FetchOptions {
@@ -57,7 +57,7 @@ impl Default for FetchOptions {
         FetchOptions {
             max_merge: 4 << 20,
             cache_bytes: 8 << 20,
-            readahead: 0,
+            decode_threads: 0,
         }
     }
 }
@@ -79,10 +79,8 @@ pub struct FetchStats {
     pub verify_failures: AtomicU64,
     /// Range reads that failed (after the backend's own retries).
     pub fetch_failures: AtomicU64,
-    /// Units fetched at background priority (prefetch).
+    /// Units fetched at background priority (prefetch, read-ahead).
     pub background_units: AtomicU64,
-    /// Units fetched ahead of a sequential reader.
-    pub readahead_units: AtomicU64,
 }
 
 /// A plain copy of [`FetchStats`].
@@ -96,7 +94,6 @@ pub struct FetchStatsSnapshot {
     pub verify_failures: u64,
     pub fetch_failures: u64,
     pub background_units: u64,
-    pub readahead_units: u64,
 }
 
 impl FetchStats {
@@ -111,7 +108,6 @@ impl FetchStats {
             verify_failures: l(&self.verify_failures),
             fetch_failures: l(&self.fetch_failures),
             background_units: l(&self.background_units),
-            readahead_units: l(&self.readahead_units),
         }
     }
 }
@@ -272,10 +268,10 @@ struct State {
     /// Units some caller's [`ReadHold`] keeps alive (dead entries are swept
     /// when holds are added).
     held: HashMap<u64, Weak<Vec<u8>>>,
-    /// One past the last unit of the previous foreground request: a request
-    /// starting there is sequential.
-    next_sequential: u64,
 }
+
+/// Dead entries of `State::held` are swept when it reaches this many.
+const HELD_SWEEP: usize = 256;
 
 /// Units this caller claimed: resolved as they are fetched, and on drop any
 /// still unresolved get an error (a panic or early return never strands the
@@ -294,6 +290,14 @@ impl Claims<'_> {
             if let Ok(unit) = &result {
                 st.cache
                     .insert(index, unit.clone(), self.blob.ctx.options.cache_bytes);
+                // Findable for as long as anyone holds it, from the moment
+                // it is out of flight: the unit cache may evict it before the
+                // claimant's hold is registered, and a fill that then claimed
+                // its window would fetch it again.
+                if st.held.len() >= HELD_SWEEP {
+                    st.held.retain(|_, w| w.strong_count() > 0);
+                }
+                st.held.insert(index, Arc::downgrade(unit));
             }
             drop(st);
             slot.set(result);
@@ -333,6 +337,27 @@ impl fmt::Debug for ChunkedBlob {
 
 thread_local! {
     static DECODER: std::cell::RefCell<UnitDecoder> = std::cell::RefCell::new(UnitDecoder::new());
+    /// This thread is background work that took its turn (see [`Turn`]).
+    static IN_TURN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Background work's turn, taken once no foreground fetch ran: while it
+/// lives, the thread's background fetches go out without waiting again.
+struct Turn(std::thread::ThreadId);
+
+impl Turn {
+    fn take() -> Turn {
+        IN_TURN.with(|t| t.set(true));
+        Turn(std::thread::current().id())
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if std::thread::current().id() == self.0 {
+            IN_TURN.with(|t| t.set(false));
+        }
+    }
 }
 
 impl ChunkedBlob {
@@ -371,10 +396,16 @@ impl ChunkedBlob {
             blob: self,
             pending: Vec::new(),
         };
-        if priority == Priority::Background {
+        if priority == Priority::Background
+            && !IN_TURN.with(std::cell::Cell::get)
+            && !self.all_at_hand(first, last)
+        {
             // Wait for foreground work to end before claiming anything: a
             // claim held while waiting would make a reader of that unit wait
             // for as long as other readers keep coming (priority inversion).
+            // Units at hand (cached, held) claim nothing and are read at
+            // once: read-ahead writes the units its announcement holds
+            // without waiting again.
             self.ctx.gate.wait_idle();
         }
         {
@@ -394,50 +425,12 @@ impl ChunkedBlob {
                     claims.pending.push((index, slot));
                 }
             }
-            if priority == Priority::Foreground {
-                let sequential = first == st.next_sequential && first > 0;
-                st.next_sequential = last + 1;
-                // Read ahead only when this request fetches its own last unit, so
-                // the extra units ride in the same range request.
-                if sequential && claims.pending.last().is_some_and(|(i, _)| *i == last) {
-                    let mut budget = self.ctx.options.readahead;
-                    // Units read ahead wait in the unit cache until asked for:
-                    // more than half of it would evict them (or the request's
-                    // own units) before use, and they would be fetched twice.
-                    // Compressible data makes many units of few stored bytes.
-                    let mut room = self.ctx.options.cache_bytes as u64 / 2;
-                    let mut index = last + 1;
-                    while let Some(e) = self.table.unit(index) {
-                        let len = u64::from(e.stored_len);
-                        let unpacked = u64::from(e.len);
-                        if len > budget
-                            || unpacked > room
-                            || st.cache.units.contains_key(&index)
-                            || st.inflight.contains_key(&index)
-                        {
-                            break;
-                        }
-                        budget -= len;
-                        room -= unpacked;
-                        let slot = Arc::new(Slot::default());
-                        st.inflight.insert(index, slot.clone());
-                        claims.pending.push((index, slot));
-                        bump(&self.ctx.stats.readahead_units, 1);
-                        index += 1;
-                    }
-                }
-            }
         }
         let mut first_error: Option<io::Error> = None;
         let mine: Vec<u64> = claims.pending.iter().map(|(i, _)| *i).collect();
         for run in self.runs(&mine) {
             let results = self.fetch_run(run, priority);
             for (index, result) in run.iter().copied().zip(results) {
-                if index > last {
-                    // Read ahead: only the cache and other waiters want it.
-                    claims.resolve(index, result);
-                    continue;
-                }
                 if let Ok(unit) = &result {
                     out[(index - first) as usize] = Some(unit.clone());
                 } else if first_error.is_none() {
@@ -464,6 +457,14 @@ impl ChunkedBlob {
             .into_iter()
             .map(|u| u.expect("every unit resolved or an error returned"))
             .collect())
+    }
+
+    /// Whether units `first..=last` are all cached or held (fetching none).
+    fn all_at_hand(&self, first: u64, last: u64) -> bool {
+        let st = self.lock();
+        (first..=last).all(|i| {
+            st.cache.units.contains_key(&i) || st.held.get(&i).is_some_and(|w| w.strong_count() > 0)
+        })
     }
 
     /// Splits sorted unit indices into runs of consecutive units whose stored
@@ -529,32 +530,94 @@ impl ChunkedBlob {
             return run.iter().map(|_| Err((e.kind(), msg.clone()))).collect();
         }
         bump(&stats.stored_bytes, end - start);
-        run.iter()
-            .zip(&entries)
-            .map(|(&index, e)| {
-                let at = (e.stored_offset - start) as usize;
-                let src = &stored[at..at + e.stored_len as usize];
-                let mut dst = vec![0u8; e.len as usize];
-                let r =
-                    DECODER.with(|d| d.borrow_mut().decode(&self.name, index, e, src, &mut dst));
-                match r {
-                    Ok(()) => {
-                        bump(&stats.units_fetched, 1);
-                        if priority == Priority::Background {
-                            bump(&stats.background_units, 1);
-                        }
-                        Ok(Arc::new(dst))
+        let decode = |k: usize| -> UnitResult {
+            let (index, e) = (run[k], &entries[k]);
+            let at = (e.stored_offset - start) as usize;
+            let src = &stored[at..at + e.stored_len as usize];
+            let mut dst = vec![0u8; e.len as usize];
+            let r = DECODER.with(|d| d.borrow_mut().decode(&self.name, index, e, src, &mut dst));
+            match r {
+                Ok(()) => {
+                    bump(&stats.units_fetched, 1);
+                    if priority == Priority::Background {
+                        bump(&stats.background_units, 1);
                     }
-                    Err(err) => {
-                        bump(&stats.verify_failures, 1);
-                        self.counters.error();
-                        tracing::error!(blob = %self.name, unit = index, error = %err,
-                            "chunk failed verification: nothing of it is written");
-                        Err((err.kind(), err.to_string()))
-                    }
+                    Ok(Arc::new(dst))
                 }
+                Err(err) => {
+                    bump(&stats.verify_failures, 1);
+                    self.counters.error();
+                    tracing::error!(blob = %self.name, unit = index, error = %err,
+                        "chunk failed verification: nothing of it is written");
+                    Err((err.kind(), err.to_string()))
+                }
+            }
+        };
+        // Units are decompressed and hashed on several threads at once (the
+        // caller's among them): unit k goes to share k % shares. Every unit is
+        // verified before the run returns, and none leaves it unverified.
+        let shares = self.decode_shares(run.len());
+        if shares <= 1 {
+            return (0..run.len()).map(decode).collect();
+        }
+        let mut results: Vec<Option<UnitResult>> = vec![None; run.len()];
+        let decode = &decode;
+        let done: Vec<Vec<(usize, UnitResult)>> = std::thread::scope(|s| {
+            let helpers: Vec<_> = (1..shares)
+                .map(|share| {
+                    std::thread::Builder::new()
+                        .name("lazypull-decode".into())
+                        .spawn_scoped(s, move || {
+                            (share..run.len())
+                                .step_by(shares)
+                                .map(|k| (k, decode(k)))
+                                .collect::<Vec<_>>()
+                        })
+                })
+                .collect();
+            let mut done = Vec::with_capacity(shares);
+            // Units of a share whose thread could not start are decoded here.
+            let mut mine: Vec<usize> = (0..run.len()).step_by(shares).collect();
+            let mut started = Vec::new();
+            for (share, h) in (1..shares).zip(helpers) {
+                match h {
+                    Ok(h) => started.push(h),
+                    Err(_) => mine.extend((share..run.len()).step_by(shares)),
+                }
+            }
+            done.push(mine.into_iter().map(|k| (k, decode(k))).collect());
+            for h in started {
+                // A panicking decoder (a bug) fails the units it had: they
+                // stay unresolved below.
+                if let Ok(v) = h.join() {
+                    done.push(v);
+                }
+            }
+            done
+        });
+        for (k, r) in done.into_iter().flatten() {
+            results[k] = Some(r);
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err((
+                        io::ErrorKind::Other,
+                        format!("blob {}: decoding a unit panicked (a bug)", self.name),
+                    ))
+                })
             })
             .collect()
+    }
+
+    /// How many threads decode a run of `units` units.
+    fn decode_shares(&self, units: usize) -> usize {
+        let threads = match self.ctx.options.decode_threads {
+            0 => crate::readahead::default_threads(),
+            n => n,
+        };
+        threads.min(units).max(1)
     }
 
     /// Fetches (at `priority`) every unit of `[off, off + len)` not yet cached,
@@ -567,6 +630,15 @@ impl ChunkedBlob {
     /// hold drops: at most the unit cache's budget, or one unit if a unit is
     /// larger than that. The hold covers that part of the range.
     fn hold(&self, off: u64, len: u64, priority: Priority) -> io::Result<ReadHold> {
+        if len == 0 && priority == Priority::Background {
+            // A zero-length background announcement is background work
+            // taking its turn (`crate::fill_ahead`): it returns once no
+            // foreground fetch runs, and claims nothing. Until the returned
+            // hold drops, this thread's background fetches do not wait again:
+            // the caller claims windows now, and readers may wait for them.
+            self.ctx.gate.wait_idle();
+            return Ok(ReadHold::new(off..off, Box::new(Turn::take())));
+        }
         let size = self.table.uncompressed_size();
         let end = off.saturating_add(len).min(size);
         if off >= end {
@@ -803,7 +875,7 @@ mod tests {
             FetchOptions {
                 max_merge: 1 << 30,
                 cache_bytes: 16 << 20,
-                readahead: 0,
+                decode_threads: 0,
             },
         );
         blob.ensure(0, data.len() as u64, Priority::Foreground)
@@ -823,7 +895,7 @@ mod tests {
             FetchOptions {
                 max_merge: 1,
                 cache_bytes: 16 << 20,
-                readahead: 0,
+                decode_threads: 0,
             },
         );
         assert_eq!(read(&blob, 0, data.len()).unwrap(), data);
@@ -839,93 +911,13 @@ mod tests {
     }
 
     #[test]
-    fn sequential_reads_fetch_ahead_in_one_request() {
-        let (data, remote, blob) = fixture(
-            8,
-            FetchOptions {
-                max_merge: 1 << 30,
-                cache_bytes: 16 << 20,
-                readahead: 1 << 30,
-            },
-        );
-        let unit = 64 << 10;
-        for k in 0..8 {
-            let len = unit.min(data.len() - k * unit);
-            assert_eq!(
-                read(&blob, (k * unit) as u64, len).unwrap(),
-                &data[k * unit..k * unit + len]
-            );
-        }
-        // Unit 0 alone (not yet sequential), then unit 1 with 2..=7 read ahead.
-        assert_eq!(
-            remote.log.lock().unwrap().len(),
-            2,
-            "{:?}",
-            remote.log.lock().unwrap()
-        );
-        let stats = blob.ctx.stats.snapshot();
-        assert_eq!(stats.readahead_units, 6);
-        assert_eq!(stats.cache_hits, 6);
-
-        // Random access never reads ahead.
-        let (_, remote, blob) = fixture(
-            8,
-            FetchOptions {
-                max_merge: 1 << 30,
-                cache_bytes: 16 << 20,
-                readahead: 1 << 30,
-            },
-        );
-        for k in [5u64, 2, 7, 0] {
-            read(&blob, k * unit as u64, 10).unwrap();
-        }
-        assert_eq!(remote.log.lock().unwrap().len(), 4);
-        assert_eq!(blob.ctx.stats.snapshot().readahead_units, 0);
-    }
-
-    #[test]
-    fn read_ahead_never_outgrows_the_unit_cache_so_nothing_is_fetched_twice() {
-        // Compressible units: the stored read-ahead budget alone would take
-        // all 32 units, four times what the unit cache holds.
-        let unit = 64 << 10;
-        let (data, remote, blob) = fixture(
-            32,
-            FetchOptions {
-                max_merge: 1 << 30,
-                cache_bytes: 8 * unit,
-                readahead: 1 << 30,
-            },
-        );
-        for k in 0..32 {
-            let len = unit.min(data.len() - k * unit);
-            assert_eq!(
-                read(&blob, (k * unit) as u64, len).unwrap(),
-                &data[k * unit..k * unit + len]
-            );
-        }
-        let log = remote.log.lock().unwrap();
-        let mut fetched: Vec<(u64, usize)> = log.clone();
-        fetched.sort();
-        for w in fetched.windows(2) {
-            assert!(
-                w[0].0 + w[0].1 as u64 <= w[1].0,
-                "overlapping fetches: {w:?}"
-            );
-        }
-        let moved: u64 = log.iter().map(|(_, len)| *len as u64).sum();
-        assert_eq!(moved, remote.data.len() as u64, "every stored byte once");
-        let stats = blob.ctx.stats.snapshot();
-        assert!(stats.readahead_units > 0 && stats.readahead_units <= 31);
-    }
-
-    #[test]
     fn concurrent_readers_of_the_same_units_fetch_each_once() {
         let (data, remote, blob) = fixture(
             4,
             FetchOptions {
                 max_merge: 1,
                 cache_bytes: 0,
-                readahead: 0,
+                decode_threads: 0,
             },
         );
         // No fetch completes before every reader has claimed its units or
@@ -1165,5 +1157,376 @@ mod tests {
             cache.get(100).is_none(),
             "a unit larger than the budget is not kept"
         );
+    }
+
+    fn opts(max_merge: u64, cache_bytes: usize, decode_threads: usize) -> FetchOptions {
+        FetchOptions {
+            max_merge,
+            cache_bytes,
+            decode_threads,
+        }
+    }
+
+    /// 64 KiB windows: one per unit of the fixtures.
+    const POLICY: crate::FillPolicy = crate::FillPolicy {
+        window: 64 << 10,
+        io_size: 64 << 10,
+    };
+
+    fn target<'a>(
+        blob: &'a ChunkedBlob,
+        map: &'a crate::FillMap,
+        sink: &'a VecSink,
+        priority: Priority,
+    ) -> crate::Target<'a> {
+        crate::Target {
+            source: blob,
+            object_size: blob.size(),
+            map,
+            sink,
+            priority,
+        }
+    }
+
+    fn assert_each_stored_byte_once(remote: &Remote) {
+        let mut log = remote.log.lock().unwrap().clone();
+        log.sort();
+        for w in log.windows(2) {
+            assert!(
+                w[0].0 + w[0].1 as u64 <= w[1].0,
+                "overlapping fetches: {w:?}"
+            );
+        }
+        let moved: u64 = log.iter().map(|(_, len)| *len as u64).sum();
+        assert_eq!(moved, remote.data.len() as u64, "every stored byte once");
+    }
+
+    #[test]
+    fn parallel_verification_gives_the_same_bytes_as_one_thread() {
+        for threads in [1, 2, 3, 8] {
+            let (data, remote, blob) = fixture(13, opts(1 << 30, 16 << 20, threads));
+            assert_eq!(blob.decode_shares(13), threads.min(13));
+            blob.ensure(0, data.len() as u64, Priority::Foreground)
+                .unwrap();
+            assert_eq!(remote.log.lock().unwrap().len(), 1, "one range read");
+            assert_eq!(
+                read(&blob, 0, data.len()).unwrap(),
+                data,
+                "{threads} threads"
+            );
+            let stats = blob.ctx.stats.snapshot();
+            assert_eq!((stats.units_fetched, stats.verify_failures), (13, 0));
+        }
+    }
+
+    #[test]
+    fn a_corrupt_unit_in_the_middle_of_a_multi_unit_fetch_fails_alone_and_is_never_written() {
+        let (data, remote, blob) = fixture(9, opts(1 << 30, 16 << 20, 4));
+        remote.corrupt.store(true, Ordering::Relaxed);
+        // The remote flips the middle byte of each read: one range read of
+        // all 9 units corrupts the unit holding the middle stored byte.
+        let mid = remote.data.len() as u64 / 2;
+        let bad = (0..9)
+            .find(|&i| blob.table().unit(i).unwrap().stored_range().contains(&mid))
+            .unwrap();
+        assert!(bad > 0 && bad < 8, "unit {bad} is not in the middle");
+        let map = crate::FillMap::new(blob.size(), POLICY.window);
+        let sink = VecSink(Mutex::new(vec![0; blob.size() as usize]));
+        let mut buf = crate::AlignedBuf::new(POLICY.buffer_size_for(&blob));
+        let err = crate::fill(
+            &target(&blob, &map, &sink, Priority::Foreground),
+            0,
+            blob.size(),
+            &POLICY,
+            &mut buf,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains(&format!("unit {bad}")), "{err}");
+        assert_eq!(remote.log.lock().unwrap().len(), 1);
+        let stats = blob.ctx.stats.snapshot();
+        assert_eq!(stats.verify_failures, 1, "{stats:?}");
+        // The fill's announcement of the run failed: no window is written.
+        // The other units were verified (each on its own) and are cached;
+        // nothing of the bad one is kept anywhere.
+        for i in 0..9 {
+            assert!(!map.is_filled(i) && !map.is_filled_or_busy(i), "window {i}");
+        }
+        assert!(sink.0.lock().unwrap().iter().all(|&b| b == 0));
+        let cached: Vec<u64> = (0..9)
+            .filter(|i| blob.lock().cache.units.contains_key(i))
+            .collect();
+        let others: Vec<u64> = (0..9).filter(|&i| i != bad).collect();
+        assert_eq!(cached, others);
+        // Healed, the same fill completes with the right bytes.
+        remote.corrupt.store(false, Ordering::Relaxed);
+        crate::fill(
+            &target(&blob, &map, &sink, Priority::Foreground),
+            0,
+            blob.size(),
+            &POLICY,
+            &mut buf,
+        )
+        .unwrap();
+        assert!(*sink.0.lock().unwrap() == data);
+    }
+
+    /// A reader moving sequentially, window by window, through `windows` of
+    /// `blob` (64 KiB windows), reading ahead inline (the job run at once)
+    /// up to `distance`. Returns the bytes read ahead.
+    fn read_sequentially(
+        blob: &ChunkedBlob,
+        map: &crate::FillMap,
+        sink: &VecSink,
+        stream: &crate::Stream,
+        windows: std::ops::Range<u64>,
+        distance: u64,
+    ) -> u64 {
+        let w = POLICY.window;
+        let mut buf = crate::AlignedBuf::new(POLICY.buffer_size_for(blob));
+        let mut ahead = 0;
+        for i in windows {
+            if let Some(a) = stream.observe(i * w, w, blob.size(), w, distance) {
+                let out = crate::fill_ahead(
+                    &target(blob, map, sink, Priority::Background),
+                    a.off,
+                    a.len,
+                    &POLICY,
+                    &mut buf,
+                    &|| stream.is_stale(a.generation),
+                )
+                .unwrap();
+                ahead += out.bytes_written;
+            }
+            crate::fill(
+                &target(blob, map, sink, Priority::Foreground),
+                i * w,
+                w,
+                &POLICY,
+                &mut buf,
+            )
+            .unwrap();
+            map.touch(i * w, w, blob.size());
+        }
+        ahead
+    }
+
+    #[test]
+    fn read_ahead_never_read_is_bounded_by_the_distance_and_counted() {
+        let (data, remote, blob) = fixture(40, opts(1 << 30, 16 << 20, 2));
+        let w = POLICY.window;
+        let map = crate::FillMap::new(blob.size(), w);
+        let sink = VecSink(Mutex::new(vec![0; blob.size() as usize]));
+        let stream = crate::Stream::default();
+        // Windows 0..4 read; read-ahead keeps 8 windows past the reader.
+        let ahead = read_sequentially(&blob, &map, &sink, &stream, 0..4, 8 * w);
+        assert_eq!(ahead, 10 * w, "windows 2..=11 were read ahead");
+        // Of those, 2 and 3 were read: 8 windows (the distance) were not.
+        assert_eq!(map.unread_ahead_bytes(blob.size()), 8 * w);
+        // The reader jumps (random access): no read-ahead for it, and
+        // read-ahead asked for before the jump is stale.
+        let before = stream.generation();
+        let jump = read_sequentially(&blob, &map, &sink, &stream, 25..26, 8 * w);
+        assert_eq!(jump, 0);
+        assert!(stream.is_stale(before));
+        // Sequential again from there: another 8 windows at most are left
+        // unread past the new position.
+        let again = read_sequentially(&blob, &map, &sink, &stream, 26..28, 8 * w);
+        assert_eq!(again, 9 * w, "windows 27..=35");
+        assert_eq!(map.unread_ahead_bytes(blob.size()), 16 * w);
+        // Every byte written is the blob's, and nothing was fetched twice.
+        let written = sink.0.lock().unwrap().clone();
+        for i in 0..40u64 {
+            let r = (i * w) as usize..(((i + 1) * w) as usize).min(data.len());
+            if map.is_filled(i) {
+                assert_eq!(written[r.clone()], data[r], "window {i}");
+            }
+        }
+        let mut log = remote.log.lock().unwrap().clone();
+        let n = log.len();
+        log.sort();
+        log.dedup();
+        assert_eq!(log.len(), n, "a range was fetched twice");
+        assert_eq!(blob.ctx.stats.snapshot().units_fetched, 12 + 1 + 10);
+    }
+
+    #[test]
+    fn a_reader_meeting_read_ahead_in_flight_waits_for_it_and_fetches_nothing() {
+        let (data, remote, blob) = fixture(6, opts(1 << 30, 16 << 20, 2));
+        let blob = Arc::new(blob);
+        let w = POLICY.window;
+        let map = Arc::new(crate::FillMap::new(blob.size(), w));
+        let sink = Arc::new(VecSink(Mutex::new(vec![0; blob.size() as usize])));
+        // Read-ahead of windows 1..=4 claims them, then fetches (held at
+        // the gate).
+        remote.close_gate();
+        let ra = {
+            let (blob, map, sink) = (blob.clone(), map.clone(), sink.clone());
+            std::thread::spawn(move || {
+                let mut buf = crate::AlignedBuf::new(POLICY.buffer_size_for(blob.as_ref()));
+                crate::fill_ahead(
+                    &target(&blob, &map, &sink, Priority::Background),
+                    w,
+                    4 * w,
+                    &POLICY,
+                    &mut buf,
+                    &|| false,
+                )
+                .unwrap()
+            })
+        };
+        until(|| remote.held() == 1);
+        assert!(
+            (1..=4).all(|i| map.is_filled_or_busy(i)) && !map.is_filled_or_busy(5),
+            "read-ahead fetches only windows it claimed"
+        );
+        // A reader of window 2 waits for the window; it fetches nothing.
+        let reader = {
+            let (blob, map, sink) = (blob.clone(), map.clone(), sink.clone());
+            std::thread::spawn(move || {
+                let mut buf = crate::AlignedBuf::new(POLICY.buffer_size_for(blob.as_ref()));
+                crate::fill(
+                    &target(&blob, &map, &sink, Priority::Foreground),
+                    2 * w + 10,
+                    10,
+                    &POLICY,
+                    &mut buf,
+                )
+                .unwrap()
+            })
+        };
+        remote.open_gate();
+        let mine = reader.join().unwrap();
+        let ahead = ra.join().unwrap();
+        assert_eq!((mine.windows_written, mine.windows_overlapped), (0, 1));
+        assert_eq!(ahead.windows_written, 4);
+        assert_eq!(remote.log.lock().unwrap().len(), 1, "one fetch for both");
+        let written = sink.0.lock().unwrap().clone();
+        let r = w as usize..5 * w as usize;
+        assert_eq!(written[r.clone()], data[r]);
+        assert_eq!(blob.ctx.stats.snapshot().units_fetched, 4);
+        // The reader read window 2: the other three are read ahead, unread.
+        assert_eq!(map.touch(2 * w + 10, 10, blob.size()), w);
+        assert_eq!(map.unread_ahead_bytes(blob.size()), 3 * w);
+    }
+
+    #[test]
+    fn a_reader_never_waits_for_a_prefetch_waiting_for_foreground_work() {
+        let (data, remote, blob) = fixture(2, FetchOptions::default());
+        let blob = Arc::new(blob);
+        let map = Arc::new(crate::FillMap::new(blob.size(), POLICY.window));
+        let sink = Arc::new(VecSink(Mutex::new(vec![0; blob.size() as usize])));
+        // Other readers' foreground work goes on for as long as this test likes.
+        let guard = blob.ctx.gate.foreground();
+        let bg = {
+            let (blob, map, sink) = (blob.clone(), map.clone(), sink.clone());
+            std::thread::spawn(move || {
+                let mut buf = crate::AlignedBuf::new(POLICY.buffer_size_for(blob.as_ref()));
+                crate::fill(
+                    &target(&blob, &map, &sink, Priority::Background),
+                    0,
+                    blob.size(),
+                    &POLICY,
+                    &mut buf,
+                )
+                .unwrap()
+            })
+        };
+        until(|| blob.ctx.gate.background_waiting() == 1);
+        assert!(
+            !map.is_filled_or_busy(0),
+            "a waiting prefetch holds a window"
+        );
+        // So a reader of window 0 is served now.
+        let mut buf = crate::AlignedBuf::new(POLICY.buffer_size_for(blob.as_ref()));
+        crate::fill(
+            &target(&blob, &map, &sink, Priority::Foreground),
+            0,
+            10,
+            &POLICY,
+            &mut buf,
+        )
+        .unwrap();
+        assert_eq!(sink.0.lock().unwrap()[..10], data[..10]);
+        drop(guard);
+        let out = bg.join().unwrap();
+        assert_eq!(out.windows_written, 1, "the prefetch filled window 1 only");
+        assert_eq!(
+            blob.ctx.stats.snapshot().background_units,
+            1,
+            "its unit is counted as background work"
+        );
+        assert!(*sink.0.lock().unwrap() == data);
+        assert_each_stored_byte_once(&remote);
+    }
+
+    #[test]
+    fn concurrent_read_ahead_and_readers_fetch_every_stored_byte_once() {
+        for round in 0..8 {
+            // Small requests and a unit cache of 4 units: units are evicted
+            // long before the reader gets there, as in a tree walk.
+            let (data, remote, blob) = fixture(48, opts(120 << 10, 256 << 10, 2));
+            let blob = Arc::new(blob);
+            let w = POLICY.window;
+            let map = Arc::new(crate::FillMap::new(blob.size(), w));
+            let sink = Arc::new(VecSink(Mutex::new(vec![0; blob.size() as usize])));
+            let stream = Arc::new(crate::Stream::default());
+            let pool = crate::ReadAheadPool::start(2).unwrap();
+            let readers: Vec<_> = (0..2)
+                .map(|r| {
+                    let (blob, map, sink, stream, pool) = (
+                        blob.clone(),
+                        map.clone(),
+                        sink.clone(),
+                        stream.clone(),
+                        pool.clone(),
+                    );
+                    std::thread::spawn(move || {
+                        let mut buf = crate::AlignedBuf::new(POLICY.buffer_size_for(blob.as_ref()));
+                        // Reader 0 reads in 16 KiB steps, reader 1 in windows.
+                        let step = if r == 0 { 16 << 10 } else { w };
+                        let mut off = 0;
+                        while off < blob.size() {
+                            let ahead = stream.observe(off, step, blob.size(), w, 6 * w);
+                            if let Some(a) = ahead {
+                                let (blob, map, sink, stream) =
+                                    (blob.clone(), map.clone(), sink.clone(), stream.clone());
+                                pool.submit(move |stop| {
+                                    let mut buf = crate::AlignedBuf::new(
+                                        POLICY.buffer_size_for(blob.as_ref()),
+                                    );
+                                    crate::fill_ahead(
+                                        &target(&blob, &map, &sink, Priority::Background),
+                                        a.off,
+                                        a.len,
+                                        &POLICY,
+                                        &mut buf,
+                                        &|| {
+                                            stop.load(Ordering::Acquire)
+                                                || stream.is_stale(a.generation)
+                                        },
+                                    )
+                                    .unwrap();
+                                });
+                            }
+                            crate::fill(
+                                &target(&blob, &map, &sink, Priority::Foreground),
+                                off,
+                                step,
+                                &POLICY,
+                                &mut buf,
+                            )
+                            .unwrap();
+                            off += step;
+                        }
+                    })
+                })
+                .collect();
+            for r in readers {
+                r.join().unwrap();
+            }
+            pool.stop();
+            assert!(*sink.0.lock().unwrap() == data, "round {round}");
+            assert_each_stored_byte_once(&remote);
+        }
     }
 }

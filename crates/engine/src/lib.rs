@@ -22,6 +22,7 @@ mod buf;
 pub mod chunked;
 pub mod local_cache;
 mod private_dir;
+pub mod readahead;
 
 pub use buf::AlignedBuf;
 pub use chunked::{
@@ -31,8 +32,9 @@ use lazypull_source::BlobSource;
 pub use lazypull_source::Priority;
 pub use local_cache::{CacheFile, CacheReadError, NO_BINDING};
 pub use private_dir::private_dir;
+pub use readahead::{Ahead, ReadAheadPool, Stream, DEFAULT_READAHEAD};
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 /// Alignment of every write the engine makes (O_DIRECT-safe on 4 KiB file systems).
 pub const ALIGN: u64 = 4096;
@@ -99,24 +101,60 @@ impl FillPolicy {
     }
 }
 
-/// Which fill windows of one object have been written.
+/// Which fill windows of one object have been written, which are being
+/// filled now (claimed by one filler: others wait for it or skip them, so a
+/// window is fetched and written once), and which were filled ahead of need
+/// by read-ahead and not yet read.
 #[derive(Debug)]
 pub struct FillMap {
     window: u64,
-    bits: Mutex<Vec<u64>>,
+    bits: Mutex<Bits>,
+    /// Signalled whenever a claim ends (filled or given up).
+    settled: Condvar,
+}
+
+#[derive(Debug)]
+struct Bits {
+    filled: Vec<u64>,
+    busy: Vec<u64>,
+    ahead: Vec<u64>,
+}
+
+fn bit(words: &[u64], index: u64) -> bool {
+    words
+        .get((index / 64) as usize)
+        .is_some_and(|w| w & (1 << (index % 64)) != 0)
+}
+
+fn set_bit(words: &mut [u64], index: u64, on: bool) {
+    if let Some(w) = words.get_mut((index / 64) as usize) {
+        if on {
+            *w |= 1 << (index % 64);
+        } else {
+            *w &= !(1 << (index % 64));
+        }
+    }
+}
+
+/// What [`FillMap::claim`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowState {
+    /// Written already.
+    Filled,
+    /// Another filler has it: wait for it ([`FillMap::wait_settled`]) or skip it.
+    Busy,
+    /// Now the caller's to fill; it must [`FillMap::finish`] it.
+    Claimed,
 }
 
 impl FillMap {
     pub fn new(object_size: u64, window: u64) -> Self {
         let windows = object_size.div_ceil(window);
-        FillMap {
-            window,
-            bits: Mutex::new(vec![0; windows.div_ceil(64) as usize]),
-        }
+        Self::from_words(object_size, window, vec![0; windows.div_ceil(64) as usize])
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
-        // A panic while holding this lock cannot leave the bitmap half-updated
+    fn lock(&self) -> std::sync::MutexGuard<'_, Bits> {
+        // A panic while holding this lock cannot leave the bitmaps half-updated
         // (single word stores), so a poisoned lock is still usable.
         self.bits.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -125,7 +163,8 @@ impl FillMap {
     /// read as unfilled, extra ones are ignored).
     pub fn from_words(object_size: u64, window: u64, mut words: Vec<u64>) -> Self {
         let windows = object_size.div_ceil(window);
-        words.resize(windows.div_ceil(64) as usize, 0);
+        let n = windows.div_ceil(64) as usize;
+        words.resize(n, 0);
         if let Some(last) = words.last_mut() {
             let used = windows % 64;
             if used != 0 {
@@ -134,48 +173,126 @@ impl FillMap {
         }
         FillMap {
             window,
-            bits: Mutex::new(words),
+            bits: Mutex::new(Bits {
+                filled: words,
+                busy: vec![0; n],
+                ahead: vec![0; n],
+            }),
+            settled: Condvar::new(),
         }
     }
 
-    /// The bitmap, one bit per window, for saving.
+    /// The bitmap of filled windows, one bit per window, for saving.
     pub fn words(&self) -> Vec<u64> {
-        self.lock().clone()
+        self.lock().filled.clone()
+    }
+
+    /// Bytes of window `index` in an object of `object_size`.
+    fn window_bytes(&self, index: u64, object_size: u64) -> u64 {
+        let start = index * self.window;
+        (start + self.window).min(object_size).saturating_sub(start)
     }
 
     /// Bytes of an object of `object_size` covered by filled windows.
     pub fn filled_bytes(&self, object_size: u64) -> u64 {
         let bits = self.lock();
         let windows = object_size.div_ceil(self.window);
-        let mut total = bits.iter().map(|w| w.count_ones() as u64).sum::<u64>() * self.window;
+        let mut total = bits
+            .filled
+            .iter()
+            .map(|w| w.count_ones() as u64)
+            .sum::<u64>()
+            * self.window;
         // The last window may be short.
         let last = windows.saturating_sub(1);
-        if windows > 0
-            && bits
-                .get((last / 64) as usize)
-                .is_some_and(|w| w & (1 << (last % 64)) != 0)
-        {
+        if windows > 0 && bit(&bits.filled, last) {
             total -= windows * self.window - object_size;
         }
         total
     }
 
     pub fn is_filled(&self, index: u64) -> bool {
-        let bits = self.lock();
-        bits.get((index / 64) as usize)
-            .is_some_and(|w| w & (1 << (index % 64)) != 0)
+        bit(&self.lock().filled, index)
     }
 
-    fn mark(&self, index: u64) {
+    /// Whether window `index` is filled or being filled now.
+    pub fn is_filled_or_busy(&self, index: u64) -> bool {
+        let bits = self.lock();
+        bit(&bits.filled, index) || bit(&bits.busy, index)
+    }
+
+    /// Takes window `index` for the caller to fill, unless it is filled or
+    /// another filler has it.
+    pub fn claim(&self, index: u64) -> WindowState {
         let mut bits = self.lock();
-        if let Some(w) = bits.get_mut((index / 64) as usize) {
-            *w |= 1 << (index % 64);
+        if bit(&bits.filled, index) {
+            WindowState::Filled
+        } else if bit(&bits.busy, index) {
+            WindowState::Busy
+        } else {
+            set_bit(&mut bits.busy, index, true);
+            WindowState::Claimed
         }
+    }
+
+    /// Ends the caller's claim of window `index`: `filled` when its bytes are
+    /// written (then `ahead` marks it as read ahead of need), else given up.
+    pub fn finish(&self, index: u64, filled: bool, ahead: bool) {
+        {
+            let mut bits = self.lock();
+            set_bit(&mut bits.busy, index, false);
+            if filled {
+                set_bit(&mut bits.filled, index, true);
+                set_bit(&mut bits.ahead, index, ahead);
+            }
+        }
+        self.settled.notify_all();
+    }
+
+    /// Blocks until nobody is filling window `index`.
+    pub fn wait_settled(&self, index: u64) {
+        let mut bits = self.lock();
+        while bit(&bits.busy, index) {
+            bits = self.settled.wait(bits).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// A reader touched `[off, off + len)`: windows there that read-ahead
+    /// filled count as used from now on. Returns the bytes of read-ahead
+    /// windows this is the first touch of.
+    pub fn touch(&self, off: u64, len: u64, object_size: u64) -> u64 {
+        let end = off.saturating_add(len).min(object_size);
+        if off >= end {
+            return 0;
+        }
+        let mut used = 0;
+        let mut bits = self.lock();
+        for i in off / self.window..=(end - 1) / self.window {
+            if bit(&bits.ahead, i) {
+                set_bit(&mut bits.ahead, i, false);
+                used += self.window_bytes(i, object_size);
+            }
+        }
+        used
+    }
+
+    /// Bytes of windows read ahead that no reader has touched yet.
+    pub fn unread_ahead_bytes(&self, object_size: u64) -> u64 {
+        let bits = self.lock();
+        let windows = object_size.div_ceil(self.window);
+        (0..windows)
+            .filter(|&i| bit(&bits.ahead, i))
+            .map(|i| self.window_bytes(i, object_size))
+            .sum()
     }
 
     /// Number of windows written so far.
     pub fn filled_windows(&self) -> u64 {
-        self.lock().iter().map(|w| w.count_ones() as u64).sum()
+        self.lock()
+            .filled
+            .iter()
+            .map(|w| w.count_ones() as u64)
+            .sum()
     }
 
     pub fn window(&self) -> u64 {
@@ -231,9 +348,92 @@ pub struct Target<'a> {
     pub priority: Priority,
 }
 
+/// The windows a filler claimed: each ends filled as it is written, and any
+/// left when this drops (an error, a panic) are given up, so waiters go on.
+struct WindowClaims<'a> {
+    map: &'a FillMap,
+    pending: Vec<u64>,
+}
+
+impl WindowClaims<'_> {
+    fn filled(&mut self, index: u64, ahead: bool) {
+        if let Some(pos) = self.pending.iter().position(|&i| i == index) {
+            self.pending.swap_remove(pos);
+        }
+        self.map.finish(index, true, ahead);
+    }
+}
+
+impl Drop for WindowClaims<'_> {
+    fn drop(&mut self) {
+        for &i in &self.pending {
+            self.map.finish(i, false, false);
+        }
+    }
+}
+
+fn read_error(source: &dyn BlobSource, off: u64, len: u64, e: io::Error) -> FillError {
+    FillError::Read {
+        blob: source.name().to_owned(),
+        off,
+        len: len as usize,
+        source: e,
+    }
+}
+
+/// Reads window `index` from the source and writes it to the sink, in pieces
+/// of `buf`'s capacity. Returns the bytes written.
+fn write_window(
+    target: &Target<'_>,
+    index: u64,
+    policy: &FillPolicy,
+    buf: &mut AlignedBuf,
+    priority: Priority,
+) -> Result<u64, FillError> {
+    let Target {
+        source,
+        object_size,
+        sink,
+        ..
+    } = *target;
+    let start = index * policy.window;
+    let stop = (start + policy.window).min(object_size);
+    let mut pos = start;
+    while pos < stop {
+        let n = (stop - pos).min(buf.capacity() as u64) as usize;
+        let piece = buf.slice_mut(n);
+        let got = source
+            .read_at_priority(piece, pos, priority)
+            .map_err(|e| read_error(source, pos, n as u64, e))?;
+        if got < n {
+            return Err(FillError::Truncated {
+                blob: source.name().to_owned(),
+                off: pos,
+                len: n,
+                got,
+                size: object_size,
+            });
+        }
+        sink.write_at(buf.slice(n), pos)
+            .map_err(|e| FillError::Write {
+                off: pos,
+                len: n,
+                source: e,
+            })?;
+        pos += n as u64;
+    }
+    Ok(stop - start)
+}
+
 /// Fills the windows of `[off, off + len)` (clamped to the object size) from the
 /// target's source into its sink, reading and writing in pieces of `buf`'s
 /// capacity (a non-zero multiple of [`ALIGN`]; see [`FillPolicy::buffer_size_for`]).
+///
+/// Each window is claimed in the map first: a window another filler has (a
+/// concurrent READ, read-ahead) is waited for after this fill's own windows
+/// are written, and filled here only if that filler gave it up. So a window
+/// is fetched and written once, and the call returns when every window of the
+/// range is filled (or with the error of one this call filled).
 pub fn fill(
     target: &Target<'_>,
     off: u64,
@@ -241,22 +441,72 @@ pub fn fill(
     policy: &FillPolicy,
     buf: &mut AlignedBuf,
 ) -> Result<FillOutcome, FillError> {
-    let Target {
-        source,
-        object_size,
-        map,
-        sink,
-        priority,
-    } = *target;
+    if target.priority == Priority::Background {
+        // Background work (prefetch) takes its turn before it claims any
+        // window, like read-ahead (see `fill_ahead`): a reader must never
+        // wait for a window whose filler waits for readers to finish. It then
+        // waits for the windows others were filling, so the range is filled
+        // when it returns (unless one of them failed).
+        let out = fill_fetch_first(target, off, len, policy, buf, &|| false, false)?;
+        let end = off.saturating_add(len).min(target.object_size);
+        if off < end {
+            for i in off / policy.window..=(end - 1) / policy.window {
+                target.map.wait_settled(i);
+            }
+        }
+        return Ok(out);
+    }
     let mut outcome = FillOutcome::default();
-    let end = off.saturating_add(len).min(object_size);
+    let end = off.saturating_add(len).min(target.object_size);
     if off >= end {
         return Ok(outcome);
     }
     let w = policy.window;
-    let (first, last) = (off / w, (end - 1) / w);
-    let wanted: Vec<u64> = (first..=last).filter(|&i| !map.is_filled(i)).collect();
-    outcome.windows_overlapped = (last - first + 1) - wanted.len() as u64;
+    let mut todo: Vec<u64> = (off / w..=(end - 1) / w).collect();
+    while !todo.is_empty() {
+        let mut claims = WindowClaims {
+            map: target.map,
+            pending: Vec::new(),
+        };
+        let mut others = Vec::new();
+        for &i in &todo {
+            match target.map.claim(i) {
+                WindowState::Filled => outcome.windows_overlapped += 1,
+                WindowState::Busy => others.push(i),
+                WindowState::Claimed => claims.pending.push(i),
+            }
+        }
+        let mine = claims.pending.clone();
+        fill_claimed(target, &mine, policy, buf, &mut claims, &mut outcome, false)?;
+        drop(claims);
+        // Claim first, wait after: this fill holds no claim while it waits,
+        // so two fills waiting for each other's windows cannot happen.
+        for &i in &others {
+            target.map.wait_settled(i);
+        }
+        todo = others;
+    }
+    Ok(outcome)
+}
+
+/// Fills the windows `wanted` (sorted, claimed by the caller) at the target's
+/// priority.
+fn fill_claimed(
+    target: &Target<'_>,
+    wanted: &[u64],
+    policy: &FillPolicy,
+    buf: &mut AlignedBuf,
+    claims: &mut WindowClaims<'_>,
+    outcome: &mut FillOutcome,
+    ahead: bool,
+) -> Result<(), FillError> {
+    let Target {
+        source,
+        object_size,
+        priority,
+        ..
+    } = *target;
+    let w = policy.window;
     // One announcement per run of consecutive missing windows lets a remote
     // source fetch each run in as few requests as it likes, and keep what it
     // fetched until this fill is done with it (a unit too large for the
@@ -282,47 +532,112 @@ pub fn fill(
             // cover stay alive.
             let next = source
                 .will_read(start, run_stop - start, priority)
-                .map_err(|e| FillError::Read {
-                    blob: source.name().to_owned(),
-                    off: start,
-                    len: (run_stop - start) as usize,
-                    source: e,
-                })?;
+                .map_err(|e| read_error(source, start, run_stop - start, e))?;
             hold = Some(next);
         }
-        let mut pos = start;
-        while pos < stop {
-            let n = (stop - pos).min(buf.capacity() as u64) as usize;
-            let piece = buf.slice_mut(n);
-            let got =
-                source
-                    .read_at_priority(piece, pos, priority)
-                    .map_err(|e| FillError::Read {
-                        blob: source.name().to_owned(),
-                        off: pos,
-                        len: n,
-                        source: e,
-                    })?;
-            if got < n {
-                return Err(FillError::Truncated {
-                    blob: source.name().to_owned(),
-                    off: pos,
-                    len: n,
-                    got,
-                    size: object_size,
-                });
-            }
-            sink.write_at(buf.slice(n), pos)
-                .map_err(|e| FillError::Write {
-                    off: pos,
-                    len: n,
-                    source: e,
-                })?;
-            outcome.bytes_written += n as u64;
-            pos += n as u64;
-        }
-        map.mark(index);
+        outcome.bytes_written += write_window(target, index, policy, buf, priority)?;
+        claims.filled(index, ahead);
         outcome.windows_written += 1;
+    }
+    Ok(())
+}
+
+/// Fills, ahead of need, the windows of `[off, off + len)` that are neither
+/// filled nor being filled, at the target's priority (background, for
+/// read-ahead), checking `cancelled` before each run of windows. Marks the
+/// windows as read ahead (see [`FillMap::touch`]). Windows another filler
+/// has are skipped, never waited for.
+///
+/// At background priority it first takes its turn: it waits, holding no
+/// claim, until no foreground fetch runs (a zero-length background
+/// announcement; see [`ChunkedBlob`](crate::ChunkedBlob)'s `will_read`).
+/// Only then does it claim the next run of free windows and fetch them
+/// without waiting again (the turn lasts until the run is written, at most
+/// `MAX_RUN` windows), so a reader that finds a window
+/// claimed by read-ahead waits for a fetch under way, never for one waiting
+/// on other readers (priority inversion); and the windows it fetches are
+/// claimed before their units are asked for, so nobody fetches them again.
+pub fn fill_ahead(
+    target: &Target<'_>,
+    off: u64,
+    len: u64,
+    policy: &FillPolicy,
+    buf: &mut AlignedBuf,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<FillOutcome, FillError> {
+    fill_fetch_first(target, off, len, policy, buf, cancelled, true)
+}
+
+/// Windows [`fill_ahead`] claims per turn.
+const MAX_RUN: usize = 8;
+
+/// [`fill_ahead`]; `ahead` marks the windows written as read ahead.
+fn fill_fetch_first(
+    target: &Target<'_>,
+    off: u64,
+    len: u64,
+    policy: &FillPolicy,
+    buf: &mut AlignedBuf,
+    cancelled: &dyn Fn() -> bool,
+    ahead: bool,
+) -> Result<FillOutcome, FillError> {
+    let Target {
+        source,
+        object_size,
+        map,
+        priority,
+        ..
+    } = *target;
+    let mut outcome = FillOutcome::default();
+    let end = off.saturating_add(len).min(object_size);
+    if off >= end {
+        return Ok(outcome);
+    }
+    let w = policy.window;
+    let (mut next, last) = (off / w, (end - 1) / w);
+    while next <= last && !cancelled() {
+        // The turn lasts until this run is written: the run's fetches go
+        // out without waiting again (readers may be waiting for its windows).
+        let _turn = if priority == Priority::Background {
+            Some(
+                source
+                    .will_read(next * w, 0, Priority::Background)
+                    .map_err(|e| read_error(source, next * w, 0, e))?,
+            )
+        } else {
+            None
+        };
+        let mut claims = WindowClaims {
+            map,
+            pending: Vec::new(),
+        };
+        // The next run of windows nobody has: claimed now, fetched next.
+        while next <= last {
+            match map.claim(next) {
+                WindowState::Claimed => {
+                    claims.pending.push(next);
+                    next += 1;
+                    break;
+                }
+                WindowState::Filled => outcome.windows_overlapped += 1,
+                WindowState::Busy => {}
+            }
+            next += 1;
+        }
+        // At most MAX_RUN windows per turn: readers waiting for them wait
+        // for one bounded fetch, and background work yields between runs.
+        while next <= last && !claims.pending.is_empty() && claims.pending.len() < MAX_RUN {
+            if map.claim(next) != WindowState::Claimed {
+                break;
+            }
+            claims.pending.push(next);
+            next += 1;
+        }
+        if claims.pending.is_empty() {
+            break;
+        }
+        let run = claims.pending.clone();
+        fill_claimed(target, &run, policy, buf, &mut claims, &mut outcome, ahead)?;
     }
     Ok(outcome)
 }

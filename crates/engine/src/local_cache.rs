@@ -230,6 +230,43 @@ impl CacheFile {
         out
     }
 
+    /// Fills, ahead of need and at background priority, the windows of
+    /// `[off, off + len)` that are neither filled nor being filled (see
+    /// [`fill_ahead`](crate::fill_ahead)); `cancelled` is checked between
+    /// windows.
+    pub fn fill_ahead(
+        &self,
+        source: &dyn BlobSource,
+        off: u64,
+        len: u64,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<FillOutcome, FillError> {
+        let mut buf = AlignedBuf::new(self.policy.buffer_size_for(source));
+        let target = Target {
+            source,
+            object_size: self.size,
+            map: &self.map,
+            sink: &self.data,
+            priority: Priority::Background,
+        };
+        let before = self.map.filled_windows();
+        let out = crate::fill_ahead(&target, off, len, &self.policy, &mut buf, cancelled);
+        if self.map.filled_windows() != before {
+            self.dirty.store(true, Ordering::Release);
+        }
+        out
+    }
+
+    /// A reader read `[off, off + len)`: returns the bytes of windows filled
+    /// by read-ahead that this is the first read of (see [`FillMap::touch`]).
+    pub fn touch(&self, off: u64, len: u64) -> u64 {
+        self.map.touch(off, len, self.size)
+    }
+
+    pub fn policy(&self) -> &FillPolicy {
+        &self.policy
+    }
+
     /// Reads `out.len()` bytes at `off` (within the blob), filling what is
     /// missing from `source` first. Never returns fewer bytes than asked: a
     /// short read would reach the reader as zeros.

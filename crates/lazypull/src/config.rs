@@ -172,6 +172,9 @@ pub(crate) struct FileConfig {
     pub(crate) max_connections: Option<usize>,
     pub(crate) max_merge: Option<SizeValue>,
     pub(crate) unit_cache: Option<SizeValue>,
+    /// How far ahead of a sequential reader of a blob its cache (the
+    /// kernel's cachefiles object, or the FUSE cache file) is filled, e.g.
+    /// "8MiB" (the default); 0 turns read-ahead off.
     pub(crate) readahead: Option<SizeValue>,
     #[serde(default)]
     pub(crate) insecure_registries: Vec<String>,
@@ -294,7 +297,8 @@ impl DaemonArgs {
         };
         let readahead = match &file.readahead {
             Some(v) => v.bytes().context("config key readahead")?,
-            None => fetch.readahead,
+            // On by default: see lazypull_engine::readahead.
+            None => lazypull_engine::DEFAULT_READAHEAD,
         };
         let mut insecure_registries = file.insecure_registries;
         insecure_registries.extend(self.insecure_registries.iter().cloned());

@@ -418,6 +418,31 @@ impl Client {
         Ok(())
     }
 
+    /// `List` of every snapshot in snapshotter `snapshotter` (on a
+    /// snapshotter's own socket, which serves the same API, the name is
+    /// ignored).
+    pub async fn list_snapshots(&self, snapshotter: &str) -> Result<Vec<snapshots::Info>, Error> {
+        let mut c = snapshots::snapshots_client::SnapshotsClient::new(self.channel.clone());
+        let what = || format!("listing the snapshots of snapshotter {snapshotter}");
+        let mut stream = c
+            .list(self.request(snapshots::ListSnapshotsRequest {
+                snapshotter: snapshotter.to_owned(),
+                filters: Vec::new(),
+            }))
+            .await
+            .map_err(|s| self.call_error(what(), s))?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(batch) = stream
+            .message()
+            .await
+            .map_err(|s| self.call_error(what(), s))?
+        {
+            out.extend(batch.info);
+        }
+        Ok(out)
+    }
+
     /// Points image record `name` at `target`: `Create`, or where it exists,
     /// `Update` of its target (its labels are kept).
     pub async fn put_image(&self, name: &str, target: Descriptor) -> Result<ImagePut, Error> {

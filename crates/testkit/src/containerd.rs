@@ -146,6 +146,23 @@ pub struct Containerd {
     address: PathBuf,
     config: PathBuf,
     log: PathBuf,
+    namespace: String,
+}
+
+/// A containerd namespace no other [`Containerd`] of any process uses.
+///
+/// runc keeps its state under `/run/containerd/runc/<namespace>/<container
+/// id>` whatever containerd's `root` and `state` say, so two test
+/// containerds running containers of the same id in the same namespace at
+/// once clobber each other's runc state ("unable to store init state").
+fn unique_namespace() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "lp{}n{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The absolute path of `binary` (in /usr/bin, /usr/sbin, /usr/local/...),
@@ -340,6 +357,7 @@ impl Containerd {
             address,
             config,
             log,
+            namespace: unique_namespace(),
         };
         // A daemon kept in a test's static fixture is never dropped: a
         // watchdog ends it when this process ends, whichever way.
@@ -397,6 +415,13 @@ impl Containerd {
         &self.address
     }
 
+    /// The containerd namespace every [`Containerd::ctr`] call uses (unique
+    /// to this instance: see [`unique_namespace`]). Other clients of this
+    /// containerd (`lazypull pull --namespace`) must use it too.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
     /// The generated config file.
     pub fn config_path(&self) -> &Path {
         &self.config
@@ -416,10 +441,18 @@ impl Containerd {
         let mut cmd = Command::new(&self.ctr);
         cmd.arg("--address")
             .arg(&self.address)
+            .arg("--namespace")
+            .arg(&self.namespace)
             .args(args)
             .env("PATH", DAEMON_PATH)
             .stdin(Stdio::null());
         cmd
+    }
+
+    /// `ctr --address <socket> ARGS...`, not started: for a caller that
+    /// reads its output as it comes (a benchmark timing the first line).
+    pub fn ctr_unstarted(&self, args: &[&str]) -> Command {
+        self.ctr_command(args)
     }
 
     /// `ctr --address <socket> ARGS...`, whatever its exit status.

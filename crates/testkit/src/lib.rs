@@ -17,6 +17,7 @@
 //! - [`oci_image`]: ordinary OCI images built from tiny trees (gzip tar
 //!   layers, OCI config and manifest), pushed to a registry or written as
 //!   an OCI layout; [`oci_image::busybox_image`] is a runnable one.
+//! - [`python_image`]: a runnable image around the host's python3.11.
 //! - [`cri`]: a small blocking client of Kubernetes' CRI (`runtime.v1`,
 //!   our restatement of the part of cri-api's protos it uses) to drive
 //!   containerd's CRI plugin as kubelet would: images, host-network pods,
@@ -38,6 +39,7 @@ pub mod maketree;
 pub mod manifest;
 pub mod oci_image;
 pub mod proxy;
+pub mod python_image;
 pub mod registry;
 
 pub use compare::{

@@ -13,7 +13,8 @@ use std::time::Duration;
 use lazypull_cachefiles::device::Received;
 use lazypull_cachefiles::{AnonFd, CacheDevice, Command, OpenRequest, ReadRequest, Request};
 use lazypull_engine::{
-    fill, AlignedBuf, CacheSink, FillError, FillMap, FillOutcome, FillPolicy, Priority, Target,
+    fill, fill_ahead, AlignedBuf, CacheSink, FillError, FillMap, FillOutcome, FillPolicy, Priority,
+    ReadAheadPool, Stream, Target,
 };
 use lazypull_source::{BlobResolver, BlobSource, OpenError};
 use tokio::io::unix::AsyncFd;
@@ -37,6 +38,10 @@ pub struct Config {
     pub policy: FillPolicy,
     /// How long shutdown waits for READs in flight.
     pub drain_timeout: Duration,
+    /// How far ahead of a sequential reader of an object its cache file is
+    /// filled, in bytes (0: no read-ahead; the daemon's default is
+    /// [`lazypull_engine::DEFAULT_READAHEAD`], 8 MiB).
+    pub readahead: u64,
 }
 
 /// Counters of everything the server did; shared with whoever reports them.
@@ -59,6 +64,14 @@ pub struct Stats {
     /// Reads of the device that failed with a transient error (EMFILE when the
     /// kernel could not install an OPEN's fd, ENOMEM...) and were retried.
     pub device_read_errors: AtomicU64,
+    /// Bytes written into cache files by read-ahead (also in
+    /// `bytes_written`). How much of it was never read cannot be known here:
+    /// the kernel serves filled ranges itself and never tells the daemon.
+    pub readahead_bytes: AtomicU64,
+    /// Read-ahead jobs that failed (their windows stay holes: a READ of them
+    /// fetches them itself) or were dropped (queue full).
+    pub readahead_failures: AtomicU64,
+    pub readahead_dropped: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -76,6 +89,9 @@ pub struct StatsSnapshot {
     pub unknown_objects: u64,
     pub prefetched_bytes: u64,
     pub device_read_errors: u64,
+    pub readahead_bytes: u64,
+    pub readahead_failures: u64,
+    pub readahead_dropped: u64,
 }
 
 impl Stats {
@@ -94,6 +110,9 @@ impl Stats {
             unknown_objects: g(&self.unknown_objects),
             prefetched_bytes: g(&self.prefetched_bytes),
             device_read_errors: g(&self.device_read_errors),
+            readahead_bytes: g(&self.readahead_bytes),
+            readahead_failures: g(&self.readahead_failures),
+            readahead_dropped: g(&self.readahead_dropped),
         }
     }
 }
@@ -113,6 +132,8 @@ struct Object {
     /// The OPEN's keys, for a successor that adopts this object.
     volume: Vec<u8>,
     cookie: Vec<u8>,
+    /// The reader's pattern, for read-ahead.
+    stream: Stream,
 }
 
 /// An open cache object passed from one daemon to the next: its anonymous
@@ -496,6 +517,7 @@ impl Server {
                                 filled,
                                 volume: h.volume,
                                 cookie: h.cookie,
+                                stream: Stream::default(),
                             }),
                         );
                     }
@@ -769,6 +791,7 @@ struct Work<'a> {
     fills: JoinSet<u32>,
     opens: VecDeque<PendingOpen>,
     resolving: JoinSet<Resolved>,
+    readahead: Option<Arc<ReadAheadPool>>,
 }
 
 impl Work<'_> {
@@ -785,9 +808,14 @@ impl Work<'_> {
         while let Some((object, read)) = self.reads.next() {
             let stats = self.stats.clone();
             let policy = self.config.policy;
+            let ahead = self.readahead.clone().map(|pool| ReadAhead {
+                pool,
+                distance: self.config.readahead,
+                stats: stats.clone(),
+            });
             self.fills.spawn_blocking(move || {
                 let filled = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    serve_read(&object, read, &policy, &stats)
+                    serve_read(&object, read, &policy, &stats, ahead.as_ref())
                 }));
                 if filled.is_err() {
                     bump(&stats.read_failures, 1);
@@ -850,6 +878,13 @@ async fn serve_device<D: Device>(
         )
     }
     .map_err(|e| e.into_parts().1)?;
+    let readahead = if config.readahead > 0 {
+        Some(ReadAheadPool::start(
+            lazypull_engine::readahead::default_threads(),
+        )?)
+    } else {
+        None
+    };
     let mut work = Work {
         config: &config,
         resolver: &resolver,
@@ -859,6 +894,7 @@ async fn serve_device<D: Device>(
         fills: JoinSet::new(),
         opens: VecDeque::new(),
         resolving: JoinSet::new(),
+        readahead: readahead.clone(),
     };
     let mut errors = ReadErrors::default();
     // While set, the device is not read (a pause after a transient error).
@@ -940,6 +976,13 @@ async fn serve_device<D: Device>(
             "READs or OPENs still in flight after {:?}; exiting anyway",
             config.drain_timeout
         );
+    }
+    // Read-ahead: running jobs see the stop flag between windows, queued ones
+    // are dropped; the threads are joined off the runtime. Fills that did not
+    // drain hold a reference and their own read-ahead finds the pool stopped.
+    work.readahead = None;
+    if let Some(pool) = readahead {
+        let _ = tokio::task::spawn_blocking(move || pool.stop()).await;
     }
     let snapshot = stats.snapshot();
     info!(
@@ -1040,12 +1083,15 @@ fn dispatch(
             match removed {
                 // Workers still filling hold their own reference; the fd closes when
                 // the last of them finishes.
-                Some(obj) => info!(
-                    object = close.object_id,
-                    blob = obj.blob.name(),
-                    windows_filled = obj.filled.filled_windows(),
-                    "CLOSE: object released"
-                ),
+                Some(obj) => {
+                    obj.stream.cancel();
+                    info!(
+                        object = close.object_id,
+                        blob = obj.blob.name(),
+                        windows_filled = obj.filled.filled_windows(),
+                        "CLOSE: object released"
+                    )
+                }
                 None => warn!(object = close.object_id, "CLOSE for an unknown object"),
             }
             Dispatched::Done
@@ -1117,6 +1163,7 @@ fn finish_open(
                 filled: FillMap::new(size, policy.window),
                 volume: open.volume().to_vec(),
                 cookie: open.cookie().to_vec(),
+                stream: Stream::default(),
             });
             // Inserted before the copen: the kernel may queue a READ for the object
             // as soon as it processes the copen (cachefiles_ondemand_copen marks
@@ -1166,13 +1213,96 @@ fn finish_open(
     }
 }
 
+/// What a READ's fill needs to read ahead.
+struct ReadAhead {
+    pool: Arc<ReadAheadPool>,
+    distance: u64,
+    stats: Arc<Stats>,
+}
+
+/// A READ of `[off, off + len)` of `object`: if its reader moves
+/// sequentially, queue the next windows to be written into the object's cache
+/// file ahead of it, through its anonymous fd at their offsets.
+///
+/// Kernel behaviour relied on (fs/cachefiles/ondemand.c and io.c, 6.12):
+/// before it sends a READ, cachefiles looks for data in the cache file
+/// (`cachefiles_prepare_read` → `cachefiles_ondemand_read` is called only for
+/// a range SEEK_DATA/SEEK_HOLE find to be a hole), so a range filled ahead is
+/// read from the cache file and never asked for.
+fn read_ahead(object: &Arc<Object>, read: &ReadRequest, policy: &FillPolicy, ra: &ReadAhead) {
+    let Some(ahead) =
+        object
+            .stream
+            .observe(read.off, read.len, object.size, policy.window, ra.distance)
+    else {
+        return;
+    };
+    for ahead in ahead.split(lazypull_engine::readahead::JOB_WINDOWS * policy.window) {
+        queue_read_ahead(object, ahead, policy, ra);
+    }
+}
+
+fn queue_read_ahead(
+    object: &Arc<Object>,
+    ahead: lazypull_engine::Ahead,
+    policy: &FillPolicy,
+    ra: &ReadAhead,
+) {
+    let job_object = object.clone();
+    let stats = ra.stats.clone();
+    let policy = *policy;
+    let queued = ra.pool.submit(move |stopping| {
+        let object = job_object;
+        let cancelled =
+            || stopping.load(Ordering::Acquire) || object.stream.is_stale(ahead.generation);
+        let mut buf = AlignedBuf::new(policy.buffer_size_for(object.blob.as_ref()));
+        let target = Target {
+            source: object.blob.as_ref(),
+            object_size: object.size,
+            map: &object.filled,
+            sink: &AnonSink(&object.fd),
+            priority: Priority::Background,
+        };
+        match fill_ahead(&target, ahead.off, ahead.len, &policy, &mut buf, &cancelled) {
+            Ok(out) => {
+                bump(&stats.bytes_written, out.bytes_written);
+                bump(&stats.windows_written, out.windows_written);
+                bump(&stats.readahead_bytes, out.bytes_written);
+            }
+            Err(e) => {
+                bump(&stats.readahead_failures, 1);
+                debug!(
+                    object = object.id,
+                    off = ahead.off,
+                    len = ahead.len,
+                    "read-ahead failed (a READ of it fetches it again): {e}"
+                );
+            }
+        }
+    });
+    if !queued {
+        bump(&ra.stats.readahead_dropped, 1);
+    }
+}
+
 /// Fills one READ and completes it, whatever happens: a failure leaves the range
 /// unwritten and the kernel fails the reader with EIO.
-fn serve_read(object: &Object, read: ReadRequest, policy: &FillPolicy, stats: &Stats) {
+fn serve_read(
+    object: &Arc<Object>,
+    read: ReadRequest,
+    policy: &FillPolicy,
+    stats: &Stats,
+    ahead: Option<&ReadAhead>,
+) {
     let _complete = Completion {
         object,
         msg_id: read.msg_id,
     };
+    // Queued before this READ's own fill: the windows after it are fetched
+    // while this one is.
+    if let Some(ra) = ahead {
+        read_ahead(object, &read, policy, ra);
+    }
     let mut buf = AlignedBuf::new(policy.buffer_size_for(object.blob.as_ref()));
     let target = Target {
         source: object.blob.as_ref(),
@@ -1307,6 +1437,7 @@ mod tests {
                     max_in_flight: 1,
                     policy,
                     drain_timeout: Duration::from_secs(1),
+                    readahead: 0,
                 },
                 stats,
                 replies: Recorder::default(),
@@ -1332,7 +1463,7 @@ mod tests {
             ) {
                 Dispatched::Done => {}
                 Dispatched::Read(object, read) => {
-                    serve_read(&object, read, &self.config.policy, &self.stats)
+                    serve_read(&object, read, &self.config.policy, &self.stats, None)
                 }
                 Dispatched::Open(open) => finish_open(
                     &self.replies,
@@ -1543,6 +1674,15 @@ mod tests {
 
     impl Harness {
         fn start(resolver: Arc<dyn BlobResolver>, max_in_flight: usize) -> Self {
+            Self::start_with(resolver, max_in_flight, 0)
+        }
+
+        /// With read-ahead of `readahead` bytes.
+        fn start_with(
+            resolver: Arc<dyn BlobResolver>,
+            max_in_flight: usize,
+            readahead: u64,
+        ) -> Self {
             let config = Config {
                 device: "/nonexistent".into(),
                 cache_dir: "/nonexistent".into(),
@@ -1553,6 +1693,7 @@ mod tests {
                     io_size: 8192,
                 },
                 drain_timeout: Duration::from_secs(10),
+                readahead,
             };
             let stats = Arc::new(Stats::default());
             let objects = OpenObjects {
@@ -1674,6 +1815,7 @@ mod tests {
                 io_size: 8192,
             },
             drain_timeout: Duration::from_secs(1),
+            readahead: 0,
         };
         let e = match Server::bind(config, local_resolver(dir.path())) {
             Ok(_) => panic!("bound a device that does not exist"),
@@ -1907,5 +2049,47 @@ mod tests {
         .await;
         let s = h.stop().await.unwrap();
         assert_eq!((s.reads, s.read_failures, s.windows_written), (10, 0, 10));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sequential_reads_are_read_ahead_into_the_cache_file_and_random_ones_are_not() {
+        let w = 16384u64;
+        let blobs = tempfile::tempdir().unwrap();
+        let data = pattern(40 * w as usize);
+        std::fs::write(blobs.path().join("seq"), &data).unwrap();
+        let h = Harness::start_with(local_resolver(blobs.path()), 4, 4 * w);
+        h.open(1, 1, "seq");
+        h.until("copen", |h| h.replied("copen 1,655360")).await;
+        // A lone READ, then one far from it: random, nothing read ahead.
+        h.read(2, 1, 20 * w, 100);
+        h.until("READ 2", |h| h.stats.snapshot().windows_written == 1)
+            .await;
+        h.read(3, 1, 0, w);
+        h.until("READ 3", |h| h.stats.snapshot().windows_written == 2)
+            .await;
+        assert_eq!(h.stats.snapshot().readahead_bytes, 0);
+        // The next READ follows READ 3: windows 2..=5 are written ahead,
+        // through the object's fd, at their offsets.
+        h.read(4, 1, w, w);
+        h.until("read-ahead of 4 windows", |h| {
+            h.stats.snapshot().readahead_bytes == 4 * w
+        })
+        .await;
+        let mut got = vec![0u8; 4 * w as usize];
+        h.cache_file(1).read_exact_at(&mut got, 2 * w).unwrap();
+        assert_eq!(got, data[2 * w as usize..6 * w as usize]);
+        // The kernel would not ask for them (they are data in its cache
+        // file); a READ there anyway is found filled and not fetched.
+        h.until("READ 4", |h| h.stats.snapshot().windows_written == 7)
+            .await;
+        h.read(5, 1, 3 * w, 100);
+        h.until("READ 5", |h| h.stats.snapshot().windows_overlapped == 1)
+            .await;
+        // A CLOSE cancels the object's read-ahead; nothing failed.
+        h.close(6, 1);
+        h.until("the CLOSE", |h| h.objects.list().is_empty()).await;
+        let s = h.stop().await.unwrap();
+        assert_eq!((s.read_failures, s.readahead_failures), (0, 0));
+        assert_eq!(s.reads, 4);
     }
 }

@@ -32,11 +32,11 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use lazypull_engine::{CacheFile, FillError, FillOutcome, FillPolicy};
+use lazypull_engine::{CacheFile, FillError, FillOutcome, FillPolicy, ReadAheadPool, Stream};
 use lazypull_fuse::abi::{self, init_flags, open_flags, FileAttr, InitOut, Operation};
 use lazypull_fuse::device::Readiness;
 use lazypull_fuse::FuseDevice;
@@ -65,6 +65,10 @@ pub struct Config {
     pub policy: FillPolicy,
     /// How often fill maps are persisted.
     pub flush_interval: Duration,
+    /// How far ahead of a sequential reader of a blob file its cache file is
+    /// filled, in bytes (0: no read-ahead; the daemon's default is
+    /// [`lazypull_engine::DEFAULT_READAHEAD`], 8 MiB).
+    pub readahead: u64,
 }
 
 /// Counters of the FUSE transport.
@@ -83,6 +87,16 @@ pub struct Stats {
     pub prefetched_bytes: AtomicU64,
     pub malformed: AtomicU64,
     pub unknown_nodes: AtomicU64,
+    /// Bytes written into cache files by read-ahead (also in `bytes_written`).
+    pub readahead_bytes: AtomicU64,
+    /// Of those, bytes of windows no READ has touched (yet): a window read
+    /// ahead counts here until the first READ of any byte of it. Signed: a
+    /// READ can touch a window before its read-ahead job has counted it.
+    pub readahead_unused: AtomicI64,
+    /// Read-ahead jobs that failed (the windows stay unfilled; a READ of
+    /// them fetches them itself) or were dropped (queue full).
+    pub readahead_failures: AtomicU64,
+    pub readahead_dropped: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -99,6 +113,10 @@ pub struct StatsSnapshot {
     pub prefetched_bytes: u64,
     pub malformed: u64,
     pub unknown_nodes: u64,
+    pub readahead_bytes: u64,
+    pub readahead_unused_bytes: u64,
+    pub readahead_failures: u64,
+    pub readahead_dropped: u64,
 }
 
 impl Stats {
@@ -116,6 +134,10 @@ impl Stats {
             prefetched_bytes: g(&self.prefetched_bytes),
             malformed: g(&self.malformed),
             unknown_nodes: g(&self.unknown_nodes),
+            readahead_bytes: g(&self.readahead_bytes),
+            readahead_unused_bytes: self.readahead_unused.load(Ordering::Relaxed).max(0) as u64,
+            readahead_failures: g(&self.readahead_failures),
+            readahead_dropped: g(&self.readahead_dropped),
         }
     }
 }
@@ -149,7 +171,7 @@ enum Store {
     /// A complete local file of the blob: read directly.
     Direct(File),
     /// Filled on demand into the daemon's cache.
-    Cached(CacheFile),
+    Cached(Box<CacheFile>),
 }
 
 struct Node {
@@ -158,6 +180,8 @@ struct Node {
     source: Arc<dyn BlobSource>,
     store: Store,
     lookups: AtomicU64,
+    /// The reader's pattern, for read-ahead.
+    stream: Stream,
 }
 
 impl Node {
@@ -206,6 +230,9 @@ struct BlobFs {
     nodes: RwLock<Nodes>,
     session: Mutex<Option<Session>>,
     stats: Arc<Stats>,
+    /// Runs read-ahead while serving (set by [`FuseServer::serve`], which
+    /// stops and joins it).
+    readahead: RwLock<Option<Arc<ReadAheadPool>>>,
 }
 
 fn root_attr() -> FileAttr {
@@ -236,6 +263,7 @@ impl BlobFs {
             nodes: RwLock::new(nodes),
             session: Mutex::new(session),
             stats: Arc::default(),
+            readahead: RwLock::new(None),
         }
     }
 
@@ -258,7 +286,7 @@ impl BlobFs {
         }
         // The cache is named by the blob, but reused only under the same
         // chunk table: another image may declare the name with another table.
-        Ok(Store::Cached(CacheFile::open_bound(
+        Ok(Store::Cached(Box::new(CacheFile::open_bound(
             &self.config.cache_dir,
             name,
             source.size(),
@@ -266,7 +294,7 @@ impl BlobFs {
             source
                 .content_binding()
                 .unwrap_or(lazypull_engine::NO_BINDING),
-        )?))
+        )?)))
     }
 
     /// The node serving `name`, resolving the blob if it has none yet.
@@ -316,6 +344,7 @@ impl BlobFs {
             source,
             store,
             lookups: AtomicU64::new(lookups),
+            stream: Stream::default(),
         });
         nodes.by_id.insert(id, node.clone());
         nodes.by_name.insert(name, id);
@@ -367,6 +396,89 @@ impl BlobFs {
                     warn!(blob = %node.name, "{e}");
                 }
             }
+        }
+    }
+
+    /// A READ of `[off, off + len)` of a cached node: if its reader moves
+    /// sequentially, queue the next windows to be filled into the cache file
+    /// ahead of it (see `lazypull_engine::readahead`).
+    ///
+    /// Like the kernel's own readahead (its `PG_readahead` mark), a READ
+    /// starts read-ahead only when it misses the cache or is the first read
+    /// of a window read-ahead filled: a reader re-reading what it read
+    /// before (a warm read) is served from the cache and fetches nothing,
+    /// while one consuming read-ahead keeps it going.
+    fn read_ahead(&self, node: &Arc<Node>, off: u64, len: u64) {
+        let Store::Cached(cache) = &node.store else {
+            return;
+        };
+        let missed = !cache.covers(off, len);
+        let used = cache.touch(off, len);
+        if used > 0 {
+            self.stats
+                .readahead_unused
+                .fetch_sub(used as i64, Ordering::Relaxed);
+        }
+        let distance = if missed || used > 0 {
+            self.config.readahead
+        } else {
+            0 // followed (for sequential detection), nothing more
+        };
+        let window = cache.policy().window;
+        let Some(ahead) = node
+            .stream
+            .observe(off, len, cache.size(), window, distance)
+        else {
+            return;
+        };
+        let Some(pool) = self
+            .readahead
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        if cache.covers(ahead.off, ahead.len) {
+            return; // all cached already (a warm read): no job to queue
+        }
+        for ahead in ahead.split(lazypull_engine::readahead::JOB_WINDOWS * window) {
+            self.queue_read_ahead(&pool, node, ahead);
+        }
+    }
+
+    fn queue_read_ahead(
+        &self,
+        pool: &ReadAheadPool,
+        node: &Arc<Node>,
+        ahead: lazypull_engine::Ahead,
+    ) {
+        let job_node = node.clone();
+        let stats = self.stats.clone();
+        let queued = pool.submit(move |stopping| {
+            let node = job_node;
+            let Store::Cached(cache) = &node.store else {
+                return;
+            };
+            let cancelled =
+                || stopping.load(Ordering::Acquire) || node.stream.is_stale(ahead.generation);
+            match cache.fill_ahead(node.source.as_ref(), ahead.off, ahead.len, &cancelled) {
+                Ok(out) => {
+                    bump(&stats.bytes_written, out.bytes_written);
+                    bump(&stats.windows_written, out.windows_written);
+                    bump(&stats.readahead_bytes, out.bytes_written);
+                    stats
+                        .readahead_unused
+                        .fetch_add(out.bytes_written as i64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    bump(&stats.readahead_failures, 1);
+                    debug!(blob = %node.name, off = ahead.off, len = ahead.len, "read-ahead failed (a READ of it fetches it again): {e}");
+                }
+            }
+        });
+        if !queued {
+            bump(&self.stats.readahead_dropped, 1);
         }
     }
 
@@ -534,6 +646,9 @@ impl BlobFs {
                     return reply(&[]);
                 }
                 let len = ((end - r.offset) as usize).min(self.max_read().max(4096));
+                // Queued before this READ's own fill: the windows after it
+                // are fetched while this one is.
+                self.read_ahead(&node, r.offset, len as u64);
                 data.resize(len, 0);
                 match self.read(&node, r.offset, &mut data[..len], Priority::Foreground) {
                     Ok(()) => {
@@ -754,6 +869,14 @@ impl FuseServer {
     /// [`unmount`](Self::unmount) to end it, or leave it for a successor.
     pub async fn serve(&self, shutdown: impl Future<Output = ()>) -> io::Result<StatsSnapshot> {
         let threads = self.fs.config.threads.max(1);
+        let pool = if self.fs.config.readahead > 0 {
+            Some(ReadAheadPool::start(
+                lazypull_engine::readahead::default_threads(),
+            )?)
+        } else {
+            None
+        };
+        *self.fs.readahead.write().unwrap_or_else(|p| p.into_inner()) = pool.clone();
         let (gone_tx, mut gone_rx) = tokio::sync::mpsc::channel::<io::Error>(threads);
         let mut workers = Vec::new();
         for i in 0..threads {
@@ -792,9 +915,18 @@ impl FuseServer {
         };
         flusher.abort();
         rustix::io::write(&self.stop, &1u64.to_ne_bytes())?;
+        let fs = self.fs.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for w in workers {
                 let _ = w.join();
+            }
+            // No worker queues read-ahead any more: stop and join its threads.
+            fs.readahead
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(pool) = pool {
+                pool.stop();
             }
         })
         .await;
@@ -874,6 +1006,7 @@ mod tests {
                 io_size: 65536,
             },
             flush_interval: Duration::from_secs(1),
+            readahead: lazypull_engine::DEFAULT_READAHEAD,
         };
         BlobFs::new(Arc::new(resolver), config, None)
     }

@@ -79,6 +79,7 @@ impl Served {
                     io_size: 256 << 10,
                 },
                 flush_interval: Duration::from_millis(200),
+                readahead: lazypull_engine::DEFAULT_READAHEAD,
             },
             Arc::new(resolver),
         )
@@ -188,6 +189,22 @@ fn a_realistic_image_reads_back_identical_and_then_from_the_local_cache() {
     );
     let after_first = fetched.load(Ordering::Relaxed);
     assert!(after_first > 0);
+    // Read-ahead (on, 8 MiB) filled windows ahead of the walk, and no byte
+    // of any blob was read from its source twice.
+    let stored: u64 = std::iter::once(&img.meta_digest)
+        .chain(img.blobs.iter().map(|b| &b.digest))
+        .map(|d| fs::metadata(out.join(d)).unwrap().len())
+        .sum();
+    assert!(
+        after_first <= stored,
+        "{after_first} bytes read from blobs of {stored}: some twice"
+    );
+    let stats = served.server.stats().snapshot();
+    assert!(stats.readahead_bytes > 0, "{stats:?}");
+    assert!(
+        stats.readahead_unused_bytes <= stats.readahead_bytes,
+        "{stats:?}"
+    );
 
     // The daemon's cache holds what was read: after dropping the kernel's
     // caches, a second full read fetches nothing.

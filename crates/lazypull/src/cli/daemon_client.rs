@@ -1,7 +1,9 @@
 //! `lazypull status`, `shutdown` and `handover`: asking the running daemon
 //! how it is doing, or to stop (for good, or leaving its mounts to the next
 //! daemon), over its control socket. A client only: what the daemon does
-//! on such a request is `daemon::control_server`'s.
+//! on such a request is `daemon::control_server`'s. `lazypull status` also
+//! shows the snapshotter's lazy images and their containers
+//! (`super::lazy_status`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,7 +16,12 @@ pub struct StatusArgs {
     /// The daemon's control socket.
     #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
     pub(crate) socket: PathBuf,
-    /// Print the raw status as JSON.
+    /// The snapshotter's socket: its lazy images and the containers on them
+    /// are shown too when it answers.
+    #[arg(long, value_name = "PATH", default_value = lazypull_snapshotter::DEFAULT_ADDRESS)]
+    pub(crate) snapshotter_socket: PathBuf,
+    /// Print the raw status as JSON (the snapshotter's part under
+    /// `snapshotter`).
     #[arg(long)]
     pub(crate) json: bool,
 }
@@ -71,12 +78,39 @@ pub fn shutdown(args: ShutdownArgs) -> anyhow::Result<()> {
     }
 }
 
+/// `lazypull status`: the daemon's status, then the snapshotter's lazy
+/// images and their containers (a snapshotter not running is said, not an
+/// error). A daemon that does not answer fails the command after the
+/// snapshotter's part is shown.
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let s = control::call(&args.socket, &Request::Status, Duration::from_secs(10))?;
+    let daemon = control::call(&args.socket, &Request::Status, Duration::from_secs(10));
+    let snap = super::lazy_status::status(&args.snapshotter_socket, daemon.as_ref().ok());
     if args.json {
+        let mut s = match &daemon {
+            Ok(s) => s.clone(),
+            Err(_) => serde_json::json!({}),
+        };
+        s["snapshotter"] = serde_json::to_value(&snap)?;
         println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(());
+        return daemon.map(|_| ());
     }
+    let s = match daemon {
+        Ok(s) => s,
+        Err(e) => {
+            for line in super::lazy_status::render(&snap) {
+                println!("{line}");
+            }
+            return Err(e);
+        }
+    };
+    daemon_lines(&s);
+    for line in super::lazy_status::render(&snap) {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn daemon_lines(s: &serde_json::Value) {
     let bytes = |v: &serde_json::Value| indicatif::HumanBytes(v.as_u64().unwrap_or(0));
     let t = &s["transport"];
     let c = &t["counters"];
@@ -153,7 +187,6 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             bytes(&b["source"]["in_flight_bytes"])
         );
     }
-    Ok(())
 }
 
 /// The first 12 characters of a name (a digest, an fsid: registered names

@@ -14,6 +14,7 @@ mod daemon_mounts;
 mod demo;
 mod image_dir;
 mod inspect;
+mod lazy_status;
 mod mount;
 mod output;
 mod pull;

@@ -75,7 +75,7 @@ fn catalog(cfg: &DaemonConfig) -> Catalog {
     let fetch = FetchContext::new(FetchOptions {
         max_merge: cfg.max_merge,
         cache_bytes: cfg.unit_cache,
-        readahead: cfg.readahead,
+        ..FetchOptions::default()
     });
     let client = ClientOptions {
         insecure_hosts: cfg.insecure_registries.clone(),

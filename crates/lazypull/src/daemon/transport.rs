@@ -61,6 +61,7 @@ fn cachefiles_config(cfg: &DaemonConfig) -> cachefiles::Config {
         max_in_flight: cfg.max_in_flight,
         policy: policy(cfg),
         drain_timeout: Duration::from_secs(10),
+        readahead: cfg.readahead,
     }
 }
 
@@ -72,6 +73,7 @@ fn fuse_config(cfg: &DaemonConfig) -> fuse::Config {
         threads: cfg.fuse_threads,
         policy: policy(cfg),
         flush_interval: Duration::from_secs(1),
+        readahead: cfg.readahead,
     }
 }
 
