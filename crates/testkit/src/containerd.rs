@@ -439,10 +439,12 @@ impl Containerd {
 
     fn ctr_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.ctr);
+        // The namespace by environment, not `--namespace`, so that a
+        // caller's own `-n NS` still wins over it (given both flags, ctr
+        // does not take the caller's).
         cmd.arg("--address")
             .arg(&self.address)
-            .arg("--namespace")
-            .arg(&self.namespace)
+            .env("CONTAINERD_NAMESPACE", &self.namespace)
             .args(args)
             .env("PATH", DAEMON_PATH)
             .stdin(Stdio::null());
