@@ -1317,22 +1317,23 @@ mod tests {
         let map = crate::FillMap::new(blob.size(), w);
         let sink = VecSink(Mutex::new(vec![0; blob.size() as usize]));
         let stream = crate::Stream::default();
-        // Windows 0..4 read; read-ahead keeps 8 windows past the reader.
+        // Windows 0..4 read; read-ahead ramps up (one window past the
+        // reader, then two, then four), never more than the distance (8).
         let ahead = read_sequentially(&blob, &map, &sink, &stream, 0..4, 8 * w);
-        assert_eq!(ahead, 10 * w, "windows 2..=11 were read ahead");
-        // Of those, 2 and 3 were read: 8 windows (the distance) were not.
-        assert_eq!(map.unread_ahead_bytes(blob.size()), 8 * w);
+        assert_eq!(ahead, 6 * w, "windows 2..=7 were read ahead");
+        // Of those, 2 and 3 were read: 4 windows were not.
+        assert_eq!(map.unread_ahead_bytes(blob.size()), 4 * w);
         // The reader jumps (random access): no read-ahead for it, and
         // read-ahead asked for before the jump is stale.
         let before = stream.generation();
         let jump = read_sequentially(&blob, &map, &sink, &stream, 25..26, 8 * w);
         assert_eq!(jump, 0);
         assert!(stream.is_stale(before));
-        // Sequential again from there: another 8 windows at most are left
-        // unread past the new position.
+        // Sequential again from there: the ramp starts over, and at most the
+        // distance is left unread past the new position.
         let again = read_sequentially(&blob, &map, &sink, &stream, 26..28, 8 * w);
-        assert_eq!(again, 9 * w, "windows 27..=35");
-        assert_eq!(map.unread_ahead_bytes(blob.size()), 16 * w);
+        assert_eq!(again, 3 * w, "windows 27..=29");
+        assert_eq!(map.unread_ahead_bytes(blob.size()), 6 * w);
         // Every byte written is the blob's, and nothing was fetched twice.
         let written = sink.0.lock().unwrap().clone();
         for i in 0..40u64 {
@@ -1346,7 +1347,8 @@ mod tests {
         log.sort();
         log.dedup();
         assert_eq!(log.len(), n, "a range was fetched twice");
-        assert_eq!(blob.ctx.stats.snapshot().units_fetched, 12 + 1 + 10);
+        // Windows 0..=7, 25, 26..=29: each once.
+        assert_eq!(blob.ctx.stats.snapshot().units_fetched, 8 + 1 + 4);
     }
 
     #[test]

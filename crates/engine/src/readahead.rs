@@ -8,8 +8,9 @@
 //!   in or right after the window where the previous one ended, or within
 //!   what was read ahead already (with cachefiles the kernel never asks for
 //!   what is filled, so the next READ comes where read-ahead stopped). From
-//!   the second sequential read on, the stream keeps up to `distance` bytes
-//!   past the reader's furthest read filled or being filled. Any other read is
+//!   the second sequential read on, the stream keeps windows past the
+//!   reader's furthest read filled or being filled: one window, doubling with
+//!   each further sequential read, up to `distance` bytes. Any other read is
 //!   random access: the stream stops reading ahead and cancels what it has
 //!   queued ([`Stream::generation`]) until reads are sequential again.
 //! * The windows go through [`fill_ahead`](crate::fill_ahead) at background
@@ -118,6 +119,13 @@ impl Stream {
         if distance == 0 {
             return None;
         }
+        // Ramp up, as the kernel's own read-ahead does: one window ahead
+        // after the second sequential read, doubling with each further one up
+        // to `distance`. A short sequential run (a small file, the first
+        // pages of a library the loader then leaves) costs a window or two,
+        // not the whole distance; a long stream reaches it in a few reads.
+        let ramp = window.saturating_mul(1 << (st.sequential - 1).min(32));
+        let distance = distance.min(ramp);
         let from = st.last_end.next_multiple_of(window).max(st.ahead_to);
         let to = st
             .last_end
@@ -290,26 +298,37 @@ mod tests {
         let size = 100 * W;
         // The first read alone is not a stream yet.
         assert_eq!(s.observe(0, 128 << 10, size, W, 8 * W), None);
-        // The next one, where it ended: fill the 8 MiB after its window.
+        // The next one, where it ended: one window ahead (the ramp's start).
         let a = s.observe(128 << 10, 128 << 10, size, W, 8 * W).unwrap();
-        assert_eq!((a.off, a.len), (W, 8 * W));
-        // Reads within what is asked for already add only what is new.
-        assert_eq!(s.observe(256 << 10, 128 << 10, size, W, 8 * W), None);
-        let b = s.observe(W, 128 << 10, size, W, 8 * W).unwrap();
-        assert_eq!((b.off, b.len), (9 * W, W));
+        assert_eq!((a.off, a.len), (W, W));
+        // Each further sequential read doubles how far ahead, adding only
+        // what is new.
+        let b = s.observe(256 << 10, 128 << 10, size, W, 8 * W).unwrap();
+        assert_eq!((b.off, b.len), (2 * W, W));
         // With cachefiles the next READ comes where read-ahead stopped.
-        let c = s.observe(10 * W, W, size, W, 8 * W).unwrap();
-        assert_eq!((c.off, c.len), (11 * W, 8 * W));
+        let c = s.observe(3 * W, W, size, W, 8 * W).unwrap();
+        assert_eq!((c.off, c.len), (4 * W, 4 * W));
+        let d = s.observe(8 * W, W, size, W, 8 * W).unwrap();
+        assert_eq!((d.off, d.len), (9 * W, 8 * W));
+        // The distance caps the ramp.
+        let e = s.observe(17 * W, W, size, W, 8 * W).unwrap();
+        assert_eq!((e.off, e.len), (18 * W, 8 * W));
         let g = s.generation();
-        assert!(!s.is_stale(c.generation));
+        assert!(!s.is_stale(e.generation));
         // A jump: random access. Read-ahead stops and what was asked is stale.
         assert_eq!(s.observe(60 * W, 4096, size, W, 8 * W), None);
         assert!(s.is_stale(g));
-        // A backwards jump is random too; then sequential again from there.
+        // A backwards jump is random too; then sequential again from there,
+        // ramping up from one window again.
         assert_eq!(s.observe(30 * W, 4096, size, W, 8 * W), None);
-        let d = s.observe(30 * W + 4096, 4096, size, W, 8 * W).unwrap();
-        assert_eq!((d.off, d.len), (31 * W, 8 * W));
-        let parts: Vec<_> = d.split(2 * W).map(|a| (a.off, a.len)).collect();
+        let f = s.observe(30 * W + 4096, 4096, size, W, 8 * W).unwrap();
+        assert_eq!((f.off, f.len), (31 * W, W));
+        let whole = Ahead {
+            off: 31 * W,
+            len: 8 * W,
+            generation: f.generation,
+        };
+        let parts: Vec<_> = whole.split(2 * W).map(|a| (a.off, a.len)).collect();
         assert_eq!(
             parts,
             [

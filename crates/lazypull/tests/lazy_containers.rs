@@ -35,7 +35,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lazypull_testkit::containerd::{self, Containerd};
@@ -46,9 +46,6 @@ use sha2::{Digest, Sha256};
 #[path = "common/lazy_stack.rs"]
 mod lazy_stack;
 use lazy_stack::*;
-
-/// The `PATH` `ctr` runs with (containerd finds its shim and runc by it).
-const CTR_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Lines of containerd's debug log containing `needle`.
 fn log_lines(ctr: &Containerd, needle: &str) -> usize {
@@ -319,14 +316,12 @@ fn a_streaming_container_survives_sigkill_of_the_snapshotter_and_the_daemon() {
     ok(pull(&stack.ctr, &[&reference]), "lazypull pull");
 
     // The streaming container, in the background.
-    let ctr_bin = containerd::find("ctr", "containerd").unwrap();
     let out_path = dir.join("big1.stdout");
     let err_path = dir.join("big1.stderr");
     let started = Instant::now();
-    let mut run = Command::new(&ctr_bin)
-        .arg("--address")
-        .arg(stack.ctr.address())
-        .args([
+    let mut run = stack
+        .ctr
+        .ctr_unstarted(&[
             "run",
             "--rm",
             "--snapshotter",
@@ -334,8 +329,6 @@ fn a_streaming_container_survives_sigkill_of_the_snapshotter_and_the_daemon() {
             &reference,
             "big1",
         ])
-        .env("PATH", CTR_PATH)
-        .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()

@@ -833,8 +833,9 @@ impl Work<'_> {
                 break;
             };
             let resolver = self.resolver.clone();
+            let window = self.config.policy.window;
             self.resolving
-                .spawn_blocking(move || resolve_open(open, resolver.as_ref()));
+                .spawn_blocking(move || resolve_open(open, resolver.as_ref(), window));
         }
     }
 
@@ -1026,6 +1027,8 @@ struct Resolved {
     open: OpenRequest,
     fd: AnonFd,
     blob: Result<Arc<dyn BlobSource>, OpenError>,
+    /// What the kernel's cache file already holds (when `blob` resolved).
+    filled: Option<FillMap>,
 }
 
 /// Handles one request on the serving task, never blocking: CLOSE and
@@ -1125,7 +1128,7 @@ fn dispatch(
 /// Resolves an OPEN's blob: on a blocking worker, as it may wait on the
 /// network. A panicking resolver refuses the OPEN (EIO) rather than leave the
 /// kernel waiting for an answer.
-fn resolve_open(pending: PendingOpen, resolver: &dyn BlobResolver) -> Resolved {
+fn resolve_open(pending: PendingOpen, resolver: &dyn BlobResolver, window: u64) -> Resolved {
     let PendingOpen { open, fd } = pending;
     let blob = std::panic::catch_unwind(AssertUnwindSafe(|| {
         resolver.resolve(open.volume(), open.cookie())
@@ -1137,7 +1140,23 @@ fn resolve_open(pending: PendingOpen, resolver: &dyn BlobResolver) -> Resolved {
             source: io::Error::other("resolving it panicked (a bug)"),
         })
     });
-    Resolved { open, fd, blob }
+    // The kernel's cache file outlives mounts and daemons: an object opened
+    // again (a remount, another image sharing the blob's domain) starts with
+    // what it holds, so status counts it and read-ahead does not fetch it
+    // again. The OPEN's anonymous fd already acts on the cache file
+    // (cachefiles opens the backing file during the cookie's lookup, before
+    // it sends the OPEN). Here, on the blocking pool: it walks the file's
+    // extents.
+    let filled = blob
+        .as_ref()
+        .ok()
+        .map(|b| fill_map_from_extents(fd.as_fd(), b.size(), window));
+    Resolved {
+        open,
+        fd,
+        blob,
+        filled,
+    }
 }
 
 /// Answers a resolved OPEN: registers the object, then `copen`s it (or refuses
@@ -1149,7 +1168,12 @@ fn finish_open(
     policy: &FillPolicy,
     stats: &Stats,
 ) {
-    let Resolved { open, fd, blob } = resolved;
+    let Resolved {
+        open,
+        fd,
+        blob,
+        filled,
+    } = resolved;
     let volume = String::from_utf8_lossy(open.volume()).into_owned();
     let cookie = String::from_utf8_lossy(open.cookie()).into_owned();
     match blob {
@@ -1160,7 +1184,7 @@ fn finish_open(
                 fd,
                 blob,
                 size,
-                filled: FillMap::new(size, policy.window),
+                filled: filled.unwrap_or_else(|| FillMap::new(size, policy.window)),
                 volume: open.volume().to_vec(),
                 cookie: open.cookie().to_vec(),
                 stream: Stream::default(),
@@ -1467,7 +1491,7 @@ mod tests {
                 }
                 Dispatched::Open(open) => finish_open(
                     &self.replies,
-                    resolve_open(open, self.resolver.as_ref()),
+                    resolve_open(open, self.resolver.as_ref(), self.config.policy.window),
                     &self.objects,
                     &self.config.policy,
                     &self.stats,
@@ -1504,6 +1528,31 @@ mod tests {
 
     fn pattern(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7 % 253) as u8).collect()
+    }
+
+    /// The kernel's cache file outlives the object: an OPEN of a blob whose
+    /// cache file already holds whole windows (a remount) starts with them
+    /// counted as filled, so status shows them cached and read-ahead and
+    /// fills do not fetch them again.
+    #[test]
+    fn a_reopened_object_counts_what_its_cache_file_holds() {
+        use crate::Prefetch;
+        let mut m = Model::new();
+        let data = pattern(40_000);
+        std::fs::write(m.blobs.path().join("blob1"), &data).unwrap();
+        // What an earlier mount left: the second fill window, verified bytes.
+        m.cache_file(5)
+            .write_all_at(&data[16384..32768], 16384)
+            .unwrap();
+        m.open(1, 5, "blob1");
+        assert_eq!(m.replies(), ["copen 1,40000"]);
+        let blobs = m.objects.blobs();
+        assert_eq!(blobs.len(), 1);
+        assert_eq!(blobs[0].cached_bytes, 16384, "{blobs:?}");
+        // A READ inside it (the kernel would not send one; a model can)
+        // fetches nothing: the window is filled.
+        m.read(2, 5, 20_000, 100);
+        assert_eq!(m.stats.snapshot().bytes_written, 0);
     }
 
     #[test]
@@ -2068,23 +2117,28 @@ mod tests {
         h.until("READ 3", |h| h.stats.snapshot().windows_written == 2)
             .await;
         assert_eq!(h.stats.snapshot().readahead_bytes, 0);
-        // The next READ follows READ 3: windows 2..=5 are written ahead,
-        // through the object's fd, at their offsets.
+        // The next READ follows READ 3: read-ahead starts, one window (2)
+        // ahead, written through the object's fd at its offset.
         h.read(4, 1, w, w);
-        h.until("read-ahead of 4 windows", |h| {
-            h.stats.snapshot().readahead_bytes == 4 * w
+        h.until("read-ahead of 1 window", |h| {
+            h.stats.snapshot().readahead_bytes == w
         })
         .await;
-        let mut got = vec![0u8; 4 * w as usize];
-        h.cache_file(1).read_exact_at(&mut got, 2 * w).unwrap();
-        assert_eq!(got, data[2 * w as usize..6 * w as usize]);
-        // The kernel would not ask for them (they are data in its cache
-        // file); a READ there anyway is found filled and not fetched.
-        h.until("READ 4", |h| h.stats.snapshot().windows_written == 7)
+        h.until("READ 4", |h| h.stats.snapshot().windows_written == 4)
             .await;
-        h.read(5, 1, 3 * w, 100);
+        // The kernel would not ask for window 2 (it is data in its cache
+        // file); a READ there anyway is found filled and not fetched, and
+        // the sequential stream doubles its read-ahead: windows 3 and 4.
+        h.read(5, 1, 2 * w, 100);
+        h.until("read-ahead of 2 more windows", |h| {
+            h.stats.snapshot().readahead_bytes == 3 * w
+        })
+        .await;
         h.until("READ 5", |h| h.stats.snapshot().windows_overlapped == 1)
             .await;
+        let mut got = vec![0u8; 3 * w as usize];
+        h.cache_file(1).read_exact_at(&mut got, 2 * w).unwrap();
+        assert_eq!(got, data[2 * w as usize..5 * w as usize]);
         // A CLOSE cancels the object's read-ahead; nothing failed.
         h.close(6, 1);
         h.until("the CLOSE", |h| h.objects.list().is_empty()).await;
