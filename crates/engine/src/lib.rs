@@ -182,6 +182,20 @@ impl FillMap {
         }
     }
 
+    /// Marks filled every window set in `words` (a bitmap as [`words`]
+    /// gives: what a cache file was found to hold), keeping what is filled.
+    ///
+    /// [`words`]: Self::words
+    pub fn add_filled_words(&self, words: &[u64]) {
+        {
+            let mut bits = self.lock();
+            for (have, add) in bits.filled.iter_mut().zip(words) {
+                *have |= add;
+            }
+        }
+        self.settled.notify_all();
+    }
+
     /// The bitmap of filled windows, one bit per window, for saving.
     pub fn words(&self) -> Vec<u64> {
         self.lock().filled.clone()

@@ -15,10 +15,16 @@
 //!   and the snapshotter pointed at the daemon: the pull moves no data blob
 //!   (the registry's access log), the committed snapshots carry the CRI
 //!   plugin's `containerd.io/snapshot/cri.image-ref`, and a pod runs it.
+//! - `cri_runs_the_python_image_lazily`: issue 12's real program, testkit's
+//!   python image (Debian's python3.11 with its libraries and standard
+//!   library), converted, pulled lazily by PullImage (no data blob moves)
+//!   and run in a pod with the image config's entrypoint, command,
+//!   environment and working directory: its CRI log is the line the
+//!   program prints.
 //!
 //! Needs root (containerd mounts, runc; FUSE for the daemon). A missing
-//! containerd, runc, docker-registry or busybox-static fails the test naming
-//! the package.
+//! containerd, runc, docker-registry, busybox-static or python3.11 fails the
+//! test naming the package.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -28,6 +34,7 @@ use std::time::{Duration, Instant};
 use lazypull_testkit::containerd::{self, Containerd, ContainerdOptions, CriSettings};
 use lazypull_testkit::cri::{self, Cri};
 use lazypull_testkit::oci_image::{busybox_image, BUSYBOX_IMAGE_OUTPUT};
+use lazypull_testkit::python_image::{python_image, PYTHON_OUTPUT};
 use lazypull_testkit::registry::RegistryServer;
 use sha2::{Digest, Sha256};
 
@@ -276,16 +283,17 @@ fn push_sandbox(registry: &RegistryServer) -> String {
     format!("{}/test/pause:v1", registry.addr())
 }
 
-/// Runs `image` (its own entrypoint and command) as container `main` in a
-/// new host-network pod `pod`, waits for its exit, checks its CRI log holds
-/// exactly the busybox image's line, then stops and removes the pod.
+/// Runs `image` (its own entrypoint, command, environment and working
+/// directory: no override) as container `main` in a new host-network pod
+/// (name, log directory, parent cgroup), waits for its exit, checks it
+/// exited 0 and its CRI log holds exactly the one stdout line `output`,
+/// then stops and removes the pod.
 fn run_in_pod(
     cri: &mut Cri,
     ctr: &Containerd,
     image: &str,
-    pod: &str,
-    logs: &Path,
-    cgroup: &CgroupParent,
+    (pod, logs, cgroup): (&str, &Path, &CgroupParent),
+    output: &str,
 ) {
     let pod_config = cri::host_network_pod(pod, logs, &cgroup.0);
     let pod_id = cri
@@ -310,7 +318,7 @@ fn run_in_pod(
         .iter()
         .map(|l| (l.stream.as_str(), l.text.as_str()))
         .collect();
-    assert_eq!(lines, [("stdout", BUSYBOX_IMAGE_OUTPUT)], "{log:?}");
+    assert_eq!(lines, [("stdout", output)], "{log:?}");
 
     let listed = cri.list_containers(Some(&pod_id)).unwrap();
     assert_eq!(
@@ -402,7 +410,13 @@ fn cri_runs_an_ordinary_image_under_lazypull_snapshotter() {
     );
 
     let logs = dir.join("pods/busybox");
-    run_in_pod(&mut cri, &ctr, &reference, "busybox", &logs, &cgroup);
+    run_in_pod(
+        &mut cri,
+        &ctr,
+        &reference,
+        ("busybox", &logs, &cgroup),
+        BUSYBOX_IMAGE_OUTPUT,
+    );
     // The sandbox image, pulled by RunPodSandbox, is unpacked into lazypull too.
     assert!(cri.image_status(&sandbox).unwrap().is_some());
 
@@ -477,34 +491,35 @@ fn blob_requests(
     out
 }
 
-#[test]
-fn cri_pulls_a_lazy_image_lazily_and_runs_it() {
-    let help = lazypull().args(["snapshotter", "--help"]).output().unwrap();
-    assert!(
-        String::from_utf8_lossy(&help.stdout).contains("--daemon-socket"),
-        "`lazypull snapshotter` has no --daemon-socket: remote snapshots are not built yet"
-    );
-    let tmp = temp_dir();
-    let dir = tmp.path();
-    let registry_dir = dir.join("registry");
-    let registry = RegistryServer::start(&registry_dir, None).unwrap();
-    busybox_image()
-        .unwrap()
-        .push(registry.addr(), "test/busybox", "v1")
-        .unwrap();
-    let source = format!("{}/test/busybox:v1", registry.addr());
-    let lazy_repo = "test/busybox-lazy";
-    let lazy = format!("{}/{lazy_repo}:v1", registry.addr());
+/// An image converted by `lazypull convert` and pushed: what the tests
+/// check it against, read from the registry's storage.
+struct LazyImage {
+    /// Its reference.
+    reference: String,
+    /// Its repository in the registry.
+    repository: String,
+    /// Its config's digest: containerd's image id.
+    config_digest: String,
+    /// The digests of its data layers (the file contents).
+    data_blobs: Vec<String>,
+    /// The chain ids of its layers: the committed snapshots' names.
+    chain: Vec<String>,
+}
+
+/// Converts `source` (pushed to `registry`) with `lazypull convert` into
+/// `lazy_repo:v1` and reads the result back from the registry's storage.
+fn convert(registry: &RegistryServer, source: &str, lazy_repo: &str) -> LazyImage {
+    let registry_dir = registry_dir(registry);
+    let reference = format!("{}/{lazy_repo}:v1", registry.addr());
     let out = lazypull()
-        .args(["convert", &source, &lazy])
+        .args(["convert", source, &reference])
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "lazypull convert: {}",
+        "lazypull convert {source}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let sandbox = push_sandbox(&registry);
     let manifest = registry_manifest(&registry_dir, lazy_repo, "v1");
     let config_digest = manifest["config"]["digest"].as_str().unwrap().to_owned();
     let config: serde_json::Value =
@@ -528,49 +543,134 @@ fn cri_pulls_a_lazy_image_lazily_and_runs_it() {
         .iter()
         .map(|d| d.as_str().unwrap().to_owned())
         .collect();
-    let chain = chain_ids(&diff_ids);
+    LazyImage {
+        reference,
+        repository: lazy_repo.to_owned(),
+        config_digest,
+        data_blobs,
+        chain: chain_ids(&diff_ids),
+    }
+}
 
-    let cgroup = CgroupParent::new("cri-lazy");
-    let daemon_dir = dir.join("d");
-    let _daemon = daemon(&daemon_dir);
-    let socket = dir.join("snap.sock");
-    let _snap = snapshotter(
-        &dir.join("snap"),
-        &socket,
-        &dir.join("snap.log"),
-        Some(&daemon_dir.join("run/ctl.sock")),
+/// The registry's directory (the one it was started on), where testkit
+/// keeps its log.
+fn registry_dir(registry: &RegistryServer) -> PathBuf {
+    registry.log_path().parent().unwrap().to_path_buf()
+}
+
+/// Fails unless `lazypull snapshotter` can serve remote snapshots.
+fn require_remote_snapshots() {
+    let help = lazypull().args(["snapshotter", "--help"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("--daemon-socket"),
+        "`lazypull snapshotter` has no --daemon-socket: remote snapshots are not built yet"
     );
-    let ctr =
-        Containerd::start(&dir.join("c"), &cri_options(&registry, &sandbox, &socket)).unwrap();
-    let mut cri = Cri::connect(ctr.address()).unwrap();
+}
 
-    // PullImage of the lazy image: lazy, no data blob moves.
-    let before = std::fs::metadata(access_log(&registry)).unwrap().len() as usize;
+/// `lazypull daemon`, `lazypull snapshotter` pointed at it and containerd's
+/// CRI over them, all under `dir`; dropped in reverse order (containerd
+/// first).
+struct LazyStack {
+    ctr: Containerd,
+    _snap: Process,
+    _daemon: Process,
+}
+
+impl LazyStack {
+    fn start(dir: &Path, registry: &RegistryServer, sandbox: &str) -> LazyStack {
+        let daemon_dir = dir.join("d");
+        let daemon = daemon(&daemon_dir);
+        let socket = dir.join("snap.sock");
+        let snap = snapshotter(
+            &dir.join("snap"),
+            &socket,
+            &dir.join("snap.log"),
+            Some(&daemon_dir.join("run/ctl.sock")),
+        );
+        let ctr =
+            Containerd::start(&dir.join("c"), &cri_options(registry, sandbox, &socket)).unwrap();
+        LazyStack {
+            ctr,
+            _snap: snap,
+            _daemon: daemon,
+        }
+    }
+}
+
+/// CRI PullImage of `image`: lazy (the registry's access log shows no data
+/// blob request, but the config's), its chain committed in lazypull.
+/// Returns the access log's length before the pull.
+fn pull_lazily(
+    cri: &mut Cri,
+    ctr: &Containerd,
+    registry: &RegistryServer,
+    image: &LazyImage,
+) -> usize {
+    let before = std::fs::metadata(access_log(registry)).unwrap().len() as usize;
     let id = cri
-        .pull_image(&lazy)
+        .pull_image(&image.reference)
         .unwrap_or_else(|e| panic!("{e}\ncontainerd's log ends:\n{}", ctr.log_tail(30)));
-    assert_eq!(id, config_digest);
-    let requests = blob_requests(&registry, before, lazy_repo);
-    eprintln!("blob requests of the CRI pull: {requests:?}");
+    assert_eq!(id, image.config_digest);
+    let requests = blob_requests(registry, before, &image.repository);
+    eprintln!(
+        "blob requests of the CRI pull of {}: {requests:?}",
+        image.reference
+    );
     for (method, digest) in &requests {
         assert!(
-            !data_blobs.contains(digest),
+            !image.data_blobs.contains(digest),
             "the CRI pull fetched data blob {digest} ({method}): {requests:?}"
         );
     }
     assert!(
-        requests.iter().any(|(_, d)| *d == config_digest),
+        requests.iter().any(|(_, d)| *d == image.config_digest),
         "the CRI pull did not fetch the config: {requests:?}"
     );
-    // The committed snapshots are lazypull's remote ones, labelled by CRI
-    // with the image reference.
-    let committed = committed_snapshots(&ctr);
-    for c in &chain {
+    let committed = committed_snapshots(ctr);
+    for c in &image.chain {
         assert!(
             committed.contains(c),
             "{c} not committed in lazypull: {committed:?}"
         );
     }
+    before
+}
+
+/// The container's reads went through lazypull's daemon to the registry:
+/// some data blob of `image` was requested after byte `before` of the
+/// access log.
+fn assert_data_read(registry: &RegistryServer, before: usize, image: &LazyImage) {
+    let after = blob_requests(registry, before, &image.repository);
+    eprintln!("blob requests after the run: {after:?}");
+    assert!(
+        after.iter().any(|(_, d)| image.data_blobs.contains(d)),
+        "the container ran but no data blob was read: {after:?}"
+    );
+}
+
+#[test]
+fn cri_pulls_a_lazy_image_lazily_and_runs_it() {
+    require_remote_snapshots();
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let registry = RegistryServer::start(&dir.join("registry"), None).unwrap();
+    busybox_image()
+        .unwrap()
+        .push(registry.addr(), "test/busybox", "v1")
+        .unwrap();
+    let source = format!("{}/test/busybox:v1", registry.addr());
+    let lazy = convert(&registry, &source, "test/busybox-lazy");
+    let sandbox = push_sandbox(&registry);
+
+    let cgroup = CgroupParent::new("cri-lazy");
+    let stack = LazyStack::start(dir, &registry, &sandbox);
+    let ctr = &stack.ctr;
+    let mut cri = Cri::connect(ctr.address()).unwrap();
+
+    // PullImage of the lazy image: lazy, no data blob moves.
+    let before = pull_lazily(&mut cri, ctr, &registry, &lazy);
+    // The committed snapshots are lazypull's remote ones, labelled by CRI
+    // with the image reference.
     let info = ctr
         .ctr_stdout(&[
             "-n",
@@ -579,13 +679,13 @@ fn cri_pulls_a_lazy_image_lazily_and_runs_it() {
             "--snapshotter",
             "lazypull",
             "info",
-            chain.last().unwrap(),
+            lazy.chain.last().unwrap(),
         ])
         .unwrap();
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(
         info["Labels"]["containerd.io/snapshot/cri.image-ref"].as_str(),
-        Some(lazy.as_str()),
+        Some(lazy.reference.as_str()),
         "{info}"
     );
     assert!(
@@ -595,24 +695,62 @@ fn cri_pulls_a_lazy_image_lazily_and_runs_it() {
 
     // A pod runs it, with the right output.
     let logs = dir.join("pods/lazy");
-    run_in_pod(&mut cri, &ctr, &lazy, "lazy", &logs, &cgroup);
-    // The container's reads went through lazypull's daemon to the registry.
-    let after = blob_requests(&registry, before, lazy_repo);
-    eprintln!("blob requests after the run: {after:?}");
-    assert!(
-        after.iter().any(|(_, d)| data_blobs.contains(d)),
-        "the container ran but no data blob was read: {after:?}"
+    run_in_pod(
+        &mut cri,
+        ctr,
+        &lazy.reference,
+        ("lazy", &logs, &cgroup),
+        BUSYBOX_IMAGE_OUTPUT,
     );
+    assert_data_read(&registry, before, &lazy);
     // The lazy snapshots' usage is the bytes the daemon has cached for
     // them, and ImageFsInfo sums it in (with the sandbox image's ordinary
     // snapshots).
-    let cached = usage(&ctr, &chain);
+    let cached = usage(ctr, &lazy.chain);
     eprintln!("usage of the lazy snapshots after the run: {cached} bytes");
     assert!(
         cached > 0,
         "the lazy snapshots report no usage after the run"
     );
-    check_image_fs(&mut cri, &ctr, cached);
+    check_image_fs(&mut cri, ctr, cached);
+}
+
+/// Issue 12's real program through CRI: testkit's python image (Debian's
+/// python3.11, its shared libraries and standard library, three layers),
+/// converted, pulled lazily by CRI PullImage (no data blob moves) and run in
+/// a host-network pod with no command override: its one line of output,
+/// the one `lazypull pull` + `ctr run` gives, shows the image config's
+/// entrypoint, command, environment and working directory honoured, read
+/// through lazypull's daemon.
+#[test]
+fn cri_runs_the_python_image_lazily() {
+    require_remote_snapshots();
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let registry = RegistryServer::start(&dir.join("registry"), None).unwrap();
+    python_image()
+        .unwrap()
+        .push(registry.addr(), "test/python", "v1")
+        .unwrap();
+    let source = format!("{}/test/python:v1", registry.addr());
+    let lazy = convert(&registry, &source, "test/python-lazy");
+    let sandbox = push_sandbox(&registry);
+
+    let cgroup = CgroupParent::new("cri-python");
+    let stack = LazyStack::start(dir, &registry, &sandbox);
+    let ctr = &stack.ctr;
+    let mut cri = Cri::connect(ctr.address()).unwrap();
+
+    let before = pull_lazily(&mut cri, ctr, &registry, &lazy);
+    let logs = dir.join("pods/python");
+    run_in_pod(
+        &mut cri,
+        ctr,
+        &lazy.reference,
+        ("python", &logs, &cgroup),
+        PYTHON_OUTPUT,
+    );
+    assert_data_read(&registry, before, &lazy);
 }
 
 /// The summed `ctr snapshots usage` (bytes) of snapshots `keys` in the CRI

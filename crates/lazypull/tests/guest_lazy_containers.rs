@@ -378,9 +378,13 @@ fn a_lazy_image_runs_in_the_guest_through_cachefiles() {
         Some(BIG_BYTES as u64),
         "the big file's blob was fetched once, whole: {blob}"
     );
-    // (Its `cached_bytes` counts what this daemon wrote into the object opened for the current
-    // mount, so it is 0 here although the kernel's cache holds the blob: shown, not checked.)
+    // The view's mount opened the object again: it starts with what the kernel's cache file
+    // holds (the whole blob, filled for the container), not with nothing.
     println!("the big file's blob in the status while the view holds the image: {blob}");
+    assert_eq!(
+        blob["cached_bytes"], blob["size"],
+        "the object opened again does not count what the kernel's cache holds: {blob}"
+    );
     assert_eq!(status["fetch"]["verify_failures"], 0, "{status}");
     let images = status["images"].as_array().unwrap();
     assert!(

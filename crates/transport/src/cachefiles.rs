@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -134,6 +134,28 @@ struct Object {
     cookie: Vec<u8>,
     /// The reader's pattern, for read-ahead.
     stream: Stream,
+    /// Whether `filled` has learnt what the kernel's cache file held when
+    /// the object was opened ([`Object::learn_cache_file`]).
+    learnt: AtomicBool,
+}
+
+impl Object {
+    /// Adds to the fill map, once, what the kernel's cache file already
+    /// holds. The cache file outlives mounts and daemons: an object opened
+    /// again (a remount, another image sharing the blob's domain) then counts
+    /// it in status and does not read it ahead again. Not at OPEN: the
+    /// anonymous fd's lseek acts on the backing file (`object->file`), which
+    /// cachefiles opens only after the daemon's `copen` (the OPEN is sent from
+    /// `cachefiles_ondemand_init_object`, before `cachefiles_open_file`), so
+    /// the first READ, prefetch or status after the copen does it, on a
+    /// blocking thread.
+    fn learn_cache_file(&self, window: u64) {
+        if self.learnt.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let found = fill_map_from_extents(self.fd.as_fd(), self.size, window);
+        self.filled.add_filled_words(&found.words());
+    }
 }
 
 /// An open cache object passed from one daemon to the next: its anonymous
@@ -315,6 +337,7 @@ impl crate::Prefetch for OpenObjects {
         let Some(object) = self.find(blob) else {
             return Ok(None);
         };
+        object.learn_cache_file(self.policy.window);
         let mut buf = AlignedBuf::new(self.policy.buffer_size_for(object.blob.as_ref()));
         let target = Target {
             source: object.blob.as_ref(),
@@ -329,13 +352,17 @@ impl crate::Prefetch for OpenObjects {
     }
 
     fn blobs(&self) -> Vec<crate::BlobCacheInfo> {
-        let mut v: Vec<_> = self
-            .lock()
-            .values()
+        // Learning a cache file walks its extents: not under the map's lock.
+        let objects: Vec<Arc<Object>> = self.lock().values().cloned().collect();
+        let mut v: Vec<_> = objects
+            .iter()
             .map(|o| crate::BlobCacheInfo {
                 blob: o.blob.name().to_owned(),
                 size: o.size,
-                cached_bytes: o.filled.filled_bytes(o.size),
+                cached_bytes: {
+                    o.learn_cache_file(self.policy.window);
+                    o.filled.filled_bytes(o.size)
+                },
                 source: o.blob.source_stats(),
                 local_file: o.blob.local_path().is_some(),
             })
@@ -518,6 +545,8 @@ impl Server {
                                 volume: h.volume,
                                 cookie: h.cookie,
                                 stream: Stream::default(),
+                                // Its map is the cache file's already.
+                                learnt: AtomicBool::new(true),
                             }),
                         );
                     }
@@ -833,9 +862,8 @@ impl Work<'_> {
                 break;
             };
             let resolver = self.resolver.clone();
-            let window = self.config.policy.window;
             self.resolving
-                .spawn_blocking(move || resolve_open(open, resolver.as_ref(), window));
+                .spawn_blocking(move || resolve_open(open, resolver.as_ref()));
         }
     }
 
@@ -1027,8 +1055,6 @@ struct Resolved {
     open: OpenRequest,
     fd: AnonFd,
     blob: Result<Arc<dyn BlobSource>, OpenError>,
-    /// What the kernel's cache file already holds (when `blob` resolved).
-    filled: Option<FillMap>,
 }
 
 /// Handles one request on the serving task, never blocking: CLOSE and
@@ -1128,7 +1154,7 @@ fn dispatch(
 /// Resolves an OPEN's blob: on a blocking worker, as it may wait on the
 /// network. A panicking resolver refuses the OPEN (EIO) rather than leave the
 /// kernel waiting for an answer.
-fn resolve_open(pending: PendingOpen, resolver: &dyn BlobResolver, window: u64) -> Resolved {
+fn resolve_open(pending: PendingOpen, resolver: &dyn BlobResolver) -> Resolved {
     let PendingOpen { open, fd } = pending;
     let blob = std::panic::catch_unwind(AssertUnwindSafe(|| {
         resolver.resolve(open.volume(), open.cookie())
@@ -1140,23 +1166,7 @@ fn resolve_open(pending: PendingOpen, resolver: &dyn BlobResolver, window: u64) 
             source: io::Error::other("resolving it panicked (a bug)"),
         })
     });
-    // The kernel's cache file outlives mounts and daemons: an object opened
-    // again (a remount, another image sharing the blob's domain) starts with
-    // what it holds, so status counts it and read-ahead does not fetch it
-    // again. The OPEN's anonymous fd already acts on the cache file
-    // (cachefiles opens the backing file during the cookie's lookup, before
-    // it sends the OPEN). Here, on the blocking pool: it walks the file's
-    // extents.
-    let filled = blob
-        .as_ref()
-        .ok()
-        .map(|b| fill_map_from_extents(fd.as_fd(), b.size(), window));
-    Resolved {
-        open,
-        fd,
-        blob,
-        filled,
-    }
+    Resolved { open, fd, blob }
 }
 
 /// Answers a resolved OPEN: registers the object, then `copen`s it (or refuses
@@ -1168,12 +1178,7 @@ fn finish_open(
     policy: &FillPolicy,
     stats: &Stats,
 ) {
-    let Resolved {
-        open,
-        fd,
-        blob,
-        filled,
-    } = resolved;
+    let Resolved { open, fd, blob } = resolved;
     let volume = String::from_utf8_lossy(open.volume()).into_owned();
     let cookie = String::from_utf8_lossy(open.cookie()).into_owned();
     match blob {
@@ -1184,10 +1189,11 @@ fn finish_open(
                 fd,
                 blob,
                 size,
-                filled: filled.unwrap_or_else(|| FillMap::new(size, policy.window)),
+                filled: FillMap::new(size, policy.window),
                 volume: open.volume().to_vec(),
                 cookie: open.cookie().to_vec(),
                 stream: Stream::default(),
+                learnt: AtomicBool::new(false),
             });
             // Inserted before the copen: the kernel may queue a READ for the object
             // as soon as it processes the copen (cachefiles_ondemand_copen marks
@@ -1322,6 +1328,7 @@ fn serve_read(
         object,
         msg_id: read.msg_id,
     };
+    object.learn_cache_file(policy.window);
     // Queued before this READ's own fill: the windows after it are fetched
     // while this one is.
     if let Some(ra) = ahead {
@@ -1491,7 +1498,7 @@ mod tests {
                 }
                 Dispatched::Open(open) => finish_open(
                     &self.replies,
-                    resolve_open(open, self.resolver.as_ref(), self.config.policy.window),
+                    resolve_open(open, self.resolver.as_ref()),
                     &self.objects,
                     &self.config.policy,
                     &self.stats,
@@ -1530,10 +1537,10 @@ mod tests {
         (0..n).map(|i| (i * 7 % 253) as u8).collect()
     }
 
-    /// The kernel's cache file outlives the object: an OPEN of a blob whose
-    /// cache file already holds whole windows (a remount) starts with them
-    /// counted as filled, so status shows them cached and read-ahead and
-    /// fills do not fetch them again.
+    /// The kernel's cache file outlives the object: after an OPEN of a blob
+    /// whose cache file already holds whole windows (a remount), status and
+    /// the first READ learn them (`Object::learn_cache_file`), so status shows
+    /// them cached and read-ahead and fills do not fetch them again.
     #[test]
     fn a_reopened_object_counts_what_its_cache_file_holds() {
         use crate::Prefetch;
