@@ -11,13 +11,18 @@
 //! * the prost messages and the tonic clients and servers generated from
 //!   them by `build.rs` (protox, so no `protoc` is needed).
 //!
-//! It must not hold logic: no connecting, no retrying, no interpretation of
-//! labels. The snapshotter (crates/snapshotter) serves the snapshots server
-//! from here; containerd's client lives in crates/lazypull.
+//! It must not hold logic: no retrying, no interpretation of labels. The
+//! one exception is [`unix::UnixConnector`], the single transport helper it
+//! holds (dialling a unix socket for tonic), shared by lazypull's containerd
+//! client and the tests of the snapshotter and lazypull. The snapshotter
+//! (crates/snapshotter) serves the snapshots server from here; containerd's
+//! client lives in crates/lazypull.
 //!
 //! The module tree mirrors the proto packages, e.g.
 //! [`containerd::services::content::v1::content_client::ContentClient`].
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
+
+pub mod unix;
 
 /// The `containerd.*` proto packages.
 pub mod containerd {

@@ -14,10 +14,7 @@
 //! wire contract is `lazypull-containerd-api`'s.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use lazypull_containerd_api::containerd::services::content::v1 as content;
@@ -25,6 +22,7 @@ use lazypull_containerd_api::containerd::services::images::v1 as images;
 use lazypull_containerd_api::containerd::services::leases::v1 as leases;
 use lazypull_containerd_api::containerd::services::snapshots::v1 as snapshots;
 use lazypull_containerd_api::containerd::types::{Descriptor, Mount};
+use lazypull_containerd_api::unix::UnixConnector;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
@@ -69,29 +67,6 @@ impl Error {
             Error::Call { status, .. } => Some(status.code()),
             _ => None,
         }
-    }
-}
-
-/// Dials the unix socket for every connection tonic opens.
-#[derive(Clone)]
-struct UnixConnector(PathBuf);
-
-impl tonic::codegen::Service<tonic::codegen::http::Uri> for UnixConnector {
-    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
-        let path = self.0.clone();
-        Box::pin(async move {
-            Ok(hyper_util::rt::TokioIo::new(
-                tokio::net::UnixStream::connect(path).await?,
-            ))
-        })
     }
 }
 
@@ -160,7 +135,7 @@ impl Client {
         let channel = Endpoint::from_static("http://localhost")
             .connect_timeout(Duration::from_secs(10))
             .timeout(CALL_TIMEOUT)
-            .connect_with_connector(UnixConnector(address.to_owned()))
+            .connect_with_connector(UnixConnector::new(address))
             .await
             .map_err(|e| {
                 let mut detail = e.to_string();

@@ -29,9 +29,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lazypull_testkit::containerd::{self, Containerd, ContainerdOptions};
+use lazypull_testkit::containerd::{chain_ids, snapshot_rows};
 use lazypull_testkit::oci_image::{busybox_image, BUSYBOX_IMAGE_OUTPUT};
 use lazypull_testkit::registry::RegistryServer;
-use sha2::{Digest, Sha256};
 
 const REPOSITORY: &str = "test/busybox";
 const TAG: &str = "v1";
@@ -143,46 +143,6 @@ impl Drop for Snapshotter {
         self.kill9();
         containerd::unmount_under(&self.root);
     }
-}
-
-/// The chain ids of a layer stack (OCI image spec): the first layer's diff
-/// id, then `sha256(parent + " " + diff_id)`: containerd's names for the
-/// committed snapshots.
-fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for d in diff_ids {
-        let id = match out.last() {
-            None => d.clone(),
-            Some(parent) => format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(format!("{parent} {d}").as_bytes()))
-            ),
-        };
-        out.push(id);
-    }
-    out
-}
-
-/// `ctr snapshots ls` rows: (key, parent, kind).
-fn snapshot_rows(ctr: &Containerd, snapshotter: &str) -> Vec<(String, String, String)> {
-    let text = ctr
-        .ctr_stdout(&["snapshots", "--snapshotter", snapshotter, "ls"])
-        .unwrap();
-    let mut rows: Vec<(String, String, String)> = text
-        .lines()
-        .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            match cols.as_slice() {
-                [key, kind] => (key.to_string(), String::new(), kind.to_string()),
-                [key, parent, kind] => (key.to_string(), parent.to_string(), kind.to_string()),
-                _ => panic!("unexpected `ctr snapshots ls` row {l:?} in:\n{text}"),
-            }
-        })
-        .collect();
-    rows.sort();
-    rows
 }
 
 /// Waits until containerd reaches a restarted proxy snapshotter again: its

@@ -31,12 +31,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lazypull_testkit::containerd::chain_ids;
 use lazypull_testkit::containerd::{self, Containerd, ContainerdOptions, CriSettings};
 use lazypull_testkit::cri::{self, Cri};
 use lazypull_testkit::oci_image::{busybox_image, BUSYBOX_IMAGE_OUTPUT};
 use lazypull_testkit::python_image::{python_image, PYTHON_OUTPUT};
 use lazypull_testkit::registry::RegistryServer;
-use sha2::{Digest, Sha256};
 
 /// containerd's namespace for everything the CRI plugin makes.
 const K8S_NAMESPACE: &str = "k8s.io";
@@ -204,23 +204,6 @@ impl Drop for CgroupParent {
             let _ = std::fs::remove_dir(d);
         }
     }
-}
-
-/// The chain ids of a layer stack: containerd's names for the committed
-/// snapshots.
-fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for d in diff_ids {
-        let id = match out.last() {
-            None => d.clone(),
-            Some(parent) => format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(format!("{parent} {d}").as_bytes()))
-            ),
-        };
-        out.push(id);
-    }
-    out
 }
 
 /// The committed snapshots (names) of the CRI namespace in `lazypull`.

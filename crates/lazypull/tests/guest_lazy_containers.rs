@@ -35,6 +35,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use lazypull_guest::{Disk, GuestConfig};
+use lazypull_testkit::containerd::chain_ids;
 use lazypull_testkit::maketree::random_bytes;
 use lazypull_testkit::oci_image::{busybox_image, Image, LayerBuilder, BUSYBOX_IMAGE_OUTPUT};
 use lazypull_testkit::registry::RegistryServer;
@@ -82,22 +83,6 @@ fn image_with_big_file() -> (Image, String) {
     let mut layers = busybox.layers;
     layers.push(three);
     (Image::new(layers, runtime).unwrap(), sum)
-}
-
-/// The chain ids of a layer stack (OCI image spec).
-fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for d in diff_ids {
-        let id = match out.last() {
-            None => d.clone(),
-            Some(parent) => format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(format!("{parent} {d}").as_bytes()))
-            ),
-        };
-        out.push(id);
-    }
-    out
 }
 
 /// One request of the registry's access log.

@@ -23,20 +23,18 @@
 //! docker-registry and busybox-static; fails (never skips) without them.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use lazypull_containerd_api::unix::UnixConnector;
 use lazypull_snapshotter::proto::containerd::services::snapshots::v1 as api;
 use lazypull_snapshotter::proto::containerd::types::Mount;
 use lazypull_testkit::containerd;
+use lazypull_testkit::containerd::chain_ids;
 use lazypull_testkit::oci_image::busybox_image;
 use lazypull_testkit::registry::RegistryServer;
-use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
@@ -145,32 +143,10 @@ impl Drop for Unmounter {
     }
 }
 
-#[derive(Clone)]
-struct UnixConnector(PathBuf);
-
-impl tonic::codegen::Service<tonic::codegen::http::Uri> for UnixConnector {
-    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
-        let path = self.0.clone();
-        Box::pin(async move {
-            Ok(hyper_util::rt::TokioIo::new(
-                tokio::net::UnixStream::connect(path).await?,
-            ))
-        })
-    }
-}
-
 async fn connect(socket: &Path) -> Client {
     // The server wants an `:authority` of localhost, as containerd sends.
     let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(UnixConnector(socket.to_path_buf()))
+        .connect_with_connector(UnixConnector::new(socket))
         .await
         .expect("connecting to the snapshotter");
     Client::new(channel)
@@ -193,22 +169,6 @@ fn http_get(addr: std::net::SocketAddr, path: &str, accept: &str) -> (u16, Vec<u
     let head = String::from_utf8_lossy(&all[..split]);
     let status = head[9..12].parse().unwrap();
     (status, all[split + 4..].to_vec())
-}
-
-/// containerd's chain ids of a layer stack.
-fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for d in diff_ids {
-        let id = match out.last() {
-            None => d.clone(),
-            Some(parent) => format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(format!("{parent} {d}").as_bytes()))
-            ),
-        };
-        out.push(id);
-    }
-    out
 }
 
 /// (mount id, mount point) of the mounts at `dir` in this namespace.

@@ -3,44 +3,20 @@
 //! paths, `Usage`, and a graceful stop that removes the socket.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::path::Path;
 use std::time::Duration;
 
 use api::snapshots_client::SnapshotsClient;
+use lazypull_containerd_api::unix::UnixConnector;
 use lazypull_snapshotter::proto::containerd::services::snapshots::v1 as api;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
-
-#[derive(Clone)]
-struct UnixConnector(PathBuf);
-
-impl tonic::codegen::Service<tonic::codegen::http::Uri> for UnixConnector {
-    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
-        let path = self.0.clone();
-        Box::pin(async move {
-            Ok(hyper_util::rt::TokioIo::new(
-                tokio::net::UnixStream::connect(path).await?,
-            ))
-        })
-    }
-}
 
 async fn connect(socket: &Path) -> SnapshotsClient<Channel> {
     for _ in 0..500 {
         if socket.exists() {
             let channel = Endpoint::from_static("http://localhost")
-                .connect_with_connector(UnixConnector(socket.to_path_buf()))
+                .connect_with_connector(UnixConnector::new(socket))
                 .await
                 .expect("connect");
             return SnapshotsClient::new(channel);

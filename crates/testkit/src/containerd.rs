@@ -679,6 +679,47 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The chain ids of a layer stack (OCI image spec) from its diff ids:
+/// containerd's names for the committed snapshots.
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    use sha2::{Digest, Sha256};
+    let mut out: Vec<String> = Vec::new();
+    for d in diff_ids {
+        let id = match out.last() {
+            None => d.clone(),
+            Some(parent) => format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("{parent} {d}").as_bytes()))
+            ),
+        };
+        out.push(id);
+    }
+    out
+}
+
+/// `ctr snapshots ls` rows of `snapshotter`: (key, parent, kind), sorted.
+/// Panics naming the output if `ctr` fails or prints an unexpected row.
+pub fn snapshot_rows(ctr: &Containerd, snapshotter: &str) -> Vec<(String, String, String)> {
+    let text = ctr
+        .ctr_stdout(&["snapshots", "--snapshotter", snapshotter, "ls"])
+        .unwrap();
+    let mut rows: Vec<(String, String, String)> = text
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            match cols.as_slice() {
+                [key, kind] => (key.to_string(), String::new(), kind.to_string()),
+                [key, parent, kind] => (key.to_string(), parent.to_string(), kind.to_string()),
+                _ => panic!("unexpected `ctr snapshots ls` row {l:?} in:\n{text}"),
+            }
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

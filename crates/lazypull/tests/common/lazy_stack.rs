@@ -15,6 +15,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use lazypull_testkit::containerd::{self, Containerd, ContainerdOptions};
+pub use lazypull_testkit::containerd::{chain_ids, snapshot_rows};
 use lazypull_testkit::oci_image::busybox_image;
 use lazypull_testkit::registry::RegistryServer;
 use sha2::{Digest, Sha256};
@@ -188,45 +189,6 @@ impl Drop for Proc {
             containerd::unmount_under(dir);
         }
     }
-}
-
-/// The chain ids of a layer stack (OCI image spec): containerd's names for
-/// the committed snapshots.
-pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for d in diff_ids {
-        let id = match out.last() {
-            None => d.clone(),
-            Some(parent) => format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(format!("{parent} {d}").as_bytes()))
-            ),
-        };
-        out.push(id);
-    }
-    out
-}
-
-/// `ctr snapshots ls` rows: (key, parent, kind), sorted.
-pub fn snapshot_rows(ctr: &Containerd, snapshotter: &str) -> Vec<(String, String, String)> {
-    let text = ctr
-        .ctr_stdout(&["snapshots", "--snapshotter", snapshotter, "ls"])
-        .unwrap();
-    let mut rows: Vec<(String, String, String)> = text
-        .lines()
-        .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            match cols.as_slice() {
-                [key, kind] => (key.to_string(), String::new(), kind.to_string()),
-                [key, parent, kind] => (key.to_string(), parent.to_string(), kind.to_string()),
-                _ => panic!("unexpected `ctr snapshots ls` row {l:?} in:\n{text}"),
-            }
-        })
-        .collect();
-    rows.sort();
-    rows
 }
 
 pub fn committed_rows(chain: &[String]) -> Vec<(String, String, String)> {
