@@ -1,7 +1,7 @@
 //! The one transport helper this crate holds: a tonic connector that dials a
 //! unix socket, which is how both containerd and a proxy snapshotter are
-//! reached. It only opens the stream; timeouts, retries and error wording
-//! stay with the callers (containerd's client lives in crates/lazypull).
+//! reached. It only opens the stream (a failure names the socket); timeouts,
+//! retries and the rest of the error wording stay with the callers (containerd's client lives in crates/lazypull).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -34,9 +34,13 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for UnixConnector {
     fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
         let path = self.0.clone();
         Box::pin(async move {
-            Ok(hyper_util::rt::TokioIo::new(
-                tokio::net::UnixStream::connect(path).await?,
-            ))
+            let stream = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot connect to {}: {e}", path.display()),
+                )
+            })?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
         })
     }
 }

@@ -105,7 +105,7 @@ impl LazyMounts for NoDaemon {
 }
 
 /// Undoes `/proc/self/mountinfo`'s octal escapes (`\040` for a space, ...).
-fn unescape(field: &str) -> String {
+pub fn unescape_mountinfo(field: &str) -> String {
     let b = field.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -137,7 +137,7 @@ pub fn parse_mounts_under(text: &str, dir: &Path) -> Vec<PathBuf> {
         let Some(field) = line.split(' ').nth(4) else {
             continue;
         };
-        let point = PathBuf::from(unescape(field));
+        let point = PathBuf::from(unescape_mountinfo(field));
         if point.starts_with(dir) && !out.contains(&point) {
             out.push(point);
         }
@@ -509,7 +509,7 @@ mod tests {
                 PathBuf::from("/var/lib/x/lazy/a b")
             ]
         );
-        assert_eq!(unescape("a\\134b\\"), "a\\b\\");
+        assert_eq!(unescape_mountinfo("a\\134b\\"), "a\\b\\");
     }
 
     #[test]

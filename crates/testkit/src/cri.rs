@@ -16,13 +16,11 @@
 //! pod sandbox image built from Debian's static busybox, to set as the CRI
 //! plugin's `sandbox_image`).
 
-use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use lazypull_containerd_api::unix::UnixConnector;
 use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
 
@@ -42,33 +40,6 @@ pub const API_VERSION: &str = "v1";
 
 /// How long a single CRI call may take (PullImage included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Dials a unix socket for tonic (whose URIs are only placeholders here).
-#[derive(Clone)]
-struct UnixConnector(PathBuf);
-
-impl tonic::codegen::Service<tonic::codegen::http::Uri> for UnixConnector {
-    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
-        let path = self.0.clone();
-        Box::pin(async move {
-            let stream = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot connect to {}: {e}", path.display()),
-                )
-            })?;
-            Ok(hyper_util::rt::TokioIo::new(stream))
-        })
-    }
-}
 
 /// A gRPC failure of CRI method `what` as an I/O error naming the method,
 /// the gRPC code and containerd's message.
@@ -110,7 +81,7 @@ impl Cri {
         let channel = rt.block_on(
             Endpoint::from_static("http://localhost")
                 .timeout(CALL_TIMEOUT)
-                .connect_with_connector(UnixConnector(socket.to_path_buf())),
+                .connect_with_connector(UnixConnector::new(socket.to_path_buf())),
         );
         let channel = channel.map_err(|e| {
             io::Error::new(
