@@ -14,6 +14,14 @@
 //!   answered stay pending until `FUSE_NOTIFY_RESEND` re-queues them.
 //! - `FUSE_DEV_IOC_BACKING_OPEN` registers an open file as a passthrough
 //!   backing file (needs CAP_SYS_ADMIN and `CONFIG_FUSE_PASSTHROUGH`).
+//! - A reply can also be spliced in (`fuse_dev_splice_write`): one `splice`
+//!   from a pipe holding header + body, of exactly the bytes the pipe holds
+//!   for that reply. The kernel copies the pipe's pages into the request's
+//!   pages, so a body spliced into the pipe from a file's page cache reaches
+//!   the reader with one copy and never passes through the daemon's memory.
+//!   The whole message must be in the pipe before the splice (a splice of
+//!   more bytes than the pipe holds is EINVAL); the kernel consumes the
+//!   pipe's buffers even when the request is gone meanwhile (ENOENT).
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -23,6 +31,7 @@ use std::time::Duration;
 use rustix::event::{PollFd, PollFlags};
 use rustix::fs::{Mode, OFlags};
 use rustix::mount::MountFlags;
+use rustix::pipe::{PipeFlags, SpliceFlags};
 
 use crate::abi;
 
@@ -190,6 +199,99 @@ impl FuseDevice {
         }
     }
 
+    /// Answers request `unique` with `len` bytes of `file` at `off`, spliced
+    /// through `pipe`: the body goes from the file's page cache to the
+    /// kernel's request with no copy into this process.
+    ///
+    /// On an error the pipe may hold a partial message: the caller drops it
+    /// (never reuses it) and may answer the request another way. A reply
+    /// the kernel no longer waits for (ENOENT) is not an error, as in
+    /// [`send`](Self::send).
+    pub fn splice_reply(
+        &self,
+        pipe: &ReplyPipe,
+        unique: u64,
+        file: BorrowedFd<'_>,
+        off: u64,
+        len: usize,
+    ) -> io::Result<()> {
+        if len > pipe.max_body {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a {len}-byte reply does not fit the {}-byte splice pipe",
+                    pipe.max_body
+                ),
+            ));
+        }
+        let header = abi::out_header(unique, 0, len);
+        let total = header.len() + len;
+        // The pipe is empty here (every use drains it, or it is dropped):
+        // 16 bytes always fit.
+        let n = rustix::io::write(&pipe.write, &header)?;
+        if n != header.len() {
+            return Err(io::Error::other(format!(
+                "short write of a reply header into the splice pipe: {n} of {}",
+                header.len()
+            )));
+        }
+        let mut pos = off;
+        let mut left = len;
+        while left > 0 {
+            // Non-blocking on the pipe side: should the pipe fill up (pages
+            // larger or folios smaller than it was sized for), this fails
+            // with EAGAIN instead of waiting for a reader that is this
+            // thread.
+            match rustix::pipe::splice(
+                file,
+                Some(&mut pos),
+                &pipe.write,
+                None,
+                left,
+                SpliceFlags::NONBLOCK,
+            ) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "splicing a reply: the file ends before {}",
+                            off + len as u64
+                        ),
+                    ))
+                }
+                Ok(n) => left -= n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("splicing {len} bytes at {off} into the reply pipe: {e}"),
+                    ))
+                }
+            }
+        }
+        loop {
+            return match rustix::pipe::splice(
+                &pipe.read,
+                None,
+                &self.fd,
+                None,
+                total,
+                SpliceFlags::empty(),
+            ) {
+                Ok(n) if n == total => Ok(()),
+                Ok(n) => Err(io::Error::other(format!(
+                    "short spliced FUSE reply: {n} of {total} bytes"
+                ))),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::NOENT) => Ok(()),
+                Err(e) => Err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("splicing a FUSE reply: {e}"),
+                )),
+            };
+        }
+    }
+
     /// Asks the kernel to hand out again every request that was read and not
     /// answered (after taking the connection over from a daemon that died).
     /// Kernels before 6.9 answer EINVAL: their pending requests stay lost.
@@ -254,6 +356,97 @@ impl FuseDevice {
     }
 }
 
+/// Lets the kernel read ahead up to `bytes` at once in the files of the FUSE
+/// mount at `mountpoint` (its bdi's `read_ahead_kb`, in sysfs; needs root).
+///
+/// The kernel gives a FUSE mount the default 128 KiB of read-ahead and never
+/// more than the `max_readahead` of the INIT reply, so a reader moving
+/// through a file sends READs of at most 128 KiB however large `max_pages`
+/// allows them: raising it lets read-ahead send READs of up to `max_pages`.
+/// The mount's device number is taken with `AT_STATX_DONT_SYNC`, from the
+/// attributes the kernel has, without a request to the (maybe not yet
+/// serving) daemon.
+pub fn set_readahead(mountpoint: &Path, bytes: u64) -> io::Result<()> {
+    let st = rustix::fs::statx(
+        rustix::fs::CWD,
+        mountpoint,
+        rustix::fs::AtFlags::STATX_DONT_SYNC,
+        rustix::fs::StatxFlags::BASIC_STATS,
+    )
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("statx {}: {e}", mountpoint.display()),
+        )
+    })?;
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        st.stx_dev_major, st.stx_dev_minor
+    );
+    std::fs::write(&knob, format!("{}\n", bytes.div_ceil(1024)))
+        .map_err(|e| io::Error::new(e.kind(), format!("writing {knob}: {e}")))
+}
+
+/// The largest READ, in pages, this kernel lets a FUSE server negotiate:
+/// `/proc/sys/fs/fuse/max_pages_limit` (Linux 6.13+), else 256
+/// (`FUSE_MAX_MAX_PAGES`, which older kernels hard-code).
+pub fn max_pages_limit() -> u16 {
+    std::fs::read_to_string("/proc/sys/fs/fuse/max_pages_limit")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or(256, |n| n.clamp(1, u64::from(u16::MAX)) as u16)
+}
+
+/// A pipe that READ replies are spliced through ([`FuseDevice::splice_reply`]).
+/// One per serving thread: a message is written into it and spliced out by
+/// the same thread, so it is empty between replies.
+#[derive(Debug)]
+pub struct ReplyPipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Largest reply body it carries.
+    max_body: usize,
+}
+
+/// Pipe buffers hold at most a page each. Sizing assumes 4 KiB pages; on
+/// larger pages the pipe holds more, never less.
+const PIPE_PAGE: usize = 4096;
+
+impl ReplyPipe {
+    /// A pipe for reply bodies of up to `max_body` bytes (fewer if the pipe
+    /// cannot be made that large: see [`max_body`](Self::max_body)).
+    pub fn new(max_body: usize) -> io::Result<Self> {
+        let (read, write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
+        // A message takes one pipe buffer for the header and one per page
+        // the body touches: one more than its length in pages when it does
+        // not start on a page boundary. Root may size a pipe beyond
+        // /proc/sys/fs/pipe-max-size (1 MiB by default: one page short for a
+        // 1 MiB READ); where that is refused, the largest allowed is taken.
+        let want = (max_body + 2 * PIPE_PAGE).next_power_of_two();
+        let size = match rustix::pipe::fcntl_setpipe_size(&write, want) {
+            Ok(n) => n,
+            Err(_) => {
+                let allowed = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+                    .ok()
+                    .and_then(|s| s.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                rustix::pipe::fcntl_setpipe_size(&write, allowed.min(want))
+                    .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))?
+            }
+        };
+        Ok(ReplyPipe {
+            read,
+            write,
+            max_body: size.saturating_sub(2 * PIPE_PAGE).min(max_body),
+        })
+    }
+
+    /// The largest reply body this pipe carries.
+    pub fn max_body(&self) -> usize {
+        self.max_body
+    }
+}
+
 impl AsFd for FuseDevice {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
@@ -273,6 +466,69 @@ mod tests {
         assert_eq!(FUSE_DEV_IOC_BACKING_OPEN, iow(229, 1, 16));
         assert_eq!(FUSE_DEV_IOC_BACKING_CLOSE, iow(229, 2, 4));
         assert_eq!(std::mem::size_of::<BackingMap>(), 16);
+    }
+
+    /// A file of `n` bytes of a pattern, and the pattern.
+    fn patterned(n: usize) -> (tempfile::NamedTempFile, Vec<u8>) {
+        let bytes: Vec<u8> = (0..n).map(|i| (i * 7 % 253) as u8).collect();
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), &bytes).unwrap();
+        (f, bytes)
+    }
+
+    /// A "device" whose replies land in a file: `fuse_dev_splice_write`
+    /// itself needs a live connection (the FUSE tests of the daemon cover
+    /// it); what goes into the pipe is the same.
+    fn recording_device() -> (FuseDevice, tempfile::NamedTempFile) {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let fd = std::fs::OpenOptions::new()
+            .write(true)
+            .open(out.path())
+            .unwrap();
+        (FuseDevice::from_fd(fd.into()).unwrap(), out)
+    }
+
+    #[test]
+    fn a_spliced_reply_is_the_header_and_exactly_the_bytes_asked() {
+        let (src, bytes) = patterned(3 << 20);
+        let file = std::fs::File::open(src.path()).unwrap();
+        let pipe = ReplyPipe::new(1 << 20).unwrap();
+        // 1 MiB where the pipe may grow past pipe-max-size (CAP_SYS_RESOURCE),
+        // else that limit less the two pages a message may need beyond its body.
+        let max = pipe.max_body();
+        assert!(max >= (1 << 20) - 8192, "{max}");
+        let (dev, out) = recording_device();
+        // Unaligned start and length, then a full-size reply, on one pipe.
+        dev.splice_reply(&pipe, 7, file.as_fd(), 4097, 300_001)
+            .unwrap();
+        dev.splice_reply(&pipe, 8, file.as_fd(), 1 << 20, max)
+            .unwrap();
+        let got = std::fs::read(out.path()).unwrap();
+        let (first, second) = got.split_at(16 + 300_001);
+        assert_eq!(first[..16], abi::out_header(7, 0, 300_001));
+        assert!(first[16..] == bytes[4097..4097 + 300_001]);
+        assert_eq!(second[..16], abi::out_header(8, 0, max));
+        assert!(second[16..] == bytes[1 << 20..(1 << 20) + max]);
+    }
+
+    #[test]
+    fn a_splice_past_the_end_of_the_file_or_the_pipe_fails() {
+        let (src, _) = patterned(10_000);
+        let file = std::fs::File::open(src.path()).unwrap();
+        let pipe = ReplyPipe::new(64 << 10).unwrap();
+        let (dev, out) = recording_device();
+        let e = dev
+            .splice_reply(&pipe, 1, file.as_fd(), 8_000, 4_000)
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        let e = dev
+            .splice_reply(&pipe, 2, file.as_fd(), 0, pipe.max_body() + 1)
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        assert!(
+            std::fs::read(out.path()).unwrap().is_empty(),
+            "nothing reached the device"
+        );
     }
 
     #[test]

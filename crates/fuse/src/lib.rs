@@ -21,4 +21,4 @@ pub mod abi;
 pub mod device;
 
 pub use abi::{InHeader, Operation, ParseError, Request};
-pub use device::FuseDevice;
+pub use device::{FuseDevice, ReplyPipe};

@@ -321,7 +321,9 @@ impl DaemonArgs {
                 .clone()
                 .or(file.fuse_dir)
                 .unwrap_or_else(|| "/run/lazypull/blobs".into()),
-            fuse_threads: file.fuse_threads.unwrap_or(8),
+            fuse_threads: file
+                .fuse_threads
+                .unwrap_or_else(lazypull_transport::fuse::default_threads),
             run_dir: self
                 .run_dir
                 .clone()

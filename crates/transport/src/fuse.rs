@@ -39,7 +39,7 @@ use std::time::Duration;
 use lazypull_engine::{CacheFile, FillError, FillOutcome, FillPolicy, ReadAheadPool, Stream};
 use lazypull_fuse::abi::{self, init_flags, open_flags, FileAttr, InitOut, Operation};
 use lazypull_fuse::device::Readiness;
-use lazypull_fuse::FuseDevice;
+use lazypull_fuse::{FuseDevice, ReplyPipe};
 use lazypull_source::{BlobResolver, BlobSource, Priority};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
@@ -59,7 +59,7 @@ pub struct Config {
     pub device: PathBuf,
     /// The daemon's own cache: `<name>.data` + `<name>.map` per blob.
     pub cache_dir: PathBuf,
-    /// Requests served at once (each a thread).
+    /// Requests served at once (each a thread; see [`default_threads`]).
     pub threads: usize,
     /// How misses are widened (fill windows) and split.
     pub policy: FillPolicy,
@@ -69,6 +69,62 @@ pub struct Config {
     /// filled, in bytes (0: no read-ahead; the daemon's default is
     /// [`lazypull_engine::DEFAULT_READAHEAD`], 8 MiB).
     pub readahead: u64,
+}
+
+/// Serving threads for this machine: two per core (a READ's thread mostly
+/// waits, on a fetch or the disk, while others decode), at least 4 and at
+/// most 16. Each idle thread costs its stack and a request buffer, never a
+/// reply buffer (see [`BufPool`]).
+pub fn default_threads() -> usize {
+    (lazypull_engine::readahead::default_threads() * 2).clamp(4, 16)
+}
+
+/// Reply buffers kept for reuse when no serving thread needs one: READs that
+/// are not spliced (see `BlobFs::answer_read`) take a buffer from the pool
+/// and give it back, so idle threads hold none.
+const IDLE_REPLY_BUFFERS: usize = 2;
+
+/// A bounded pool of reply buffers. A buffer taken when none is idle is
+/// allocated; one given back when `max_idle` are idle is freed. So at most
+/// `max_idle` buffers outlive the READs that used them.
+#[derive(Debug)]
+struct BufPool {
+    idle: Mutex<Vec<Vec<u8>>>,
+    max_idle: usize,
+}
+
+impl BufPool {
+    fn new(max_idle: usize) -> Self {
+        BufPool {
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+        }
+    }
+
+    /// A buffer of `len` bytes (contents unspecified).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut buf = self
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        buf.resize(len, 0);
+        buf
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push(buf);
+        }
+    }
+
+    #[cfg(test)]
+    fn idle_bytes(&self) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.iter().map(Vec::capacity).sum()
+    }
 }
 
 /// Counters of the FUSE transport.
@@ -97,6 +153,12 @@ pub struct Stats {
     /// them fetches them itself) or were dropped (queue full).
     pub readahead_failures: AtomicU64,
     pub readahead_dropped: AtomicU64,
+    /// READs answered by splicing the bytes from a file (the cache file or a
+    /// complete local blob) to the kernel: no copy through the daemon.
+    pub spliced_reads: AtomicU64,
+    /// READs that could not be spliced (no pipe, a splice error) and were
+    /// answered from a buffer instead.
+    pub splice_fallbacks: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -117,6 +179,8 @@ pub struct StatsSnapshot {
     pub readahead_unused_bytes: u64,
     pub readahead_failures: u64,
     pub readahead_dropped: u64,
+    pub spliced_reads: u64,
+    pub splice_fallbacks: u64,
 }
 
 impl Stats {
@@ -138,6 +202,8 @@ impl Stats {
             readahead_unused_bytes: self.readahead_unused.load(Ordering::Relaxed).max(0) as u64,
             readahead_failures: g(&self.readahead_failures),
             readahead_dropped: g(&self.readahead_dropped),
+            spliced_reads: g(&self.spliced_reads),
+            splice_fallbacks: g(&self.splice_fallbacks),
         }
     }
 }
@@ -233,6 +299,26 @@ struct BlobFs {
     /// Runs read-ahead while serving (set by [`FuseServer::serve`], which
     /// stops and joins it).
     readahead: RwLock<Option<Arc<ReadAheadPool>>>,
+    /// Reply buffers of READs that are not spliced.
+    buffers: BufPool,
+}
+
+/// What one serving thread keeps between requests.
+struct WorkerState {
+    /// The pipe this thread splices READ replies through; None until the
+    /// first READ, and again after an error (the next READ makes a new one).
+    pipe: Option<ReplyPipe>,
+    /// Set when no pipe could be made: this thread answers from buffers.
+    no_splice: bool,
+}
+
+impl WorkerState {
+    fn new() -> Self {
+        WorkerState {
+            pipe: None,
+            no_splice: false,
+        }
+    }
 }
 
 fn root_attr() -> FileAttr {
@@ -264,6 +350,7 @@ impl BlobFs {
             session: Mutex::new(session),
             stats: Arc::default(),
             readahead: RwLock::new(None),
+            buffers: BufPool::new(IDLE_REPLY_BUFFERS),
         }
     }
 
@@ -482,23 +569,85 @@ impl BlobFs {
         }
     }
 
-    /// Reads `out.len()` bytes at `off` of the node's blob.
-    fn read(&self, node: &Node, off: u64, out: &mut [u8], priority: Priority) -> io::Result<()> {
+    /// The file holding bytes `[off, off + len)` of the node's blob: the
+    /// local blob itself, or its cache file once those windows are filled
+    /// (fetched and verified first if they are not).
+    fn file_with<'n>(&self, node: &'n Node, off: u64, len: u64) -> io::Result<&'n File> {
         match &node.store {
-            Store::Direct(file) => file.read_exact_at(out, off).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("reading blob {} at {off} (+{}): {e}", node.name, out.len()),
-                )
-            }),
+            Store::Direct(file) => Ok(file),
             Store::Cached(cache) => {
                 let outcome = cache
-                    .read(node.source.as_ref(), off, out, priority)
+                    .fill(node.source.as_ref(), off, len, Priority::Foreground)
                     .map_err(|e| io::Error::other(e.to_string()))?;
                 bump(&self.stats.bytes_written, outcome.bytes_written);
                 bump(&self.stats.windows_written, outcome.windows_written);
+                Ok(cache.data_file())
+            }
+        }
+    }
+
+    /// Answers READ `unique` with exactly `len` bytes at `off` of the node's
+    /// blob (an error is returned before anything is sent, for the caller
+    /// to answer EIO).
+    ///
+    /// The bytes are in a file by now (`file_with`): the cache file's fill
+    /// just wrote them into its page cache, or they were there already.
+    /// They are spliced from that file to the kernel (one copy, from the
+    /// file's pages into the request's, and no reply buffer); a READ that
+    /// cannot be spliced is answered from a pooled buffer. A reply is sent
+    /// at most once: a splice that failed part-way never reached the
+    /// kernel (the pipe is dropped), so the buffered answer is the only one.
+    fn answer_read(
+        &self,
+        dev: &FuseDevice,
+        state: &mut WorkerState,
+        node: &Node,
+        unique: u64,
+        off: u64,
+        len: usize,
+    ) -> io::Result<()> {
+        let file = self.file_with(node, off, len as u64)?;
+        if state.pipe.is_none() && !state.no_splice {
+            match ReplyPipe::new(self.max_read()) {
+                Ok(p) => state.pipe = Some(p),
+                Err(e) => {
+                    warn!("no pipe to splice FUSE replies through; this thread copies them: {e}");
+                    state.no_splice = true;
+                }
+            }
+        }
+        if let Some(pipe) = state.pipe.as_ref().filter(|p| len <= p.max_body()) {
+            match dev.splice_reply(pipe, unique, file.as_fd(), off, len) {
+                Ok(()) => {
+                    bump(&self.stats.spliced_reads, 1);
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Whatever it holds is never sent: a new pipe next time.
+                    state.pipe = None;
+                    debug!(blob = %node.name, off, len, "splicing a READ failed, answered from a buffer: {e}");
+                }
+            }
+        }
+        bump(&self.stats.splice_fallbacks, 1);
+        let mut buf = self.buffers.take(len);
+        let read = file.read_exact_at(&mut buf, off).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("reading blob {} at {off} (+{len}): {e}", node.name),
+            )
+        });
+        let sent = read.map(|()| dev.send(&[&abi::out_header(unique, 0, len), &buf]));
+        self.buffers.give(buf);
+        match sent {
+            Ok(sent) => {
+                // Sent (or the send failed, which no second answer fixes).
+                if let Err(e) = sent {
+                    warn!("answering a FUSE READ failed: {e}");
+                }
                 Ok(())
             }
+            Err(e) => Err(e),
         }
     }
 
@@ -515,25 +664,30 @@ impl BlobFs {
             return dev.send(&[&abi::error_reply(unique, libc::EPROTO)]);
         }
         let minor = init.minor.min(abi::KERNEL_MINOR_VERSION);
-        let max_pages: u16 = 256;
+        // READs as large as this kernel allows (1 MiB on most).
+        let max_pages = lazypull_fuse::device::max_pages_limit();
         let wanted = init_flags::ASYNC_READ
             | init_flags::PARALLEL_DIROPS
             | init_flags::MAX_PAGES
             | init_flags::INIT_EXT;
+        let max_read = if init.flags & init_flags::MAX_PAGES != 0 {
+            u32::from(max_pages) * 4096
+        } else {
+            32 * 4096
+        };
         let reply = InitOut {
             minor,
-            max_readahead: init.max_readahead,
+            // The kernel keeps the smaller of this and its mount's read-ahead
+            // (which `FuseServer::serve` raises to a READ's size; it offers
+            // its default, 128 KiB, here): answering what it offered would
+            // cap read-ahead READs at that.
+            max_readahead: init.max_readahead.max(max_read),
             flags: init.flags & wanted,
             max_background: 64,
             congestion_threshold: 48,
             max_write: 4096,
             max_pages,
             max_stack_depth: 0,
-        };
-        let max_read = if init.flags & init_flags::MAX_PAGES != 0 {
-            u32::from(max_pages) * 4096
-        } else {
-            32 * 4096
         };
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Session {
             minor,
@@ -559,8 +713,8 @@ impl BlobFs {
             .map_or(128 << 10, |s| s.max_read as usize)
     }
 
-    /// Answers one request. `data` is this thread's READ buffer.
-    fn handle(&self, dev: &FuseDevice, raw: &[u8], data: &mut Vec<u8>) -> io::Result<()> {
+    /// Answers the request `raw`.
+    fn handle(&self, dev: &FuseDevice, raw: &[u8], state: &mut WorkerState) -> io::Result<()> {
         let request = match abi::parse(raw) {
             Ok(r) => r,
             Err(e) => {
@@ -649,11 +803,10 @@ impl BlobFs {
                 // Queued before this READ's own fill: the windows after it
                 // are fetched while this one is.
                 self.read_ahead(&node, r.offset, len as u64);
-                data.resize(len, 0);
-                match self.read(&node, r.offset, &mut data[..len], Priority::Foreground) {
+                match self.answer_read(dev, state, &node, h.unique, r.offset, len) {
                     Ok(()) => {
                         bump(&self.stats.bytes_read, len as u64);
-                        reply(&data[..len])
+                        Ok(())
                     }
                     Err(e) => {
                         bump(&self.stats.read_failures, 1);
@@ -906,6 +1059,23 @@ impl FuseServer {
             })
         };
         drop(gone_tx);
+        {
+            // Once per mount (the setting is the kernel's: a successor
+            // serving an adopted connection finds it made). It asks the
+            // kernel's attributes only (no FUSE request); should a kernel
+            // ask the daemon, the workers are serving by now.
+            let mountpoint = self.fs.config.mountpoint.clone();
+            let bytes = u64::from(lazypull_fuse::device::max_pages_limit()) * 4096;
+            match tokio::task::spawn_blocking(move || {
+                lazypull_fuse::device::set_readahead(&mountpoint, bytes)
+            })
+            .await
+            {
+                Ok(Ok(())) => debug!(bytes, "FUSE read-ahead raised to a READ's size"),
+                Ok(Err(e)) => warn!("FUSE read-ahead stays at the kernel's default: {e}"),
+                Err(e) => warn!("FUSE read-ahead: {e}"),
+            }
+        }
         let result = tokio::select! {
             _ = shutdown => Ok(()),
             Some(e) = gone_rx.recv() => {
@@ -955,7 +1125,7 @@ impl FuseServer {
 /// One serving thread: waits for requests and answers them until stopped.
 fn worker(dev: &FuseDevice, fs: &BlobFs, stop: &OwnedFd) -> io::Result<()> {
     let mut request = vec![0u8; 64 << 10];
-    let mut data = Vec::new();
+    let mut state = WorkerState::new();
     loop {
         match dev.wait(stop.as_fd(), Duration::from_secs(5))? {
             Readiness::Stop => return Ok(()),
@@ -966,13 +1136,15 @@ fn worker(dev: &FuseDevice, fs: &BlobFs, stop: &OwnedFd) -> io::Result<()> {
             continue;
         };
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            fs.handle(dev, &request[..n], &mut data)
+            fs.handle(dev, &request[..n], &mut state)
         }));
         match outcome {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!("answering a FUSE request failed: {e}"),
             Err(_) => {
-                // The request is answered with EIO so its caller does not hang.
+                // The request is answered with EIO so its caller does not
+                // hang, and the pipe (which may hold part of a reply) goes.
+                state.pipe = None;
                 bump(&fs.stats.read_failures, 1);
                 error!("a FUSE request handler panicked (a bug); answered EIO");
                 if let Ok(r) = abi::parse(&request[..n]) {
@@ -1009,6 +1181,187 @@ mod tests {
             readahead: lazypull_engine::DEFAULT_READAHEAD,
         };
         BlobFs::new(Arc::new(resolver), config, None)
+    }
+
+    /// A blob in memory (no local file: served through the cache file).
+    #[derive(Debug)]
+    struct MemBlob(Vec<u8>);
+
+    impl BlobSource for MemBlob {
+        fn name(&self) -> &str {
+            "mem"
+        }
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+            let off = (off as usize).min(self.0.len());
+            let n = buf.len().min(self.0.len() - off);
+            buf[..n].copy_from_slice(&self.0[off..off + n]);
+            Ok(n)
+        }
+    }
+
+    fn patterned(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    /// `blob_fs` serving also "mem" from memory, after an INIT that allowed
+    /// 1 MiB READs.
+    fn mem_fs(dir: &Path, mem: Arc<MemBlob>) -> BlobFs {
+        let local = LocalDir::new(dir);
+        let resolver = move |_: &[u8], cookie: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
+            if cookie == b"mem" {
+                return Ok(mem.clone());
+            }
+            Ok(local.open(cookie)?)
+        };
+        let fs = blob_fs(dir);
+        let fs = BlobFs::new(Arc::new(resolver), fs.config.clone(), None);
+        *fs.session.lock().unwrap() = Some(Session {
+            minor: abi::KERNEL_MINOR_VERSION,
+            kernel_flags: init_flags::MAX_PAGES,
+            max_read: 1 << 20,
+            nodes: Vec::new(),
+        });
+        fs
+    }
+
+    /// A "device" whose replies land in a file, and that file.
+    fn recording_device(dir: &Path) -> (FuseDevice, PathBuf) {
+        let path = dir.join("replies");
+        let f = File::create(&path).unwrap();
+        (FuseDevice::from_fd(f.into()).unwrap(), path)
+    }
+
+    /// The replies written to a recording device: (unique, body).
+    fn replies(path: &Path) -> Vec<(u64, Vec<u8>)> {
+        let bytes = std::fs::read(path).unwrap();
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            let error = i32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap());
+            assert_eq!(error, 0, "an error reply");
+            let unique = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap());
+            out.push((unique, bytes[at + 16..at + len].to_vec()));
+            at += len;
+        }
+        out
+    }
+
+    #[test]
+    fn spliced_and_buffered_reads_answer_the_same_bytes_cold_warm_and_direct() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = patterned(3 << 20);
+        std::fs::write(dir.path().join("local"), &bytes).unwrap();
+        let fs = mem_fs(dir.path(), Arc::new(MemBlob(bytes.clone())));
+        let (dev, replies_at) = recording_device(dir.path());
+        let mem = fs.lookup(b"mem").unwrap();
+        let local = fs.lookup(b"local").unwrap();
+        assert!(matches!(mem.store, Store::Cached(_)) && matches!(local.store, Store::Direct(_)));
+        let mut spliced = WorkerState::new();
+        let mut copied = WorkerState::new();
+        copied.no_splice = true;
+        // (node, off, len, thread): a cold READ across windows, answered by
+        // splice from what its fill just wrote; the same bytes warm, by
+        // splice and from a buffer; a full 1 MiB READ; a complete local blob.
+        let reads: [(&Arc<Node>, u64, usize, bool); 6] = [
+            (&mem, 100_003, 200_001, true),
+            (&mem, 100_003, 200_001, true),
+            (&mem, 100_003, 200_001, false),
+            (&mem, 1 << 20, 1 << 20, true),
+            (&local, 5, 777_777, true),
+            (&local, 5, 777_777, false),
+        ];
+        for (k, &(node, off, len, splice)) in reads.iter().enumerate() {
+            let state = if splice { &mut spliced } else { &mut copied };
+            fs.answer_read(&dev, state, node, k as u64, off, len)
+                .unwrap();
+        }
+        let got = replies(&replies_at);
+        assert_eq!(got.len(), reads.len());
+        for ((unique, body), &(_, off, len, _)) in got.iter().zip(&reads) {
+            assert!(
+                body[..] == bytes[off as usize..off as usize + len],
+                "reply {unique}: wrong bytes"
+            );
+        }
+        let stats = fs.stats.snapshot();
+        // The 1 MiB READ is spliced only where the pipe could grow past
+        // pipe-max-size (1 MiB, one message needs up to two pages more).
+        let full = spliced.pipe.as_ref().unwrap().max_body() >= 1 << 20;
+        let expected = if full { (4, 2) } else { (3, 3) };
+        assert_eq!((stats.spliced_reads, stats.splice_fallbacks), expected);
+        // Only what the READs covered was fetched: whole 64 KiB windows.
+        let Store::Cached(cache) = &mem.store else {
+            unreachable!()
+        };
+        assert_eq!(
+            cache.cached_bytes(),
+            (4 + 16) * 65536,
+            "windows 1-4 and 16-31"
+        );
+    }
+
+    #[test]
+    fn a_read_too_large_for_the_pipe_or_failing_to_splice_gets_one_answer_or_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = patterned(2 << 20);
+        std::fs::write(dir.path().join("local"), &bytes).unwrap();
+        let fs = mem_fs(dir.path(), Arc::new(MemBlob(bytes.clone())));
+        let (dev, replies_at) = recording_device(dir.path());
+        let mem = fs.lookup(b"mem").unwrap();
+        let mut state = WorkerState::new();
+        state.pipe = Some(ReplyPipe::new(64 << 10).unwrap());
+        fs.answer_read(&dev, &mut state, &mem, 1, 0, 300_000)
+            .unwrap();
+        // The local blob loses its tail after it was opened: the splice
+        // stops short (a partial message in the pipe), the buffered read
+        // fails too, and the caller is left to answer EIO. Nothing of the
+        // partial message is ever sent: the pipe is dropped.
+        let local = fs.lookup(b"local").unwrap();
+        let state = &mut WorkerState::new();
+        File::options()
+            .write(true)
+            .open(dir.path().join("local"))
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        assert!(fs
+            .answer_read(&dev, state, &local, 2, (1 << 20) - 4096, 8192)
+            .is_err());
+        assert!(state.pipe.is_none(), "a failed pipe is never reused");
+        fs.answer_read(&dev, state, &local, 3, 4096, 100_000)
+            .unwrap();
+        assert!(state.pipe.is_some(), "the next READ makes a new pipe");
+        let got = replies(&replies_at);
+        assert_eq!(
+            got.len(),
+            2,
+            "one reply per answered READ, none for the failed one"
+        );
+        assert_eq!((got[0].0, got[1].0), (1, 3));
+        assert!(got[0].1 == bytes[..300_000]);
+        assert!(got[1].1 == bytes[4096..104_096]);
+        let stats = fs.stats.snapshot();
+        assert_eq!((stats.spliced_reads, stats.splice_fallbacks), (1, 2));
+    }
+
+    #[test]
+    fn the_reply_buffer_pool_keeps_at_most_its_bound_idle() {
+        let pool = BufPool::new(2);
+        let taken: Vec<_> = (0..5).map(|_| pool.take(1 << 20)).collect();
+        assert!(taken.iter().all(|b| b.len() == 1 << 20));
+        assert_eq!(pool.idle_bytes(), 0, "taken buffers are not idle");
+        for b in taken {
+            pool.give(b);
+        }
+        assert_eq!(pool.idle_bytes(), 2 << 20, "three of five were freed");
+        let again = pool.take(4096);
+        assert_eq!(again.len(), 4096);
+        assert!(again.capacity() >= 1 << 20, "an idle buffer is reused");
+        assert_eq!(pool.idle_bytes(), 1 << 20);
     }
 
     #[test]
