@@ -139,6 +139,21 @@ enum Command {
     #[command(verbatim_doc_comment)]
     Convert(cli::ConvertArgs),
 
+    /// Record what a workload reads first from a lazy image, and push the image
+    /// again with that order: the daemon then fetches it first at every mount.
+    ///
+    /// Mounts the image through the running daemon (whose cache must not hold
+    /// its data yet), runs COMMAND once chrooted in it as root (on a writable
+    /// overlay; /proc and /dev mounted where the image has them), records the
+    /// data ranges its reads waited for, in order, as files and ranges within
+    /// them, and pushes the same image plus that record (a small blob the
+    /// manifest's annotations name) to --out.
+    ///
+    ///     lazypull optimize 127.0.0.1:5000/app:lazy --out 127.0.0.1:5000/app:lazy-opt \
+    ///         -- /usr/bin/python3 -c 'import numpy'
+    #[command(verbatim_doc_comment)]
+    Optimize(cli::OptimizeArgs),
+
     /// Mount a lazy image from a registry through the running daemon.
     ///
     /// The daemon fetches the manifest, the meta blob and the chunk tables now
@@ -203,6 +218,7 @@ fn main() -> std::process::ExitCode {
         Command::Verify(args) => cli::verify(args),
         Command::Push(args) => cli::push(args),
         Command::Convert(args) => cli::convert(args),
+        Command::Optimize(args) => cli::optimize(args),
         Command::Mount(args) => cli::mount(args),
         Command::Umount(args) => cli::umount(args),
         Command::Pull(args) => cli::pull(args),

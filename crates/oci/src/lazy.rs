@@ -44,6 +44,16 @@
 //! layers; the meta blob is named by its digest; each chunk table binds its
 //! data blob's name, size and stored size.
 //!
+//! * **Recorded prefetch** (optional, `lazypull optimize`): the manifest
+//!   annotations [`crate::prefetch::ANNOTATION_DIGEST`] and
+//!   [`crate::prefetch::ANNOTATION_SIZE`] name a blob of the same repository
+//!   holding a [`crate::prefetch::Record`]: the files and ranges a workload
+//!   read first, in order. The daemon fetches those first at mount. It is
+//!   not a layer (containerd would hand it to the snapshotter as one), so an
+//!   image with a record pulls and runs as the same image without it; being
+//!   in the manifest, it is covered by the manifest's digest. Read it with
+//!   [`prefetch_record`], add it with [`with_prefetch_record`].
+//!
 //! Format 1 (config `application/vnd.lazypull.image.config.v1+json`, a
 //! lazypull-only document) is refused with an error naming it
 //! ([`ImageError::Format1`]): push or convert such images again.
@@ -536,6 +546,53 @@ impl LazyImage {
     }
 }
 
+/// The recorded prefetch blob the manifest names, if any (see the module
+/// doc): both annotations or neither, a sha256 digest, a size from 1 to
+/// [`crate::prefetch::MAX_RECORD_SIZE`].
+pub fn prefetch_record(m: &Manifest) -> Result<Option<BlobRef>, ImageError> {
+    use crate::prefetch::{ANNOTATION_DIGEST, ANNOTATION_SIZE, MAX_RECORD_SIZE};
+    let (digest, size) = match (
+        m.annotations.get(ANNOTATION_DIGEST),
+        m.annotations.get(ANNOTATION_SIZE),
+    ) {
+        (None, None) => return Ok(None),
+        (Some(d), Some(s)) => (d, s),
+        _ => {
+            return Err(ImageError::Manifest(format!(
+                "a prefetch record needs both annotations {ANNOTATION_DIGEST} and {ANNOTATION_SIZE}"
+            )))
+        }
+    };
+    if !is_digest(digest) {
+        return Err(ImageError::Manifest(format!(
+            "annotation {ANNOTATION_DIGEST} = {digest:?} is not sha256:<64 lowercase hex>"
+        )));
+    }
+    let size = Some(size.as_str())
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|n| (1..=MAX_RECORD_SIZE).contains(n))
+        .ok_or_else(|| {
+            ImageError::Manifest(format!(
+                "annotation {ANNOTATION_SIZE} = {size:?} is not a size from 1 to {MAX_RECORD_SIZE}"
+            ))
+        })?;
+    Ok(Some(BlobRef {
+        digest: digest.clone(),
+        size,
+    }))
+}
+
+/// `m` naming `record` as its recorded prefetch (replacing any it had).
+pub fn with_prefetch_record(mut m: Manifest, record: &BlobRef) -> Manifest {
+    use crate::prefetch::{ANNOTATION_DIGEST, ANNOTATION_SIZE};
+    m.annotations
+        .insert(ANNOTATION_DIGEST.to_owned(), record.digest.clone());
+    m.annotations
+        .insert(ANNOTATION_SIZE.to_owned(), record.size.to_string());
+    m
+}
+
 fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -851,6 +908,39 @@ mod tests {
             &["no org.lazypull.image.format"],
         );
         assert!(LazyImage::parse_manifest(b"{").is_err());
+    }
+
+    #[test]
+    fn a_prefetch_record_rides_in_the_manifest_annotations() {
+        use crate::prefetch::{ANNOTATION_DIGEST, ANNOTATION_SIZE};
+        let (m, _) = manifest();
+        assert_eq!(prefetch_record(&m).unwrap(), None);
+        let rec = BlobRef {
+            digest: format!("sha256:{}", hex('9')),
+            size: 123,
+        };
+        let with = with_prefetch_record(m.clone(), &rec);
+        // Still the same image, layers untouched.
+        let bytes = serde_json::to_vec(&with).unwrap();
+        let (parsed, img) = LazyImage::parse_manifest(&bytes).unwrap();
+        assert_eq!(img, image());
+        assert_eq!(parsed.layers, m.layers);
+        assert_eq!(prefetch_record(&parsed).unwrap(), Some(rec.clone()));
+        let bad = |k: &str, v: &str| {
+            let mut m = with.clone();
+            m.annotations.insert(k.into(), v.into());
+            prefetch_record(&m).unwrap_err().to_string()
+        };
+        has(&bad(ANNOTATION_DIGEST, "sha256:xyz"), &[ANNOTATION_DIGEST]);
+        has(&bad(ANNOTATION_SIZE, "0"), &[ANNOTATION_SIZE]);
+        has(&bad(ANNOTATION_SIZE, "99999999999"), &[ANNOTATION_SIZE]);
+        has(&bad(ANNOTATION_SIZE, "+5"), &[ANNOTATION_SIZE]);
+        let mut half = with.clone();
+        half.annotations.remove(ANNOTATION_SIZE);
+        has(
+            &prefetch_record(&half).unwrap_err().to_string(),
+            &["both annotations"],
+        );
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! content descriptors, image manifests and image indexes ([`Descriptor`],
 //! [`ImageManifest`], [`ImageIndex`]), the `oci-layout` marker of an image
 //! layout directory ([`ImageLayout`]), and how a lazypull image is laid out in
-//! them ([`lazy`]).
+//! them ([`lazy`]), and a lazypull image's recorded prefetch order
+//! ([`prefetch`]).
 //!
 //! Registries, image ingestion and publishing all speak these types; none of
 //! them spells a media type or a descriptor field of its own. Parsing is as
@@ -14,6 +15,7 @@
 
 pub mod lazy;
 pub mod media_type;
+pub mod prefetch;
 mod types;
 
 pub use types::{Descriptor, ImageIndex, ImageLayout, ImageManifest, Platform};

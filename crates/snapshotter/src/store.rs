@@ -213,6 +213,34 @@ fn remove_tree(path: &Path) {
     }
 }
 
+/// Refuses a root whose file system does not report file types in directory
+/// entries (`d_type`; XFS made with `ftype=0`, for one): overlayfs needs them
+/// for whiteouts and opaque directories, and mounts on such a lower layer go
+/// wrong (containerd's overlay snapshotter refuses such roots too). `probe` is
+/// a regular file known to be in `root`.
+fn check_d_type(root: &Path, probe: &str) -> Result<(), Error> {
+    let dir = fs::File::open(root).map_err(Error::io("open", root))?;
+    let entries = rustix::fs::Dir::read_from(&dir)
+        .map_err(|e| Error::io("read directory", root)(e.into()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("read directory", root)(e.into()))?;
+        if entry.file_name().to_bytes() == probe.as_bytes() {
+            return match entry.file_type() {
+                rustix::fs::FileType::RegularFile => Ok(()),
+                other => Err(Error::FailedPrecondition(format!(
+                    "snapshotter root {}: its file system reports {other:?} as the type of a regular file in directory entries (no d_type support); overlayfs needs d_type: use another file system (ext4, or XFS made with ftype=1) for --root",
+                    root.display()
+                ))),
+            };
+        }
+    }
+    Err(Error::Io {
+        what: "find the lock file in",
+        path: root.to_path_buf(),
+        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })
+}
+
 impl Store {
     /// Opens (creating if need be) the store under `root`: takes the root's
     /// lock, loads the state, deletes orphaned directories.
@@ -242,6 +270,7 @@ impl Store {
             }
             Err(e) => return Err(Error::io("lock", &lock_path)(e.into())),
         }
+        check_d_type(root, "lock")?;
         let snapshots = root.join("snapshots");
         match mkdir(&snapshots, 0o700) {
             Ok(()) => {}

@@ -16,6 +16,7 @@ mod bindings;
 mod blob_store;
 mod meta_dir;
 mod persist;
+mod recorded;
 mod remote;
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,6 +35,8 @@ use bindings::{Binding, KernelBindings};
 use blob_store::BlobStore;
 use meta_dir::MetaDir;
 use persist::{SavedImage, StateFile};
+pub(crate) use recorded::BlobRange;
+use recorded::{Traced, Tracer};
 pub(crate) use remote::{RemoteSettings, DEFAULT_MAX_META_SIZE};
 
 /// One data blob of an image, in device table order.
@@ -63,11 +66,22 @@ pub(crate) struct RestoringImage {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) fsid: Option<String>,
     pub(crate) mountpoints: Vec<PathBuf>,
-    /// `restoring` until an attempt failed, then `failed` (and retried).
+    /// `restoring` until an attempt failed, then `failed` (and retried), or
+    /// [`REFUSED`] (an image this lazypull cannot read: not retried).
     pub(crate) state: &'static str,
     /// Why the last attempt failed.
     pub(crate) error: Option<String>,
     pub(crate) attempts: u32,
+}
+
+/// The state of a restoring image that failed for a reason retries cannot
+/// change (an image format this lazypull does not read).
+pub(crate) const REFUSED: &str = "refused";
+
+/// Whether a failed registration failed for a reason a retry cannot change:
+/// the image itself is one this lazypull refuses (anywhere in the chain).
+fn retries_cannot_help(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<lazypull_oci::lazy::ImageError>())
 }
 
 struct Image {
@@ -75,6 +89,9 @@ struct Image {
     blobs: Vec<ImageBlob>,
     /// How it was registered: replayed when a restarted daemon takes over.
     request: RegisterRequest,
+    /// The blob ranges its recorded prefetch names, in order (checked
+    /// against its meta blob at register); empty without a record.
+    recorded: Vec<BlobRange>,
 }
 
 /// A data blob name as registered: what serves it and what it is bound to.
@@ -116,6 +133,8 @@ pub(crate) struct Catalog {
     /// Serialises writers of the kernel bindings file (each writes the latest
     /// snapshot), so no lock the serving path takes is held across the write.
     kernel_writer: Mutex<()>,
+    /// Records, for `lazypull optimize`, what the readers of an image waited for.
+    tracer: Arc<Tracer>,
 }
 
 impl Catalog {
@@ -138,6 +157,7 @@ impl Catalog {
             remote,
             state: Mutex::default(),
             state_file: state_file.map(StateFile::new),
+            tracer: Arc::default(),
         }
     }
 
@@ -267,6 +287,7 @@ impl Catalog {
                 info: info.clone(),
                 blobs: blobs.clone(),
                 request: req.clone(),
+                recorded: Vec::new(),
             },
         );
         drop(st);
@@ -326,6 +347,7 @@ impl Catalog {
                     reference: image.pinned.clone(),
                     ..req.clone()
                 },
+                recorded: image.recorded.clone(),
             },
         );
         drop(st);
@@ -397,7 +419,8 @@ impl Catalog {
         for (name, source) in sources {
             st.blobs.entry(name).or_insert_with(|| Bound {
                 binding: source.content_binding(),
-                source,
+                // Every read of it can be recorded (`lazypull optimize`).
+                source: Traced::wrap(source, self.tracer.clone()),
                 image: image.to_owned(),
             });
         }
@@ -558,6 +581,54 @@ impl Catalog {
         Some((image.blobs.clone(), st.metas.get(fsid)?.clone()))
     }
 
+    /// The blob ranges image `fsid`'s recorded prefetch names, in order
+    /// (empty if it has none).
+    pub(crate) fn recorded(&self, fsid: &str) -> Vec<BlobRange> {
+        self.lock()
+            .images
+            .get(fsid)
+            .map(|i| i.recorded.clone())
+            .unwrap_or_default()
+    }
+
+    /// Starts recording which ranges of image `fsid`'s data blobs its
+    /// readers wait for; returns the blobs.
+    pub(crate) fn record_start(&self, fsid: &str) -> anyhow::Result<Vec<ImageBlob>> {
+        let (blobs, _) = self
+            .image(fsid)
+            .with_context(|| format!("no registered image has fsid {fsid}"))?;
+        let names: Vec<String> = blobs.iter().map(|b| b.digest.clone()).collect();
+        self.tracer.start(fsid, &names)?;
+        Ok(blobs)
+    }
+
+    /// Drops the recording of image `fsid`, if one runs (its last mount went).
+    pub(crate) fn record_cancel(&self, fsid: &str) {
+        self.tracer.stop(fsid);
+    }
+
+    /// Ends the recording of image `fsid`: what its readers read first, as
+    /// files and ranges within them, and whether the trace hit its bound.
+    pub(crate) fn record_stop(
+        &self,
+        fsid: &str,
+    ) -> anyhow::Result<(lazypull_oci::prefetch::Record, bool, usize)> {
+        let trace = self
+            .tracer
+            .stop(fsid)
+            .with_context(|| format!("image {fsid} is not being recorded"))?;
+        let (blobs, meta_path) = self
+            .image(fsid)
+            .with_context(|| format!("image {fsid} was unregistered while it was recorded"))?;
+        let meta = std::fs::read(&meta_path)
+            .with_context(|| format!("reading {}", meta_path.display()))?;
+        let meta =
+            lazypull_erofs::Image::from_bytes(meta).with_context(|| format!("meta blob {fsid}"))?;
+        let names: Vec<String> = blobs.iter().map(|b| b.digest.clone()).collect();
+        let record = recorded::record_of(&meta, &names, &trace.events)?;
+        Ok((record, trace.truncated, trace.events.len()))
+    }
+
     /// Registers again every image a previous daemon had registered (from the
     /// state file): a daemon taking over mounts must resolve their blobs
     /// before the kernel asks. Returns how many are back. Those that fail
@@ -593,6 +664,7 @@ impl Catalog {
             .lock()
             .restoring
             .iter()
+            .filter(|(_, info)| info.state != REFUSED)
             .map(|(s, _)| s.clone())
             .collect();
         let mut restored = 0;
@@ -620,21 +692,35 @@ impl Catalog {
                 }
                 Err(e) => {
                     let why = format!("{e:#}");
-                    error!(image = %what, "cannot serve an image a previous daemon served; its reads fail until it is back (retrying): {why}");
+                    // An image this lazypull cannot read (format 1, or not a
+                    // lazypull image any more) stays so whatever the retries:
+                    // refused once, not retried in a loop that logs forever.
+                    let permanent = retries_cannot_help(&e);
+                    if permanent {
+                        error!(image = %what, "refusing an image a previous daemon served; its reads fail (not retried: push or convert the image again, then mount it again): {why}");
+                    } else {
+                        error!(image = %what, "cannot serve an image a previous daemon served; its reads fail until it is back (retrying): {why}");
+                    }
                     let mut st = self.lock();
                     if let Some((_, info)) = st
                         .restoring
                         .iter_mut()
                         .find(|(s, _)| s.request == image.request)
                     {
-                        info.state = "failed";
+                        info.state = if permanent { REFUSED } else { "failed" };
                         info.error = Some(why);
                         info.attempts += 1;
                     }
                 }
             }
         }
-        (restored, self.lock().restoring.len())
+        let left = self
+            .lock()
+            .restoring
+            .iter()
+            .filter(|(_, info)| info.state != REFUSED)
+            .count();
+        (restored, left)
     }
 
     /// The images a previous daemon served that are not back yet.
@@ -653,6 +739,16 @@ mod tests {
     use super::*;
     use crate::blob_server::BlobServer;
     use lazypull_backend::registry::ClientOptions;
+
+    #[test]
+    fn a_refused_image_format_is_not_retried_but_an_outage_is() {
+        let format1 = anyhow::Error::new(lazypull_oci::lazy::ImageError::Format1)
+            .context("registry.example/app:1");
+        assert!(retries_cannot_help(&format1));
+        let outage = anyhow::Error::new(std::io::Error::other("503 Service Unavailable"))
+            .context("registry.example/app:1");
+        assert!(!retries_cannot_help(&outage));
+    }
 
     fn catalog(work: &Path, url: String) -> Catalog {
         Catalog::new(

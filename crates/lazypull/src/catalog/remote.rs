@@ -61,8 +61,10 @@ pub(crate) struct FetchedImage {
     pub(crate) meta_path: PathBuf,
     /// Its data blobs, in device table order.
     pub(crate) blobs: Vec<FetchedBlob>,
-    /// Bytes fetched (manifest, meta blob, tables).
+    /// Bytes fetched (manifest, meta blob, tables, prefetch record).
     pub(crate) fetched_bytes: u64,
+    /// The blob ranges of its recorded prefetch, in order (empty without one).
+    pub(crate) recorded: Vec<super::BlobRange>,
 }
 
 /// One data blob of a fetched image, ready to serve.
@@ -103,8 +105,10 @@ pub(crate) fn fetch_image(
         .get_manifest(&reference.reference)
         .with_context(|| format!("fetching the manifest of {reference}"))?;
     let mut fetched = manifest.bytes.len() as u64;
-    let (_, lazy) =
+    let (parsed, lazy) =
         LazyImage::parse_manifest(&manifest.bytes).with_context(|| format!("{reference}"))?;
+    let record_ref =
+        lazypull_oci::lazy::prefetch_record(&parsed).with_context(|| format!("{reference}"))?;
     // Every size below comes from the manifest, whose digest was checked,
     // and is bounded before a byte is fetched; the download then stops at
     // the declared size.
@@ -132,6 +136,26 @@ pub(crate) fn fetch_image(
             "{reference}: the manifest lists blobs {names:?} but its meta blob's device table names {tags:?}"
         );
     }
+
+    // A recorded prefetch must name files of this image and ranges within
+    // them: checked here, so a bad record refuses the image at register.
+    let recorded = match &record_ref {
+        None => Vec::new(),
+        Some(r) => {
+            let bytes = registry
+                .get_blob_sized(&r.digest, r.size, &|_| {})
+                .with_context(|| {
+                    format!("fetching the prefetch record {} of {reference}", r.digest)
+                })?;
+            fetched += bytes.len() as u64;
+            let record = lazypull_oci::prefetch::Record::parse(&bytes).with_context(|| {
+                format!("refusing {reference}: its prefetch record {}", r.digest)
+            })?;
+            super::recorded::spans_of(&image, &names, &record).with_context(|| {
+                format!("refusing {reference}: its prefetch record {}", r.digest)
+            })?
+        }
+    };
 
     let mut blobs = Vec::new();
     for b in &lazy.blobs {
@@ -179,6 +203,7 @@ pub(crate) fn fetch_image(
         meta_path,
         blobs,
         fetched_bytes: fetched,
+        recorded,
     })
 }
 

@@ -1,5 +1,5 @@
 //! The snapshotter's lazy mounts ([`lazypull_snapshotter::LazyMounts`])
-//! done with the daemon, as `lazypull mount` / `umount` do them: control
+//! done with the daemon, by the same `mount_image` as `lazypull mount`: control
 //! `Register` (by the image reference the snapshots' labels carry) ->
 //! mount plan -> mount(2) in the snapshotter's mount namespace (read-only,
 //! `nosuid`, `nodev`: the container's overlay on top has its own flags) ->
@@ -16,8 +16,8 @@ use std::time::Duration;
 use lazypull_backend::registry::{docker_config_credentials, Reference};
 use lazypull_snapshotter::{Error, LazyMounts};
 
-use super::mount::ImageTrust;
-use crate::control::{self, MountPlan, PrefetchSpec, RegisterRequest, Registered, Request};
+use super::mount::{mount_image, ImageTrust};
+use crate::control::{self, PrefetchSpec, RegisterRequest, Request};
 
 /// The daemon at one control socket.
 #[derive(Debug, Clone)]
@@ -52,16 +52,6 @@ impl DaemonMounts {
     }
 }
 
-fn mount_failed(what: &str, dir: &Path, e: rustix::io::Errno) -> Error {
-    let hint = match e.raw_os_error() {
-        libc::ENODEV => " (this kernel has no EROFS)",
-        libc::EPERM => " (mounting needs root / CAP_SYS_ADMIN)",
-        libc::EIO | libc::ENOENT => " (the daemon could not serve the image: see its log)",
-        _ => "",
-    };
-    Error::FailedPrecondition(format!("mounting {what} at {}: {e}{hint}", dir.display()))
-}
-
 impl LazyMounts for DaemonMounts {
     fn mount(&self, image_ref: &str, meta_hex: &str, dir: &Path, eager: bool) -> Result<(), Error> {
         let reference = Reference::parse(image_ref).map_err(|e| {
@@ -82,51 +72,29 @@ impl LazyMounts for DaemonMounts {
             password: creds.map(|c| c.password),
             insecure: false,
         };
-        let reply = self.call(&Request::Register(req), Duration::from_secs(600))?;
-        let plan: MountPlan = serde_json::from_value(reply["mount"].clone()).map_err(|e| {
-            Error::FailedPrecondition(format!(
-                "the lazypull daemon's register reply has no valid mount plan: {e}"
-            ))
-        })?;
-        let registered: Registered = serde_json::from_value(reply).map_err(|e| {
-            Error::FailedPrecondition(format!(
-                "the lazypull daemon's register reply is not valid: {e}"
-            ))
-        })?;
-        if registered.fsid != meta_hex {
-            return Err(Error::FailedPrecondition(format!(
-                "{image_ref} is now the image with meta blob {} (manifest {}), but these snapshots were made from meta blob {meta_hex}: the tag moved since the pull; pull the image again",
-                registered.fsid, registered.manifest_digest
-            )));
-        }
-        let data = std::ffi::CString::new(plan.options.clone()).map_err(|_| {
-            Error::FailedPrecondition("the daemon's mount options contain a NUL byte".into())
-        })?;
-        rustix::mount::mount(
-            plan.source.as_str(),
+        self.reachable()?;
+        let mounted = mount_image(
+            &self.socket,
+            req,
+            image_ref,
+            Some(meta_hex),
             dir,
-            plan.fstype.as_str(),
-            ImageTrust::default().mount_flags(),
-            Some(data.as_c_str()),
-        )
-        .map_err(|e| mount_failed(image_ref, dir, e))?;
-        let told = self.call(
-            &Request::Mounted {
-                fsid: registered.fsid.clone(),
-                mountpoint: dir.to_path_buf(),
-                prefetch: PrefetchSpec {
-                    all: eager,
-                    paths: Vec::new(),
-                },
+            None,
+            &PrefetchSpec {
+                all: eager,
+                paths: Vec::new(),
+                skip_record: false,
             },
-            Duration::from_secs(30),
-        );
-        if let Err(e) = told {
-            // A mount the daemon does not know would not survive its
-            // restart: undo it.
-            let _ = rustix::mount::unmount(dir, rustix::mount::UnmountFlags::empty());
-            return Err(e);
-        }
+            ImageTrust::default(),
+        )
+        .map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "lazypull daemon at {}: {}",
+                self.socket.display(),
+                crate::cli::error_text(&e)
+            ))
+        })?;
+        let registered = mounted.registered;
         tracing::info!(image = image_ref, fsid = %registered.fsid, dir = %dir.display(), eager, "lazy image mounted");
         Ok(())
     }

@@ -96,6 +96,7 @@ fn prefetch_spec(args: &MountArgs) -> anyhow::Result<PrefetchSpec> {
     let mut spec = PrefetchSpec {
         all: args.prefetch_all,
         paths: Vec::new(),
+        skip_record: false,
     };
     if let Some(list) = &args.prefetch_list {
         let mut text = String::new();
@@ -159,6 +160,7 @@ pub fn mount(args: MountArgs) -> anyhow::Result<()> {
         &args.socket,
         req,
         &args.reference,
+        None,
         &args.mountpoint,
         args.domain.as_deref(),
         &prefetch,
@@ -215,10 +217,16 @@ pub(crate) struct Mounted {
 /// `mountpoint` as the daemon's plan says (mount(2) in this process's mount
 /// namespace, read-only, and `nosuid` / `nodev` unless `trust` says
 /// otherwise), and tells the daemon. `what` names the image in errors.
+/// With `expect_fsid`, an image whose meta blob is another (a tag that moved
+/// since the caller learnt the fsid) is refused before anything is mounted.
+/// If the daemon cannot be told, the mount is undone: a mount the daemon
+/// does not know would not survive its restart.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn mount_image(
     socket: &Path,
     req: RegisterRequest,
     what: &str,
+    expect_fsid: Option<&str>,
     mountpoint: &Path,
     domain: Option<&str>,
     prefetch: &PrefetchSpec,
@@ -230,6 +238,15 @@ pub(crate) fn mount_image(
         .context("the daemon's register reply has no valid mount plan")?;
     let registered: Registered =
         serde_json::from_value(reply).context("the daemon's register reply is not valid")?;
+    if let Some(expected) = expect_fsid {
+        if registered.fsid != expected {
+            anyhow::bail!(
+                "{what} is now the image with meta blob {} (manifest {}), but meta blob {expected} was expected: the tag moved since the pull; pull the image again",
+                registered.fsid,
+                registered.manifest_digest
+            );
+        }
+    }
 
     std::fs::create_dir_all(mountpoint)
         .with_context(|| format!("creating the mountpoint {}", mountpoint.display()))?;
@@ -257,17 +274,32 @@ pub(crate) fn mount_image(
         )
     })?;
     let mount_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let mountpoint = std::fs::canonicalize(mountpoint)?;
-    let after = control::call(
-        socket,
-        &Request::Mounted {
-            fsid: registered.fsid.clone(),
-            mountpoint: mountpoint.clone(),
-            prefetch: prefetch.clone(),
-        },
-        Duration::from_secs(30),
-    )
-    .context("telling the daemon about the mount (the image is mounted)")?;
+    let told = std::fs::canonicalize(mountpoint)
+        .with_context(|| format!("resolving the mountpoint {}", mountpoint.display()))
+        .and_then(|mountpoint| {
+            let after = control::call(
+                socket,
+                &Request::Mounted {
+                    fsid: registered.fsid.clone(),
+                    mountpoint: mountpoint.clone(),
+                    prefetch: prefetch.clone(),
+                },
+                Duration::from_secs(30),
+            )
+            .context("telling the daemon about the mount (so the mount was undone)")?;
+            Ok((mountpoint, after))
+        });
+    let (mountpoint, after) = match told {
+        Ok(t) => t,
+        Err(e) => {
+            if let Err(undo) =
+                rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty())
+            {
+                tracing::warn!(mountpoint = %mountpoint.display(), "undoing the mount failed: {undo}");
+            }
+            return Err(e);
+        }
+    };
     Ok(Mounted {
         registered,
         mountpoint,

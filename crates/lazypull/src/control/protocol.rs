@@ -23,6 +23,10 @@ pub(crate) struct PrefetchSpec {
     /// Files (absolute paths inside the image), in priority order.
     #[serde(default)]
     pub(crate) paths: Vec<String>,
+    /// Do not fetch the image's recorded prefetch order (`lazypull optimize`
+    /// records a new one, which must see every read).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) skip_record: bool,
 }
 
 impl PrefetchSpec {
@@ -90,6 +94,12 @@ pub(crate) enum Request {
     },
     /// Whatever was mounted at `mountpoint` is gone.
     Unmounted { mountpoint: PathBuf },
+    /// Start recording which data blob ranges the readers of image `fsid`
+    /// wait for (first touch, in order): `lazypull optimize`.
+    RecordStart { fsid: String },
+    /// Stop recording image `fsid`; the reply holds the record (files and
+    /// ranges within them).
+    RecordStop { fsid: String },
     /// Counters, images and open objects.
     Status,
     /// Stop serving and leave the mounts to a successor (`lazypull daemon
@@ -149,6 +159,7 @@ mod tests {
             prefetch: PrefetchSpec {
                 all: true,
                 paths: vec!["/etc/os-release".into()],
+                skip_record: false,
             },
         };
         let text = serde_json::to_string(&r).unwrap();

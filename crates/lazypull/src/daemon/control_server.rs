@@ -122,21 +122,71 @@ fn handle(daemon: &Daemon, req: Request) -> anyhow::Result<serde_json::Value> {
         } => {
             daemon.catalog.mounted(&fsid, &mountpoint)?;
             info!(%fsid, mountpoint = %mountpoint.display(), "image mounted");
-            if spec.is_empty() {
-                return Ok(json!({"prefetch": false}));
+            // The recorded order first (it is what the workload reads first),
+            // then what the mount asked for.
+            let mut spans = if spec.skip_record {
+                Vec::new()
+            } else {
+                daemon.catalog.recorded(&fsid)
+            };
+            let recorded_bytes: u64 = spans.iter().map(|s| s.len).sum();
+            let mut warnings = Vec::new();
+            if !spec.is_empty() {
+                let (blobs, meta_path) = daemon
+                    .catalog
+                    .image(&fsid)
+                    .context("the image vanished from the catalog")?;
+                let (asked, w) = prefetch::plan(&blobs, &meta_path, &spec)?;
+                spans.extend(asked);
+                warnings = w;
             }
-            let (blobs, meta_path) = daemon
-                .catalog
-                .image(&fsid)
-                .context("the image vanished from the catalog")?;
-            let (spans, warnings) = prefetch::plan(&blobs, &meta_path, &spec)?;
             for w in &warnings {
                 warn!("{w}");
+            }
+            if spans.is_empty() {
+                return Ok(json!({"prefetch": false}));
             }
             let prefetcher = daemon.view.prefetcher();
             let planned: u64 = spans.iter().map(|s| s.len).sum();
             daemon.prefetches.start(prefetcher, fsid, spans)?;
-            Ok(json!({"prefetch": true, "planned_bytes": planned, "warnings": warnings}))
+            Ok(json!({
+                "prefetch": true,
+                "planned_bytes": planned,
+                "recorded_bytes": recorded_bytes,
+                "warnings": warnings,
+            }))
+        }
+        Request::RecordStart { fsid } => {
+            let blobs = daemon.catalog.record_start(&fsid)?;
+            // Only missing windows reach the trace: a warm cache would hide
+            // the reads it holds.
+            let names: std::collections::HashSet<&str> =
+                blobs.iter().map(|b| b.digest.as_str()).collect();
+            let cached: u64 = daemon
+                .view
+                .blobs()
+                .iter()
+                .filter(|b| names.contains(b.blob.as_str()))
+                .map(|b| b.cached_bytes)
+                .sum();
+            if cached > 0 {
+                daemon.catalog.record_cancel(&fsid);
+                anyhow::bail!(
+                    "image {fsid} has {cached} bytes of its data cached in this daemon already: \
+                     reads of them would not show in the record; record with a daemon whose cache is empty"
+                );
+            }
+            info!(%fsid, "recording reads");
+            Ok(json!({"recording": true, "blobs": blobs.len()}))
+        }
+        Request::RecordStop { fsid } => {
+            let (record, truncated, traced) = daemon.catalog.record_stop(&fsid)?;
+            info!(%fsid, entries = record.entries.len(), bytes = record.bytes(), traced, truncated, "recording stopped");
+            Ok(json!({
+                "record": record,
+                "traced_ranges": traced,
+                "truncated": truncated,
+            }))
         }
         Request::Unmounted { mountpoint } => {
             let fsid = daemon.catalog.unmounted(&mountpoint);
@@ -151,6 +201,7 @@ fn handle(daemon: &Daemon, req: Request) -> anyhow::Result<serde_json::Value> {
                     daemon
                         .prefetches
                         .stop_image(fsid, "its image was unmounted");
+                    daemon.catalog.record_cancel(fsid);
                 }
             }
             Ok(json!({ "fsid": fsid }))

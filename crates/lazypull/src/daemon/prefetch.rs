@@ -1,7 +1,10 @@
-//! Prefetch: after a mount, fetching an image's data ahead of need — listed
-//! files first, in the order given, then (optionally) every data blob whole —
-//! at background priority, on a thread of its own, so reads someone waits on
-//! always go first.
+//! Prefetch: after a mount, fetching an image's data ahead of need — the
+//! image's recorded prefetch order first (`lazypull optimize`: the ranges a
+//! workload read, mapped to blob ranges and merged at register, see
+//! `catalog::recorded`), stopping where it ends; then listed files, in the
+//! order given; then (optionally) every data blob whole — at background
+//! priority, on a thread of its own, so reads someone waits on always go
+//! first.
 //!
 //! It owns the plan and its threads: every prefetch is registered in
 //! [`Prefetches`], which stops (by a flag checked between pieces) and joins it
@@ -22,12 +25,7 @@ use crate::catalog::ImageBlob;
 use crate::control::PrefetchSpec;
 
 /// One range of one data blob to fetch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Span {
-    pub(crate) blob: String,
-    pub(crate) off: u64,
-    pub(crate) len: u64,
-}
+pub(crate) use crate::catalog::BlobRange as Span;
 
 /// Largest piece filled at once: between pieces, foreground work can start.
 const PIECE: u64 = 4 << 20;

@@ -305,6 +305,7 @@ fn demo(
         &stage.socket,
         req,
         "the sample image",
+        None,
         &mnt,
         None,
         &PrefetchSpec::default(),
