@@ -339,6 +339,18 @@ fn serves_a_realistic_tree_byte_exact_through_cachefiles() {
         "after drop_caches the kernel must not ask again"
     );
 
+    // The meta blob, filled whole after its OPEN, is not asked for again.
+    let meta = run.read_out("meta_reads").unwrap();
+    assert_eq!(
+        kv(&meta, "meta_reads_walk"),
+        0,
+        "a metadata walk after the up-front fill READs nothing of the meta blob: {meta}"
+    );
+    assert!(
+        kv(&meta, "meta_reads_mount") <= 4,
+        "the mount itself READs a few blocks at most (superblock, device table, root inode): {meta}"
+    );
+
     let fds = run.read_out("fds").unwrap();
     assert!(
         kv(&fds, "anon_fds_mounted") >= 3,

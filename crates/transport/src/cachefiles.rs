@@ -42,7 +42,16 @@ pub struct Config {
     /// filled, in bytes (0: no read-ahead; the daemon's default is
     /// [`lazypull_engine::DEFAULT_READAHEAD`], 8 MiB).
     pub readahead: u64,
+    /// Meta blobs up to this size are filled whole into their cache object
+    /// right after their `copen` ([`fill_up_front`]; 0: never). The daemon's
+    /// default is [`DEFAULT_META_UP_FRONT_MAX`].
+    pub meta_up_front_max: u64,
 }
+
+/// The daemon's default [`Config::meta_up_front_max`]: meta blobs are small
+/// (a few MB for thousands of files) and the mount reads most of them; a
+/// larger one is filled on READs as any other blob.
+pub const DEFAULT_META_UP_FRONT_MAX: u64 = 64 << 20;
 
 /// Counters of everything the server did; shared with whoever reports them.
 #[derive(Debug, Default)]
@@ -72,6 +81,12 @@ pub struct Stats {
     /// fetches them itself) or were dropped (queue full).
     pub readahead_failures: AtomicU64,
     pub readahead_dropped: AtomicU64,
+    /// Meta blobs filled whole right after their OPEN ([`fill_up_front`]),
+    /// the bytes written so (also in `bytes_written`), and fills of them that
+    /// failed or stopped short (READs then fill the rest, as for any blob).
+    pub meta_up_front_objects: AtomicU64,
+    pub meta_up_front_bytes: AtomicU64,
+    pub meta_up_front_failures: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -92,6 +107,9 @@ pub struct StatsSnapshot {
     pub readahead_bytes: u64,
     pub readahead_failures: u64,
     pub readahead_dropped: u64,
+    pub meta_up_front_objects: u64,
+    pub meta_up_front_bytes: u64,
+    pub meta_up_front_failures: u64,
 }
 
 impl Stats {
@@ -113,6 +131,9 @@ impl Stats {
             readahead_bytes: g(&self.readahead_bytes),
             readahead_failures: g(&self.readahead_failures),
             readahead_dropped: g(&self.readahead_dropped),
+            meta_up_front_objects: g(&self.meta_up_front_objects),
+            meta_up_front_bytes: g(&self.meta_up_front_bytes),
+            meta_up_front_failures: g(&self.meta_up_front_failures),
         }
     }
 }
@@ -821,6 +842,10 @@ struct Work<'a> {
     opens: VecDeque<PendingOpen>,
     resolving: JoinSet<Resolved>,
     readahead: Option<Arc<ReadAheadPool>>,
+    /// Meta blobs being filled whole after their copen ([`fill_up_front`]).
+    up_front: JoinSet<()>,
+    /// Set when serving ends: up-front fills stop between pieces.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Work<'_> {
@@ -878,16 +903,177 @@ impl Work<'_> {
     fn open_done(&mut self, dev: &dyn Reply, done: Result<Resolved, tokio::task::JoinError>) {
         match done {
             Ok(resolved) => {
-                finish_open(dev, resolved, self.objects, &self.config.policy, self.stats)
+                if let Some(object) =
+                    finish_open(dev, resolved, self.objects, &self.config.policy, self.stats)
+                {
+                    self.start_up_front(object);
+                }
             }
             // resolve_open catches panics; this task is never aborted while serving.
             Err(e) => error!("an OPEN's resolving task failed: {e}"),
         }
     }
 
-    fn is_idle(&self) -> bool {
-        self.reads.is_idle() && self.opens.is_empty() && self.resolving.is_empty()
+    /// Fills a just-opened meta blob whole, off the serving task (the copen
+    /// has been written: the OPEN's answer never waits for it).
+    fn start_up_front(&mut self, object: Arc<Object>) {
+        if !is_meta_blob(&object.volume, &object.cookie)
+            || object.size == 0
+            || object.size > self.config.meta_up_front_max
+        {
+            return;
+        }
+        let objects = self.objects.clone();
+        let policy = self.config.policy;
+        let stats = self.stats.clone();
+        let stopping = self.stopping.clone();
+        self.up_front.spawn_blocking(move || {
+            let filled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                fill_up_front(&object, &objects, &policy, &stats, &stopping)
+            }));
+            if filled.is_err() {
+                bump(&stats.meta_up_front_failures, 1);
+                error!(
+                    object = object.id,
+                    "filling the meta blob up front panicked (a bug); READs fill it"
+                );
+            }
+        });
     }
+
+    fn is_idle(&self) -> bool {
+        self.reads.is_idle()
+            && self.opens.is_empty()
+            && self.resolving.is_empty()
+            && self.up_front.is_empty()
+    }
+}
+
+/// Whether an OPEN's keys name an image's meta blob: EROFS names the
+/// primary device's cookie by the `fsid` mount option and, without
+/// `domain_id`, the volume `erofs,<fsid>` (fs/erofs/fscache.c,
+/// `erofs_fscache_register_volume` / `_register_fs`). With a `domain_id`
+/// the volume is `erofs,<domain>`: the keys do not tell a meta blob from a
+/// data blob there, and it is filled on READs like any blob.
+fn is_meta_blob(volume: &[u8], cookie: &[u8]) -> bool {
+    volume.strip_prefix(b"erofs,") == Some(cookie) && !cookie.is_empty()
+}
+
+/// How much [`fill_up_front`] claims and fills per call of
+/// [`lazypull_engine::fill`], in windows: a READ racing with it waits for at
+/// most this much of its work (the mount's own READ of the superblock races
+/// with the first piece), and a CLOSE or shutdown stops it between pieces.
+const UP_FRONT_PIECE_WINDOWS: u64 = 1;
+
+/// How long [`fill_up_front`] waits for the kernel to open the object's cache
+/// file after the copen before it leaves the blob to READs.
+const UP_FRONT_OPEN_WAIT: Duration = Duration::from_secs(10);
+
+/// Fills a meta blob (small, read through by every walk and lookup) whole
+/// into its cache object, so that the mount's walk finds it in the kernel's
+/// cache file instead of sending a READ per miss. Runs on the blocking pool
+/// right after the copen. Windows go through the object's fill map like a
+/// READ's: one claimed by a READ racing with this fill is waited for, never
+/// written twice, and a READ of a window claimed here waits for at most one
+/// piece. On any failure it stops: what is not filled is filled by READs.
+fn fill_up_front(
+    object: &Arc<Object>,
+    objects: &OpenObjects,
+    policy: &FillPolicy,
+    stats: &Stats,
+    stopping: &AtomicBool,
+) {
+    let started = std::time::Instant::now();
+    let open = || {
+        !stopping.load(Ordering::Acquire)
+            && objects
+                .lock()
+                .get(&object.id)
+                .is_some_and(|o| Arc::ptr_eq(o, object))
+    };
+    // Kernel behaviour relied on (fs/cachefiles, 6.12): the OPEN is sent from
+    // `cachefiles_ondemand_init_object`, before `cachefiles_look_up_object`
+    // opens (or creates) the backing cache file; until then the anonymous
+    // fd's write and llseek fail with ENOBUFS (`object->file` is NULL). So
+    // wait for an llseek to succeed, in short sleeps (it takes the kernel
+    // well under a millisecond natively, a few under TCG).
+    let mut pause = Duration::from_micros(100);
+    loop {
+        if !open() {
+            return;
+        }
+        match rustix::fs::seek(object.fd.as_fd(), rustix::fs::SeekFrom::End(0)) {
+            Ok(_) => break,
+            Err(rustix::io::Errno::NOBUFS) if started.elapsed() < UP_FRONT_OPEN_WAIT => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(5));
+            }
+            Err(e) => {
+                bump(&stats.meta_up_front_failures, 1);
+                warn!(
+                    object = object.id,
+                    blob = object.blob.name(),
+                    waited = ?started.elapsed(),
+                    "the kernel has not opened the meta blob's cache file ({e}); READs fill it"
+                );
+                return;
+            }
+        }
+    }
+    let ready = started.elapsed();
+    // What an earlier mount left in the cache file is not filled again.
+    object.learn_cache_file(policy.window);
+    let mut buf = AlignedBuf::new(policy.buffer_size_for(object.blob.as_ref()));
+    let target = Target {
+        source: object.blob.as_ref(),
+        object_size: object.size,
+        map: &object.filled,
+        sink: &AnonSink(&object.fd),
+        priority: Priority::Foreground,
+    };
+    let piece = UP_FRONT_PIECE_WINDOWS * policy.window;
+    let (mut bytes, mut windows, mut overlapped) = (0u64, 0u64, 0u64);
+    let mut off = 0u64;
+    while off < object.size {
+        if !open() {
+            debug!(
+                object = object.id,
+                "meta blob's up-front fill stopped: closed or shutting down"
+            );
+            return;
+        }
+        match fill(&target, off, piece, policy, &mut buf) {
+            Ok(out) => {
+                bytes += out.bytes_written;
+                windows += out.windows_written;
+                overlapped += out.windows_overlapped;
+                bump(&stats.bytes_written, out.bytes_written);
+                bump(&stats.windows_written, out.windows_written);
+                bump(&stats.meta_up_front_bytes, out.bytes_written);
+            }
+            Err(e) => {
+                bump(&stats.meta_up_front_failures, 1);
+                warn!(
+                    object = object.id,
+                    blob = object.blob.name(),
+                    "filling the meta blob up front failed (READs fill the rest): {e}"
+                );
+                return;
+            }
+        }
+        off += piece;
+    }
+    bump(&stats.meta_up_front_objects, 1);
+    info!(
+        object = object.id,
+        blob = object.blob.name(),
+        bytes,
+        windows,
+        windows_already_filled = overlapped,
+        cache_file_open_us = ready.as_micros() as u64,
+        total_us = started.elapsed().as_micros() as u64,
+        "meta blob filled up front"
+    );
 }
 
 async fn serve_device<D: Device>(
@@ -924,6 +1110,8 @@ async fn serve_device<D: Device>(
         opens: VecDeque::new(),
         resolving: JoinSet::new(),
         readahead: readahead.clone(),
+        up_front: JoinSet::new(),
+        stopping: Arc::new(AtomicBool::new(false)),
     };
     let mut errors = ReadErrors::default();
     // While set, the device is not read (a pause after a transient error).
@@ -940,6 +1128,8 @@ async fn serve_device<D: Device>(
             Some(done) = work.fills.join_next(), if !work.fills.is_empty() => {
                 work.fill_done(done);
             }
+            // Up-front fills catch their panics and report through stats and logs.
+            Some(_) = work.up_front.join_next(), if !work.up_front.is_empty() => {}
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
                 if retry_at.is_some() => {
                 retry_at = None;
@@ -983,7 +1173,9 @@ async fn serve_device<D: Device>(
     );
     // Whatever is still queued or running when the drain times out is left to
     // the kernel: after a handover the successor's `restore` hands it out
-    // again; after a shutdown the unbind fails it.
+    // again; after a shutdown the unbind fails it. Up-front fills stop at
+    // their next piece (READs of what they leave are served by the successor).
+    work.stopping.store(true, Ordering::Release);
     let drained = tokio::time::timeout(config.drain_timeout, async {
         work.start();
         while !work.is_idle() {
@@ -994,6 +1186,7 @@ async fn serve_device<D: Device>(
                 Some(done) = work.fills.join_next(), if !work.fills.is_empty() => {
                     work.fill_done(done);
                 }
+                Some(_) = work.up_front.join_next(), if !work.up_front.is_empty() => {}
                 else => break,
             }
             work.start();
@@ -1048,6 +1241,9 @@ enum Dispatched {
 struct PendingOpen {
     open: OpenRequest,
     fd: AnonFd,
+    /// When it was taken off the device (for the OPEN's log line: the
+    /// daemon's share of a mount).
+    received: std::time::Instant,
 }
 
 /// An OPEN with its blob resolved (or the reason it is not).
@@ -1055,6 +1251,8 @@ struct Resolved {
     open: OpenRequest,
     fd: AnonFd,
     blob: Result<Arc<dyn BlobSource>, OpenError>,
+    received: std::time::Instant,
+    resolve_us: u64,
 }
 
 /// Handles one request on the serving task, never blocking: CLOSE and
@@ -1099,7 +1297,17 @@ fn dispatch(
                 });
                 return Dispatched::Done;
             };
-            Dispatched::Open(PendingOpen { open, fd })
+            debug!(
+                msg_id = open.msg_id,
+                object = open.object_id,
+                cookie = %String::from_utf8_lossy(open.cookie()),
+                "OPEN"
+            );
+            Dispatched::Open(PendingOpen {
+                open,
+                fd,
+                received: std::time::Instant::now(),
+            })
         }
         Request::Close(close) => {
             bump(&stats.closes, 1);
@@ -1155,7 +1363,8 @@ fn dispatch(
 /// network. A panicking resolver refuses the OPEN (EIO) rather than leave the
 /// kernel waiting for an answer.
 fn resolve_open(pending: PendingOpen, resolver: &dyn BlobResolver) -> Resolved {
-    let PendingOpen { open, fd } = pending;
+    let PendingOpen { open, fd, received } = pending;
+    let started = std::time::Instant::now();
     let blob = std::panic::catch_unwind(AssertUnwindSafe(|| {
         resolver.resolve(open.volume(), open.cookie())
     }))
@@ -1166,19 +1375,31 @@ fn resolve_open(pending: PendingOpen, resolver: &dyn BlobResolver) -> Resolved {
             source: io::Error::other("resolving it panicked (a bug)"),
         })
     });
-    Resolved { open, fd, blob }
+    Resolved {
+        open,
+        fd,
+        blob,
+        received,
+        resolve_us: started.elapsed().as_micros() as u64,
+    }
 }
 
 /// Answers a resolved OPEN: registers the object, then `copen`s it (or refuses
-/// it with the resolver's errno).
+/// it with the resolver's errno). Returns the object when the copen went out.
 fn finish_open(
     dev: &dyn Reply,
     resolved: Resolved,
     objects: &OpenObjects,
     policy: &FillPolicy,
     stats: &Stats,
-) {
-    let Resolved { open, fd, blob } = resolved;
+) -> Option<Arc<Object>> {
+    let Resolved {
+        open,
+        fd,
+        blob,
+        received,
+        resolve_us,
+    } = resolved;
     let volume = String::from_utf8_lossy(open.volume()).into_owned();
     let cookie = String::from_utf8_lossy(open.cookie()).into_owned();
     match blob {
@@ -1199,7 +1420,7 @@ fn finish_open(
             // as soon as it processes the copen (cachefiles_ondemand_copen marks
             // the object open and wakes the device), before our write returns,
             // and the loop must then find the object.
-            let old = objects.lock().insert(open.object_id, object);
+            let old = objects.lock().insert(open.object_id, object.clone());
             if let Some(old) = old {
                 warn!(
                     object = old.id,
@@ -1212,7 +1433,18 @@ fn finish_open(
             }) {
                 Ok(()) => {
                     bump(&stats.opens, 1);
-                    info!(object = open.object_id, %volume, %cookie, size, "OPEN: serving blob");
+                    // open_us: from taking the OPEN off the device to the
+                    // copen written (queueing, resolving, answering).
+                    info!(
+                        object = open.object_id,
+                        %volume,
+                        %cookie,
+                        size,
+                        resolve_us,
+                        open_us = received.elapsed().as_micros() as u64,
+                        "OPEN: serving blob"
+                    );
+                    Some(object)
                 }
                 Err(e) => {
                     // E.g. the reader that caused the OPEN was killed meanwhile: the
@@ -1220,6 +1452,7 @@ fn finish_open(
                     bump(&stats.open_failures, 1);
                     objects.lock().remove(&open.object_id);
                     error!(object = open.object_id, %volume, %cookie, error = %e, "copen failed");
+                    None
                 }
             }
         }
@@ -1239,6 +1472,7 @@ fn finish_open(
                 error!(error = %err, "copen (refusal) failed");
             }
             drop(fd);
+            None
         }
     }
 }
@@ -1327,6 +1561,7 @@ fn serve_read(
     let _complete = Completion {
         object,
         msg_id: read.msg_id,
+        started: std::time::Instant::now(),
     };
     object.learn_cache_file(policy.window);
     // Queued before this READ's own fill: the windows after it are fetched
@@ -1377,6 +1612,7 @@ fn serve_read(
 struct Completion<'a> {
     object: &'a Object,
     msg_id: u32,
+    started: std::time::Instant,
 }
 
 impl Drop for Completion<'_> {
@@ -1385,6 +1621,7 @@ impl Drop for Completion<'_> {
             Ok(()) => debug!(
                 msg_id = self.msg_id,
                 object = self.object.id,
+                fill_us = self.started.elapsed().as_micros() as u64,
                 "READ completed"
             ),
             Err(e) => error!(
@@ -1469,6 +1706,7 @@ mod tests {
                     policy,
                     drain_timeout: Duration::from_secs(1),
                     readahead: 0,
+                    meta_up_front_max: DEFAULT_META_UP_FRONT_MAX,
                 },
                 stats,
                 replies: Recorder::default(),
@@ -1496,13 +1734,17 @@ mod tests {
                 Dispatched::Read(object, read) => {
                     serve_read(&object, read, &self.config.policy, &self.stats, None)
                 }
-                Dispatched::Open(open) => finish_open(
-                    &self.replies,
-                    resolve_open(open, self.resolver.as_ref()),
-                    &self.objects,
-                    &self.config.policy,
-                    &self.stats,
-                ),
+                Dispatched::Open(open) => {
+                    // The model fills nothing up front (the serving loop's
+                    // part: see the Harness tests).
+                    let _ = finish_open(
+                        &self.replies,
+                        resolve_open(open, self.resolver.as_ref()),
+                        &self.objects,
+                        &self.config.policy,
+                        &self.stats,
+                    );
+                }
             }
         }
 
@@ -1750,6 +1992,7 @@ mod tests {
                 },
                 drain_timeout: Duration::from_secs(10),
                 readahead,
+                meta_up_front_max: DEFAULT_META_UP_FRONT_MAX,
             };
             let stats = Arc::new(Stats::default());
             let objects = OpenObjects {
@@ -1783,11 +2026,20 @@ mod tests {
             open_cache_file(self.cache.path(), object_id)
         }
 
+        /// An OPEN of a data blob `cookie` of image `img`.
         fn open(&self, msg_id: u32, object_id: u32, cookie: &str) {
+            self.open_in(msg_id, object_id, "erofs,img", cookie)
+        }
+
+        /// An OPEN of `cookie` in volume `volume` (`erofs,<fsid>`: the
+        /// cookie `<fsid>` is that image's meta blob).
+        fn open_in(&self, msg_id: u32, object_id: u32, volume: &str, cookie: &str) {
+            let mut volume_key = volume.as_bytes().to_vec();
+            volume_key.push(0);
             let request = Ok(Request::Open(OpenRequest {
                 msg_id,
                 object_id,
-                volume_key: b"erofs,img\0".to_vec(),
+                volume_key,
                 cookie_key: cookie.as_bytes().to_vec(),
                 fd: 0,
                 flags: 0,
@@ -1872,6 +2124,7 @@ mod tests {
             },
             drain_timeout: Duration::from_secs(1),
             readahead: 0,
+            meta_up_front_max: 0,
         };
         let e = match Server::bind(config, local_resolver(dir.path())) {
             Ok(_) => panic!("bound a device that does not exist"),
@@ -2152,5 +2405,108 @@ mod tests {
         let s = h.stop().await.unwrap();
         assert_eq!((s.read_failures, s.readahead_failures), (0, 0));
         assert_eq!(s.reads, 4);
+    }
+
+    #[test]
+    fn only_an_images_own_fsid_names_its_meta_blob() {
+        assert!(is_meta_blob(b"erofs,sha256abc", b"sha256abc"));
+        assert!(
+            !is_meta_blob(b"erofs,sha256abc", b"sha256def"),
+            "a data blob"
+        );
+        assert!(
+            !is_meta_blob(b"erofs,domain", b"sha256abc"),
+            "a domain's volume"
+        );
+        assert!(!is_meta_blob(b"erofs,", b""));
+        assert!(!is_meta_blob(b"other,x", b"x"));
+    }
+
+    /// A meta blob is filled whole right after its copen, which does not
+    /// wait for it; READs racing with that fill share its windows through
+    /// the fill map (each window fetched and written once); a data blob is
+    /// filled on READs only.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_meta_blob_is_filled_whole_after_its_copen_and_racing_reads_share_its_windows() {
+        let w = 16384u64;
+        let size = 10 * w + 500;
+        let blobs = tempfile::tempdir().unwrap();
+        std::fs::write(blobs.path().join("data"), pattern(3 * w as usize)).unwrap();
+        let local = local_resolver(blobs.path());
+        let meta = Arc::new(Gated {
+            data: pattern(size as usize),
+            open: Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+            waiting: Default::default(),
+        });
+        struct OpenAtEnd(Arc<Gated>);
+        impl Drop for OpenAtEnd {
+            fn drop(&mut self) {
+                self.0.open_gate();
+            }
+        }
+        let _open_at_end = OpenAtEnd(meta.clone());
+        let resolver: Arc<dyn BlobResolver> = {
+            let meta = meta.clone();
+            Arc::new(
+                move |v: &[u8], c: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
+                    if c == b"img" {
+                        return Ok(meta.clone() as Arc<dyn BlobSource>);
+                    }
+                    local.resolve(v, c)
+                },
+            )
+        };
+        let h = Harness::start(resolver, 4);
+        h.open_in(1, 1, "erofs,img", "img");
+        // Answered while the blob's reads are all blocked.
+        h.until("copen of the meta blob", |h| {
+            h.replied(&format!("copen 1,{size}"))
+        })
+        .await;
+        h.until("the up-front fill reading the meta blob", |_| {
+            meta.waiting.load(Ordering::SeqCst) >= 1
+        })
+        .await;
+        // A READ far ahead of the fill claims its window first; one of the
+        // window the fill holds (the first) waits for it.
+        h.read(2, 1, 9 * w, 100);
+        h.until("the READ far ahead reading the blob", |_| {
+            meta.waiting.load(Ordering::SeqCst) >= 2
+        })
+        .await;
+        h.read(3, 1, 10, 100);
+        assert_eq!(h.stats.snapshot().meta_up_front_objects, 0);
+        meta.open_gate();
+        h.until("the meta blob filled up front", |h| {
+            h.stats.snapshot().meta_up_front_objects == 1
+        })
+        .await;
+        h.until("READ 3 done", |h| {
+            h.stats.snapshot().windows_overlapped == 1
+        })
+        .await;
+        let mut got = vec![0u8; size as usize];
+        h.cache_file(1).read_exact_at(&mut got, 0).unwrap();
+        assert!(got == meta.data, "the cache file holds the whole meta blob");
+        assert_eq!(h.objects.list()[0].windows_filled, 11);
+
+        // A data blob of the same image: only its READ's window.
+        h.open_in(4, 2, "erofs,img", "data");
+        h.until("copen of the data blob", |h| {
+            h.replied(&format!("copen 4,{}", 3 * w))
+        })
+        .await;
+        h.read(5, 2, 0, 100);
+        h.until("READ 5", |h| h.stats.snapshot().windows_written == 12)
+            .await;
+        let s = h.stop().await.unwrap();
+        assert_eq!((s.meta_up_front_objects, s.meta_up_front_failures), (1, 0));
+        // Every window written once: the READ's window 9 by the READ, the
+        // other ten by the up-front fill, the data blob's one by READ 5.
+        assert_eq!(s.meta_up_front_bytes, size - w);
+        assert_eq!(s.bytes_written, size + w);
+        assert_eq!((s.windows_written, s.windows_overlapped), (12, 1));
+        assert_eq!((s.reads, s.read_failures), (3, 0));
     }
 }

@@ -45,8 +45,11 @@ use shared::{Daemon, ExitMode, ExitRequest};
 use transport::Running;
 
 pub fn run(args: DaemonArgs, started: Instant) -> anyhow::Result<()> {
+    let mut steps = Steps::new(started);
+    steps.mark("main");
     let takeover = args.takeover;
     let cfg = args.resolve()?;
+    steps.mark("config");
     if let Some(dir) = &cfg.blob_dir {
         if !dir.is_dir() {
             bail!("blob directory {} does not exist", dir.display());
@@ -61,6 +64,7 @@ pub fn run(args: DaemonArgs, started: Instant) -> anyhow::Result<()> {
     // Before anything a running daemon owns is touched (fd store, kernel
     // connection, state files); held until this process ends.
     let _instance = instance::acquire(&cfg.run_dir, &cfg.socket)?;
+    steps.mark("instance");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(cfg.max_in_flight.max(1) + 8)
@@ -68,7 +72,43 @@ pub fn run(args: DaemonArgs, started: Instant) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(cfg, started))
+    steps.mark("runtime");
+    runtime.block_on(serve(cfg, started, steps))
+}
+
+/// Where start-up's time goes: each step's share of the time from `main` to
+/// "lazypull daemon ready", logged with it (`steps_ms`), so a slow start
+/// names its step.
+struct Steps {
+    started: Instant,
+    last: Duration,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Steps {
+    fn new(started: Instant) -> Self {
+        Steps {
+            started,
+            last: Duration::ZERO,
+            done: Vec::new(),
+        }
+    }
+
+    /// Step `name` ended now.
+    fn mark(&mut self, name: &'static str) {
+        let now = self.started.elapsed();
+        self.done.push((name, now.saturating_sub(self.last)));
+        self.last = now;
+    }
+
+    /// `name=ms ...`, in order, in tenths of a millisecond.
+    fn render(&self) -> String {
+        self.done
+            .iter()
+            .map(|(name, d)| format!("{name}={:.1}", d.as_secs_f64() * 1000.0))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 fn catalog(cfg: &DaemonConfig) -> Catalog {
@@ -148,7 +188,7 @@ fn exit_mode(asked: ExitMode, finished: &Finished, served_ok: bool) -> ExitMode 
     }
 }
 
-async fn serve(cfg: DaemonConfig, started: Instant) -> anyhow::Result<()> {
+async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow::Result<()> {
     lazypull_engine::private_dir(&cfg.run_dir).context("the run directory")?;
     let (store, spawned) = match &cfg.fd_store {
         Some(path) => {
@@ -157,12 +197,18 @@ async fn serve(cfg: DaemonConfig, started: Instant) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
+    steps.mark(if spawned.is_some() {
+        "fd_store_spawn"
+    } else {
+        "fd_store"
+    });
     let start = StartGuard {
         store: store.as_ref(),
         spawned,
     };
     let mut parked = Parked::from_store(store.as_ref())?;
     let catalog = Arc::new(catalog(&cfg));
+    steps.mark("catalog");
     if parked.has_cachefiles() {
         // The images restored next serve a kernel cache that outlived the
         // previous daemon: check them against the bindings it holds.
@@ -198,7 +244,9 @@ async fn serve(cfg: DaemonConfig, started: Instant) -> anyhow::Result<()> {
             ),
         }
     };
+    steps.mark("restore");
     let (running, reason) = transport::start(&cfg, resolvers, &mut parked, saved)?;
+    steps.mark("transport");
     if matches!(running, Running::Cachefiles(_)) {
         catalog.keep_kernel_bindings()?;
     }
@@ -214,6 +262,7 @@ async fn serve(cfg: DaemonConfig, started: Instant) -> anyhow::Result<()> {
             }
         }
     }
+    steps.mark("park");
     info!(transport = view.name(), reason = %reason, "transport chosen");
 
     let listener = control_server::bind(&cfg.socket)?;
@@ -229,6 +278,7 @@ async fn serve(cfg: DaemonConfig, started: Instant) -> anyhow::Result<()> {
         ))),
         None => None,
     };
+    steps.mark("control");
     let session_task = match &running {
         Running::Fuse(server) => Some(tokio::spawn(persist::save_fuse_sessions(
             server.clone(),
@@ -243,6 +293,7 @@ async fn serve(cfg: DaemonConfig, started: Instant) -> anyhow::Result<()> {
         socket = %cfg.socket.display(),
         pid = std::process::id(),
         startup_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0,
+        steps_ms = %steps.render(),
         "lazypull daemon ready"
     );
     start.started();

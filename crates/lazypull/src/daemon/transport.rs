@@ -62,6 +62,7 @@ fn cachefiles_config(cfg: &DaemonConfig) -> cachefiles::Config {
         policy: policy(cfg),
         drain_timeout: Duration::from_secs(10),
         readahead: cfg.readahead,
+        meta_up_front_max: cachefiles::DEFAULT_META_UP_FRONT_MAX,
     }
 }
 

@@ -10,6 +10,17 @@ IMG=$(cat "$LP_DATA/img-a")
 mount_image "$IMG" /mnt/a || fail "mount of image A failed: $(tail -5 "$LOG")"
 echo "mounted A; daemon holds $(anon_fds) anon fds"
 
+# The meta blob is filled whole right after its OPEN: once that is done, a
+# metadata walk sends no READ for it.
+for _ in $(seq 200); do grep -q "meta blob filled up front" "$LOG" && break; sleep 0.05; done
+grep -q "meta blob filled up front" "$LOG" || fail "meta blob not filled up front: $(tail -5 "$LOG")"
+meta_object=$(sed -n "s/.*OPEN: serving blob object=\([0-9]*\) volume=erofs,$IMG cookie=$IMG .*/\1/p" "$LOG")
+[ -n "$meta_object" ] || fail "no OPEN of the meta blob in the log"
+meta_reads() { grep -c "READ msg_id=[0-9]* object=$meta_object " "$LOG" || true; }
+meta_reads_mount=$(meta_reads)
+find /mnt/a -printf '%s\n' >/dev/null || fail "metadata walk"
+echo "meta_reads_mount=$meta_reads_mount meta_reads_walk=$(($(meta_reads) - meta_reads_mount))" | tee "$LP_OUT/meta_reads"
+
 # 32 concurrent readers of different files, all cold.
 mkdir -p /run/lp/sums
 i=0
