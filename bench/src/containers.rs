@@ -49,7 +49,7 @@ struct Arm {
     by_role: BTreeMap<String, u64>,
 }
 
-fn drop_caches() -> Result<()> {
+pub(crate) fn drop_caches() -> Result<()> {
     Command::new("sync").status()?;
     fs::write("/proc/sys/vm/drop_caches", "3").context("drop_caches (run as root)")
 }
@@ -122,13 +122,13 @@ fn bytes_by_role(
 
 /// A process of the lazypull arm (daemon, snapshotter), stopped (SIGTERM,
 /// then SIGKILL) and its mounts under `mounts_under` undone when dropped.
-struct Proc {
+pub(crate) struct Proc {
     child: Option<Child>,
     mounts_under: PathBuf,
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command, log: &Path, mounts_under: &Path) -> Result<Proc> {
+    pub(crate) fn spawn(mut cmd: Command, log: &Path, mounts_under: &Path) -> Result<Proc> {
         let logfile = fs::File::create(log)?;
         let child = cmd
             .stdin(Stdio::null())
@@ -142,7 +142,12 @@ impl Proc {
         })
     }
 
-    fn wait_listening(&mut self, socket: &Path, log: &Path) -> Result<()> {
+    /// The process id, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub(crate) fn wait_listening(&mut self, socket: &Path, log: &Path) -> Result<()> {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(60) {
             if let Some(child) = self.child.as_mut() {
@@ -264,16 +269,16 @@ fn containerd_arm(dir: &Path, registry: &RegistryServer, reference: &str) -> Res
     })
 }
 
-/// Arm B: `lazypull daemon` (FUSE) and `lazypull snapshotter` started, then
-/// timed: `lazypull pull` and the run.
-fn lazypull_arm(
+/// `lazypull daemon` (FUSE, `daemon_args` added) and `lazypull snapshotter`
+/// in `dir`, then a containerd with the snapshotter as proxy `lazypull`;
+/// each returned once it listens. Drop them in the order returned reversed:
+/// containerd, the snapshotter, the daemon.
+pub(crate) fn start_lazypull(
     dir: &Path,
     lazypull: &Path,
     daemon_config: &Path,
-    registry: &RegistryServer,
-    reference: &str,
-    roles: &BTreeMap<String, String>,
-) -> Result<Arm> {
+    daemon_args: &[&str],
+) -> Result<(Proc, Proc, Containerd)> {
     fs::create_dir_all(dir)?;
     let d = dir.join("d");
     let control = d.join("run/ctl.sock");
@@ -294,7 +299,8 @@ fn lazypull_arm(
         .arg("--socket")
         .arg(&control)
         .arg("--fd-store")
-        .arg(d.join("run/fdstore.sock"));
+        .arg(d.join("run/fdstore.sock"))
+        .args(daemon_args);
     let daemon_log = dir.join("daemon.log");
     let mut daemon = Proc::spawn(daemon_cmd, &daemon_log, &d)?;
     daemon
@@ -324,6 +330,20 @@ fn lazypull_arm(
             ..ContainerdOptions::default()
         },
     )?;
+    Ok((daemon, snap, ctr))
+}
+
+/// Arm B: `lazypull daemon` (FUSE) and `lazypull snapshotter` started, then
+/// timed: `lazypull pull` and the run.
+fn lazypull_arm(
+    dir: &Path,
+    lazypull: &Path,
+    daemon_config: &Path,
+    registry: &RegistryServer,
+    reference: &str,
+    roles: &BTreeMap<String, String>,
+) -> Result<Arm> {
+    let (daemon, snap, ctr) = start_lazypull(dir, lazypull, daemon_config, &[])?;
     drop_caches()?;
     let from = log_len(registry)?;
     let t0 = Instant::now();
@@ -364,7 +384,7 @@ fn lazypull_arm(
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     match v.len() {
         0 => f64::NAN,
@@ -376,7 +396,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Total compressed bytes of a manifest's layers and config, read from the
 /// registry's storage.
 /// Also each layer's `containerd.io/snapshot/lazypull.role` by digest.
-fn image_bytes(
+pub(crate) fn image_bytes(
     registry: &RegistryServer,
     manifest_digest: &str,
 ) -> Result<(u64, BTreeMap<String, String>)> {

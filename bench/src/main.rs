@@ -2,9 +2,13 @@
 //! measured in the same run (these machines are noisy; absolute times across runs
 //! mean little, TCG even less).
 //!
-//! `cachefiles`: boots the 6.12 test guest once and, for several rounds, reads the
-//! same image cold through lazypull over cachefiles and through a plain file-backed
-//! EROFS mount of the same meta and data blobs (the limit: no daemon at all).
+//! `cachefiles`: boots the 6.12 test guest once and, for several rounds, walks and
+//! reads the same tree cold through lazypull over cachefiles (plain blobs, and the
+//! default zstd stored form), with `--nydusd PATH --nydus-image PATH` also through
+//! `nydusd singleton --fscache` (RAFS v6, plain and zstd), and through a plain
+//! file-backed EROFS mount of the plain meta and data blobs (the limit: no daemon
+//! at all); then profiles one mount per daemon arm (fscache statistics, the
+//! daemon's own time in OPENs and READs).
 //!
 //! `registry`: the same image read cold from the registry on the host's loopback
 //! (Debian's docker-registry, reached from the guest through qemu's user network)
@@ -18,6 +22,11 @@
 //! against `ctr images pull` + `ctr run` with overlayfs, of the python image from
 //! the same loopback registry: pull to the container's first line, bytes moved.
 //!
+//! `startup`: on the host, time to ready of realistic workloads (mmdebstrap
+//! images: python + numpy, gcc, postgresql, bloated) from a registry in its own
+//! network namespace behind a shaped veth: containerd's pull against lazypull
+//! cold, with a recorded prefetch, and warm (issue 14; `startup.rs`).
+//!
 //! `build`: `lazypull build` against Debian's `mkfs.erofs` on the same ~500 MB tree
 //! (wall time, peak RSS), and the deduplication of two overlapping layers.
 //!
@@ -25,7 +34,7 @@
 //! against zstd decoding of them; run natively and under `qemu-x86_64 -cpu max`.
 //!
 //! Run: `cargo build --release -p lazypull -p lazypull-bench && target/release/lazypull-bench cachefiles`
-//! (or `... registry`, `... build`, `... fuse`, `... containers`, `... digest`).
+//! (or `... registry`, `... build`, `... fuse`, `... containers`, `... startup`, `... digest`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -36,6 +45,7 @@ use std::time::Duration;
 mod containers;
 mod digest;
 mod fuse;
+mod startup;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -52,7 +62,7 @@ struct Cli {
 enum Bench {
     /// Cold reads through cachefiles vs. the file-backed limit, in the guest.
     Cachefiles {
-        /// Rounds (each reads the big file and the small files both ways).
+        /// Rounds (each walks the tree, reads the small files and the big file in every arm).
         #[arg(long, default_value_t = 5)]
         rounds: u32,
         /// The daemon's --fill-window.
@@ -61,6 +71,13 @@ enum Bench {
         /// Work directory (rebuilt).
         #[arg(long, default_value = "target/bench-cachefiles")]
         work: PathBuf,
+        /// nydusd 2.x, to read the same tree through `nydusd singleton --fscache` too
+        /// (needs --nydus-image).
+        #[arg(long, requires = "nydus_image")]
+        nydusd: Option<PathBuf>,
+        /// nydus-image, to build the tree as RAFS v6 (plain and zstd) for --nydusd.
+        #[arg(long, requires = "nydusd")]
+        nydus_image: Option<PathBuf>,
     },
     /// Cold reads of an image from the loopback registry vs. the local blob dir, in the guest.
     Registry {
@@ -102,6 +119,35 @@ enum Bench {
         /// default: convert's default.
         #[arg(long)]
         chunk_size: Option<String>,
+    },
+    /// On the host, over an emulated network: time to ready of realistic workloads
+    /// (python, gcc, postgres, bloated), full pull vs. lazypull (issue 14).
+    Startup {
+        /// Samples per arm, image and network (fresh state each).
+        #[arg(long, default_value_t = 5)]
+        samples: u32,
+        /// Workloads: python, gcc, postgres, bloated (mmdebstrap images), testkit-python.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "python,gcc,postgres,bloated"
+        )]
+        images: Vec<String>,
+        /// Network shapes: 1g (1 Gbit/s, 0.5 ms RTT), 100m (100 Mbit/s, 20 ms RTT).
+        #[arg(long, value_delimiter = ',', default_value = "1g,100m")]
+        networks: Vec<String>,
+        /// Work directory (rebuilt; short: sockets live in it); gets startup.json and startup.svg.
+        #[arg(long, default_value = "/tmp/lpbench-startup")]
+        work: PathBuf,
+        /// Print JSON instead of Markdown tables.
+        #[arg(long)]
+        json: bool,
+        /// Skip reading every file of the image after ready.
+        #[arg(long)]
+        no_full_read: bool,
+        /// The lazypull binary (default: beside this one).
+        #[arg(long)]
+        lazypull: Option<PathBuf>,
     },
     /// Image build throughput and memory vs. mkfs.erofs; dedup of overlapping layers.
     Build {
@@ -147,7 +193,14 @@ fn main() -> Result<()> {
             rounds,
             fill_window,
             work,
-        } => cachefiles(rounds, &fill_window, &work),
+            nydusd,
+            nydus_image,
+        } => cachefiles(
+            rounds,
+            &fill_window,
+            &work,
+            nydusd.as_deref().zip(nydus_image.as_deref()),
+        ),
         Bench::Registry { rounds, work } => registry(rounds, &work),
         Bench::Build { rounds, work } => build_bench(rounds, &work),
         Bench::Fuse { rounds, work } => fuse::run(rounds, &work),
@@ -166,6 +219,23 @@ fn main() -> Result<()> {
             fill_window,
             chunk_size.as_deref(),
         ),
+        Bench::Startup {
+            samples,
+            images,
+            networks,
+            work,
+            json,
+            no_full_read,
+            lazypull,
+        } => startup::run(&startup::Args {
+            samples,
+            images,
+            networks,
+            work,
+            json,
+            full_read: !no_full_read,
+            lazypull,
+        }),
         Bench::Digest {
             mib,
             units,
@@ -445,7 +515,20 @@ fn write_random(path: &Path, len: usize, seed: u64) -> Result<()> {
     Ok(())
 }
 
-fn cachefiles(rounds: u32, fill_window: &str, work: &Path) -> Result<()> {
+/// `cachefiles`: the arms, in the order of the report's columns.
+const CACHEFILES_ARMS: [(&str, &str); 4] = [
+    ("lp-plain", "lazypull plain blobs"),
+    ("lp-zstd", "lazypull zstd (default)"),
+    ("nydus-none", "nydusd plain"),
+    ("nydus-zstd", "nydusd zstd (default)"),
+];
+
+fn cachefiles(
+    rounds: u32,
+    fill_window: &str,
+    work: &Path,
+    nydus: Option<(&Path, &Path)>,
+) -> Result<()> {
     lazypull_guest::require_root()?;
     let daemon = sibling("lazypull")?;
     let kernel = lazypull_guest::kernel()?;
@@ -456,31 +539,79 @@ fn cachefiles(rounds: u32, fill_window: &str, work: &Path) -> Result<()> {
     // one 256 MiB incompressible file.
     copy_tree(&["/usr/lib/python3.11", "/usr/share/perl"], &tree)?;
     write_random(&tree.join("big.bin"), 256 << 20, 42)?;
+    // One disk holds every arm's blobs, each in its own directory: plain/ (the
+    // limit's and lazypull's plain arm: what `lazypull build --compression none`
+    // writes), zstd/ (`lazypull build`'s default stored form), nydus-*/.
     let blobs = work.join("blobs");
+    let plain = blobs.join("plain");
     let img = build_from_layers(
         std::slice::from_ref(&tree),
-        &blobs,
+        &plain,
         &BuildOptions::default(),
     )?;
-    fs::remove_file(blobs.join("manifest.json"))?;
+    fs::remove_file(plain.join("manifest.json"))?;
+    let zstd = blobs.join("zstd");
+    let out = Command::new(&daemon)
+        .arg("build")
+        .arg(&tree)
+        .arg("-o")
+        .arg(&zstd)
+        .arg("--json")
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "lazypull build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let built: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let meta_zstd = built["meta"]["digest"]
+        .as_str()
+        .context("lazypull build --json: meta digest")?
+        .to_owned();
     let info = work.join("info");
     fs::create_dir_all(&info)?;
     fs::write(info.join("meta"), &img.meta_digest)?;
+    fs::write(info.join("meta-zstd"), &meta_zstd)?;
     let names: Vec<&str> = img.blobs.iter().map(|b| b.digest.as_str()).collect();
     fs::write(info.join("blobs"), names.join("\n"))?;
+    if let Some((_, nydus_image)) = nydus {
+        for compressor in ["none", "zstd"] {
+            let dir = blobs.join(format!("nydus-{compressor}"));
+            fs::create_dir_all(&dir)?;
+            // RAFS v6 (EROFS-compatible, what fscache mode serves), 1 MiB chunks.
+            let st = Command::new(nydus_image)
+                .args(["create", "-t", "dir-rafs", "--fs-version", "6"])
+                .args(["--chunk-size", "0x100000", "--compressor", compressor])
+                .arg("--bootstrap")
+                .arg(dir.join("bootstrap"))
+                .arg("--blob-dir")
+                .arg(&dir)
+                .arg(&tree)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .with_context(|| format!("running {}", nydus_image.display()))?;
+            if !st.success() {
+                bail!("nydus-image create --compressor {compressor} failed");
+            }
+        }
+    }
     let files = walk_count(&tree)?;
     eprintln!(
-        "image: {} files, meta {} bytes, {} data blob(s) {} bytes",
+        "image: {} files, meta {} bytes, {} data blob(s) {} bytes; zstd stored form {} bytes; blobs disk {}",
         files,
         img.meta_size,
         img.blobs.len(),
-        img.blobs.iter().map(|b| b.size).sum::<u64>()
+        img.blobs.iter().map(|b| b.size).sum::<u64>(),
+        du_bytes(&zstd)?,
+        fmt_mb(du_bytes(&blobs)?),
     );
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-cachefiles.sh");
-    let cfg = GuestConfig::new(&kernel)
+    let mut cfg = GuestConfig::new(&kernel)
         .name("bench-cachefiles")
-        .timeout(Duration::from_secs(3600))
+        .timeout(Duration::from_secs(3 * 3600))
         .disk(Disk::Ext4From {
             dir: blobs.clone(),
             extra_mib: 64,
@@ -490,12 +621,21 @@ fn cachefiles(rounds: u32, fill_window: &str, work: &Path) -> Result<()> {
         .env("LP_BENCH", fs::canonicalize(&info)?.to_str().unwrap())
         .env("ROUNDS", rounds.to_string())
         .env("FILL_WINDOW", fill_window);
+    if let Some((nydusd, _)) = nydus {
+        cfg = cfg.env(
+            "NYDUSD",
+            fs::canonicalize(nydusd)?
+                .to_str()
+                .context("nydusd path is not UTF-8")?,
+        );
+    }
     let run = lazypull_guest::run(&script, &cfg)?;
     if run.status != 0 {
         bail!("bench scenario failed:\n{}", run.log);
     }
     let results = run.read_out("results")?;
-    report(&results, rounds, fill_window, files)
+    report(&results, rounds, fill_window, files)?;
+    profile_report(&run)
 }
 
 fn walk_count(dir: &Path) -> Result<usize> {
@@ -517,86 +657,245 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn report(results: &str, rounds: u32, fill_window: &str, files: usize) -> Result<()> {
-    // (kind, what) -> per-round values; ratios are taken per round, then the median.
-    let mut ms: BTreeMap<(String, String), BTreeMap<u32, f64>> = BTreeMap::new();
+    // (kind, what) -> round -> value; ratios are taken per round, then the median.
+    let mut us: BTreeMap<(String, String), BTreeMap<u32, f64>> = BTreeMap::new();
     let mut mount_us: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    let mut rss: Vec<f64> = Vec::new();
-    let mut start: Vec<f64> = Vec::new();
+    let mut rss: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut start: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut internal: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for line in results.lines() {
         let kv: BTreeMap<&str, &str> = line
             .split_whitespace()
             .filter_map(|w| w.split_once('='))
             .collect();
-        let round: u32 = kv["round"].parse()?;
-        match (kv["kind"], kv["what"]) {
-            (_, "rss_kib") => rss.push(kv["value"].parse()?),
-            (_, "start") => start.push(
-                kv["ms"]
-                    .parse()
-                    .with_context(|| format!("startup time in {line:?}"))?,
-            ),
-            (kind, what) => {
-                ms.entry((kind.into(), what.into()))
+        let num = |k: &str| -> Result<f64> {
+            kv.get(k)
+                .with_context(|| format!("{k} missing in {line:?}"))?
+                .parse::<f64>()
+                .with_context(|| format!("{k} in {line:?}"))
+        };
+        let round = num("round")? as u32;
+        let kind = kv["kind"].to_owned();
+        match kv["what"] {
+            "rss_kib" => rss.entry(kind).or_default().push(num("value")?),
+            "start" => {
+                start.entry(kind.clone()).or_default().push(num("us")?);
+                let i = num("internal_ms")?;
+                if i >= 0.0 {
+                    internal.entry(kind).or_default().push(i);
+                }
+            }
+            what => {
+                us.entry((kind.clone(), what.into()))
                     .or_default()
-                    .insert(round, kv["ms"].parse()?);
-                mount_us
-                    .entry(kind.into())
-                    .or_default()
-                    .push(kv["mount_us"].parse()?);
+                    .insert(round, num("us")?);
+                mount_us.entry(kind).or_default().push(num("mount_us")?);
             }
         }
     }
+    let arms: Vec<(&str, &str)> = CACHEFILES_ARMS
+        .iter()
+        .copied()
+        .filter(|(k, _)| us.contains_key(&(k.to_string(), "big".into())))
+        .collect();
     println!("## cachefiles, cold reads in the 6.12 guest (qemu TCG, 2 vCPU)");
     println!();
     println!(
         "{rounds} rounds, fill window {fill_window}, tree of {files} files (python3.11 + perl libraries + one 256 MiB file). \
-         Ratio = lazypull time / limit time in the same round (limit: same meta + data blobs mounted file-backed, no daemon); median over rounds."
+         Each cell: median over rounds of (arm's time / limit's time in the same round), then the arm's median time. \
+         Limit: the plain meta + data blobs mounted file-backed, no daemon."
     );
     println!();
-    println!(
-        "| step | limit (median ms) | lazypull (median ms) | ratio (median) | ratios per round |"
-    );
-    println!("|---|---|---|---|---|");
+    let mut head = String::from("| step | limit (median) |");
+    let mut rule = String::from("|---|---|");
+    for (_, label) in &arms {
+        head.push_str(&format!(" {label} |"));
+        rule.push_str("---|");
+    }
+    println!("{head}");
+    println!("{rule}");
     for (what, label) in [
-        ("big", "read the 256 MiB file, cold"),
-        ("small", "read every small file, cold"),
+        ("walk", "metadata walk (`find -printf %s`)"),
+        ("small", "every small file, cold"),
+        ("big", "256 MiB file, cold"),
     ] {
-        let limit = ms
+        let limit = us
             .get(&("limit".into(), what.into()))
             .context("no limit results")?;
-        let lazy = ms
-            .get(&("daemon".into(), what.into()))
-            .context("no daemon results")?;
-        let mut ratios: Vec<f64> = lazy
-            .iter()
-            .filter_map(|(r, d)| limit.get(r).map(|l| d / l))
-            .collect();
-        let per_round: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
         let mut l: Vec<f64> = limit.values().copied().collect();
-        let mut d: Vec<f64> = lazy.values().copied().collect();
-        println!(
-            "| {label} | {:.0} | {:.0} | **{:.2}×** | {} |",
-            median(&mut l),
-            median(&mut d),
-            median(&mut ratios),
-            per_round.join(", ")
-        );
+        let mut row = format!("| {label} | {} |", fmt_us(median(&mut l)));
+        for (kind, _) in &arms {
+            let Some(arm) = us.get(&(kind.to_string(), what.into())) else {
+                row.push_str(" – |");
+                continue;
+            };
+            let mut ratios: Vec<f64> = arm
+                .iter()
+                .filter_map(|(r, d)| limit.get(r).map(|l| d / l))
+                .collect();
+            let mut d: Vec<f64> = arm.values().copied().collect();
+            row.push_str(&format!(
+                " **{:.2}×** ({}) |",
+                median(&mut ratios),
+                fmt_us(median(&mut d))
+            ));
+        }
+        println!("{row}");
     }
-    let mut lm = mount_us.get("limit").cloned().unwrap_or_default();
-    let mut dm = mount_us.get("daemon").cloned().unwrap_or_default();
-    println!(
-        "| mount (median) | {:.1} ms | {:.1} ms | {:.2}× | |",
-        median(&mut lm) / 1000.0,
-        median(&mut dm) / 1000.0,
-        median(&mut dm) / median(&mut lm)
-    );
-    println!();
-    println!(
-        "Daemon peak RSS (VmHWM, max over runs): {:.1} MB; daemon start → cache bound (median): {:.0} ms.",
-        rss.iter().cloned().fold(0.0, f64::max) / 1024.0,
-        median(&mut start)
-    );
+    let cell = |m: &BTreeMap<String, Vec<f64>>, kind: &str, f: &dyn Fn(f64) -> String| {
+        m.get(kind)
+            .filter(|v| !v.is_empty())
+            .map(|v| f(median(&mut v.clone())))
+            .unwrap_or_else(|| "–".into())
+    };
+    let ms = |v: f64| format!("{:.1} ms", v / 1000.0);
+    let mut row = format!("| mount(2) (median) | {} |", cell(&mount_us, "limit", &ms));
+    for (kind, _) in &arms {
+        row.push_str(&format!(" {} |", cell(&mount_us, kind, &ms)));
+    }
+    println!("{row}");
+    let mut row = String::from("| daemon launch → cache bound, seen by the script (median) | |");
+    for (kind, _) in &arms {
+        row.push_str(&format!(" {} |", cell(&start, kind, &ms)));
+    }
+    println!("{row}");
+    let mut row = String::from("| daemon `main` → cache bound, the daemon's own (median) | |");
+    for (kind, _) in &arms {
+        row.push_str(&format!(
+            " {} |",
+            cell(&internal, kind, &|v| format!("{v:.1} ms"))
+        ));
+    }
+    println!("{row}");
+    let mut row = String::from("| daemon peak RSS (VmHWM, max over runs) | |");
+    for (kind, _) in &arms {
+        let max = rss
+            .get(*kind)
+            .map(|v| v.iter().cloned().fold(0.0, f64::max) / 1024.0);
+        row.push_str(&match max {
+            Some(m) => format!(" {m:.1} MB |"),
+            None => " – |".into(),
+        });
+    }
+    println!("{row}");
     Ok(())
+}
+
+fn fmt_us(us: f64) -> String {
+    if us < 10_000.0 {
+        format!("{:.1} ms", us / 1000.0)
+    } else {
+        format!("{:.0} ms", us / 1000.0)
+    }
+}
+
+/// The profiling mounts: per daemon arm, mount(2)'s time on a fresh cache and
+/// on the second mount, what fscache counted, and the daemon's own time in
+/// its OPENs and READs (from its log) during each.
+fn profile_report(run: &lazypull_guest::GuestRun) -> Result<()> {
+    println!();
+    println!("### Where a mount's time goes (one profiling mount per arm, daemon log at debug)");
+    println!();
+    if let Ok(probe) = run.read_out("mkdir-probe") {
+        println!("Kernel-only reference: {} (256 mkdirs on the cache's ext4, as cachefiles does for a new volume's fan-out directories).", probe.trim());
+        println!();
+    }
+    for (kind, label) in CACHEFILES_ARMS {
+        let dir = format!("profile-{kind}");
+        let Ok(log) = run.read_out(format!("{dir}/daemon.log")) else {
+            continue;
+        };
+        println!("**{label}**:");
+        println!();
+        for n in 1..=2 {
+            let stamps = run.read_out(format!("{dir}/stamps-{n}"))?;
+            let kv: BTreeMap<&str, &str> = stamps
+                .split_whitespace()
+                .filter_map(|w| w.split_once('='))
+                .collect();
+            let before = run.read_out(format!("{dir}/stats-before-{n}"))?;
+            let after = run.read_out(format!("{dir}/stats-after-{n}"))?;
+            let delta = fscache_delta(&before, &after);
+            let (opens, open_us, reads, fill_us) = if kind.starts_with("lp-") {
+                daemon_share(&log, n)
+            } else {
+                (0, 0, 0, 0)
+            };
+            println!(
+                "- mount {n} ({}): mount(2) {} µs; daemon: {opens} OPEN(s) {open_us} µs from receipt to copen, {reads} READ(s) {fill_us} µs filling; fscache: {}",
+                if n == 1 { "fresh cache" } else { "again, same daemon and cache" },
+                kv.get("mount_us").unwrap_or(&"?"),
+                delta
+            );
+        }
+        println!();
+    }
+    Ok(())
+}
+
+/// The non-zero changes of /proc/fs/fscache/stats between two reads of it.
+fn fscache_delta(before: &str, after: &str) -> String {
+    let parse = |s: &str| -> BTreeMap<String, i64> {
+        let mut m = BTreeMap::new();
+        for line in s.lines() {
+            let Some((group, rest)) = line.split_once(':') else {
+                continue;
+            };
+            for kv in rest.split_whitespace() {
+                if let Some((k, v)) = kv.split_once('=') {
+                    if let Ok(v) = v.parse::<i64>() {
+                        m.insert(format!("{}.{k}", group.trim()), v);
+                    }
+                }
+            }
+        }
+        m
+    };
+    let (b, a) = (parse(before), parse(after));
+    let changed: Vec<String> = a
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v - b.get(k).copied().unwrap_or(0);
+            (d != 0).then(|| format!("{k}+{d}"))
+        })
+        .collect();
+    changed.join(" ")
+}
+
+/// The daemon's OPENs and READs in mount `n` of a profile log (the n-th
+/// group of requests, each mount starting with the meta blob's OPEN or, on a
+/// second mount, its first READ after the previous mount's CLOSEs):
+/// (OPENs, their µs from receipt to copen, READs, their µs of filling).
+fn daemon_share(log: &str, n: usize) -> (u64, u64, u64, u64) {
+    // Mounts are separated by the CLOSEs of the previous one's objects.
+    let mut mount = 1;
+    let mut closing = false;
+    let (mut opens, mut open_us, mut reads, mut fill_us) = (0, 0, 0, 0);
+    let field = |line: &str, k: &str| -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
+    };
+    for line in log.lines() {
+        if line.contains("CLOSE: object released") {
+            closing = true;
+            continue;
+        }
+        if closing {
+            mount += 1;
+            closing = false;
+        }
+        if mount != n {
+            continue;
+        }
+        if line.contains("OPEN: serving blob") {
+            opens += 1;
+            open_us += field(line, "open_us").unwrap_or(0);
+        } else if line.contains("READ completed") {
+            reads += 1;
+            fill_us += field(line, "fill_us").unwrap_or(0);
+        }
+    }
+    (opens, open_us, reads, fill_us)
 }
 
 /// The reference tree of `cachefiles`, built with `lazypull build` (zstd), pushed

@@ -9,7 +9,13 @@
 //!   builder supports.
 //! - [`proxy`]: a fault-injecting, logging HTTP/1.1 reverse proxy to put
 //!   in front of a registry.
-//! - [`registry`]: a real `docker-registry` on 127.0.0.1 for tests.
+//! - [`registry`]: a real `docker-registry` on 127.0.0.1 (or in a
+//!   [`netns`]) for tests.
+//! - [`netns`]: an emulated network: a network namespace over a veth pair,
+//!   shaped with `tbf`, removed when dropped.
+//! - [`debian_image`]: realistic images (python + numpy, gcc, postgresql,
+//!   a bloated one) built with `mmdebstrap` from Debian's archive, cached
+//!   under `/var/cache/lazypull-bench/images`.
 //! - [`containerd`]: a real containerd (with runc) whose root, state and
 //!   sockets live in a test's directory, optionally with proxy
 //!   snapshotters; stopped, its containers killed and mounts undone when
@@ -35,8 +41,10 @@
 pub mod compare;
 pub mod containerd;
 pub mod cri;
+pub mod debian_image;
 pub mod maketree;
 pub mod manifest;
+pub mod netns;
 pub mod oci_image;
 pub mod proxy;
 pub mod python_image;

@@ -11,6 +11,12 @@
 //!   concurrent requests arrive. A test can then prove that the
 //!   daemon never returns wrong data: it must retry, fail cleanly, or
 //!   detect the corruption, but never hand corrupted bytes to a reader.
+//! - **Latency.** [`Proxy::set_latency`] adds a round-trip time in user
+//!   space, for hosts without `netem`: one round trip when a client
+//!   connection is accepted (its TCP handshake) and one before each request
+//!   is forwarded (the request's way out, the first byte's way back). The
+//!   body then streams at whatever rate the path allows (shape that with
+//!   `tc ... tbf`); TCP's slow start is not modelled.
 //! - **Access logging.** Every request becomes one JSON line ([`LogEntry`])
 //!   in a log file, including its `Range` header, status and the number of
 //!   body bytes actually sent, so a test can count which byte ranges of
@@ -413,6 +419,7 @@ impl Proxy {
             stop: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
+            latency_us: AtomicU64::new(0),
         });
         let accept_shared = Arc::clone(&shared);
         let accept = thread::Builder::new()
@@ -442,6 +449,14 @@ impl Proxy {
             .wait_timeout_while(active, timeout, |n| *n > 0)
             .unwrap_or_else(|e| e.into_inner());
         !waited.timed_out()
+    }
+
+    /// Sets the emulated round-trip time (see the [module
+    /// documentation](self)) for connections and requests from now on;
+    /// zero (the default) adds none.
+    pub fn set_latency(&self, rtt: Duration) {
+        let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+        self.shared.latency_us.store(us, Ordering::Relaxed);
     }
 
     /// Replaces the fault spec for subsequent requests (the counter of
@@ -583,6 +598,8 @@ struct Shared {
     active: Mutex<u64>,
     /// Notified when `active` drops to 0.
     idle: Condvar,
+    /// The emulated round-trip time in microseconds ([`Proxy::set_latency`]).
+    latency_us: AtomicU64,
 }
 
 /// Counts one request as being handled while it lives.
@@ -610,6 +627,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Sleeps one emulated round trip (on the connection's own thread:
+    /// other connections are not held up).
+    fn round_trip(&self) {
+        let us = self.latency_us.load(Ordering::Relaxed);
+        if us > 0 {
+            thread::sleep(Duration::from_micros(us));
+        }
+    }
+
     /// Decides the fault for a request and returns it with `slow_ms`.
     fn decide(&self, method: &str, path: &str, range: Option<&str>) -> (Fault, u64) {
         let mut state = lock(&self.faults);
@@ -1094,6 +1120,8 @@ enum Next {
 
 fn serve_connection(stream: &TcpStream, id: u64, shared: &Shared) {
     let _ = stream.set_nodelay(true);
+    // The TCP handshake's round trip.
+    shared.round_trip();
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     let next = loop {
         if shared.stop.load(Ordering::SeqCst) {
@@ -1200,6 +1228,7 @@ fn respond(
         Fault::Slow => thread::sleep(Duration::from_millis(slow_ms)),
         Fault::None | Fault::Truncate | Fault::Corrupt => {}
     }
+    shared.round_trip();
     let mut resp = match forward(shared.upstream, req) {
         Ok(r) => r,
         Err(e) => {

@@ -36,10 +36,28 @@ impl RegistryServer {
     /// 127.0.0.1; with `auth`, every request needs that user and password
     /// (htpasswd, bcrypt).
     pub fn start(dir: &Path, auth: Option<(&str, &str)>) -> io::Result<RegistryServer> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::start_with(dir, auth, ([127, 0, 0, 1], port).into(), None)
+    }
+
+    /// Starts a registry without authentication inside network namespace
+    /// `netns`, listening on its end of the veth pair, port `port`.
+    pub fn start_in(
+        dir: &Path,
+        netns: &crate::netns::Netns,
+        port: u16,
+    ) -> io::Result<RegistryServer> {
+        Self::start_with(dir, None, (netns.ns_addr(), port).into(), Some(netns))
+    }
+
+    fn start_with(
+        dir: &Path,
+        auth: Option<(&str, &str)>,
+        addr: SocketAddr,
+        netns: Option<&crate::netns::Netns>,
+    ) -> io::Result<RegistryServer> {
         let binary = find("docker-registry", "docker-registry")?;
         std::fs::create_dir_all(dir.join("data"))?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut config = format!(
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
             dir.join("data").display()
@@ -64,7 +82,11 @@ impl RegistryServer {
         let config_path = dir.join("config.yml");
         std::fs::write(&config_path, config)?;
         let log = dir.join("registry.log");
-        let child = Command::new(binary)
+        let mut command = match netns {
+            Some(ns) => ns.command(binary),
+            None => Command::new(binary),
+        };
+        let child = command
             .arg("serve")
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -114,7 +136,7 @@ impl RegistryServer {
         ))
     }
 
-    /// `127.0.0.1:<port>`.
+    /// `127.0.0.1:<port>` (or the namespace's address, [`start_in`](Self::start_in)).
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

@@ -526,6 +526,31 @@ fn fault_slow_delays_then_answers_correctly() {
 }
 
 #[test]
+fn latency_delays_each_connection_and_request_by_the_round_trip() {
+    let fx = Fx::fixed("");
+    fx.proxy.set_latency(Duration::from_millis(150));
+    let data = blob();
+    let t = Instant::now();
+    let mut c = Client::connect(fx.addr());
+    let r1 = c.request("GET", BLOB, &[("Range", "bytes=0-9")]);
+    let r2 = c.request("GET", "/v2/", &[]);
+    // Lower bounds only: one round trip for the connection, one per request.
+    let elapsed = t.elapsed();
+    assert!(elapsed >= Duration::from_millis(450), "took {elapsed:?}");
+    assert_eq!((r1.status, r1.body.as_slice()), (206, &data[..10]));
+    assert_eq!(r2.body, b"ok /v2/");
+    let log = fx.log(2);
+    assert!(
+        log.iter().all(|e| e.ms >= 150 && e.fault == Fault::None),
+        "{log:?}"
+    );
+
+    // Back to none: the connection still serves.
+    fx.proxy.set_latency(Duration::ZERO);
+    assert_eq!(c.request("GET", "/v2/", &[]).status, 200);
+}
+
+#[test]
 fn faults_hit_every_nth_eligible_request_first_kind_wins() {
     // n=2: 5xx and corrupt match, 5xx wins; n=3: reset; n=4: 5xx;
     // n=6: 5xx, reset and corrupt match, 5xx wins.

@@ -1,0 +1,120 @@
+//! CI smoke test of `lazypull-bench startup` (issue 14): the whole harness
+//! (network namespace, shaped veth, delaying proxy, registry, containerd,
+//! the lazypull daemon on FUSE and its snapshotter) on one small image, one
+//! network shape, one sample.
+//!
+//! The image is testkit's python image (30 MB, built from the host's
+//! python3.11), not an mmdebstrap one: those need Debian's archive and
+//! minutes to build on a cold cache, too slow and too fragile for CI; the
+//! benchmark proper runs them. Asserts what cannot depend on speed: every
+//! arm's workload printed its ready line, the full read after ready saw the
+//! same bytes through lazypull as through containerd's overlayfs, and the
+//! lazy arms moved fewer bytes by ready than the full pull. Never a time.
+//!
+//! Needs root, /dev/fuse, docker-registry, containerd, runc, iproute2 and the
+//! `lazypull` binary beside this crate's (`cargo build -p lazypull`): each
+//! missing one is a failure that names it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn lazypull_binary() -> PathBuf {
+    // target/<profile>/deps/startup_smoke-<hash> -> target/<profile>/lazypull
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("lazypull");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (cargo build -p lazypull; cargo test --workspace does)",
+        bin.display()
+    );
+    bin
+}
+
+#[test]
+fn startup_harness_runs_every_arm_on_one_small_image() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test creates network namespaces, mounts and runs containerd: run it as root"
+    );
+    assert!(
+        std::path::Path::new("/dev/fuse").exists(),
+        "this test needs /dev/fuse"
+    );
+    let work = PathBuf::from(format!("/tmp/lpbsmoke{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_lazypull-bench"))
+        .args([
+            "startup",
+            "--images",
+            "testkit-python",
+            "--networks",
+            "1g",
+            "--samples",
+            "1",
+            "--json",
+        ])
+        .arg("--work")
+        .arg(&work)
+        .arg("--lazypull")
+        .arg(lazypull_binary())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "lazypull-bench startup failed ({}):\n{stderr}",
+        out.status
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)));
+    assert!(work.join("startup.svg").is_file(), "no chart written");
+    assert!(work.join("startup.json").is_file(), "no JSON written");
+    let _ = std::fs::remove_dir_all(&work);
+
+    let image = &report["images"][0];
+    assert_eq!(image["image"], "testkit-python", "{report:#}");
+    let arms = &image["networks"]["1g"];
+    let sample = |arm: &str| -> &serde_json::Value {
+        let s = &arms[arm]["samples"][0];
+        assert!(s.is_object(), "arm {arm} has no sample: {arms:#}");
+        s
+    };
+    // The bench fails when a run prints no ready line: a sample is a ready
+    // line seen, at a time after the clock started.
+    let measured: Vec<&str> = ["A", "B", "C", "D-A", "D-B"]
+        .into_iter()
+        .filter(|arm| arms[*arm].get("not_run").is_none())
+        .collect();
+    for arm in ["A", "B", "D-A", "D-B"] {
+        assert!(measured.contains(&arm), "arm {arm} did not run: {arms:#}");
+    }
+    for arm in &measured {
+        let s = sample(arm);
+        assert!(s["ready_secs"].as_f64().unwrap() > 0.0, "{arm}: {s}");
+        assert!(
+            s["full_read_bytes"].as_u64().unwrap_or(0) > 0,
+            "{arm}: no full read: {s}"
+        );
+    }
+    // Every file read once after ready: the same bytes whichever snapshotter.
+    let full = sample("A")["full_read_bytes"].as_u64().unwrap();
+    for arm in &measured {
+        assert_eq!(
+            sample(arm)["full_read_bytes"].as_u64().unwrap(),
+            full,
+            "arm {arm} read another amount than A: {arms:#}"
+        );
+    }
+    let a_bytes = sample("A")["bytes_to_ready"].as_u64().unwrap();
+    assert!(a_bytes > 0, "A moved nothing: {arms:#}");
+    for arm in measured.iter().filter(|a| matches!(**a, "B" | "C")) {
+        let b = sample(arm)["bytes_to_ready"].as_u64().unwrap();
+        assert!(
+            b < a_bytes,
+            "arm {arm} moved {b} bytes by ready, the full pull {a_bytes}: {arms:#}"
+        );
+    }
+}
