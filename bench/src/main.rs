@@ -148,6 +148,10 @@ enum Bench {
         /// The lazypull binary (default: beside this one).
         #[arg(long)]
         lazypull: Option<PathBuf>,
+        /// Only build (and cache) the images, then exit: the slow, network-bound
+        /// part, done once per machine.
+        #[arg(long)]
+        prepare: bool,
     },
     /// Image build throughput and memory vs. mkfs.erofs; dedup of overlapping layers.
     Build {
@@ -227,6 +231,7 @@ fn main() -> Result<()> {
             json,
             no_full_read,
             lazypull,
+            prepare,
         } => startup::run(&startup::Args {
             samples,
             images,
@@ -235,6 +240,7 @@ fn main() -> Result<()> {
             json,
             full_read: !no_full_read,
             lazypull,
+            prepare,
         }),
         Bench::Digest {
             mib,

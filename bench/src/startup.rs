@@ -85,6 +85,8 @@ pub struct Args {
     pub full_read: bool,
     /// The `lazypull` binary (default: beside this one).
     pub lazypull: Option<PathBuf>,
+    /// Only build (and cache) the images.
+    pub prepare: bool,
 }
 
 /// One network shape.
@@ -518,33 +520,19 @@ fn lazypull_arm(
     Ok((b, d))
 }
 
-/// The `lazypull optimize` flag for a plain-HTTP registry, if the command
-/// exists: `None` when `lazypull optimize --help` fails.
-fn optimize_flag(lazypull: &Path) -> Option<&'static str> {
-    let out = Command::new(lazypull)
-        .args(["optimize", "--help"])
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let help = String::from_utf8_lossy(&out.stdout);
-    Some(if help.contains("--insecure-registry") {
-        "--insecure-registry"
-    } else {
-        "--insecure"
-    })
-}
-
 /// Arm C's hook: `lazypull optimize LAZY --out OPT -- COMMAND...` (the
-/// ready command alone, no full read) run once on the unshaped network,
-/// giving the reference of an image carrying the recorded prefetch order;
-/// `Err` with the reason when that is not possible.
-fn optimized_reference(lazypull: &Path, lazy: &str, subject: &Subject) -> Result<String, String> {
-    let Some(flag) = optimize_flag(lazypull) else {
-        return Err("not run: lazypull optimize missing".into());
-    };
+/// ready command alone, no full read), run once on the unshaped network
+/// against a daemon of its own with an empty cache (started and stopped
+/// here, in `dir`), giving the reference of an image carrying the recorded
+/// prefetch order; `Err` with the reason when that fails.
+fn optimized_reference(
+    dir: &Path,
+    lazypull: &Path,
+    daemon_config: &Path,
+    net: &Net,
+    lazy: &str,
+    subject: &Subject,
+) -> Result<String, String> {
     let opt = lazy.replace("-lazy:", "-opt:");
     let mut command = subject.command.clone();
     // The recorded run is the ready part only.
@@ -552,13 +540,32 @@ fn optimized_reference(lazypull: &Path, lazy: &str, subject: &Subject) -> Result
         if let Some(ready) = last.strip_suffix(&format!(" && {SH_FULL_READ}")) {
             *last = ready.to_owned();
         }
+        if let Some(ready) = last.strip_suffix(PY_FULL_READ) {
+            *last = ready.to_owned();
+        }
     }
+    let host = net.host();
+    let (daemon, snap, ctr) = start_lazypull(
+        dir,
+        lazypull,
+        daemon_config,
+        &["--insecure-registry", &host],
+    )
+    .map_err(|e| format!("not run: starting a daemon for lazypull optimize: {e:#}"))?;
     let out = Command::new(lazypull)
-        .args(["optimize", lazy, "--out", &opt, flag, "--"])
+        .args(["optimize", lazy, "--out", &opt, "--insecure", "--socket"])
+        .arg(dir.join("d/run/ctl.sock"))
+        .arg("--work-dir")
+        .arg(dir.join("optimize"))
+        .arg("--")
         .args(&command)
         .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("not run: lazypull optimize: {e}"))?;
+        .output();
+    drop(ctr);
+    drop(snap);
+    drop(daemon);
+    containerd::unmount_under(dir);
+    let out = out.map_err(|e| format!("not run: lazypull optimize: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "not run: lazypull optimize failed ({}): {}",
@@ -622,6 +629,17 @@ pub fn run(args: &Args) -> Result<()> {
     if args.samples == 0 {
         bail!("--samples must be at least 1");
     }
+    if args.prepare {
+        for name in &args.images {
+            eprintln!(
+                "[{name}] building the image (cached in {})",
+                debian_image::CACHE_DIR
+            );
+            let subject = subject(name, args.full_read)?;
+            eprintln!("[{name}] ready: {}", subject.image.manifest_digest());
+        }
+        return Ok(());
+    }
     let lazypull = match &args.lazypull {
         Some(p) => p.clone(),
         None => crate::sibling("lazypull")?,
@@ -683,7 +701,14 @@ pub fn run(args: &Args) -> Result<()> {
             "[{}] ordinary {ordinary_bytes} bytes, lazy {lazy_bytes} bytes",
             subject.name
         );
-        let optimized = optimized_reference(&lazypull, &lazy, &subject);
+        let optimized = optimized_reference(
+            &work.join(format!("optimize-{name}")),
+            &lazypull,
+            &daemon_config,
+            &net,
+            &lazy,
+            &subject,
+        );
         if let Err(why) = &optimized {
             eprintln!("[{name}] arm C {why}");
         }

@@ -61,8 +61,9 @@ pub struct OptimizeArgs {
     /// stderr then).
     #[arg(long)]
     pub(crate) json: bool,
-    /// The workload and its arguments, run chrooted in the image as root with
-    /// PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin.
+    /// The workload and its arguments, run chrooted in the image as root, in
+    /// `/`, with the image config's Env (PATH, unless it sets one, is
+    /// /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; HOME=/root).
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub(crate) command: Vec<String>,
 }
@@ -109,6 +110,51 @@ impl Drop for Mounts {
 
 /// A path for an overlay option: its separators (`,` `:`) and `\` would
 /// need escaping, which a scratch path never needs.
+/// `name` on this process's PATH (coreutils' chroot).
+fn host_program(name: &str) -> anyhow::Result<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{name} is not on PATH (Debian's coreutils has it)"))
+}
+
+/// Largest image config read (they are a few KB; the bound keeps a hostile
+/// registry from filling memory).
+const MAX_CONFIG_SIZE: u64 = 4 << 20;
+
+/// The image config's `config.Env` (`KEY=VALUE` strings), as a container of
+/// the image gets it.
+fn image_env(src: &Registry, digest: &str, size: u64) -> anyhow::Result<Vec<(String, String)>> {
+    if size > MAX_CONFIG_SIZE {
+        bail!("the image config is {size} bytes, more than the {MAX_CONFIG_SIZE} read");
+    }
+    let bytes = src.get_blob_sized(digest, size, &|_| {})?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&bytes).context("the image config is not JSON")?;
+    env_of(&config)
+}
+
+fn env_of(config: &serde_json::Value) -> anyhow::Result<Vec<(String, String)>> {
+    let Some(env) = config.pointer("/config/Env") else {
+        return Ok(Vec::new());
+    };
+    let env = env
+        .as_array()
+        .context("config.Env is not an array of strings")?;
+    env.iter()
+        .map(|e| {
+            let e = e.as_str().context("config.Env holds a non-string")?;
+            let (k, v) = e.split_once('=').unwrap_or((e, ""));
+            if k.is_empty() {
+                bail!("config.Env holds {e:?}, which names no variable");
+            }
+            Ok((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
 fn overlay_path(p: &Path) -> anyhow::Result<String> {
     let s = p
         .to_str()
@@ -159,6 +205,9 @@ pub fn optimize(args: OptimizeArgs) -> anyhow::Result<()> {
     let (parsed, image) = LazyImage::parse_manifest(&manifest.bytes).with_context(|| {
         format!("{source} (optimize takes lazy images: `lazypull convert` makes them)")
     })?;
+
+    let env = image_env(&src, &parsed.config.digest, parsed.config.size)
+        .with_context(|| format!("reading the image config of {source}"))?;
 
     let scratch = tempfile::tempdir().context("creating a temporary directory")?;
     let work = args
@@ -245,10 +294,14 @@ pub fn optimize(args: OptimizeArgs) -> anyhow::Result<()> {
     )
     .context("asking the daemon to record")?;
     let started = Instant::now();
-    let mut cmd = Command::new("chroot");
+    // Found on the host's PATH: the child's environment is the image's.
+    let mut cmd = Command::new(host_program("chroot")?);
     cmd.arg(&root)
         .args(&args.command)
+        .env_clear()
         .env("PATH", IMAGE_PATH)
+        .env("HOME", "/root")
+        .envs(env)
         .current_dir("/");
     if args.json {
         // Stdout is the JSON result's.
@@ -339,4 +392,29 @@ pub fn optimize(args: OptimizeArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::env_of;
+    use serde_json::json;
+
+    #[test]
+    fn the_workload_gets_the_image_configs_env() {
+        let env = env_of(
+            &json!({"config": {"Env": ["PATH=/opt/bin:/usr/bin", "GREETING=hi=there", "EMPTY"]}}),
+        )
+        .unwrap();
+        assert_eq!(
+            env,
+            [
+                ("PATH".to_owned(), "/opt/bin:/usr/bin".to_owned()),
+                ("GREETING".to_owned(), "hi=there".to_owned()),
+                ("EMPTY".to_owned(), String::new()),
+            ]
+        );
+        assert!(env_of(&json!({"config": {}})).unwrap().is_empty());
+        assert!(env_of(&json!({"config": {"Env": "A=1"}})).is_err());
+        assert!(env_of(&json!({"config": {"Env": ["=1"]}})).is_err());
+    }
 }
