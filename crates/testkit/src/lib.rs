@@ -9,7 +9,9 @@
 //!   builder supports.
 //! - [`proxy`]: a fault-injecting, logging HTTP/1.1 reverse proxy to put
 //!   in front of a registry.
-//! - [`registry`]: a real `docker-registry` on 127.0.0.1 for tests.
+//! - [`registry`]: a real `docker-registry` on 127.0.0.1 for tests (plain,
+//!   htpasswd, TLS, client certificates, pull-through cache).
+//! - [`tls`]: a test CA and certificates made with `openssl` at test time.
 //! - [`containerd`]: a real containerd (with runc) whose root, state and
 //!   sockets live in a test's directory, optionally with proxy
 //!   snapshotters; stopped, its containers killed and mounts undone when
@@ -41,6 +43,7 @@ pub mod oci_image;
 pub mod proxy;
 pub mod python_image;
 pub mod registry;
+pub mod tls;
 
 pub use compare::{
     compare_dirs, compare_dirs_with, compare_entries, format_differences, Difference,

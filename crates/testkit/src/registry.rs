@@ -1,6 +1,8 @@
 //! A real OCI registry for tests: Debian's `docker-registry` (CNCF
 //! distribution) started on 127.0.0.1 with its storage in a directory, with
-//! or without htpasswd authentication, stopped when dropped.
+//! or without htpasswd authentication, optionally over TLS (with client
+//! certificates required) or as a pull-through cache of another registry
+//! ([`RegistryOptions`]), stopped when dropped.
 //!
 //! A missing binary is an error that says how to install it: tests using this
 //! fail loudly rather than skip.
@@ -16,6 +18,22 @@ pub struct RegistryServer {
     child: Child,
     addr: SocketAddr,
     log: PathBuf,
+    tls: bool,
+}
+
+/// How a [`RegistryServer`] is set up beyond storage and address.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryOptions<'a> {
+    /// Every request needs this user and password (htpasswd, bcrypt).
+    pub auth: Option<(&'a str, &'a str)>,
+    /// Serve HTTPS with this certificate and key (PEM files).
+    pub tls: Option<(&'a Path, &'a Path)>,
+    /// With `tls`: require a client certificate signed by this CA (PEM).
+    pub client_ca: Option<&'a Path>,
+    /// Be a pull-through cache (`proxy: remoteurl:`) of this registry
+    /// (`http://127.0.0.1:PORT`): read-only, blobs fetched from there on
+    /// first request and kept.
+    pub proxy_remote: Option<&'a str>,
 }
 
 fn find(binary: &str, package: &str) -> io::Result<PathBuf> {
@@ -36,6 +54,19 @@ impl RegistryServer {
     /// 127.0.0.1; with `auth`, every request needs that user and password
     /// (htpasswd, bcrypt).
     pub fn start(dir: &Path, auth: Option<(&str, &str)>) -> io::Result<RegistryServer> {
+        RegistryServer::start_with(
+            dir,
+            &RegistryOptions {
+                auth,
+                ..RegistryOptions::default()
+            },
+        )
+    }
+
+    /// Starts a registry as `opts` says, storing its data under `dir`, on
+    /// a free port of 127.0.0.1.
+    pub fn start_with(dir: &Path, opts: &RegistryOptions<'_>) -> io::Result<RegistryServer> {
+        let auth = opts.auth;
         let binary = find("docker-registry", "docker-registry")?;
         std::fs::create_dir_all(dir.join("data"))?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -61,6 +92,21 @@ impl RegistryServer {
                 htpasswd.display()
             ));
         }
+        if let Some((cert, key)) = opts.tls {
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ));
+            if let Some(ca) = opts.client_ca {
+                config.push_str(&format!("    clientcas:\n      - {}\n", ca.display()));
+            }
+        } else if opts.client_ca.is_some() {
+            return Err(io::Error::other("client_ca needs tls"));
+        }
+        if let Some(remote) = opts.proxy_remote {
+            config.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
+        }
         let config_path = dir.join("config.yml");
         std::fs::write(&config_path, config)?;
         let log = dir.join("registry.log");
@@ -84,7 +130,12 @@ impl RegistryServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let mut server = RegistryServer { child, addr, log };
+        let mut server = RegistryServer {
+            child,
+            addr,
+            log,
+            tls: opts.tls.is_some(),
+        };
         server.wait_ready(Duration::from_secs(20))?;
         Ok(server)
     }
@@ -98,7 +149,13 @@ impl RegistryServer {
                     tail(&self.log)
                 )));
             }
-            if let Ok(status) = get_status(self.addr, "/v2/") {
+            if self.tls {
+                // No TLS client here: a listening socket and a live
+                // process are ready enough (the server listens last).
+                if TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok() {
+                    return Ok(());
+                }
+            } else if let Ok(status) = get_status(self.addr, "/v2/") {
                 if status == 200 || status == 401 {
                     return Ok(());
                 }
@@ -122,6 +179,36 @@ impl RegistryServer {
     /// The registry's own log (stderr: request and access lines).
     pub fn log_path(&self) -> &Path {
         &self.log
+    }
+
+    /// `127.0.0.1:<port>`, as a registry name in references.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Its access log's requests so far: `(method, path with query,
+    /// status)` of each line (distribution's combined-log format).
+    pub fn access_log(&self) -> Vec<(String, String, u16)> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                // ... "GET /v2/r/blobs/sha256:... HTTP/1.1" 206 1234 ...
+                let start = l.find('"')?;
+                let rest = &l[start + 1..];
+                let end = rest.find('"')?;
+                let mut req = rest[..end].split(' ');
+                let method = req.next()?.to_string();
+                let path = req.next()?.to_string();
+                let status = rest[end + 1..].split_whitespace().next()?.parse().ok()?;
+                Some((method, path, status))
+            })
+            .collect()
+    }
+
+    /// Ends the registry now (as if it crashed); its log stays readable.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
