@@ -186,21 +186,17 @@ impl RegistryServer {
         self.addr.to_string()
     }
 
-    /// Its access log's requests so far: `(method, path with query,
-    /// status)` of each line (distribution's combined-log format).
+    /// The requests it answered so far: `(method, path with query,
+    /// status)` of each "response completed" line of its log.
     pub fn access_log(&self) -> Vec<(String, String, u16)> {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         text.lines()
+            .filter(|l| l.contains("msg=\"response completed\""))
             .filter_map(|l| {
-                // ... "GET /v2/r/blobs/sha256:... HTTP/1.1" 206 1234 ...
-                let start = l.find('"')?;
-                let rest = &l[start + 1..];
-                let end = rest.find('"')?;
-                let mut req = rest[..end].split(' ');
-                let method = req.next()?.to_string();
-                let path = req.next()?.to_string();
-                let status = rest[end + 1..].split_whitespace().next()?.parse().ok()?;
-                Some((method, path, status))
+                let method = log_field(l, "http.request.method")?;
+                let uri = log_field(l, "http.request.uri")?;
+                let status = log_field(l, "http.response.status")?.parse().ok()?;
+                Some((method, uri, status))
             })
             .collect()
     }
@@ -216,6 +212,17 @@ impl Drop for RegistryServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The value of `key=value` or `key="value"` in a logrus line.
+fn log_field(line: &str, key: &str) -> Option<String> {
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[at..];
+    if let Some(q) = rest.strip_prefix('"') {
+        Some(q[..q.find('"')?].to_string())
+    } else {
+        Some(rest.split_whitespace().next()?.to_string())
     }
 }
 
