@@ -1084,7 +1084,11 @@ fn a_401_in_the_middle_of_range_reads_authenticates_again_once() {
                 return reply(401, &[], "bad credentials");
             }
             let n = i2.fetch_add(1, Ordering::SeqCst) + 1;
-            return reply(200, &[], format!(r#"{{"token":"tok-{n}","expires_in":300}}"#));
+            return reply(
+                200,
+                &[],
+                format!(r#"{{"token":"tok-{n}","expires_in":300}}"#),
+            );
         }
         if req.path() == path {
             let current = format!("Bearer tok-{}", i2.load(Ordering::SeqCst));
@@ -1168,16 +1172,20 @@ fn identity_tokens_are_exchanged_for_access_tokens() {
         let challenge = format!(r#"Bearer realm="http://127.0.0.1:{port}/token",service="x""#);
         reply(401, &[("WWW-Authenticate", &challenge)], "{}")
     });
-    let reg = Registry::new(&srv.host(), "r", creds("<token>", "refresh-me"), &fast_opts(1))
-        .unwrap();
+    let reg = Registry::new(
+        &srv.host(),
+        "r",
+        creds("<token>", "refresh-me"),
+        &fast_opts(1),
+    )
+    .unwrap();
     assert!(reg.get_blob(&d, &|_| {}).unwrap() == blob);
     let wrong = Registry::new(&srv.host(), "r", creds("<token>", "stale"), &fast_opts(1)).unwrap();
     let err = wrong.get_blob(&d, &|_| {}).unwrap_err();
     assert!(matches!(err, RegistryError::AuthFailed { .. }), "{err}");
 
-    let basic_only = Server::start(|_, _| {
-        reply(401, &[("WWW-Authenticate", r#"Basic realm="r""#)], "")
-    });
+    let basic_only =
+        Server::start(|_, _| reply(401, &[("WWW-Authenticate", r#"Basic realm="r""#)], ""));
     let reg = Registry::new(
         &basic_only.host(),
         "r",

@@ -122,7 +122,10 @@ fn a_pull_through_cache_mirror_serves_range_reads_and_the_upstream_takes_over_wh
     let reg = Registry::new(&upstream.host(), "lp/img", None, &opts(&certs)).unwrap();
     assert_eq!(
         reg.mirrors(),
-        [format!("http://{dead_addr}"), format!("http://{}", mirror.host())]
+        [
+            format!("http://{dead_addr}"),
+            format!("http://{}", mirror.host())
+        ]
     );
     // The dead mirror is tried once, then skipped while it is down.
     assert_eq!(reg.get_manifest("v1").unwrap().digest, md);
@@ -142,7 +145,10 @@ fn a_pull_through_cache_mirror_serves_range_reads_and_the_upstream_takes_over_wh
     ));
     let t0 = Instant::now();
     while std::fs::metadata(&stored).map(|m| m.len()).unwrap_or(0) != layer.len() as u64 {
-        assert!(t0.elapsed() < Duration::from_secs(30), "the mirror never stored the blob");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the mirror never stored the blob"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let upstream_ranges = || logged(&upstream, &format!("/blobs/{d}"), 206);
@@ -192,14 +198,27 @@ fn a_registry_with_a_private_ca_works_with_its_ca_and_fails_clearly_without() {
     let err = without.get_manifest("v1").unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, RegistryError::Tls { .. }), "{msg}");
-    for needle in [&*host, "not signed by a CA", "ca = ", &*file.to_string_lossy()] {
+    for needle in [
+        &*host,
+        "not signed by a CA",
+        "ca = ",
+        &*file.to_string_lossy(),
+    ] {
         assert!(msg.contains(needle), "{needle:?} missing from: {msg}");
     }
-    assert_eq!(without.stats().retries, 0, "a certificate error is not retried");
+    assert_eq!(
+        without.stats().retries,
+        0,
+        "a certificate error is not retried"
+    );
 
     // The CA in hosts.toml, by a path relative to it: push and read back.
     std::fs::copy(&ca.cert, file.parent().unwrap().join("ca.pem")).unwrap();
-    hosts_toml(&certs, &host, &format!("server = \"https://{host}\"\nca = \"ca.pem\"\n"));
+    hosts_toml(
+        &certs,
+        &host,
+        &format!("server = \"https://{host}\"\nca = \"ca.pem\"\n"),
+    );
     let with = Registry::new(&host, "lp/tls", None, &opts(&certs)).unwrap();
     let layer = pattern(200_000, 3);
     let md = push_image(&with, &layer, "v1");
@@ -231,7 +250,10 @@ fn a_registry_requiring_client_certificates_works_with_one_and_fails_clearly_wit
     .unwrap();
     let host = reg_srv.host();
     let certs = tmp.path().join("certs.d");
-    let base = format!("server = \"https://{host}\"\nca = \"{}\"\n", ca.cert.display());
+    let base = format!(
+        "server = \"https://{host}\"\nca = \"{}\"\n",
+        ca.cert.display()
+    );
     let file = hosts_toml(&certs, &host, &base);
 
     let err = Registry::new(&host, "lp/mtls", None, &opts(&certs))
@@ -288,7 +310,8 @@ fn a_registry_requiring_client_certificates_works_with_one_and_fails_clearly_wit
 fn a_credential_helper_supplies_the_password_of_an_htpasswd_registry() {
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
-    let srv = RegistryServer::start(&tmp.path().join("reg"), Some(("alice", "wonder-land"))).unwrap();
+    let srv =
+        RegistryServer::start(&tmp.path().join("reg"), Some(("alice", "wonder-land"))).unwrap();
     let host = srv.host();
     let bin = tmp.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
@@ -320,7 +343,10 @@ fn a_credential_helper_supplies_the_password_of_an_htpasswd_registry() {
         .unwrap()
         .expect("the helper's credentials");
     assert_eq!(creds.username, "alice");
-    assert_eq!(std::fs::read_to_string(&asked).unwrap(), format!("{host}\n"));
+    assert_eq!(
+        std::fs::read_to_string(&asked).unwrap(),
+        format!("{host}\n")
+    );
     let certs = tmp.path().join("no-certs.d");
     let reg = Registry::new(&host, "lp/helped", Some(creds), &opts(&certs)).unwrap();
     let layer = pattern(50_000, 1);

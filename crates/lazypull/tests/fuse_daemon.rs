@@ -1730,7 +1730,10 @@ fn a_lazy_image_reads_through_a_pull_through_mirror_and_from_the_upstream_when_i
         ));
         let t0 = Instant::now();
         while fs::metadata(&stored).map(|m| m.len()).unwrap_or(0) != size {
-            assert!(t0.elapsed() < Duration::from_secs(30), "the mirror never stored {d}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the mirror never stored {d}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -1756,7 +1759,10 @@ fn a_lazy_image_reads_through_a_pull_through_mirror_and_from_the_upstream_when_i
     // bytes are still to fetch when the mirror stops.
     fs::write(
         dir.join("config.toml"),
-        format!("retries = 2\nreadahead = 0\nhosts_dir = \"{}\"\n", certs.display()),
+        format!(
+            "retries = 2\nreadahead = 0\nhosts_dir = \"{}\"\n",
+            certs.display()
+        ),
     )
     .unwrap();
     let socket = dir.join("run/ctl.sock");
@@ -1785,7 +1791,10 @@ fn a_lazy_image_reads_through_a_pull_through_mirror_and_from_the_upstream_when_i
     let digest = |b: &[u8]| <[u8; 32]>::from(Sha256::digest(b));
     assert_eq!(sha(&mnt.join("first.bin")).unwrap(), digest(&first));
     let through_mirror = ranges_logged(&mirror);
-    assert!(through_mirror >= 2, "the mirror served {through_mirror} range reads");
+    assert!(
+        through_mirror >= 2,
+        "the mirror served {through_mirror} range reads"
+    );
     assert_eq!(
         ranges_logged(&upstream),
         upstream_before,

@@ -233,7 +233,10 @@ fn run_helper(
             return Ok(None);
         }
         let said: String = said.chars().take(300).collect();
-        return Err(format!("{} get exited with {status}: {said}", bin.display()));
+        return Err(format!(
+            "{} get exited with {status}: {said}",
+            bin.display()
+        ));
     }
     #[derive(serde::Deserialize)]
     struct Answer {
@@ -677,7 +680,10 @@ esac"#,
         };
         let get = |reg: &str| docker_config_credentials_with(Some(&cfg), reg, &helpers);
         let alice = get("reg.lan:5000").unwrap().unwrap();
-        assert_eq!((alice.username.as_str(), alice.password.as_str()), ("alice", "s3cret"));
+        assert_eq!(
+            (alice.username.as_str(), alice.password.as_str()),
+            ("alice", "s3cret")
+        );
         assert!(!alice.is_identity_token());
         // credHelpers' helper knows nothing of other.lan: no credentials,
         // and the default store is not asked for a host with its own helper.
@@ -698,7 +704,10 @@ esac"#,
         );
         assert!(!err.contains("s3cret"), "{err}");
         let err = get("failing.lan").unwrap_err().to_string();
-        assert!(err.contains("helper exploded") && err.contains("failing.lan"), "{err}");
+        assert!(
+            err.contains("helper exploded") && err.contains("failing.lan"),
+            "{err}"
+        );
         let asked = std::fs::read_to_string(&log).unwrap();
         assert_eq!(
             asked.lines().collect::<Vec<_>>(),
@@ -712,11 +721,7 @@ esac"#,
             ]
         );
         // An identity token in the file itself.
-        std::fs::write(
-            &cfg,
-            r#"{"auths": {"tok.lan": {"identitytoken": "idt"}}}"#,
-        )
-        .unwrap();
+        std::fs::write(&cfg, r#"{"auths": {"tok.lan": {"identitytoken": "idt"}}}"#).unwrap();
         let t = get("tok.lan").unwrap().unwrap();
         assert!(t.is_identity_token() && t.password == "idt");
         // A helper that hangs is killed at the timeout.

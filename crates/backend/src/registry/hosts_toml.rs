@@ -110,11 +110,7 @@ pub fn host_dir(root: &Path, registry: &str) -> Option<PathBuf> {
     let mut candidates = Vec::new();
     if let Some(idx) = registry.rfind(':') {
         if idx > 0 && !registry.ends_with(']') {
-            candidates.push(root.join(format!(
-                "{}_{}_",
-                &registry[..idx],
-                &registry[idx + 1..]
-            )));
+            candidates.push(root.join(format!("{}_{}_", &registry[..idx], &registry[idx + 1..])));
         }
     }
     candidates.push(root.join(registry));
@@ -223,7 +219,12 @@ fn entry(server: Option<&str>, dir: &Path, t: &toml::Table) -> Result<HostEntry,
     let override_path = match t.get("override_path") {
         None => false,
         Some(toml::Value::Boolean(b)) => *b,
-        Some(v) => return Err(format!("override_path must be a boolean, not {}", v.type_str())),
+        Some(v) => {
+            return Err(format!(
+                "override_path must be a boolean, not {}",
+                v.type_str()
+            ))
+        }
     };
     let mut e = upstream_default(HostTls::default());
     if let Some(server) = server {
@@ -307,7 +308,9 @@ fn entry(server: Option<&str>, dir: &Path, t: &toml::Table) -> Result<HostEntry,
                             pair.len()
                         ));
                     }
-                    e.tls.client_pairs.push((abs(&pair[0]), Some(abs(&pair[1]))));
+                    e.tls
+                        .client_pairs
+                        .push((abs(&pair[0]), Some(abs(&pair[1]))));
                 }
                 v => return Err(format!("invalid type {} in \"client\"", v.type_str())),
             }
@@ -316,7 +319,12 @@ fn entry(server: Option<&str>, dir: &Path, t: &toml::Table) -> Result<HostEntry,
     match t.get("skip_verify") {
         None => {}
         Some(toml::Value::Boolean(b)) => e.tls.skip_verify = *b,
-        Some(v) => return Err(format!("skip_verify must be a boolean, not {}", v.type_str())),
+        Some(v) => {
+            return Err(format!(
+                "skip_verify must be a boolean, not {}",
+                v.type_str()
+            ))
+        }
     }
     if let Some(h) = t.get("header") {
         let h = h
@@ -336,7 +344,12 @@ fn entry(server: Option<&str>, dir: &Path, t: &toml::Table) -> Result<HostEntry,
                 format!("dial_timeout {s:?} is not a duration such as \"500ms\" or \"5s\"")
             })?)
         }
-        Some(v) => return Err(format!("dial_timeout must be a string, not {}", v.type_str())),
+        Some(v) => {
+            return Err(format!(
+                "dial_timeout must be a string, not {}",
+                v.type_str()
+            ))
+        }
     }
     Ok(e)
 }
@@ -353,7 +366,10 @@ fn strings(v: &toml::Value) -> Result<Vec<String>, String> {
                     .ok_or_else(|| format!("{} is not a string", x))
             })
             .collect(),
-        v => Err(format!("expected a string or an array of strings, not {}", v.type_str())),
+        v => Err(format!(
+            "expected a string or an array of strings, not {}",
+            v.type_str()
+        )),
     }
 }
 
@@ -506,7 +522,11 @@ ca = "upstream-ca.pem"
         // A path already ending in /v2 keeps it once; no scheme means https.
         let hosts = parse_ok("server = \"reg.lan/v2/\"\n");
         assert_eq!(
-            (hosts[0].scheme.as_str(), hosts[0].host.as_str(), hosts[0].path.as_str()),
+            (
+                hosts[0].scheme.as_str(),
+                hosts[0].host.as_str(),
+                hosts[0].path.as_str()
+            ),
             ("https", "reg.lan", "/v2")
         );
     }
@@ -515,12 +535,24 @@ ca = "upstream-ca.pem"
     fn bad_files_are_errors_saying_what_is_wrong() {
         for (text, why) in [
             ("server = 5", "server must be a string"),
-            ("[host.\"http://m\"]\ncapabilities = [\"fly\"]", "unknown capability \"fly\""),
-            ("[host.\"http://m\"]\nclient = [[\"a\"]]", "[certificate, key]"),
+            (
+                "[host.\"http://m\"]\ncapabilities = [\"fly\"]",
+                "unknown capability \"fly\"",
+            ),
+            (
+                "[host.\"http://m\"]\nclient = [[\"a\"]]",
+                "[certificate, key]",
+            ),
             ("[host.\"http://m\"]\nca = 3", "ca: expected a string"),
             ("[host.\"httpx://m\"]\n", "not http or https"),
-            ("[host.\"http://m\"]\nskip_verify = \"yes\"", "skip_verify must be a boolean"),
-            ("[host.\"http://m\"]\ndial_timeout = \"soon\"", "dial_timeout"),
+            (
+                "[host.\"http://m\"]\nskip_verify = \"yes\"",
+                "skip_verify must be a boolean",
+            ),
+            (
+                "[host.\"http://m\"]\ndial_timeout = \"soon\"",
+                "dial_timeout",
+            ),
             ("server = \"", "string"),
         ] {
             let err = parse(Path::new("/d"), text).unwrap_err();
@@ -557,12 +589,18 @@ ca = "upstream-ca.pem"
         assert_eq!(tls.ca_files, [d.join("ca.crt")]);
         assert_eq!(
             tls.client_pairs,
-            [(d.join("lone.cert"), None), (d.join("me.cert"), Some(d.join("me.key")))]
+            [
+                (d.join("lone.cert"), None),
+                (d.join("me.cert"), Some(d.join("me.key")))
+            ]
         );
         // A broken hosts.toml is an error naming it.
         std::fs::write(d.join("hosts.toml"), "server = [").unwrap();
         let err = load(root.path(), "reg.lan").unwrap_err().to_string();
-        assert!(err.contains(&*d.join("hosts.toml").to_string_lossy()), "{err}");
+        assert!(
+            err.contains(&*d.join("hosts.toml").to_string_lossy()),
+            "{err}"
+        );
         assert_eq!(load(root.path(), "elsewhere.lan").unwrap(), None);
     }
 

@@ -327,7 +327,10 @@ impl Registry {
         for (i, e) in entries.into_iter().enumerate() {
             let mirror = i != last;
             let (scheme, name) = if e.host.is_empty() {
-                (opts.scheme_for(&default_host).to_string(), default_host.clone())
+                (
+                    opts.scheme_for(&default_host).to_string(),
+                    default_host.clone(),
+                )
             } else {
                 (e.scheme.clone(), e.host.clone())
             };
@@ -425,10 +428,7 @@ impl Registry {
     }
 
     fn url(&self, ep: &Endpoint, tail: &str) -> String {
-        let mut u = format!(
-            "{}{}/{}/{tail}",
-            ep.base, ep.prefix, self.inner.repository
-        );
+        let mut u = format!("{}{}/{}/{tail}", ep.base, ep.prefix, self.inner.repository);
         if let Some(ns) = &ep.ns {
             // A validated registry name (`host[:port]`) needs no escaping.
             u.push_str(if tail.contains('?') { "&ns=" } else { "?ns=" });
@@ -516,13 +516,21 @@ impl Registry {
         }
         if chain.contains("NotValidForName") {
             return tls(
-                format!("its certificate is not valid for the name {} ({chain})", ep.name),
+                format!(
+                    "its certificate is not valid for the name {} ({chain})",
+                    ep.name
+                ),
                 "use the name the certificate is issued for, or fix the certificate".into(),
             );
         }
-        let alert = ["CertificateRequired", "BadCertificate", "HandshakeFailure", "UnknownCA"]
-            .iter()
-            .any(|a| chain.contains(&format!("alert: {a}")) || chain.contains(a));
+        let alert = [
+            "CertificateRequired",
+            "BadCertificate",
+            "HandshakeFailure",
+            "UnknownCA",
+        ]
+        .iter()
+        .any(|a| chain.contains(&format!("alert: {a}")) || chain.contains(a));
         if alert && chain.contains("alert") {
             return if ep.tls.client_pairs.is_empty() {
                 tls(
@@ -618,14 +626,17 @@ impl Registry {
         } else if ep.creds.is_none() {
             Err(self.rejected(ep))
         } else {
-            Err(self.protocol(ep, format!(
-                "HTTP 401 without a Basic or Bearer challenge ({} offered)",
-                challenges
-                    .iter()
-                    .map(|c| c.scheme.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )))
+            Err(self.protocol(
+                ep,
+                format!(
+                    "HTTP 401 without a Basic or Bearer challenge ({} offered)",
+                    challenges
+                        .iter()
+                        .map(|c| c.scheme.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ))
         }
     }
 
@@ -637,9 +648,8 @@ impl Registry {
         service: Option<&str>,
         scopes: &[String],
     ) -> Result<(String, Instant), RegistryError> {
-        let mut url = Url::parse(realm).map_err(|e| {
-            self.protocol(ep, format!("Bearer realm {realm:?} is not a URL: {e}"))
-        })?;
+        let mut url = Url::parse(realm)
+            .map_err(|e| self.protocol(ep, format!("Bearer realm {realm:?} is not a URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(self.protocol(ep, format!("Bearer realm {realm:?} is not http(s)")));
         }
@@ -900,11 +910,7 @@ impl Registry {
         let what = self.describe("manifest", reference);
         let accept = media_type::MANIFEST_ACCEPT.join(", ");
         let by_digest = reference.contains(':');
-        let may: fn(&Capabilities) -> bool = if by_digest {
-            |c| c.pull
-        } else {
-            |c| c.resolve
-        };
+        let may: fn(&Capabilities) -> bool = if by_digest { |c| c.pull } else { |c| c.resolve };
         let tail = format!("manifests/{reference}");
         let (bytes, content_type, digest) = self.over_hosts(
             may,
@@ -1036,111 +1042,115 @@ impl Registry {
         // A transfer that breaks off on one host goes on where it stopped
         // on the next: the bytes of a digest are the same everywhere.
         let upstream_url = self.url(self.upstream(), &tail);
-        self.over_hosts(|c| c.pull, &format_args!("GET {upstream_url}"), |ep| {
-            let url = self.url(ep, &tail);
-            let start = written;
-            let (resp, _permit) = self.send(ep, Access::Pull, &url, &|c| {
-                let rb = c.get(&url);
-                Ok(if start > 0 {
-                    inc(&self.inner.stats.range_requests);
-                    rb.header(RANGE, format!("bytes={start}-"))
-                } else {
-                    rb
-                })
-            })?;
-            let mut resp = self.check(ep, resp, &url, &what)?;
-            // Bytes of this response to skip: a server that answers a resume
-            // with the whole blob (200) repeats what we already have.
-            let mut skip = 0u64;
-            match resp.status().as_u16() {
-                200 => skip = start,
-                206 => {
-                    let cr = transport::header_str(&resp, &CONTENT_RANGE).unwrap_or("");
-                    let first = transport::parse_content_range(cr).and_then(|(r, _)| r);
-                    if first.map(|(a, _)| a) != Some(start) {
+        self.over_hosts(
+            |c| c.pull,
+            &format_args!("GET {upstream_url}"),
+            |ep| {
+                let url = self.url(ep, &tail);
+                let start = written;
+                let (resp, _permit) = self.send(ep, Access::Pull, &url, &|c| {
+                    let rb = c.get(&url);
+                    Ok(if start > 0 {
+                        inc(&self.inner.stats.range_requests);
+                        rb.header(RANGE, format!("bytes={start}-"))
+                    } else {
+                        rb
+                    })
+                })?;
+                let mut resp = self.check(ep, resp, &url, &what)?;
+                // Bytes of this response to skip: a server that answers a resume
+                // with the whole blob (200) repeats what we already have.
+                let mut skip = 0u64;
+                match resp.status().as_u16() {
+                    200 => skip = start,
+                    206 => {
+                        let cr = transport::header_str(&resp, &CONTENT_RANGE).unwrap_or("");
+                        let first = transport::parse_content_range(cr).and_then(|(r, _)| r);
+                        if first.map(|(a, _)| a) != Some(start) {
+                            return Err(RegistryError::Protocol {
+                                url: url.clone(),
+                                why: format!("resuming at byte {start}, got Content-Range {cr:?}"),
+                            });
+                        }
+                    }
+                    s => {
                         return Err(RegistryError::Protocol {
                             url: url.clone(),
-                            why: format!("resuming at byte {start}, got Content-Range {cr:?}"),
+                            why: format!("unexpected HTTP {s} for a blob"),
+                        })
+                    }
+                }
+                let announced = transport::content_length(&resp);
+                if let (Some(size), Some(n)) = (declared, announced) {
+                    // What this answer should carry: all of it (200, of which
+                    // `skip` bytes are had already) or the rest from `start`.
+                    let rest = size.saturating_sub(start - skip);
+                    if n != rest {
+                        return Err(RegistryError::WrongSize {
+                            what: what.clone(),
+                            declared: size,
+                            why: format!(
+                                "the server announces a body of {n} bytes (from byte {})",
+                                start - skip
+                            ),
                         });
                     }
                 }
-                s => {
+                let mut got = 0u64;
+                loop {
+                    let n = match resp.read(&mut chunk) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(source) => {
+                            return Err(RegistryError::BodyRead {
+                                url: url.clone(),
+                                source,
+                            })
+                        }
+                    };
+                    self.inner.stats.received(n);
+                    got += n as u64;
+                    let mut data = &chunk[..n];
+                    let drop_n = skip.min(n as u64) as usize;
+                    skip -= drop_n as u64;
+                    data = &data[drop_n..];
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if declared.is_some_and(|size| written + data.len() as u64 > size) {
+                        return Err(RegistryError::WrongSize {
+                            what: what.clone(),
+                            declared: declared.unwrap_or_default(),
+                            why: "the server sends more bytes".into(),
+                        });
+                    }
+                    hasher.update(data);
+                    w.write_all(data).map_err(|source| RegistryError::Io {
+                        what: format!("writing {what}"),
+                        source,
+                    })?;
+                    written += data.len() as u64;
+                    progress(written);
+                }
+                if let Some(n) = announced {
+                    if got != n {
+                        return Err(RegistryError::BodyLength {
+                            url: url.clone(),
+                            expected: n,
+                            got,
+                        });
+                    }
+                }
+                if skip > 0 {
                     return Err(RegistryError::Protocol {
                         url: url.clone(),
-                        why: format!("unexpected HTTP {s} for a blob"),
-                    })
-                }
-            }
-            let announced = transport::content_length(&resp);
-            if let (Some(size), Some(n)) = (declared, announced) {
-                // What this answer should carry: all of it (200, of which
-                // `skip` bytes are had already) or the rest from `start`.
-                let rest = size.saturating_sub(start - skip);
-                if n != rest {
-                    return Err(RegistryError::WrongSize {
-                        what: what.clone(),
-                        declared: size,
-                        why: format!(
-                            "the server announces a body of {n} bytes (from byte {})",
-                            start - skip
-                        ),
+                        why: format!("the blob got shorter than the {start} bytes already read"),
                     });
                 }
-            }
-            let mut got = 0u64;
-            loop {
-                let n = match resp.read(&mut chunk) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(source) => {
-                        return Err(RegistryError::BodyRead {
-                            url: url.clone(),
-                            source,
-                        })
-                    }
-                };
-                self.inner.stats.received(n);
-                got += n as u64;
-                let mut data = &chunk[..n];
-                let drop_n = skip.min(n as u64) as usize;
-                skip -= drop_n as u64;
-                data = &data[drop_n..];
-                if data.is_empty() {
-                    continue;
-                }
-                if declared.is_some_and(|size| written + data.len() as u64 > size) {
-                    return Err(RegistryError::WrongSize {
-                        what: what.clone(),
-                        declared: declared.unwrap_or_default(),
-                        why: "the server sends more bytes".into(),
-                    });
-                }
-                hasher.update(data);
-                w.write_all(data).map_err(|source| RegistryError::Io {
-                    what: format!("writing {what}"),
-                    source,
-                })?;
-                written += data.len() as u64;
-                progress(written);
-            }
-            if let Some(n) = announced {
-                if got != n {
-                    return Err(RegistryError::BodyLength {
-                        url: url.clone(),
-                        expected: n,
-                        got,
-                    });
-                }
-            }
-            if skip > 0 {
-                return Err(RegistryError::Protocol {
-                    url: url.clone(),
-                    why: format!("the blob got shorter than the {start} bytes already read"),
-                });
-            }
-            Ok(())
-        })?;
+                Ok(())
+            },
+        )?;
         let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
         if actual != digest {
             inc(&self.inner.stats.failures);
