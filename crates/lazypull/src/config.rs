@@ -508,6 +508,31 @@ mod tests {
     }
 
     #[test]
+    fn hosts_dir_defaults_to_containerds_and_the_flag_wins_over_the_file() {
+        assert_eq!(
+            args().resolve().unwrap().hosts_dir,
+            Some(PathBuf::from("/etc/containerd/certs.d"))
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "hosts_dir = \"/srv/certs.d\"\n").unwrap();
+        let mut a = args();
+        a.config = Some(path.clone());
+        assert_eq!(
+            a.resolve().unwrap().hosts_dir,
+            Some(PathBuf::from("/srv/certs.d"))
+        );
+        a.hosts_dir = Some(PathBuf::from("/flag/certs.d"));
+        assert_eq!(
+            a.resolve().unwrap().hosts_dir,
+            Some(PathBuf::from("/flag/certs.d"))
+        );
+        // "" reads none.
+        a.hosts_dir = Some(PathBuf::new());
+        assert_eq!(a.resolve().unwrap().hosts_dir, None);
+    }
+
+    #[test]
     fn sizes_parse_with_units() {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("512K"), Ok(512 << 10));

@@ -36,6 +36,19 @@
 //! runtime threads go from one per blob to one per host. What it costs: all
 //! I/O to one host (TLS included) runs on that host's one runtime thread, as
 //! all I/O to one blob already did.
+//!
+//! # Hosts: mirrors, then the upstream
+//!
+//! A `Registry` holds one endpoint per host its requests may go to: the
+//! mirrors of the registry's containerd `hosts.toml` ([`hosts_toml`], read
+//! from [`ClientOptions::hosts_dir`]), in file order, then the upstream.
+//! Each endpoint has its own client (its TLS settings are part of the
+//! [`Hosts`] key), auth state and credentials. Every operation that reads
+//! ([`Registry::get_manifest`], blob downloads, Range reads) walks them per
+//! request (`over_hosts`): a mirror once, without retries; its failure is
+//! logged, counted and handed on; the upstream last, with retries. Nothing
+//! is remembered between requests except that a mirror refusing
+//! connections is skipped for a few seconds.
 
 mod auth;
 mod error;
