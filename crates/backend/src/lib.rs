@@ -19,8 +19,9 @@ mod transport;
 
 pub use http::HttpBlob;
 pub use registry::{
-    docker_config_credentials, ClientOptions, Credentials, HostLoad, Hosts, Manifest, Reference,
-    Registry, RegistryError, RequestStats,
+    docker_config_credentials, docker_config_credentials_with, ClientOptions, CredentialLookup,
+    Credentials, Helpers, HostLoad, Hosts, Manifest, Reference, Registry, RegistryError,
+    RequestStats,
 };
 pub use retry::RetryPolicy;
 pub use transport::totals as http_totals;

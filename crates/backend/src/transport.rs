@@ -50,6 +50,7 @@ static TOTAL_RANGE_REQUESTS: AtomicU64 = AtomicU64::new(0);
 static TOTAL_BYTES: AtomicU64 = AtomicU64::new(0);
 static TOTAL_RETRIES: AtomicU64 = AtomicU64::new(0);
 static TOTAL_FAILURES: AtomicU64 = AtomicU64::new(0);
+static TOTAL_MIRROR_FALLBACKS: AtomicU64 = AtomicU64::new(0);
 
 /// Every HTTP request this process sent to registries and blob servers, over
 /// all clients (the number a server's access log shows).
@@ -61,6 +62,7 @@ pub fn totals() -> RequestStats {
         bytes_received: g(&TOTAL_BYTES),
         retries: g(&TOTAL_RETRIES),
         failures: g(&TOTAL_FAILURES),
+        mirror_fallbacks: g(&TOTAL_MIRROR_FALLBACKS),
     }
 }
 
@@ -72,6 +74,7 @@ pub(crate) struct Stats {
     pub bytes_received: Counter,
     pub retries: Counter,
     pub failures: Counter,
+    pub mirror_fallbacks: Counter,
 }
 
 impl Default for Stats {
@@ -82,6 +85,7 @@ impl Default for Stats {
             bytes_received: Counter::new(&TOTAL_BYTES),
             retries: Counter::new(&TOTAL_RETRIES),
             failures: Counter::new(&TOTAL_FAILURES),
+            mirror_fallbacks: Counter::new(&TOTAL_MIRROR_FALLBACKS),
         }
     }
 }
@@ -98,6 +102,7 @@ impl Stats {
             bytes_received: self.bytes_received.get(),
             retries: self.retries.get(),
             failures: self.failures.get(),
+            mirror_fallbacks: self.mirror_fallbacks.get(),
         }
     }
 

@@ -1062,3 +1062,237 @@ fn sized_blob_downloads_stop_at_the_declared_size() {
         );
     }
 }
+
+/// A token revoked or expired early (the registry says 401 to it in the
+/// middle of a long read): the client authenticates again, once, and the
+/// read goes on; a registry that refuses the fresh token too is a clear
+/// authentication failure, not a loop.
+#[test]
+fn a_401_in_the_middle_of_range_reads_authenticates_again_once() {
+    let blob = data(40_000);
+    let d = digest_of(&blob);
+    let blob2 = blob.clone();
+    let path = format!("/v2/r/blobs/{d}");
+    // Tokens are tok-1, tok-2, ...; the registry accepts only the newest,
+    // and retires it after every 3 blob requests answered.
+    let issued = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let (i2, s2) = (issued.clone(), served.clone());
+    let srv = Server::start(move |req, port| {
+        if req.path() == "/token" {
+            if req.header("authorization") != Some(&basic("alice", "pw")) {
+                return reply(401, &[], "bad credentials");
+            }
+            let n = i2.fetch_add(1, Ordering::SeqCst) + 1;
+            return reply(
+                200,
+                &[],
+                format!(r#"{{"token":"tok-{n}","expires_in":300}}"#),
+            );
+        }
+        if req.path() == path {
+            let current = format!("Bearer tok-{}", i2.load(Ordering::SeqCst));
+            let fresh = req.header("authorization") == Some(&current)
+                && s2.load(Ordering::SeqCst) < 3 * i2.load(Ordering::SeqCst);
+            if fresh {
+                s2.fetch_add(1, Ordering::SeqCst);
+                return serve_range(req, &blob2);
+            }
+            let challenge = format!(
+                r#"Bearer realm="http://127.0.0.1:{port}/token",service="x",scope="repository:r:pull""#
+            );
+            return reply(401, &[("WWW-Authenticate", &challenge)], "{}");
+        }
+        reply(404, &[], "")
+    });
+    let reg = Registry::new(&srv.host(), "r", creds("alice", "pw"), &fast_opts(3)).unwrap();
+    let reader = reg.blob_reader(&d, blob.len() as u64);
+    for i in 0..8usize {
+        let off = i * 5000;
+        let mut buf = vec![0u8; 5000];
+        reader.read_exact_at(&mut buf, off as u64).unwrap();
+        assert!(buf[..] == blob[off..off + 5000], "read {i}");
+    }
+    // 8 reads at 3 per token: tokens 1, 2, 3 — each renewal after a 401.
+    assert_eq!(srv.count("/token"), 3, "{:#?}", srv.requests());
+    assert_eq!(reg.stats().failures, 0);
+
+    // A registry that takes no token at all after the first challenge.
+    let srv = Server::start(move |req, port| {
+        if req.path() == "/token" {
+            return reply(200, &[], r#"{"token":"never-good"}"#);
+        }
+        let challenge = format!(r#"Bearer realm="http://127.0.0.1:{port}/token",service="x""#);
+        reply(401, &[("WWW-Authenticate", &challenge)], "{}")
+    });
+    let reg = Registry::new(&srv.host(), "r", creds("alice", "pw"), &fast_opts(3)).unwrap();
+    let err = reg
+        .blob_reader(&d, blob.len() as u64)
+        .read_exact_at(&mut [0u8; 10], 0)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+    assert!(
+        err.to_string().contains("rejected the credentials") && err.to_string().contains("alice"),
+        "{err}"
+    );
+    // One token for the first challenge, one more after the refusal, then
+    // the error: no loop, no retries of an authentication failure.
+    assert_eq!(srv.count("/token"), 1, "{:#?}", srv.requests());
+    assert_eq!(srv.count(&format!("/v2/r/blobs/{d}")), 2);
+}
+
+/// Docker's identity token (`Username: "<token>"`) is an OAuth2 refresh
+/// token: exchanged at the realm by a POST, never sent as a password; a
+/// Basic-only registry refuses it with a message saying why.
+#[test]
+fn identity_tokens_are_exchanged_for_access_tokens() {
+    let blob = data(3000);
+    let d = digest_of(&blob);
+    let blob2 = blob.clone();
+    let path = format!("/v2/r/blobs/{d}");
+    let srv = Server::start(move |req, port| {
+        if req.path() == "/token" {
+            let body = String::from_utf8_lossy(&req.body).to_string();
+            let form: Vec<&str> = body.split('&').collect();
+            let ok = req.method == "POST"
+                && form.contains(&"grant_type=refresh_token")
+                && form.contains(&"refresh_token=refresh-me")
+                && form.contains(&"service=x")
+                && form.contains(&"scope=repository%3Ar%3Apull")
+                && req.header("authorization").is_none();
+            return if ok {
+                reply(200, &[], r#"{"access_token":"acc","expires_in":300}"#)
+            } else {
+                reply(400, &[], r#"{"error":"invalid_grant"}"#)
+            };
+        }
+        if req.path() == path && req.header("authorization") == Some("Bearer acc") {
+            return serve_range(req, &blob2);
+        }
+        let challenge = format!(r#"Bearer realm="http://127.0.0.1:{port}/token",service="x""#);
+        reply(401, &[("WWW-Authenticate", &challenge)], "{}")
+    });
+    let reg = Registry::new(
+        &srv.host(),
+        "r",
+        creds("<token>", "refresh-me"),
+        &fast_opts(1),
+    )
+    .unwrap();
+    assert!(reg.get_blob(&d, &|_| {}).unwrap() == blob);
+    let wrong = Registry::new(&srv.host(), "r", creds("<token>", "stale"), &fast_opts(1)).unwrap();
+    let err = wrong.get_blob(&d, &|_| {}).unwrap_err();
+    assert!(matches!(err, RegistryError::AuthFailed { .. }), "{err}");
+
+    let basic_only =
+        Server::start(|_, _| reply(401, &[("WWW-Authenticate", r#"Basic realm="r""#)], ""));
+    let reg = Registry::new(
+        &basic_only.host(),
+        "r",
+        creds("<token>", "refresh-me"),
+        &fast_opts(1),
+    )
+    .unwrap();
+    let err = reg.get_blob(&d, &|_| {}).unwrap_err();
+    assert!(
+        matches!(err, RegistryError::IdentityTokenNeedsBearer { .. })
+            && err.to_string().contains(&basic_only.host()),
+        "{err}"
+    );
+    assert!(basic_only
+        .requests()
+        .iter()
+        .all(|r| r.header("authorization").is_none()));
+}
+
+/// Mirrors of a `hosts.toml` fail in every way a mirror can (5xx, 404, a
+/// 200 for a Range, a wrong manifest): each request then goes to the next
+/// host, the upstream last; mirrors get their headers and `?ns=`, never the
+/// upstream's credentials.
+#[test]
+fn failing_mirrors_hand_each_request_to_the_next_host() {
+    warnings(); // installs the log sink before anything logs
+    let blob = data(20_000);
+    let d = digest_of(&blob);
+    let manifest = br#"{"schemaVersion":2}"#.to_vec();
+    let md = digest_of(&manifest);
+    let (b2, m2) = (blob.clone(), manifest.clone());
+    let upstream = Server::start(move |req, _| {
+        if req.header("authorization") != Some(&basic("alice", "pw")) {
+            return reply(401, &[("WWW-Authenticate", r#"Basic realm="r""#)], "");
+        }
+        if req.path().contains("/manifests/") {
+            return reply(
+                200,
+                &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+                m2.clone(),
+            );
+        }
+        serve_range(req, &b2)
+    });
+    let b3 = blob.clone();
+    // 500 for manifests, 404 for whole blobs, 200 for ranges, wrong bytes
+    // by digest.
+    let bad = Server::start(move |req, _| {
+        if req.path().contains("/manifests/") {
+            if req.path().contains("sha256:") {
+                return reply(200, &[], "{}");
+            }
+            return reply(500, &[], "mirror broken");
+        }
+        if req.range().is_some() {
+            return reply(200, &[], b3.clone());
+        }
+        reply(404, &[], "")
+    });
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path().join(upstream.host());
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("hosts.toml"),
+        format!(
+            "server = \"http://{up}\"\n\
+             [host.\"http://{bad}/base\"]\n  capabilities = [\"pull\", \"resolve\"]\n\
+             \x20 header = {{ x-mirror = \"yes\" }}\n",
+            up = upstream.host(),
+            bad = bad.host()
+        ),
+    )
+    .unwrap();
+    let opts = ClientOptions {
+        hosts_dir: Some(certs.path().to_path_buf()),
+        ..fast_opts(2)
+    };
+    let reg = Registry::new(&upstream.host(), "r", creds("alice", "pw"), &opts).unwrap();
+    assert_eq!(reg.mirrors(), [format!("http://{}", bad.host())]);
+    assert_eq!(reg.get_manifest("v1").unwrap().digest, md);
+    assert_eq!(reg.get_manifest(&md).unwrap().digest, md);
+    assert!(reg.get_blob(&d, &|_| {}).unwrap() == blob);
+    let mut buf = vec![0u8; 1000];
+    reg.blob_reader(&d, blob.len() as u64)
+        .read_exact_at(&mut buf, 7000)
+        .unwrap();
+    assert!(buf[..] == blob[7000..8000]);
+    let st = reg.stats();
+    assert_eq!((st.mirror_fallbacks, st.failures), (4, 0), "{st:?}");
+    let mirror_reqs = bad.requests();
+    assert_eq!(mirror_reqs.len(), 4, "{mirror_reqs:#?}");
+    for r in &mirror_reqs {
+        assert!(r.path().starts_with("/base/v2/r/"), "{r:?}");
+        assert_eq!(r.query("ns"), [upstream.host()], "{r:?}");
+        assert_eq!(r.header("x-mirror"), Some("yes"));
+        assert_eq!(r.header("authorization"), None, "{r:?}");
+    }
+    let w = warnings();
+    assert!(
+        w.contains(&format!("mirror http://{} failed", bad.host()))
+            && w.contains("HTTP 500")
+            && w.contains("ignored the Range header"),
+        "{w}"
+    );
+    // The upstream has none of the mirror's headers.
+    assert!(upstream
+        .requests()
+        .iter()
+        .all(|r| r.header("x-mirror").is_none() && r.query("ns").is_empty()));
+}

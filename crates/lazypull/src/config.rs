@@ -9,6 +9,8 @@ use serde::Deserialize;
 
 /// Default location of the config file, read if present when `--config` is not given.
 pub(crate) const DEFAULT_CONFIG: &str = "/etc/lazypull/config.toml";
+/// containerd's registry host directory, read by default (`hosts_dir`).
+pub(crate) const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
 
 /// Which kernel interface serves the images.
 #[derive(
@@ -106,6 +108,7 @@ pub struct DaemonArgs {
     /// metrics_addr, blob_dir, blob_url, work_dir, socket, tag, device,
     /// max_in_flight, fill_window, io_size, max_connections, max_merge,
     /// unit_cache, readahead, insecure_registries, ca_files, docker_config,
+    /// hosts_dir,
     /// request_timeout_secs, range_deadline_secs, min_throughput, retries,
     /// max_meta_size.
     #[arg(long, value_name = "FILE")]
@@ -124,6 +127,13 @@ pub struct DaemonArgs {
     /// writes one). Default: $DOCKER_CONFIG/config.json, ~/.docker/config.json.
     #[arg(long, value_name = "FILE")]
     pub(crate) docker_config: Option<PathBuf>,
+
+    /// containerd's registry host directory: `<DIR>/<host>/hosts.toml`
+    /// (else `<DIR>/_default/hosts.toml`) declares mirrors, TLS (ca,
+    /// client, skip_verify) and headers per registry, read as containerd
+    /// reads it. Default /etc/containerd/certs.d; "" reads none.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) hosts_dir: Option<PathBuf>,
 
     /// Most requests in flight to one host (registry or web server), shared by
     /// every image and blob on it.
@@ -181,6 +191,8 @@ pub(crate) struct FileConfig {
     #[serde(default)]
     pub(crate) ca_files: Vec<PathBuf>,
     pub(crate) docker_config: Option<PathBuf>,
+    /// containerd's certs.d directory ("" for none).
+    pub(crate) hosts_dir: Option<PathBuf>,
     pub(crate) request_timeout_secs: Option<u64>,
     /// Fixed part of a Range request's deadline (default 30).
     pub(crate) range_deadline_secs: Option<u64>,
@@ -250,6 +262,8 @@ pub(crate) struct DaemonConfig {
     pub(crate) insecure_registries: Vec<String>,
     pub(crate) ca_files: Vec<PathBuf>,
     pub(crate) docker_config: Option<PathBuf>,
+    /// containerd's certs.d directory, None for none.
+    pub(crate) hosts_dir: Option<PathBuf>,
     pub(crate) request_timeout_secs: u64,
     pub(crate) range_deadline_secs: u64,
     pub(crate) min_throughput: u64,
@@ -350,6 +364,11 @@ impl DaemonArgs {
             insecure_registries,
             ca_files,
             docker_config: self.docker_config.clone().or(file.docker_config),
+            hosts_dir: match self.hosts_dir.clone().or(file.hosts_dir) {
+                Some(p) if p.as_os_str().is_empty() => None,
+                Some(p) => Some(p),
+                None => Some(DEFAULT_HOSTS_DIR.into()),
+            },
             request_timeout_secs: file.request_timeout_secs.unwrap_or(30),
             range_deadline_secs: file.range_deadline_secs.unwrap_or(30),
             min_throughput: match &file.min_throughput {
@@ -427,6 +446,7 @@ mod tests {
             insecure_registries: vec![],
             ca_files: vec![],
             docker_config: None,
+            hosts_dir: None,
             max_connections: None,
             config: None,
             tag: None,
@@ -485,6 +505,31 @@ mod tests {
         let mut a = args();
         a.config = Some(path);
         assert_eq!(a.resolve().unwrap().max_meta_size, 256 << 20);
+    }
+
+    #[test]
+    fn hosts_dir_defaults_to_containerds_and_the_flag_wins_over_the_file() {
+        assert_eq!(
+            args().resolve().unwrap().hosts_dir,
+            Some(PathBuf::from("/etc/containerd/certs.d"))
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "hosts_dir = \"/srv/certs.d\"\n").unwrap();
+        let mut a = args();
+        a.config = Some(path.clone());
+        assert_eq!(
+            a.resolve().unwrap().hosts_dir,
+            Some(PathBuf::from("/srv/certs.d"))
+        );
+        a.hosts_dir = Some(PathBuf::from("/flag/certs.d"));
+        assert_eq!(
+            a.resolve().unwrap().hosts_dir,
+            Some(PathBuf::from("/flag/certs.d"))
+        );
+        // "" reads none.
+        a.hosts_dir = Some(PathBuf::new());
+        assert_eq!(a.resolve().unwrap().hosts_dir, None);
     }
 
     #[test]

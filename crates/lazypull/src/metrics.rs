@@ -124,6 +124,12 @@ fn render(status: &Status) -> String {
         "Backend operations that failed after their retries.",
         h.failures,
     );
+    e.one(
+        "lazypull_backend_mirror_fallbacks_total",
+        "counter",
+        "Requests a registry mirror (hosts.toml) did not answer, handed to the next host.",
+        h.mirror_fallbacks,
+    );
     let f = &status.fetch;
     e.one(
         "lazypull_fetch_range_reads_total",

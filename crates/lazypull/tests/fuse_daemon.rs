@@ -1656,3 +1656,170 @@ fn a_restart_during_a_registry_outage_keeps_the_image_and_brings_it_back() {
     let mut second = second;
     assert!(second.wait().unwrap().success());
 }
+
+/// containerd's `hosts.toml` on the daemon's read path: a second
+/// docker-registry, a pull-through cache (`proxy: remoteurl:`) of the
+/// first, declared as its mirror; a lazy image mounts and its data is read
+/// by range through the mirror (the mirror's log shows the 206s, the
+/// upstream's none); the mirror stops in the middle of the reads and they
+/// go on from the upstream, with the right bytes, each fallback counted.
+#[test]
+fn a_lazy_image_reads_through_a_pull_through_mirror_and_from_the_upstream_when_it_stops() {
+    use lazypull_testkit::registry::{RegistryOptions, RegistryServer};
+    require_host();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let dir = tmp.path();
+    let upstream = RegistryServer::start(&dir.join("upstream"), None).unwrap();
+    let remote = format!("http://{}", upstream.host());
+    let mut mirror = RegistryServer::start_with(
+        &dir.join("mirror"),
+        &RegistryOptions {
+            proxy_remote: Some(&remote),
+            ..RegistryOptions::default()
+        },
+    )
+    .unwrap();
+    let src = dir.join("src");
+    fs::create_dir_all(&src).unwrap();
+    let first = lazypull_testkit::maketree::random_bytes(6 << 20, 5);
+    let second = lazypull_testkit::maketree::random_bytes(6 << 20, 6);
+    fs::write(src.join("first.bin"), &first).unwrap();
+    fs::write(src.join("second.bin"), &second).unwrap();
+    let img = dir.join("img");
+    ok(
+        lazypull()
+            .arg("build")
+            .arg(&src)
+            .arg("-o")
+            .arg(&img)
+            .output()
+            .unwrap(),
+        "lazypull build",
+    );
+    let reference = format!("{}/lp/mirrored:v1", upstream.host());
+    ok(
+        lazypull()
+            .arg("push")
+            .arg(&img)
+            .arg(&reference)
+            .output()
+            .unwrap(),
+        "lazypull push",
+    );
+    // Another node pulled the image through the mirror already: it holds
+    // every blob (a pull-through cache answers a Range only from what it
+    // holds; the first request of a blob it streams whole from upstream).
+    let via_mirror = lazypull_backend::Registry::new(
+        &mirror.host(),
+        "lp/mirrored",
+        None,
+        &lazypull_backend::ClientOptions::default(),
+    )
+    .unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&via_mirror.get_manifest("v1").unwrap().bytes).unwrap();
+    for layer in manifest["layers"].as_array().unwrap() {
+        let d = layer["digest"].as_str().unwrap();
+        let size = layer["size"].as_u64().unwrap();
+        via_mirror.get_blob_sized(d, size, &|_| {}).unwrap();
+        let stored = dir.join(format!(
+            "mirror/data/docker/registry/v2/blobs/sha256/{}/{}/data",
+            &d[7..9],
+            &d[7..]
+        ));
+        let t0 = Instant::now();
+        while fs::metadata(&stored).map(|m| m.len()).unwrap_or(0) != size {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the mirror never stored {d}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let ranges_logged = |reg: &RegistryServer| {
+        reg.access_log()
+            .iter()
+            .filter(|(m, p, s)| m == "GET" && p.contains("/blobs/") && *s == 206)
+            .count()
+    };
+    let upstream_before = ranges_logged(&upstream);
+
+    let certs = dir.join("certs.d");
+    fs::create_dir_all(certs.join(upstream.host())).unwrap();
+    fs::write(
+        certs.join(upstream.host()).join("hosts.toml"),
+        format!(
+            "server = \"{remote}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            mirror.host()
+        ),
+    )
+    .unwrap();
+    // No read-ahead: what is read is what is fetched, so the second file's
+    // bytes are still to fetch when the mirror stops.
+    fs::write(
+        dir.join("config.toml"),
+        format!(
+            "retries = 2\nreadahead = 0\nhosts_dir = \"{}\"\n",
+            certs.display()
+        ),
+    )
+    .unwrap();
+    let socket = dir.join("run/ctl.sock");
+    let mut daemon = daemon_command(dir, &dir.join("config.toml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.join("daemon.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = u64::from(daemon.id());
+    wait_status(&socket, "daemon up", |s| s["pid"].as_u64() == Some(pid));
+    let _blobs = Unmount(dir.join("blobs"));
+    let mnt = dir.join("mnt");
+    ok(
+        lazypull()
+            .arg("mount")
+            .arg(&reference)
+            .arg(&mnt)
+            .arg("--socket")
+            .arg(&socket)
+            .output()
+            .unwrap(),
+        "lazypull mount",
+    );
+    let _mnt = Unmount(mnt.clone());
+    let digest = |b: &[u8]| <[u8; 32]>::from(Sha256::digest(b));
+    assert_eq!(sha(&mnt.join("first.bin")).unwrap(), digest(&first));
+    let through_mirror = ranges_logged(&mirror);
+    assert!(
+        through_mirror >= 2,
+        "the mirror served {through_mirror} range reads"
+    );
+    assert_eq!(
+        ranges_logged(&upstream),
+        upstream_before,
+        "the upstream served range reads while the mirror was up"
+    );
+
+    mirror.stop();
+    assert_eq!(sha(&mnt.join("second.bin")).unwrap(), digest(&second));
+    assert!(ranges_logged(&upstream) > upstream_before);
+    let s = wait_status(&socket, "mirror fallbacks counted", |s| {
+        s["backend_http"]["mirror_fallbacks"].as_u64() > Some(0)
+    });
+    assert_eq!(s["backend_http"]["failures"], 0, "{s}");
+    let log = fs::read_to_string(dir.join("daemon.log")).unwrap();
+    assert!(
+        log.contains(&format!("mirror http://{} failed", mirror.host())),
+        "{log}"
+    );
+    drop(_mnt);
+    let _ = lazypull()
+        .arg("shutdown")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--fd-store")
+        .arg(dir.join("run/fdstore.sock"))
+        .output();
+    let _ = daemon.wait();
+}

@@ -10,7 +10,9 @@
 //! - [`proxy`]: a fault-injecting, logging HTTP/1.1 reverse proxy to put
 //!   in front of a registry.
 //! - [`registry`]: a real `docker-registry` on 127.0.0.1 (or in a
-//!   [`netns`]) for tests.
+//!   [`netns`]) for tests (plain, htpasswd, TLS, client certificates,
+//!   pull-through cache).
+//! - [`tls`]: a test CA and certificates made with `openssl` at test time.
 //! - [`netns`]: an emulated network: a network namespace over a veth pair,
 //!   shaped with `tbf`, removed when dropped.
 //! - [`debian_image`]: realistic images (python + numpy, gcc, postgresql,
@@ -49,6 +51,7 @@ pub mod oci_image;
 pub mod proxy;
 pub mod python_image;
 pub mod registry;
+pub mod tls;
 
 pub use compare::{
     compare_dirs, compare_dirs_with, compare_entries, format_differences, Difference,

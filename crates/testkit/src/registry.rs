@@ -1,6 +1,8 @@
 //! A real OCI registry for tests: Debian's `docker-registry` (CNCF
 //! distribution) started on 127.0.0.1 with its storage in a directory, with
-//! or without htpasswd authentication, stopped when dropped.
+//! or without htpasswd authentication, optionally over TLS (with client
+//! certificates required) or as a pull-through cache of another registry
+//! ([`RegistryOptions`]), stopped when dropped.
 //!
 //! A missing binary is an error that says how to install it: tests using this
 //! fail loudly rather than skip.
@@ -16,6 +18,22 @@ pub struct RegistryServer {
     child: Child,
     addr: SocketAddr,
     log: PathBuf,
+    tls: bool,
+}
+
+/// How a [`RegistryServer`] is set up beyond storage and address.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryOptions<'a> {
+    /// Every request needs this user and password (htpasswd, bcrypt).
+    pub auth: Option<(&'a str, &'a str)>,
+    /// Serve HTTPS with this certificate and key (PEM files).
+    pub tls: Option<(&'a Path, &'a Path)>,
+    /// With `tls`: require a client certificate signed by this CA (PEM).
+    pub client_ca: Option<&'a Path>,
+    /// Be a pull-through cache (`proxy: remoteurl:`) of this registry
+    /// (`http://127.0.0.1:PORT`): read-only, blobs fetched from there on
+    /// first request and kept.
+    pub proxy_remote: Option<&'a str>,
 }
 
 fn find(binary: &str, package: &str) -> io::Result<PathBuf> {
@@ -36,8 +54,20 @@ impl RegistryServer {
     /// 127.0.0.1; with `auth`, every request needs that user and password
     /// (htpasswd, bcrypt).
     pub fn start(dir: &Path, auth: Option<(&str, &str)>) -> io::Result<RegistryServer> {
+        RegistryServer::start_with(
+            dir,
+            &RegistryOptions {
+                auth,
+                ..RegistryOptions::default()
+            },
+        )
+    }
+
+    /// Starts a registry as `opts` says, storing its data under `dir`, on
+    /// a free port of 127.0.0.1.
+    pub fn start_with(dir: &Path, opts: &RegistryOptions<'_>) -> io::Result<RegistryServer> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        Self::start_with(dir, auth, ([127, 0, 0, 1], port).into(), None)
+        Self::start_at(dir, opts, ([127, 0, 0, 1], port).into(), None)
     }
 
     /// Starts a registry without authentication inside network namespace
@@ -47,15 +77,21 @@ impl RegistryServer {
         netns: &crate::netns::Netns,
         port: u16,
     ) -> io::Result<RegistryServer> {
-        Self::start_with(dir, None, (netns.ns_addr(), port).into(), Some(netns))
+        Self::start_at(
+            dir,
+            &RegistryOptions::default(),
+            (netns.ns_addr(), port).into(),
+            Some(netns),
+        )
     }
 
-    fn start_with(
+    fn start_at(
         dir: &Path,
-        auth: Option<(&str, &str)>,
+        opts: &RegistryOptions<'_>,
         addr: SocketAddr,
         netns: Option<&crate::netns::Netns>,
     ) -> io::Result<RegistryServer> {
+        let auth = opts.auth;
         let binary = find("docker-registry", "docker-registry")?;
         std::fs::create_dir_all(dir.join("data"))?;
         let mut config = format!(
@@ -78,6 +114,21 @@ impl RegistryServer {
                 "auth:\n  htpasswd:\n    realm: lazypull-test\n    path: {}\n",
                 htpasswd.display()
             ));
+        }
+        if let Some((cert, key)) = opts.tls {
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ));
+            if let Some(ca) = opts.client_ca {
+                config.push_str(&format!("    clientcas:\n      - {}\n", ca.display()));
+            }
+        } else if opts.client_ca.is_some() {
+            return Err(io::Error::other("client_ca needs tls"));
+        }
+        if let Some(remote) = opts.proxy_remote {
+            config.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
         }
         let config_path = dir.join("config.yml");
         std::fs::write(&config_path, config)?;
@@ -106,7 +157,12 @@ impl RegistryServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let mut server = RegistryServer { child, addr, log };
+        let mut server = RegistryServer {
+            child,
+            addr,
+            log,
+            tls: opts.tls.is_some(),
+        };
         server.wait_ready(Duration::from_secs(20))?;
         Ok(server)
     }
@@ -120,7 +176,13 @@ impl RegistryServer {
                     tail(&self.log)
                 )));
             }
-            if let Ok(status) = get_status(self.addr, "/v2/") {
+            if self.tls {
+                // No TLS client here: a listening socket and a live
+                // process are ready enough (the server listens last).
+                if TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok() {
+                    return Ok(());
+                }
+            } else if let Ok(status) = get_status(self.addr, "/v2/") {
                 if status == 200 || status == 401 {
                     return Ok(());
                 }
@@ -145,12 +207,49 @@ impl RegistryServer {
     pub fn log_path(&self) -> &Path {
         &self.log
     }
+
+    /// `127.0.0.1:<port>`, as a registry name in references.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// The requests it answered so far: `(method, path with query,
+    /// status)` of each "response completed" line of its log.
+    pub fn access_log(&self) -> Vec<(String, String, u16)> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains("msg=\"response completed\""))
+            .filter_map(|l| {
+                let method = log_field(l, "http.request.method")?;
+                let uri = log_field(l, "http.request.uri")?;
+                let status = log_field(l, "http.response.status")?.parse().ok()?;
+                Some((method, uri, status))
+            })
+            .collect()
+    }
+
+    /// Ends the registry now (as if it crashed); its log stays readable.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for RegistryServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The value of `key=value` or `key="value"` in a logrus line.
+fn log_field(line: &str, key: &str) -> Option<String> {
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[at..];
+    if let Some(q) = rest.strip_prefix('"') {
+        Some(q[..q.find('"')?].to_string())
+    } else {
+        Some(rest.split_whitespace().next()?.to_string())
     }
 }
 

@@ -119,11 +119,38 @@ pub enum RegistryError {
 
     #[error("cannot set up the HTTP client: {why}")]
     Setup { why: String },
+
+    #[error("registry host configuration {path}: {why}")]
+    HostsConfig { path: String, why: String },
+
+    /// A TLS handshake that failed for a reason configuration fixes: an
+    /// unknown CA, a client certificate required or refused.
+    #[error("TLS with {host} failed: {why}: {hint}")]
+    Tls {
+        host: String,
+        why: String,
+        hint: String,
+    },
+
+    #[error(
+        "the credentials for {registry} are an identity token (a docker config entry's \
+         identitytoken, or a credential helper's Username \"<token>\"), which can only be \
+         exchanged for bearer tokens; {registry} asks for Basic authentication: give a \
+         username and password for it instead"
+    )]
+    IdentityTokenNeedsBearer { registry: String },
+
+    #[error("credential helper {helper} for {registry}: {why}")]
+    CredentialHelper {
+        helper: String,
+        registry: String,
+        why: String,
+    },
 }
 
 /// `err: cause: cause…`, since reqwest's own message hides the interesting
 /// part (connection refused, timed out) in its source chain.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -161,6 +188,7 @@ impl RegistryError {
         match self {
             RegistryError::AuthRequired { .. }
             | RegistryError::AuthFailed { .. }
+            | RegistryError::IdentityTokenNeedsBearer { .. }
             | RegistryError::Denied { .. } => libc::EACCES,
             RegistryError::NotFound { .. } => libc::ENOENT,
             RegistryError::InvalidReference { .. }
@@ -176,6 +204,7 @@ impl RegistryError {
             RegistryError::NotFound { .. } => io::ErrorKind::NotFound,
             RegistryError::AuthRequired { .. }
             | RegistryError::AuthFailed { .. }
+            | RegistryError::IdentityTokenNeedsBearer { .. }
             | RegistryError::Denied { .. } => io::ErrorKind::PermissionDenied,
             RegistryError::OutOfRange { .. } => io::ErrorKind::UnexpectedEof,
             RegistryError::InvalidReference { .. }

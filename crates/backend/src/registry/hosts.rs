@@ -19,6 +19,7 @@ use std::time::Duration;
 use reqwest::blocking::Client;
 use reqwest::Url;
 
+use super::hosts_toml::HostTls;
 use super::{ClientOptions, RegistryError};
 use crate::transport::Limiter;
 
@@ -54,6 +55,8 @@ struct HostKey {
     host: String,
     port: u16,
     ca_files: Vec<PathBuf>,
+    /// The host's own TLS settings (from its `hosts.toml`).
+    tls: HostTls,
     connect_timeout: Duration,
     request_timeout: Duration,
     user_agent: String,
@@ -100,11 +103,23 @@ impl Hosts {
     /// The host `url` (an `http` or `https` URL) is on, its client built
     /// now if this pool has none for it with these settings yet.
     pub(crate) fn host(&self, url: &Url, opts: &ClientOptions) -> Result<Arc<Host>, RegistryError> {
+        self.host_with(url, opts, &HostTls::default())
+    }
+
+    /// [`host`](Self::host) with the host's own TLS settings on top of the
+    /// options' (its `hosts.toml` `ca`, `client`, `skip_verify`).
+    pub(crate) fn host_with(
+        &self,
+        url: &Url,
+        opts: &ClientOptions,
+        tls: &HostTls,
+    ) -> Result<Arc<Host>, RegistryError> {
         let key = HostKey {
             scheme: url.scheme().to_ascii_lowercase(),
             host: url.host_str().unwrap_or("").to_ascii_lowercase(),
             port: url.port_or_known_default().unwrap_or(0),
             ca_files: opts.ca_files.clone(),
+            tls: tls.clone(),
             connect_timeout: opts.connect_timeout,
             request_timeout: opts.request_timeout,
             user_agent: opts.user_agent.clone(),
@@ -116,7 +131,7 @@ impl Hosts {
         if let Some(h) = hosts.get(&key) {
             return Ok(h.clone());
         }
-        let client = opts.build_client()?;
+        let client = opts.build_client(tls)?;
         // `host_str` keeps an IPv6 address in brackets.
         let origin = format!("{}://{}:{}", key.scheme, key.host, key.port);
         tracing::debug!(%origin, "new HTTP client");

@@ -36,22 +36,38 @@
 //! runtime threads go from one per blob to one per host. What it costs: all
 //! I/O to one host (TLS included) runs on that host's one runtime thread, as
 //! all I/O to one blob already did.
+//!
+//! # Hosts: mirrors, then the upstream
+//!
+//! A `Registry` holds one endpoint per host its requests may go to: the
+//! mirrors of the registry's containerd `hosts.toml` ([`hosts_toml`], read
+//! from [`ClientOptions::hosts_dir`]), in file order, then the upstream.
+//! Each endpoint has its own client (its TLS settings are part of the
+//! [`Hosts`] key), auth state and credentials. Every operation that reads
+//! ([`Registry::get_manifest`], blob downloads, Range reads) walks them per
+//! request (`over_hosts`): a mirror once, without retries; its failure is
+//! logged, counted and handed on; the upstream last, with retries. Nothing
+//! is remembered between requests except that a mirror refusing
+//! connections is skipped for a few seconds.
 
 mod auth;
 mod error;
 pub(crate) mod hosts;
+pub mod hosts_toml;
 mod options;
 mod reference;
 
-pub use auth::{docker_config_credentials, Credentials};
+pub use auth::{docker_config_credentials, docker_config_credentials_with, Credentials, Helpers};
 pub use error::RegistryError;
 pub use hosts::{HostLoad, Hosts};
-pub use options::ClientOptions;
+pub use hosts_toml::{Capabilities, HostTls};
+pub use options::{ClientOptions, CredentialLookup};
 pub use reference::{validate_digest, Reference};
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -146,6 +162,9 @@ pub struct RequestStats {
     pub retries: u64,
     /// Operations that returned an error, after any retries.
     pub failures: u64,
+    /// Requests a mirror (a `hosts.toml` `[host]`) did not answer, for
+    /// which the next host, finally the upstream, was asked instead.
+    pub mirror_fallbacks: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,30 +205,69 @@ pub struct Registry {
 }
 
 struct Inner {
+    /// As given (`host[:port]`), for messages.
+    registry: String,
+    repository: String,
+    /// Where requests go: the mirrors of the registry's `hosts.toml` in
+    /// its order, then the upstream (always there, always last).
+    endpoints: Vec<Endpoint>,
+    /// The `hosts.toml` (or certs directory) they came from, if any.
+    hosts_file: Option<PathBuf>,
+    opts: ClientOptions,
+    stats: Stats,
+}
+
+/// How long a mirror that refused or timed out a connection is skipped
+/// before it is tried again.
+const MIRROR_DOWN_FOR: Duration = Duration::from_secs(10);
+
+/// One host a registry's requests go to.
+struct Endpoint {
     /// The host's client and connection limit, shared with every other
     /// `Registry` and `HttpBlob` of this host in the same [`Hosts`].
     host: Arc<Host>,
-    /// As given (`host[:port]`), for messages.
-    registry: String,
+    /// `host[:port]`, for messages.
+    name: String,
     /// `scheme://host[:port]` the API is spoken to.
     base: String,
     /// The same, parsed: credentials go only to this origin.
     base_url: Url,
-    repository: String,
+    /// The API's path there: `/v2`, or a mirror's own.
+    prefix: String,
+    caps: Capabilities,
+    /// Extra headers (`hosts.toml` `header`).
+    headers: Vec<(String, String)>,
+    /// `?ns=<registry>` on requests to a host that is not the registry
+    /// itself, as containerd sends it (a pull-through cache of several
+    /// registries tells them apart by it).
+    ns: Option<String>,
+    /// This host's own credentials: the registry's for the upstream, the
+    /// mirror's own (by its host name) for a mirror.
     creds: Option<Credentials>,
-    opts: ClientOptions,
     auth: Mutex<AuthState>,
-    stats: Stats,
+    /// A mirror, not the upstream.
+    mirror: bool,
+    tls: HostTls,
+    /// A mirror that could not be connected to is skipped until then.
+    down_until: Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let up = self.upstream();
         f.debug_struct("Registry")
-            .field("base", &self.inner.base)
+            .field("base", &up.base)
             .field("repository", &self.inner.repository)
+            .field("username", &up.creds.as_ref().map(|c| c.username.as_str()))
             .field(
-                "username",
-                &self.inner.creds.as_ref().map(|c| c.username.as_str()),
+                "mirrors",
+                &self
+                    .inner
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.mirror)
+                    .map(|e| e.base.as_str())
+                    .collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -220,9 +278,18 @@ type BuildRequest<'a> = &'a dyn Fn(&Client) -> Result<RequestBuilder, RegistryEr
 impl Registry {
     /// A client for `repository` on `registry` (`host[:port]`; `docker.io`
     /// means Docker Hub's API host). Plain HTTP for loopback and
-    /// [`ClientOptions::insecure_hosts`], HTTPS otherwise. Sends no request;
-    /// the host's client comes from [`ClientOptions::hosts`] (built there on
-    /// first use).
+    /// [`ClientOptions::insecure_hosts`], HTTPS otherwise. With
+    /// [`ClientOptions::hosts_dir`], the registry's `hosts.toml` there
+    /// decides instead (mirrors, `server`, TLS, headers: see
+    /// [`hosts_toml`]), read now. Sends no request; each host's client
+    /// comes from [`ClientOptions::hosts`] (built there on first use).
+    ///
+    /// Manifests by tag go to the hosts that may `resolve`, blobs and
+    /// manifests by digest to those that may `pull`, in order: a mirror
+    /// that fails (any error: unreachable, 5xx, 404, a wrong answer) is
+    /// tried once, the reason logged and counted
+    /// ([`RequestStats::mirror_fallbacks`]), and the next host asked, the
+    /// upstream last (with retries). Pushes go to the upstream only.
     pub fn new(
         registry: &str,
         repository: &str,
@@ -235,28 +302,123 @@ impl Registry {
         };
         validate_registry(registry).map_err(bad)?;
         validate_repository(repository).map_err(bad)?;
-        let host = match registry.to_ascii_lowercase().as_str() {
-            "docker.io" | "index.docker.io" => "registry-1.docker.io".to_string(),
-            _ => registry.to_string(),
+        let is_hub = matches!(
+            registry.to_ascii_lowercase().as_str(),
+            "docker.io" | "index.docker.io"
+        );
+        let default_host = if is_hub {
+            "registry-1.docker.io".to_string()
+        } else {
+            registry.to_string()
         };
-        let base = format!("{}://{host}", opts.scheme_for(&host));
-        let base_url = Url::parse(&base).map_err(|e| bad(&e.to_string()))?;
-        Ok(Registry {
-            inner: Arc::new(Inner {
-                host: opts.hosts.host(&base_url, opts)?,
-                registry: registry.to_string(),
+        let config = match &opts.hosts_dir {
+            Some(dir) => hosts_toml::load(dir, registry)?,
+            None => None,
+        };
+        let hosts_file = config.as_ref().map(|c| {
+            let f = c.dir.join("hosts.toml");
+            if f.exists() {
+                f
+            } else {
+                c.dir.clone()
+            }
+        });
+        let entries = match config {
+            Some(c) => c.hosts,
+            None => vec![hosts_toml::HostEntry {
+                scheme: String::new(),
+                host: String::new(),
+                path: "/v2".into(),
+                capabilities: Capabilities::ALL,
+                tls: HostTls::default(),
+                header: Vec::new(),
+                dial_timeout: None,
+            }],
+        };
+        let last = entries.len() - 1;
+        let mut endpoints = Vec::with_capacity(entries.len());
+        for (i, e) in entries.into_iter().enumerate() {
+            let mirror = i != last;
+            let (scheme, name) = if e.host.is_empty() {
+                (
+                    opts.scheme_for(&default_host).to_string(),
+                    default_host.clone(),
+                )
+            } else {
+                (e.scheme.clone(), e.host.clone())
+            };
+            let base = format!("{scheme}://{name}");
+            let base_url = Url::parse(&base).map_err(|e| bad(&e.to_string()))?;
+            let mut host_opts = opts.clone();
+            if let Some(t) = e.dial_timeout {
+                host_opts.connect_timeout = t;
+            }
+            let host = opts.hosts.host_with(&base_url, &host_opts, &e.tls)?;
+            let same_as_registry = name.eq_ignore_ascii_case(registry)
+                || (is_hub && name.eq_ignore_ascii_case("registry-1.docker.io"));
+            let ep_creds = if !mirror || same_as_registry {
+                creds.clone()
+            } else {
+                match &opts.mirror_credentials {
+                    None => None,
+                    Some(lookup) => (lookup.0)(&name).unwrap_or_else(|err| {
+                        tracing::warn!(
+                            target: "lazypull::backend",
+                            %registry, mirror = %name,
+                            "no credentials for mirror {name} ({err}): asking it anonymously"
+                        );
+                        None
+                    }),
+                }
+            };
+            endpoints.push(Endpoint {
+                host,
+                name,
                 base,
                 base_url,
-                repository: repository.to_string(),
-                creds,
-                opts: opts.clone(),
+                prefix: e.path,
+                caps: e.capabilities,
+                headers: e.header,
+                ns: (!same_as_registry).then(|| registry.to_string()),
+                creds: ep_creds,
                 auth: Mutex::new(AuthState {
                     scheme: Scheme::Unknown,
                     tokens: HashMap::new(),
                 }),
+                mirror,
+                tls: e.tls,
+                down_until: Mutex::new(None),
+            });
+        }
+        Ok(Registry {
+            inner: Arc::new(Inner {
+                registry: registry.to_string(),
+                repository: repository.to_string(),
+                endpoints,
+                hosts_file,
+                opts: opts.clone(),
                 stats: Stats::default(),
             }),
         })
+    }
+
+    /// The upstream: the last host.
+    fn upstream(&self) -> &Endpoint {
+        self.inner
+            .endpoints
+            .last()
+            .expect("a registry has at least its upstream")
+    }
+
+    /// The mirrors (from `hosts.toml`) before the upstream, as
+    /// `scheme://host[:port]`, in the order they are tried.
+    pub fn mirrors(&self) -> Vec<String> {
+        self.inner
+            .endpoints
+            .iter()
+            .filter(|e| e.mirror)
+            .map(|e| e.base.clone())
+            .collect()
     }
 
     /// `host[:port]` as given to [`new`](Self::new).
@@ -268,17 +430,24 @@ impl Registry {
         &self.inner.repository
     }
 
-    /// `scheme://host[:port]` the API is spoken to.
+    /// `scheme://host[:port]` of the upstream, where the API is spoken to
+    /// when no mirror answers (and for pushes).
     pub fn base_url(&self) -> &str {
-        &self.inner.base
+        &self.upstream().base
     }
 
     pub fn stats(&self) -> RequestStats {
         self.inner.stats.snapshot()
     }
 
-    fn url(&self, tail: &str) -> String {
-        format!("{}/v2/{}/{tail}", self.inner.base, self.inner.repository)
+    fn url(&self, ep: &Endpoint, tail: &str) -> String {
+        let mut u = format!("{}{}/{}/{tail}", ep.base, ep.prefix, self.inner.repository);
+        if let Some(ns) = &ep.ns {
+            // A validated registry name (`host[:port]`) needs no escaping.
+            u.push_str(if tail.contains('?') { "&ns=" } else { "?ns=" });
+            u.push_str(ns);
+        }
+        u
     }
 
     fn scope(&self, access: Access) -> String {
@@ -289,38 +458,129 @@ impl Registry {
         format!("repository:{}:{actions}", self.inner.repository)
     }
 
-    fn rejected(&self) -> RegistryError {
-        match &self.inner.creds {
+    fn rejected(&self, ep: &Endpoint) -> RegistryError {
+        match &ep.creds {
             None => RegistryError::AuthRequired {
-                registry: self.inner.registry.clone(),
+                registry: ep.name.clone(),
             },
             Some(c) => RegistryError::AuthFailed {
-                registry: self.inner.registry.clone(),
+                registry: ep.name.clone(),
                 username: c.username.clone(),
             },
         }
     }
 
-    fn protocol(&self, why: String) -> RegistryError {
+    fn protocol(&self, ep: &Endpoint, why: String) -> RegistryError {
         RegistryError::Protocol {
-            url: self.inner.base.clone(),
+            url: ep.base.clone(),
             why,
         }
     }
 
-    fn auth_state(&self) -> std::sync::MutexGuard<'_, AuthState> {
-        self.inner.auth.lock().unwrap_or_else(|p| p.into_inner())
+    fn auth_state<'a>(&self, ep: &'a Endpoint) -> std::sync::MutexGuard<'a, AuthState> {
+        ep.auth.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where a missing piece of `ep`'s TLS configuration goes, for messages.
+    fn tls_hint_place(&self, ep: &Endpoint) -> String {
+        let file = match &self.inner.hosts_file {
+            Some(f) if f.ends_with("hosts.toml") => f.display().to_string(),
+            _ => {
+                let dir = self
+                    .inner
+                    .opts
+                    .hosts_dir
+                    .clone()
+                    .unwrap_or_else(|| "/etc/containerd/certs.d".into());
+                dir.join(&self.inner.registry)
+                    .join("hosts.toml")
+                    .display()
+                    .to_string()
+            }
+        };
+        if ep.mirror {
+            format!("the [host.\"{}\"] table of {file}", ep.base)
+        } else {
+            file
+        }
+    }
+
+    /// A failed send, told apart: TLS failures that configuration fixes
+    /// get an error naming the host and the missing piece.
+    fn send_error(&self, ep: &Endpoint, url: &str, source: reqwest::Error) -> RegistryError {
+        let chain = error::error_chain(&source);
+        let tls = |why: String, hint: String| RegistryError::Tls {
+            host: ep.name.clone(),
+            why,
+            hint,
+        };
+        let place = self.tls_hint_place(ep);
+        if chain.contains("UnknownIssuer") {
+            return tls(
+                format!(
+                    "its certificate is not signed by a CA lazypull trusts ({})",
+                    chain.trim()
+                ),
+                format!(
+                    "configure the registry's CA for it: ca = \"/path/to/ca.pem\" in {place} \
+                     (or --ca-file)"
+                ),
+            );
+        }
+        if chain.contains("NotValidForName") {
+            return tls(
+                format!(
+                    "its certificate is not valid for the name {} ({chain})",
+                    ep.name
+                ),
+                "use the name the certificate is issued for, or fix the certificate".into(),
+            );
+        }
+        let alert = [
+            "CertificateRequired",
+            "BadCertificate",
+            "HandshakeFailure",
+            "UnknownCA",
+        ]
+        .iter()
+        .any(|a| chain.contains(&format!("alert: {a}")) || chain.contains(a));
+        if alert && chain.contains("alert") {
+            return if ep.tls.client_pairs.is_empty() {
+                tls(
+                    format!(
+                        "the registry requires a client certificate, and none is configured \
+                         for it ({chain})"
+                    ),
+                    format!(
+                        "give one: client = [[\"/path/to/cert.pem\", \"/path/to/key.pem\"]] \
+                         in {place}"
+                    ),
+                )
+            } else {
+                tls(
+                    format!(
+                        "the registry refused the client certificate {} ({chain})",
+                        ep.tls.client_pairs[0].0.display()
+                    ),
+                    "use a certificate the registry's client CA has signed".into(),
+                )
+            };
+        }
+        RegistryError::Transport {
+            url: url.to_string(),
+            source,
+        }
     }
 
     /// The `Authorization` value for a request needing `access`, fetching a
     /// token if the registry is known to want one.
-    fn auth_header(&self, access: Access) -> Result<Option<String>, RegistryError> {
+    fn auth_header(&self, ep: &Endpoint, access: Access) -> Result<Option<String>, RegistryError> {
         let scope = self.scope(access);
         let (realm, service) = {
-            let st = self.auth_state();
+            let st = self.auth_state(ep);
             match &st.scheme {
                 Scheme::Unknown => return Ok(None),
-                Scheme::Basic => return Ok(self.inner.creds.as_ref().map(|c| c.basic_header())),
+                Scheme::Basic => return Ok(ep.creds.as_ref().map(|c| c.basic_header())),
                 Scheme::Bearer { realm, service } => {
                     if let Some((tok, renew)) = st.tokens.get(&scope) {
                         if Instant::now() < *renew {
@@ -332,9 +592,9 @@ impl Registry {
             }
         };
         let (tok, renew) =
-            self.fetch_token(&realm, service.as_deref(), std::slice::from_ref(&scope))?;
+            self.fetch_token(ep, &realm, service.as_deref(), std::slice::from_ref(&scope))?;
         let header = format!("Bearer {tok}");
-        self.auth_state().tokens.insert(scope, (tok, renew));
+        self.auth_state(ep).tokens.insert(scope, (tok, renew));
         Ok(Some(header))
     }
 
@@ -342,13 +602,14 @@ impl Registry {
     /// if that is the way.
     fn answer_challenge(
         &self,
+        ep: &Endpoint,
         challenges: &[Challenge],
         access: Access,
     ) -> Result<(), RegistryError> {
         if let Some(b) = challenges.iter().find(|c| c.scheme == "bearer") {
             let realm = b
                 .param("realm")
-                .ok_or_else(|| self.protocol("Bearer challenge without a realm".into()))?
+                .ok_or_else(|| self.protocol(ep, "Bearer challenge without a realm".into()))?
                 .to_string();
             let service = b.param("service").map(str::to_string);
             let scope = self.scope(access);
@@ -358,76 +619,107 @@ impl Registry {
                     scopes.push(s.to_string());
                 }
             }
-            let (tok, renew) = self.fetch_token(&realm, service.as_deref(), &scopes)?;
-            let mut st = self.auth_state();
+            let (tok, renew) = self.fetch_token(ep, &realm, service.as_deref(), &scopes)?;
+            let mut st = self.auth_state(ep);
             st.scheme = Scheme::Bearer { realm, service };
             st.tokens.insert(scope, (tok, renew));
             Ok(())
         } else if challenges.iter().any(|c| c.scheme == "basic") {
-            if self.inner.creds.is_none() {
-                return Err(self.rejected());
+            match &ep.creds {
+                None => return Err(self.rejected(ep)),
+                Some(c) if c.is_identity_token() => {
+                    return Err(RegistryError::IdentityTokenNeedsBearer {
+                        registry: ep.name.clone(),
+                    })
+                }
+                Some(_) => {}
             }
-            self.auth_state().scheme = Scheme::Basic;
+            self.auth_state(ep).scheme = Scheme::Basic;
             Ok(())
-        } else if self.inner.creds.is_none() {
-            Err(self.rejected())
+        } else if ep.creds.is_none() {
+            Err(self.rejected(ep))
         } else {
-            Err(self.protocol(format!(
-                "HTTP 401 without a Basic or Bearer challenge ({} offered)",
-                challenges
-                    .iter()
-                    .map(|c| c.scheme.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )))
+            Err(self.protocol(
+                ep,
+                format!(
+                    "HTTP 401 without a Basic or Bearer challenge ({} offered)",
+                    challenges
+                        .iter()
+                        .map(|c| c.scheme.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ))
         }
     }
 
     /// GET `realm?service=…&scope=…`, with Basic credentials if we have any.
     fn fetch_token(
         &self,
+        ep: &Endpoint,
         realm: &str,
         service: Option<&str>,
         scopes: &[String],
     ) -> Result<(String, Instant), RegistryError> {
         let mut url = Url::parse(realm)
-            .map_err(|e| self.protocol(format!("Bearer realm {realm:?} is not a URL: {e}")))?;
+            .map_err(|e| self.protocol(ep, format!("Bearer realm {realm:?} is not a URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(self.protocol(format!("Bearer realm {realm:?} is not http(s)")));
+            return Err(self.protocol(ep, format!("Bearer realm {realm:?} is not http(s)")));
         }
-        realm_credentials(&self.inner.base_url, &url, self.inner.creds.is_some())
-            .map_err(|why| self.protocol(why))?;
-        {
-            let mut q = url.query_pairs_mut();
+        realm_credentials(&ep.base_url, &url, ep.creds.is_some())
+            .map_err(|why| self.protocol(ep, why))?;
+        let identity = ep.creds.as_ref().filter(|c| c.is_identity_token());
+        let rb = if let Some(c) = identity {
+            // Docker's identity token is an OAuth2 refresh token: it is
+            // exchanged at the realm for an access token by a POST, as the
+            // distribution token spec's OAuth2 flow describes.
+            let mut form: Vec<(&str, &str)> = vec![
+                ("grant_type", "refresh_token"),
+                ("refresh_token", &c.password),
+                ("client_id", "lazypull"),
+            ];
             if let Some(s) = service {
-                q.append_pair("service", s);
+                form.push(("service", s));
             }
-            for s in scopes {
-                q.append_pair("scope", s);
+            let joined = scopes.join(" ");
+            form.push(("scope", &joined));
+            ep.host.client.post(url.clone()).form(&form)
+        } else {
+            {
+                let mut q = url.query_pairs_mut();
+                if let Some(s) = service {
+                    q.append_pair("service", s);
+                }
+                for s in scopes {
+                    q.append_pair("scope", s);
+                }
             }
-        }
+            let mut rb = ep.host.client.get(url.clone());
+            if let Some(c) = &ep.creds {
+                rb = rb.basic_auth(&c.username, Some(&c.password));
+            }
+            rb
+        };
         let url_s = url.to_string();
-        let mut rb = self.inner.host.client.get(url);
-        if let Some(c) = &self.inner.creds {
-            rb = rb.basic_auth(&c.username, Some(&c.password));
-        }
-        let _permit = self.inner.host.limiter.acquire();
+        let _permit = ep.host.limiter.acquire();
         inc(&self.inner.stats.requests);
-        let resp = rb.send().map_err(|source| RegistryError::Transport {
-            url: url_s.clone(),
-            source,
-        })?;
+        let resp = rb
+            .send()
+            .map_err(|source| self.send_error(ep, &url_s, source))?;
         match resp.status().as_u16() {
-            401 => return Err(self.rejected()),
+            401 => return Err(self.rejected(ep)),
+            // An OAuth2 token endpoint refusing a refresh token says 400
+            // (invalid_grant).
+            400 if identity.is_some() => return Err(self.rejected(ep)),
             403 => {
                 return Err(RegistryError::Denied {
-                    registry: self.inner.registry.clone(),
+                    registry: ep.name.clone(),
                     what: format!("repository {} ({})", self.inner.repository, scopes[0]),
                 })
             }
             _ => {}
         }
-        let resp = transport::check_status(resp, &url_s, "token", &self.inner.registry)?;
+        let resp = transport::check_status(resp, &url_s, "token", &ep.name)?;
         let body = transport::read_capped(
             resp,
             &url_s,
@@ -471,12 +763,13 @@ impl Registry {
     /// body is read. Credentials go only to the registry's own origin.
     fn send(
         &self,
+        ep: &Endpoint,
         access: Access,
         url: &str,
         build: BuildRequest<'_>,
     ) -> Result<(Response, Permit), RegistryError> {
         let same_origin = Url::parse(url).is_ok_and(|u| {
-            let b = &self.inner.base_url;
+            let b = &ep.base_url;
             u.scheme() == b.scheme()
                 && u.host_str() == b.host_str()
                 && u.port_or_known_default() == b.port_or_known_default()
@@ -484,20 +777,24 @@ impl Registry {
         let mut challenged = false;
         loop {
             let auth = if same_origin {
-                self.auth_header(access)?
+                self.auth_header(ep, access)?
             } else {
                 None
             };
-            let mut rb = build(&self.inner.host.client)?;
+            let mut rb = build(&ep.host.client)?;
+            if same_origin {
+                for (k, v) in &ep.headers {
+                    rb = rb.header(k.as_str(), v.as_str());
+                }
+            }
             if let Some(a) = &auth {
                 rb = rb.header(AUTHORIZATION, a);
             }
-            let permit = self.inner.host.limiter.acquire();
+            let permit = ep.host.limiter.acquire();
             inc(&self.inner.stats.requests);
-            let resp = rb.send().map_err(|source| RegistryError::Transport {
-                url: url.to_string(),
-                source,
-            })?;
+            let resp = rb
+                .send()
+                .map_err(|source| self.send_error(ep, url, source))?;
             if resp.status().as_u16() != 401 || !same_origin {
                 return Ok((resp, permit));
             }
@@ -511,10 +808,19 @@ impl Registry {
             drop(resp);
             drop(permit);
             if challenged {
-                return Err(self.rejected());
+                // Authenticated afresh just now, and refused again.
+                return Err(self.rejected(ep));
             }
             challenged = true;
-            self.answer_challenge(&challenges, access)?;
+            // A 401 for a request that carried a token (expired or revoked
+            // early) or none yet: authenticate again, once.
+            if auth.is_some() {
+                tracing::debug!(
+                    target: "lazypull::backend",
+                    host = %ep.name, "{url}: HTTP 401 with credentials: authenticating again"
+                );
+            }
+            self.answer_challenge(ep, &challenges, access)?;
         }
     }
 
@@ -536,8 +842,68 @@ impl Registry {
         r
     }
 
-    fn check(&self, resp: Response, url: &str, what: &str) -> Result<Response, RegistryError> {
-        transport::check_status(resp, url, what, &self.inner.registry)
+    /// Runs `op` against the hosts that `may` allows, in order: a mirror
+    /// once, the upstream (last) with retries. A mirror's failure is
+    /// logged, counted, and the next host asked; a mirror that could not
+    /// be connected to is skipped for [`MIRROR_DOWN_FOR`].
+    fn over_hosts<T>(
+        &self,
+        may: fn(&Capabilities) -> bool,
+        what: &dyn fmt::Display,
+        mut op: impl FnMut(&Endpoint) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let hosts: Vec<&Endpoint> = self
+            .inner
+            .endpoints
+            .iter()
+            .filter(|e| !e.mirror || may(&e.caps))
+            .collect();
+        let (upstream, mirrors) = hosts.split_last().expect("the upstream is always there");
+        for (i, ep) in mirrors.iter().enumerate() {
+            let next = mirrors.get(i + 1).unwrap_or(upstream);
+            let down = ep
+                .down_until
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|t| Instant::now() < t);
+            if down {
+                inc(&self.inner.stats.mirror_fallbacks);
+                tracing::debug!(
+                    target: "lazypull::backend",
+                    registry = %self.inner.registry, mirror = %ep.name,
+                    "{what}: mirror {} was unreachable moments ago; asking {}", ep.base, next.base
+                );
+                continue;
+            }
+            match op(ep) {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    let unreachable = matches!(&e, RegistryError::Transport { source, .. }
+                        if source.is_connect() || source.is_timeout());
+                    if unreachable {
+                        *ep.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(Instant::now() + MIRROR_DOWN_FOR);
+                    }
+                    inc(&self.inner.stats.mirror_fallbacks);
+                    tracing::warn!(
+                        target: "lazypull::backend",
+                        registry = %self.inner.registry, mirror = %ep.name,
+                        "{what}: mirror {} failed ({e}); asking {}", ep.base, next.base
+                    );
+                }
+            }
+        }
+        self.retrying(what, |_| op(upstream))
+    }
+
+    fn check(
+        &self,
+        ep: &Endpoint,
+        resp: Response,
+        url: &str,
+        what: &str,
+    ) -> Result<Response, RegistryError> {
+        transport::check_status(resp, url, what, &ep.name)
     }
 
     fn describe(&self, kind: &str, reference: &str) -> String {
@@ -554,15 +920,20 @@ impl Registry {
     /// `Docker-Content-Digest` header when there is one.
     pub fn get_manifest(&self, reference: &str) -> Result<Manifest, RegistryError> {
         validate_manifest_reference(reference)?;
-        let url = self.url(&format!("manifests/{reference}"));
         let what = self.describe("manifest", reference);
         let accept = media_type::MANIFEST_ACCEPT.join(", ");
-        let (bytes, content_type, header_digest) =
-            self.retrying(&format_args!("GET {url}"), |_| {
-                let (resp, _permit) = self.send(Access::Pull, &url, &|c| {
+        let by_digest = reference.contains(':');
+        let may: fn(&Capabilities) -> bool = if by_digest { |c| c.pull } else { |c| c.resolve };
+        let tail = format!("manifests/{reference}");
+        let (bytes, content_type, digest) = self.over_hosts(
+            may,
+            &format_args!("GET {}", self.url(self.upstream(), &tail)),
+            |ep| {
+                let url = self.url(ep, &tail);
+                let (resp, _permit) = self.send(ep, Access::Pull, &url, &|c| {
                     Ok(c.get(&url).header(ACCEPT, &accept))
                 })?;
-                let resp = self.check(resp, &url, &what)?;
+                let resp = self.check(ep, resp, &url, &what)?;
                 let ct = transport::header_str(&resp, &CONTENT_TYPE).map(str::to_string);
                 let hd = resp
                     .headers()
@@ -576,24 +947,26 @@ impl Registry {
                     &what,
                     &self.inner.stats,
                 )?;
-                Ok((bytes, ct, hd))
-            })?;
-        let digest = transport::sha256_digest(&bytes);
-        let expected = if reference.contains(':') {
-            Some(reference.to_string())
-        } else {
-            header_digest.filter(|d| d.starts_with("sha256:"))
-        };
-        if let Some(expected) = expected {
-            if expected != digest {
-                inc(&self.inner.stats.failures);
-                return Err(RegistryError::DigestMismatch {
-                    what,
-                    expected,
-                    actual: digest,
-                });
-            }
-        }
+                // Checked per host: a mirror answering a wrong manifest is
+                // a mirror failure like any other.
+                let digest = transport::sha256_digest(&bytes);
+                let expected = if by_digest {
+                    Some(reference.to_string())
+                } else {
+                    hd.filter(|d| d.starts_with("sha256:"))
+                };
+                if let Some(expected) = expected {
+                    if expected != digest {
+                        return Err(RegistryError::DigestMismatch {
+                            what: format!("{what} from {}", ep.name),
+                            expected,
+                            actual: digest,
+                        });
+                    }
+                }
+                Ok((bytes, ct, digest))
+            },
+        )?;
         let mut media_type = content_type
             .map(|ct| ct.split(';').next().unwrap_or("").trim().to_string())
             .unwrap_or_default();
@@ -674,115 +1047,123 @@ impl Registry {
         progress: &dyn Fn(u64),
     ) -> Result<u64, RegistryError> {
         validate_digest(digest)?;
-        let url = self.url(&format!("blobs/{digest}"));
+        let tail = format!("blobs/{digest}");
         let what = self.describe("blob", digest);
         let mut hasher = sha2::Sha256::new();
         let mut written = 0u64;
         let mut chunk = vec![0u8; 64 * 1024];
-        self.retrying(&format_args!("GET {url}"), |_| {
-            let start = written;
-            let (resp, _permit) = self.send(Access::Pull, &url, &|c| {
-                let rb = c.get(&url);
-                Ok(if start > 0 {
-                    inc(&self.inner.stats.range_requests);
-                    rb.header(RANGE, format!("bytes={start}-"))
-                } else {
-                    rb
-                })
-            })?;
-            let mut resp = self.check(resp, &url, &what)?;
-            // Bytes of this response to skip: a server that answers a resume
-            // with the whole blob (200) repeats what we already have.
-            let mut skip = 0u64;
-            match resp.status().as_u16() {
-                200 => skip = start,
-                206 => {
-                    let cr = transport::header_str(&resp, &CONTENT_RANGE).unwrap_or("");
-                    let first = transport::parse_content_range(cr).and_then(|(r, _)| r);
-                    if first.map(|(a, _)| a) != Some(start) {
+        // A transfer that breaks off on one host goes on where it stopped
+        // on the next: the bytes of a digest are the same everywhere.
+        let upstream_url = self.url(self.upstream(), &tail);
+        self.over_hosts(
+            |c| c.pull,
+            &format_args!("GET {upstream_url}"),
+            |ep| {
+                let url = self.url(ep, &tail);
+                let start = written;
+                let (resp, _permit) = self.send(ep, Access::Pull, &url, &|c| {
+                    let rb = c.get(&url);
+                    Ok(if start > 0 {
+                        inc(&self.inner.stats.range_requests);
+                        rb.header(RANGE, format!("bytes={start}-"))
+                    } else {
+                        rb
+                    })
+                })?;
+                let mut resp = self.check(ep, resp, &url, &what)?;
+                // Bytes of this response to skip: a server that answers a resume
+                // with the whole blob (200) repeats what we already have.
+                let mut skip = 0u64;
+                match resp.status().as_u16() {
+                    200 => skip = start,
+                    206 => {
+                        let cr = transport::header_str(&resp, &CONTENT_RANGE).unwrap_or("");
+                        let first = transport::parse_content_range(cr).and_then(|(r, _)| r);
+                        if first.map(|(a, _)| a) != Some(start) {
+                            return Err(RegistryError::Protocol {
+                                url: url.clone(),
+                                why: format!("resuming at byte {start}, got Content-Range {cr:?}"),
+                            });
+                        }
+                    }
+                    s => {
                         return Err(RegistryError::Protocol {
                             url: url.clone(),
-                            why: format!("resuming at byte {start}, got Content-Range {cr:?}"),
+                            why: format!("unexpected HTTP {s} for a blob"),
+                        })
+                    }
+                }
+                let announced = transport::content_length(&resp);
+                if let (Some(size), Some(n)) = (declared, announced) {
+                    // What this answer should carry: all of it (200, of which
+                    // `skip` bytes are had already) or the rest from `start`.
+                    let rest = size.saturating_sub(start - skip);
+                    if n != rest {
+                        return Err(RegistryError::WrongSize {
+                            what: what.clone(),
+                            declared: size,
+                            why: format!(
+                                "the server announces a body of {n} bytes (from byte {})",
+                                start - skip
+                            ),
                         });
                     }
                 }
-                s => {
+                let mut got = 0u64;
+                loop {
+                    let n = match resp.read(&mut chunk) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(source) => {
+                            return Err(RegistryError::BodyRead {
+                                url: url.clone(),
+                                source,
+                            })
+                        }
+                    };
+                    self.inner.stats.received(n);
+                    got += n as u64;
+                    let mut data = &chunk[..n];
+                    let drop_n = skip.min(n as u64) as usize;
+                    skip -= drop_n as u64;
+                    data = &data[drop_n..];
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if declared.is_some_and(|size| written + data.len() as u64 > size) {
+                        return Err(RegistryError::WrongSize {
+                            what: what.clone(),
+                            declared: declared.unwrap_or_default(),
+                            why: "the server sends more bytes".into(),
+                        });
+                    }
+                    hasher.update(data);
+                    w.write_all(data).map_err(|source| RegistryError::Io {
+                        what: format!("writing {what}"),
+                        source,
+                    })?;
+                    written += data.len() as u64;
+                    progress(written);
+                }
+                if let Some(n) = announced {
+                    if got != n {
+                        return Err(RegistryError::BodyLength {
+                            url: url.clone(),
+                            expected: n,
+                            got,
+                        });
+                    }
+                }
+                if skip > 0 {
                     return Err(RegistryError::Protocol {
                         url: url.clone(),
-                        why: format!("unexpected HTTP {s} for a blob"),
-                    })
-                }
-            }
-            let announced = transport::content_length(&resp);
-            if let (Some(size), Some(n)) = (declared, announced) {
-                // What this answer should carry: all of it (200, of which
-                // `skip` bytes are had already) or the rest from `start`.
-                let rest = size.saturating_sub(start - skip);
-                if n != rest {
-                    return Err(RegistryError::WrongSize {
-                        what: what.clone(),
-                        declared: size,
-                        why: format!(
-                            "the server announces a body of {n} bytes (from byte {})",
-                            start - skip
-                        ),
+                        why: format!("the blob got shorter than the {start} bytes already read"),
                     });
                 }
-            }
-            let mut got = 0u64;
-            loop {
-                let n = match resp.read(&mut chunk) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(source) => {
-                        return Err(RegistryError::BodyRead {
-                            url: url.clone(),
-                            source,
-                        })
-                    }
-                };
-                self.inner.stats.received(n);
-                got += n as u64;
-                let mut data = &chunk[..n];
-                let drop_n = skip.min(n as u64) as usize;
-                skip -= drop_n as u64;
-                data = &data[drop_n..];
-                if data.is_empty() {
-                    continue;
-                }
-                if declared.is_some_and(|size| written + data.len() as u64 > size) {
-                    return Err(RegistryError::WrongSize {
-                        what: what.clone(),
-                        declared: declared.unwrap_or_default(),
-                        why: "the server sends more bytes".into(),
-                    });
-                }
-                hasher.update(data);
-                w.write_all(data).map_err(|source| RegistryError::Io {
-                    what: format!("writing {what}"),
-                    source,
-                })?;
-                written += data.len() as u64;
-                progress(written);
-            }
-            if let Some(n) = announced {
-                if got != n {
-                    return Err(RegistryError::BodyLength {
-                        url: url.clone(),
-                        expected: n,
-                        got,
-                    });
-                }
-            }
-            if skip > 0 {
-                return Err(RegistryError::Protocol {
-                    url: url.clone(),
-                    why: format!("the blob got shorter than the {start} bytes already read"),
-                });
-            }
-            Ok(())
-        })?;
+                Ok(())
+            },
+        )?;
         let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
         if actual != digest {
             inc(&self.inner.stats.failures);
@@ -803,14 +1184,15 @@ impl Registry {
 
     fn blob_size_as(&self, digest: &str, access: Access) -> Result<Option<u64>, RegistryError> {
         validate_digest(digest)?;
-        let url = self.url(&format!("blobs/{digest}"));
+        let up = self.upstream();
+        let url = self.url(up, &format!("blobs/{digest}"));
         let what = self.describe("blob", digest);
         self.retrying(&format_args!("HEAD {url}"), |_| {
-            let (resp, _permit) = self.send(access, &url, &|c| Ok(c.head(&url)))?;
+            let (resp, _permit) = self.send(up, access, &url, &|c| Ok(c.head(&url)))?;
             if resp.status().as_u16() == 404 {
                 return Ok(None);
             }
-            let resp = self.check(resp, &url, &what)?;
+            let resp = self.check(up, resp, &url, &what)?;
             match transport::content_length(&resp) {
                 Some(n) => Ok(Some(n)),
                 None => Err(RegistryError::Protocol {
@@ -829,7 +1211,7 @@ impl Registry {
     pub fn blob_reader(&self, digest: &str, size: u64) -> Arc<dyn RangeRead> {
         Arc::new(RegistryBlob {
             registry: self.clone(),
-            url: self.url(&format!("blobs/{digest}")),
+            url: self.url(self.upstream(), &format!("blobs/{digest}")),
             digest: digest.to_string(),
             size,
         })
@@ -837,7 +1219,7 @@ impl Registry {
 
     fn read_range(
         &self,
-        url: &str,
+        upstream_url: &str,
         digest: &str,
         buf: &mut [u8],
         off: u64,
@@ -848,18 +1230,24 @@ impl Registry {
         let what = self.describe("blob", digest);
         let bytes = buf.len() as u64;
         let deadline = self.inner.opts.deadline_for(bytes);
-        self.retrying(&format_args!("GET {url} bytes {off}-{last}"), |_| {
-            transport::within_deadline(url, bytes, deadline, || {
-                let (resp, _permit) = self.send(Access::Pull, url, &|c| {
-                    inc(&self.inner.stats.range_requests);
-                    Ok(c.get(url)
-                        .header(RANGE, format!("bytes={off}-{last}"))
-                        .timeout(deadline))
-                })?;
-                let resp = self.check(resp, url, &what)?;
-                transport::read_range_body(resp, url, &mut *buf, off, size, &self.inner.stats)
-            })
-        })
+        let tail = format!("blobs/{digest}");
+        self.over_hosts(
+            |c| c.pull,
+            &format_args!("GET {upstream_url} bytes {off}-{last}"),
+            |ep| {
+                let url = &self.url(ep, &tail);
+                transport::within_deadline(url, bytes, deadline, || {
+                    let (resp, _permit) = self.send(ep, Access::Pull, url, &|c| {
+                        inc(&self.inner.stats.range_requests);
+                        Ok(c.get(url)
+                            .header(RANGE, format!("bytes={off}-{last}"))
+                            .timeout(deadline))
+                    })?;
+                    let resp = self.check(ep, resp, url, &what)?;
+                    transport::read_range_body(resp, url, &mut *buf, off, size, &self.inner.stats)
+                })
+            },
+        )
     }
 
     /// Uploads a blob unless the registry has it already (then `Ok(false)`).
@@ -878,7 +1266,8 @@ impl Registry {
             return Ok(false);
         }
         let what = self.describe("blob", digest);
-        let start_url = self.url("blobs/uploads/");
+        let up = self.upstream();
+        let start_url = self.url(up, "blobs/uploads/");
         // Uploads may take longer than one request timeout: allow for
         // 256 KiB/s on top of it.
         let timeout = self.inner.opts.request_timeout + Duration::from_secs(size / (256 << 10));
@@ -894,10 +1283,10 @@ impl Registry {
                 }
             });
             let r = self.retrying(&format_args!("upload of {what}"), |_| {
-                let (resp, permit) = self.send(Access::Push, &start_url, &|c| {
+                let (resp, permit) = self.send(up, Access::Push, &start_url, &|c| {
                     Ok(c.post(&start_url).header(CONTENT_LENGTH, "0"))
                 })?;
-                let resp = self.check(resp, &start_url, &format!("upload of {what}"))?;
+                let resp = self.check(up, resp, &start_url, &format!("upload of {what}"))?;
                 if resp.status().as_u16() != 202 {
                     return Err(RegistryError::Protocol {
                         url: start_url.clone(),
@@ -921,7 +1310,7 @@ impl Registry {
                 drop(permit);
                 put.query_pairs_mut().append_pair("digest", digest);
                 let put_url = put.to_string();
-                let (resp, _permit) = self.send(Access::Push, &put_url, &|c| {
+                let (resp, _permit) = self.send(up, Access::Push, &put_url, &|c| {
                     let reader = open().map_err(|source| RegistryError::Io {
                         what: format!("opening {what} for upload"),
                         source,
@@ -939,7 +1328,7 @@ impl Registry {
                         .timeout(timeout)
                         .body(body))
                 })?;
-                let resp = self.check(resp, &put_url, &format!("upload of {what}"))?;
+                let resp = self.check(up, resp, &put_url, &format!("upload of {what}"))?;
                 if let Some(d) = resp
                     .headers()
                     .get("docker-content-digest")
@@ -984,14 +1373,15 @@ impl Registry {
                 actual: digest,
             });
         }
-        let url = self.url(&format!("manifests/{tag}"));
+        let up = self.upstream();
+        let url = self.url(up, &format!("manifests/{tag}"));
         self.retrying(&format_args!("PUT {url}"), |_| {
-            let (resp, _permit) = self.send(Access::Push, &url, &|c| {
+            let (resp, _permit) = self.send(up, Access::Push, &url, &|c| {
                 Ok(c.put(&url)
                     .header(CONTENT_TYPE, media_type)
                     .body(bytes.to_vec()))
             })?;
-            let resp = self.check(resp, &url, &what)?;
+            let resp = self.check(up, resp, &url, &what)?;
             if let Some(d) = resp
                 .headers()
                 .get("docker-content-digest")

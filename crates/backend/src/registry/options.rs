@@ -4,7 +4,8 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Hosts, RegistryError};
+use super::hosts_toml::HostTls;
+use super::{Credentials, Hosts, RegistryError};
 use crate::retry::RetryPolicy;
 
 /// Connection settings shared by [`Registry`](super::Registry) and
@@ -48,6 +49,27 @@ pub struct ClientOptions {
     /// Where the HTTP clients live: one per host, built on first use. Clones
     /// of these options share it; [`Default`] starts an empty one.
     pub hosts: Hosts,
+    /// containerd's registry host directory (`certs.d`, whose
+    /// `<host>/hosts.toml` files declare mirrors, TLS and headers per
+    /// registry; see [`hosts_toml`](super::hosts_toml)). None: not read.
+    pub hosts_dir: Option<PathBuf>,
+    /// Credentials for the mirrors a `hosts.toml` declares, by mirror host
+    /// (`host[:port]`): a registry's own credentials never go to its
+    /// mirrors. None: mirrors are asked anonymously.
+    pub mirror_credentials: Option<CredentialLookup>,
+}
+
+/// Credentials of a host (`host[:port]`), looked up when needed.
+#[derive(Clone)]
+pub struct CredentialLookup(
+    #[allow(clippy::type_complexity)]
+    pub  std::sync::Arc<dyn Fn(&str) -> Result<Option<Credentials>, RegistryError> + Send + Sync>,
+);
+
+impl std::fmt::Debug for CredentialLookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CredentialLookup")
+    }
 }
 
 impl Default for ClientOptions {
@@ -63,6 +85,8 @@ impl Default for ClientOptions {
             max_connections: 8,
             user_agent: concat!("lazypull/", env!("CARGO_PKG_VERSION")).to_string(),
             hosts: Hosts::new(),
+            hosts_dir: None,
+            mirror_credentials: None,
         }
     }
 }
@@ -94,14 +118,17 @@ impl ClientOptions {
 
     /// A new client with these settings. Only [`Hosts`] calls it: everyone
     /// else gets the host's shared client from there.
-    pub(crate) fn build_client(&self) -> Result<reqwest::blocking::Client, RegistryError> {
+    pub(crate) fn build_client(
+        &self,
+        tls: &HostTls,
+    ) -> Result<reqwest::blocking::Client, RegistryError> {
         let mut b = reqwest::blocking::Client::builder()
             .connect_timeout(self.connect_timeout)
             .timeout(self.request_timeout)
             .user_agent(self.user_agent.clone())
             .redirect(reqwest::redirect::Policy::limited(5))
             .pool_max_idle_per_host(self.max_connections.max(1));
-        for path in &self.ca_files {
+        for path in self.ca_files.iter().chain(&tls.ca_files) {
             let pem = std::fs::read(path).map_err(|e| RegistryError::Setup {
                 why: format!("cannot read CA file {}: {e}", path.display()),
             })?;
@@ -117,6 +144,41 @@ impl ClientOptions {
             for c in certs {
                 b = b.add_root_certificate(c);
             }
+        }
+        if tls.client_pairs.len() > 1 {
+            tracing::warn!(
+                target: "lazypull::backend",
+                "{} client certificates are configured for one host; lazypull presents the \
+                 first, {}",
+                tls.client_pairs.len(),
+                tls.client_pairs[0].0.display()
+            );
+        }
+        if let Some((cert, key)) = tls.client_pairs.first() {
+            let mut pem = std::fs::read(cert).map_err(|e| RegistryError::Setup {
+                why: format!("cannot read client certificate {}: {e}", cert.display()),
+            })?;
+            if let Some(key) = key {
+                let k = std::fs::read(key).map_err(|e| RegistryError::Setup {
+                    why: format!("cannot read client key {}: {e}", key.display()),
+                })?;
+                pem.push(b'\n');
+                pem.extend_from_slice(&k);
+            }
+            let id = reqwest::Identity::from_pem(&pem).map_err(|e| RegistryError::Setup {
+                why: format!(
+                    "client certificate {}{} is not a PEM certificate and private key: {e}",
+                    cert.display(),
+                    key.as_ref()
+                        .map(|k| format!(" with key {}", k.display()))
+                        .unwrap_or_default()
+                ),
+            })?;
+            // reqwest's rustls client holds one identity.
+            b = b.identity(id);
+        }
+        if tls.skip_verify {
+            b = b.danger_accept_invalid_certs(true);
         }
         b.build()
             .map_err(|e| RegistryError::Setup { why: e.to_string() })
@@ -204,7 +266,7 @@ mod tests {
                 ca_files: vec![path.clone()],
                 ..ClientOptions::default()
             };
-            let err = opts.build_client().unwrap_err();
+            let err = opts.build_client(&HostTls::default()).unwrap_err();
             assert!(matches!(err, RegistryError::Setup { .. }), "{err}");
             assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
         }

@@ -144,11 +144,12 @@ fn daemon_lines(s: &serde_json::Value) {
         f["verify_failures"]
     );
     println!(
-        "  backend: {} HTTP requests ({} ranges, {} retries, {} failed), {} received",
+        "  backend: {} HTTP requests ({} ranges, {} retries, {} failed, {} mirror fallbacks), {} received",
         h["requests"],
         h["range_requests"],
         h["retries"],
         h["failures"],
+        h["mirror_fallbacks"],
         bytes(&h["bytes_received"])
     );
     let short = |v: &serde_json::Value| short_name(v.as_str().unwrap_or("?"));

@@ -120,6 +120,15 @@ fn catalog(cfg: &DaemonConfig) -> Catalog {
     let client = ClientOptions {
         insecure_hosts: cfg.insecure_registries.clone(),
         ca_files: cfg.ca_files.clone(),
+        hosts_dir: cfg.hosts_dir.clone(),
+        // A mirror gets its own credentials (by its host name), never the
+        // registry's.
+        mirror_credentials: Some(lazypull_backend::CredentialLookup(std::sync::Arc::new({
+            let docker_config = cfg.docker_config.clone();
+            move |host: &str| {
+                lazypull_backend::docker_config_credentials(docker_config.as_deref(), host)
+            }
+        }))),
         request_timeout: Duration::from_secs(cfg.request_timeout_secs),
         range_deadline: Duration::from_secs(cfg.range_deadline_secs),
         min_throughput: cfg.min_throughput,
