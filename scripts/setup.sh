@@ -17,6 +17,7 @@ packages=(
 	erofs-utils                                                         # cross-checks (fsck.erofs, mkfs.erofs)
 	e2fsprogs attr perl                                                 # ext4 disk images, xattr tools, guest init
 	docker-registry apache2-utils iproute2                              # a real OCI registry (+ htpasswd) for the registry tests; guest networking
+	openssl                                                             # test CAs and certificates for the TLS registry tests
 	containerd runc busybox-static                                      # the runtime tests: containerd 1.6 + runc, a static shell for test images
 	golang-go golang-github-containerd-containerd-dev                   # containerd's snapshotter conformance suite (built offline, GOPATH mode)
 	golang-github-opencontainers-image-spec-dev                         # the OCI image spec's JSON schemas (manifest validation)
