@@ -269,6 +269,32 @@ fn containerd_arm(dir: &Path, registry: &RegistryServer, reference: &str) -> Res
     })
 }
 
+/// `lazypull pull [EXTRA...] REF` into `ctr`'s containerd and namespace.
+pub(crate) fn lazypull_pull(
+    lazypull: &Path,
+    ctr: &Containerd,
+    reference: &str,
+    extra: &[&str],
+) -> Result<()> {
+    let out = Command::new(lazypull)
+        .arg("pull")
+        .args(extra)
+        .arg("--address")
+        .arg(ctr.address())
+        .arg("--namespace")
+        .arg(ctr.namespace())
+        .arg(reference)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "lazypull pull {reference}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// `lazypull daemon` (FUSE, `daemon_args` added) and `lazypull snapshotter`
 /// in `dir`, then a containerd with the snapshotter as proxy `lazypull`;
 /// each returned once it listens. Drop them in the order returned reversed:
@@ -347,21 +373,7 @@ fn lazypull_arm(
     drop_caches()?;
     let from = log_len(registry)?;
     let t0 = Instant::now();
-    let out = Command::new(lazypull)
-        .arg("pull")
-        .arg("--address")
-        .arg(ctr.address())
-        .arg("--namespace")
-        .arg(ctr.namespace())
-        .arg(reference)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "lazypull pull {reference}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    lazypull_pull(lazypull, &ctr, reference, &[])?;
     let pull_secs = t0.elapsed().as_secs_f64();
     let (first_line_secs, registry_bytes_by_first_line) =
         run_first_line(&ctr, "lazypull", reference, "b1", t0, registry, from)?;

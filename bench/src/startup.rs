@@ -61,7 +61,7 @@ use lazypull_testkit::python_image::{python_image, PYTHON_OUTPUT};
 use lazypull_testkit::registry::RegistryServer;
 use serde_json::{json, Value};
 
-use crate::containers::{drop_caches, image_bytes, median, start_lazypull};
+use crate::containers::{drop_caches, image_bytes, lazypull_pull, median, start_lazypull};
 
 mod chart;
 
@@ -489,22 +489,7 @@ fn lazypull_arm(
     drop_caches()?;
     let from = net.log_len()?;
     let t0 = Instant::now();
-    let out = Command::new(lazypull)
-        .arg("pull")
-        .arg("--insecure")
-        .arg("--address")
-        .arg(ctr.address())
-        .arg("--namespace")
-        .arg(ctr.namespace())
-        .arg(reference)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "lazypull pull {reference}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    lazypull_pull(lazypull, &ctr, reference, &["--insecure"])?;
     let run = run_container(&ctr, "lazypull", reference, "b1", subject, t0, net)?;
     let cold = proc_usage(pid)?;
     let b = sample_of(&run, net, from, cold)?;
