@@ -434,6 +434,49 @@ fn sample_of(run: &Run, net: &Net, from: usize, usage: (f64, u64)) -> Result<Sam
     })
 }
 
+/// The cold run (its clock `t0` and the proxy log's position `from` taken
+/// before the pull) and then a warm second run of `reference` under
+/// `snapshotter`, containers `<id>1` and `<id>2`; `pid` is the daemon whose
+/// CPU and peak RSS each sample reports (the warm one: the CPU it added).
+#[allow(clippy::too_many_arguments)]
+fn cold_then_warm(
+    ctr: &Containerd,
+    snapshotter: &str,
+    reference: &str,
+    id: &str,
+    subject: &Subject,
+    net: &Net,
+    pid: u32,
+    from: usize,
+    t0: Instant,
+) -> Result<(Sample, Sample)> {
+    let run = run_container(
+        ctr,
+        snapshotter,
+        reference,
+        &format!("{id}1"),
+        subject,
+        t0,
+        net,
+    )?;
+    let cold_usage = proc_usage(pid)?;
+    let cold = sample_of(&run, net, from, cold_usage)?;
+    let from = net.log_len()?;
+    let t1 = Instant::now();
+    let run = run_container(
+        ctr,
+        snapshotter,
+        reference,
+        &format!("{id}2"),
+        subject,
+        t1,
+        net,
+    )?;
+    let warm_usage = proc_usage(pid)?;
+    let warm = sample_of(&run, net, from, (warm_usage.0 - cold_usage.0, warm_usage.1))?;
+    Ok((cold, warm))
+}
+
 /// Arm A and its warm second run (D-A).
 fn containerd_arm(
     dir: &Path,
@@ -456,14 +499,17 @@ fn containerd_arm(
         "overlayfs",
         reference,
     ])?;
-    let run = run_container(&ctr, "overlayfs", reference, "a1", subject, t0, net)?;
-    let cold = proc_usage(pid)?;
-    let a = sample_of(&run, net, from, cold)?;
-    let from = net.log_len()?;
-    let t1 = Instant::now();
-    let run = run_container(&ctr, "overlayfs", reference, "a2", subject, t1, net)?;
-    let warm = proc_usage(pid)?;
-    let d = sample_of(&run, net, from, (warm.0 - cold.0, warm.1))?;
+    let (a, d) = cold_then_warm(
+        &ctr,
+        "overlayfs",
+        reference,
+        "a",
+        subject,
+        net,
+        pid,
+        from,
+        t0,
+    )?;
     drop(ctr);
     containerd::unmount_under(dir);
     Ok((a, d))
@@ -490,14 +536,9 @@ fn lazypull_arm(
     let from = net.log_len()?;
     let t0 = Instant::now();
     lazypull_pull(lazypull, &ctr, reference, &["--insecure"])?;
-    let run = run_container(&ctr, "lazypull", reference, "b1", subject, t0, net)?;
-    let cold = proc_usage(pid)?;
-    let b = sample_of(&run, net, from, cold)?;
-    let from = net.log_len()?;
-    let t1 = Instant::now();
-    let run = run_container(&ctr, "lazypull", reference, "b2", subject, t1, net)?;
-    let warm = proc_usage(pid)?;
-    let d = sample_of(&run, net, from, (warm.0 - cold.0, warm.1))?;
+    let (b, d) = cold_then_warm(
+        &ctr, "lazypull", reference, "b", subject, net, pid, from, t0,
+    )?;
     drop(ctr);
     drop(snap);
     drop(daemon);

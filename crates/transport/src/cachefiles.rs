@@ -2271,6 +2271,44 @@ mod tests {
         }
     }
 
+    /// Opens the gate when dropped: however a test ends, its stuck reads
+    /// end too (the runtime joins them).
+    struct OpenAtEnd(Arc<Gated>);
+
+    impl Drop for OpenAtEnd {
+        fn drop(&mut self) {
+            self.0.open_gate();
+        }
+    }
+
+    /// A closed [`Gated`] blob of `data` served for cookie `cookie`, every
+    /// other cookie from directory `dir`; the guard opens the gate.
+    fn gated_beside(
+        data: Vec<u8>,
+        cookie: &'static [u8],
+        dir: &std::path::Path,
+    ) -> (Arc<Gated>, OpenAtEnd, Arc<dyn BlobResolver>) {
+        let gated = Arc::new(Gated {
+            data,
+            open: Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+            waiting: Default::default(),
+        });
+        let local = local_resolver(dir);
+        let resolver: Arc<dyn BlobResolver> = {
+            let gated = gated.clone();
+            Arc::new(
+                move |v: &[u8], c: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
+                    if c == cookie {
+                        return Ok(gated.clone() as Arc<dyn BlobSource>);
+                    }
+                    local.resolve(v, c)
+                },
+            )
+        };
+        (gated.clone(), OpenAtEnd(gated), resolver)
+    }
+
     impl BlobSource for Gated {
         fn name(&self) -> &str {
             "stuck"
@@ -2297,32 +2335,8 @@ mod tests {
     async fn reads_stuck_on_one_blob_stop_no_open_and_no_other_blob() {
         let blobs = tempfile::tempdir().unwrap();
         std::fs::write(blobs.path().join("fast"), pattern(4096)).unwrap();
-        let local = local_resolver(blobs.path());
-        let gated = Arc::new(Gated {
-            data: pattern(16 * 16384),
-            open: Mutex::new(false),
-            opened: std::sync::Condvar::new(),
-            waiting: Default::default(),
-        });
-        // However the test ends, the stuck reads end too (the runtime joins them).
-        struct OpenAtEnd(Arc<Gated>);
-        impl Drop for OpenAtEnd {
-            fn drop(&mut self) {
-                self.0.open_gate();
-            }
-        }
-        let _open_at_end = OpenAtEnd(gated.clone());
-        let resolver: Arc<dyn BlobResolver> = {
-            let gated = gated.clone();
-            Arc::new(
-                move |v: &[u8], c: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
-                    if c == b"stuck" {
-                        return Ok(gated.clone() as Arc<dyn BlobSource>);
-                    }
-                    local.resolve(v, c)
-                },
-            )
-        };
+        let (gated, _open_at_end, resolver) =
+            gated_beside(pattern(16 * 16384), b"stuck", blobs.path());
         let h = Harness::start(resolver, 8);
         h.open(1, 1, "stuck");
         h.until("copen of the stuck blob", |h| h.replied("copen 1,262144"))
@@ -2432,31 +2446,8 @@ mod tests {
         let size = 10 * w + 500;
         let blobs = tempfile::tempdir().unwrap();
         std::fs::write(blobs.path().join("data"), pattern(3 * w as usize)).unwrap();
-        let local = local_resolver(blobs.path());
-        let meta = Arc::new(Gated {
-            data: pattern(size as usize),
-            open: Mutex::new(false),
-            opened: std::sync::Condvar::new(),
-            waiting: Default::default(),
-        });
-        struct OpenAtEnd(Arc<Gated>);
-        impl Drop for OpenAtEnd {
-            fn drop(&mut self) {
-                self.0.open_gate();
-            }
-        }
-        let _open_at_end = OpenAtEnd(meta.clone());
-        let resolver: Arc<dyn BlobResolver> = {
-            let meta = meta.clone();
-            Arc::new(
-                move |v: &[u8], c: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
-                    if c == b"img" {
-                        return Ok(meta.clone() as Arc<dyn BlobSource>);
-                    }
-                    local.resolve(v, c)
-                },
-            )
-        };
+        let (meta, _open_at_end, resolver) =
+            gated_beside(pattern(size as usize), b"img", blobs.path());
         let h = Harness::start(resolver, 4);
         h.open_in(1, 1, "erofs,img", "img");
         // Answered while the blob's reads are all blocked.
