@@ -24,7 +24,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use lazypull_backend::registry::{ClientOptions, Registry};
@@ -34,25 +33,14 @@ use lazypull_testkit::proxy::{read_log, FaultSource, Proxy};
 use lazypull_testkit::registry::RegistryServer;
 use sha2::{Digest, Sha256};
 
+#[path = "common/lazy_stack.rs"]
+mod lazy_stack;
+use lazy_stack::{lazypull, ok, Proc};
+
 const FILE_SIZE: usize = 2 << 20;
 const FILES: [&str; 3] = ["/1-first", "/2-second", "/3-third"];
 /// The order the workload reads them in.
 const READ_ORDER: [&str; 3] = ["/3-third", "/1-first", "/2-second"];
-
-fn lazypull() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lazypull"))
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn require_host() {
     assert!(
@@ -97,15 +85,14 @@ fn source_tree(dir: &Path) -> PathBuf {
 /// (SIGTERM, then SIGKILL) and its mounts undone when dropped.
 struct Daemon {
     dir: PathBuf,
-    child: Option<Child>,
+    _process: Proc,
 }
 
 impl Daemon {
     fn start(dir: &Path) -> Daemon {
         fs::create_dir_all(dir).unwrap();
-        let log = fs::File::create(dir.join("daemon.log")).unwrap();
-        let child = lazypull()
-            .arg("daemon")
+        let mut cmd = lazypull();
+        cmd.arg("daemon")
             .args(["--config", "/dev/null", "--transport", "fuse"])
             .arg("--cache-dir")
             .arg(dir.join("cache"))
@@ -119,28 +106,14 @@ impl Daemon {
             .arg(dir.join("run/ctl.sock"))
             .arg("--fd-store")
             .arg(dir.join("run/fdstore.sock"))
-            .args(["--log-level", "debug"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut d = Daemon {
+            .args(["--log-level", "debug"]);
+        let mut process = Proc::spawn("lazypull daemon", cmd, &dir.join("daemon.log"));
+        process.unmount_under_when_gone(dir);
+        process.wait_listening(&dir.join("run/ctl.sock"));
+        Daemon {
             dir: dir.to_owned(),
-            child: Some(child),
-        };
-        let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(d.socket()).is_err() {
-            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("the daemon exited with {status}:\n{}", d.log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "the daemon did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            _process: process,
         }
-        d
     }
 
     fn socket(&self) -> PathBuf {
@@ -174,35 +147,6 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "daemon log ({}) ends:\n{}",
-                self.dir.display(),
-                lines[lines.len().saturating_sub(40)..].join("\n")
-            );
-        }
-        if let Some(mut child) = self.child.take() {
-            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            }
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        lazypull_testkit::containerd::unmount_under(&self.dir);
     }
 }
 

@@ -1,12 +1,12 @@
 //! What the host tests of lazy images under containerd share
-//! (`lazy_pull.rs`, `lazy_containers.rs`, included with `#[path]`): a
+//! (`lazy_pull.rs`, `lazy_containers.rs`, `optimize.rs`, included with `#[path]`): a
 //! registry access log reader, `ctr` listings, the lazy busybox image, and
 //! [`Stack`]: `lazypull daemon` (FUSE), `lazypull snapshotter` and
 //! containerd, each in its own directory under one test directory, with
 //! the daemon and the snapshotter killable and restartable.
 //!
 //! Each test file uses a part of it.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::net::UnixStream;
@@ -111,6 +111,11 @@ impl Proc {
 }
 
 impl Proc {
+    /// Undoes the mounts under `dir` once the process is gone (when dropped).
+    pub fn unmount_under_when_gone(&mut self, dir: &Path) {
+        self.mounts_under.push(dir.to_path_buf());
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("the process runs").id()
@@ -477,7 +482,7 @@ impl Stack {
             daemon_cmd,
             &Self::numbered(dir, "daemon", n),
         );
-        daemon.mounts_under.push(d.clone());
+        daemon.unmount_under_when_gone(&d);
         if n == 1 {
             daemon.wait_listening(&control);
         } else {
@@ -505,7 +510,7 @@ impl Stack {
             snap_cmd,
             &Self::numbered(dir, "snapshotter", n),
         );
-        snap.mounts_under.push(snap_root);
+        snap.unmount_under_when_gone(&snap_root);
         snap.wait_listening(&snap_socket);
         snap
     }
