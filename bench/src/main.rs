@@ -96,6 +96,10 @@ enum Bench {
         /// Work directory (rebuilt).
         #[arg(long, default_value = "target/bench-fuse")]
         work: PathBuf,
+        /// The daemon's config file (default: none, the built-in defaults),
+        /// e.g. to try other `unit_cache` or `max_merge` values.
+        #[arg(long, value_name = "FILE", default_value = "/dev/null")]
+        daemon_config: PathBuf,
     },
     /// On the host: `lazypull pull` + `ctr run` vs. `ctr images pull` + `ctr run` (overlayfs),
     /// pull to the container's first line, and the bytes each moved from the registry.
@@ -207,7 +211,11 @@ fn main() -> Result<()> {
         ),
         Bench::Registry { rounds, work } => registry(rounds, &work),
         Bench::Build { rounds, work } => build_bench(rounds, &work),
-        Bench::Fuse { rounds, work } => fuse::run(rounds, &work),
+        Bench::Fuse {
+            rounds,
+            work,
+            daemon_config,
+        } => fuse::run(rounds, &work, &daemon_config),
         Bench::Containers {
             rounds,
             work,

@@ -81,6 +81,12 @@ pub struct FetchStats {
     pub fetch_failures: AtomicU64,
     /// Units fetched at background priority (prefetch, read-ahead).
     pub background_units: AtomicU64,
+    /// Microseconds spent in range reads (waiting on backends), summed over
+    /// the reads: with reads in parallel this exceeds the wall time.
+    pub fetch_micros: AtomicU64,
+    /// Microseconds spent decompressing and verifying units, summed over the
+    /// threads that did it (the CPU side of a cold read).
+    pub decode_micros: AtomicU64,
 }
 
 /// A plain copy of [`FetchStats`].
@@ -94,6 +100,8 @@ pub struct FetchStatsSnapshot {
     pub verify_failures: u64,
     pub fetch_failures: u64,
     pub background_units: u64,
+    pub fetch_micros: u64,
+    pub decode_micros: u64,
 }
 
 impl FetchStats {
@@ -108,12 +116,18 @@ impl FetchStats {
             verify_failures: l(&self.verify_failures),
             fetch_failures: l(&self.fetch_failures),
             background_units: l(&self.background_units),
+            fetch_micros: l(&self.fetch_micros),
+            decode_micros: l(&self.decode_micros),
         }
     }
 }
 
 fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
+}
+
+fn micros_since(t: std::time::Instant) -> u64 {
+    u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Lets background work yield to foreground work: background fetches start
@@ -190,7 +204,7 @@ impl FetchContext {
     }
 }
 
-type Unit = Arc<Vec<u8>>;
+type Unit = Arc<crate::PooledBuf>;
 type UnitResult = Result<Unit, (io::ErrorKind, String)>;
 
 /// One unit being fetched: its result, once there is one.
@@ -267,7 +281,7 @@ struct State {
     cache: UnitCache,
     /// Units some caller's [`ReadHold`] keeps alive (dead entries are swept
     /// when holds are added).
-    held: HashMap<u64, Weak<Vec<u8>>>,
+    held: HashMap<u64, Weak<crate::PooledBuf>>,
 }
 
 /// Dead entries of `State::held` are swept when it reaches this many.
@@ -505,11 +519,13 @@ impl ChunkedBlob {
         // Background work waited for foreground work before it claimed this
         // run (see `units`), and does not wait again holding the claims.
         let _fg = (priority == Priority::Foreground).then(|| self.ctx.gate.foreground());
-        let mut stored = vec![0u8; (end - start) as usize];
+        let mut stored = crate::PooledBuf::new((end - start) as usize);
         let stats = &self.ctx.stats;
         bump(&stats.range_requests, 1);
         self.counters.start(end - start);
+        let began = std::time::Instant::now();
         let fetched = self.stored.read_exact_at(&mut stored, start);
+        bump(&stats.fetch_micros, micros_since(began));
         self.counters
             .finish(end - start, fetched.is_ok().then_some(end - start));
         if let Err(e) = fetched {
@@ -534,8 +550,10 @@ impl ChunkedBlob {
             let (index, e) = (run[k], &entries[k]);
             let at = (e.stored_offset - start) as usize;
             let src = &stored[at..at + e.stored_len as usize];
-            let mut dst = vec![0u8; e.len as usize];
+            let began = std::time::Instant::now();
+            let mut dst = crate::PooledBuf::new(e.len as usize);
             let r = DECODER.with(|d| d.borrow_mut().decode(&self.name, index, e, src, &mut dst));
+            bump(&stats.decode_micros, micros_since(began));
             match r {
                 Ok(()) => {
                     bump(&stats.units_fetched, 1);
@@ -1148,11 +1166,15 @@ mod tests {
     fn unit_cache_stays_within_budget() {
         let mut cache = UnitCache::default();
         for i in 0..10 {
-            cache.insert(i, Arc::new(vec![0; 100]), 350);
+            cache.insert(i, Arc::new(crate::PooledBuf::from_vec(vec![0; 100])), 350);
         }
         assert_eq!(cache.bytes, 300);
         assert!(cache.get(9).is_some() && cache.get(6).is_none());
-        cache.insert(100, Arc::new(vec![0; 1000]), 350);
+        cache.insert(
+            100,
+            Arc::new(crate::PooledBuf::from_vec(vec![0; 1000])),
+            350,
+        );
         assert!(
             cache.get(100).is_none(),
             "a unit larger than the budget is not kept"

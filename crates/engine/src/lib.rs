@@ -24,7 +24,7 @@ pub mod local_cache;
 mod private_dir;
 pub mod readahead;
 
-pub use buf::AlignedBuf;
+pub use buf::{pooled_bytes, AlignedBuf, PooledBuf, POOL_MAX_FREE};
 pub use chunked::{
     ChunkedBlob, FetchContext, FetchOptions, FetchStats, FetchStatsSnapshot, PriorityGate,
 };

@@ -202,6 +202,11 @@ enum Command {
 struct FdstoreArgs {
     #[arg(long, value_name = "PATH", default_value = fdstore::DEFAULT_SOCKET)]
     socket: std::path::PathBuf,
+    /// Serve on the listening socket given as stdin (how the daemon starts
+    /// the store: it binds the socket itself, so it need not wait for this
+    /// process).
+    #[arg(long)]
+    inherit_listener: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -226,6 +231,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => cli::demo(args),
         Command::Shutdown(args) => cli::shutdown(args),
         Command::Handover(args) => cli::handover(args),
+        Command::Fdstore(args) if args.inherit_listener => fdstore::serve_inherited(&args.socket),
         Command::Fdstore(args) => fdstore::serve(&args.socket),
         Command::Snapshotter(args) => cli::snapshotter(args),
     };

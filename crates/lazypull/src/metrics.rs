@@ -150,6 +150,18 @@ fn render(status: &Status) -> String {
         f.dedup_waits,
     );
     e.one(
+        "lazypull_fetch_backend_microseconds_total",
+        "counter",
+        "Time spent in range reads of backends, summed over reads (parallel reads overlap).",
+        f.fetch_micros,
+    );
+    e.one(
+        "lazypull_fetch_decode_microseconds_total",
+        "counter",
+        "Time spent decompressing and verifying units, summed over the threads doing it.",
+        f.decode_micros,
+    );
+    e.one(
         "lazypull_fetch_verify_failures_total",
         "counter",
         "Units whose bytes failed decompression or their SHA-256 check (never written).",

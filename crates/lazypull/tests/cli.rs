@@ -251,6 +251,28 @@ fn a_daemon_that_fails_to_start_leaves_no_fd_store_behind() {
     assert!(!store.exists(), "its socket is left: {}", store.display());
 }
 
+/// The fd store the daemon starts serves on a listener the daemon bound and
+/// handed over as its stdin; run by hand with that flag and no such stdin, it
+/// says what is wrong instead of serving nothing.
+#[test]
+fn an_fd_store_told_to_inherit_a_listener_it_lacks_says_so() {
+    let work = tempfile::tempdir().unwrap();
+    let socket = work.path().join("fdstore.sock");
+    let out = Command::new(env!("CARGO_BIN_EXE_lazypull"))
+        .args(["fdstore", "--inherit-listener", "--socket"])
+        .arg(&socket)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("stdin is not a listening socket"),
+        "{}",
+        text(&out)
+    );
+    assert!(!socket.exists());
+}
+
 /// The meta blob's trailer vouches for each data blob's chunk table: `inspect`
 /// shows it, and `verify` finds a table that is valid (it describes the right
 /// bytes) but not the one the meta blob (the fsid) vouches for — what a daemon

@@ -144,6 +144,11 @@ fn daemon_lines(s: &serde_json::Value) {
         f["verify_failures"]
     );
     println!(
+        "  time: {} ms in backend reads, {} ms decompressing and verifying (summed over threads)",
+        f["fetch_micros"].as_u64().unwrap_or(0) / 1000,
+        f["decode_micros"].as_u64().unwrap_or(0) / 1000
+    );
+    println!(
         "  backend: {} HTTP requests ({} ranges, {} retries, {} failed, {} mirror fallbacks), {} received",
         h["requests"],
         h["range_requests"],

@@ -54,6 +54,7 @@ pub(crate) fn request_handover(cfg: &DaemonConfig) -> anyhow::Result<()> {
 
 /// What the fd store gave back at start: the kernel connection (and objects)
 /// a previous daemon parked, until the transport claims them.
+#[derive(Default)]
 pub(crate) struct Parked {
     held: Vec<fdstore::Entry>,
 }

@@ -215,7 +215,12 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
         store: store.as_ref(),
         spawned,
     };
-    let mut parked = Parked::from_store(store.as_ref())?;
+    // A store started just now holds nothing: no need to ask it (and to wait
+    // for its process to come up) before the transport starts.
+    let mut parked = match start.spawned {
+        Some(_) => Parked::default(),
+        None => Parked::from_store(store.as_ref())?,
+    };
     let catalog = Arc::new(catalog(&cfg));
     steps.mark("catalog");
     if parked.has_cachefiles() {

@@ -3,7 +3,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use rustix::net::SocketAddrUnix;
@@ -66,34 +66,30 @@ impl Client {
         if let Ok(c) = Client::connect(socket) {
             return Ok((c, None));
         }
+        // The listener is bound here and handed to the store as its stdin:
+        // once this returns, the store's socket accepts connections (they
+        // queue until the store's first accept), so the daemon goes on at
+        // once instead of waiting for a process to start and bind.
+        let listener = super::server::listen(socket).context("binding the fd store's socket")?;
         let exe =
             std::env::current_exe().context("finding this executable to start the fd store")?;
         use std::os::unix::process::CommandExt;
-        let mut child = std::process::Command::new(exe)
+        let child = std::process::Command::new(exe)
             .arg("fdstore")
             .arg("--socket")
             .arg(socket)
-            .stdin(std::process::Stdio::null())
+            .arg("--inherit-listener")
+            .stdin(std::process::Stdio::from(listener))
             .stdout(std::process::Stdio::null())
             .process_group(0)
             .spawn()
             .context("starting the fd store")?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(c) = Client::connect(socket) {
-                return Ok((c, Some(Spawned { child })));
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!("the fd store exited at start ({status}); see its messages above");
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the fd store did not answer on {} within 10 s",
-                    socket.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        Ok((
+            Client {
+                path: socket.to_path_buf(),
+            },
+            Some(Spawned { child }),
+        ))
     }
 
     /// Ends a store this process started: closes every fd it holds and waits

@@ -26,7 +26,7 @@ mod server;
 mod wire;
 
 pub(crate) use client::{Client, Entry, Spawned};
-pub use server::serve;
+pub use server::{serve, serve_inherited};
 
 /// Default path of the store's socket.
 pub const DEFAULT_SOCKET: &str = "/run/lazypull/fdstore.sock";

@@ -14,6 +14,32 @@ use super::wire::{recv, send, seqpacket, Op, Reply, MAX_FDS};
 
 /// Runs the store on `socket` until told to exit.
 pub fn serve(socket: &Path) -> anyhow::Result<()> {
+    serve_on(listen(socket)?, socket)
+}
+
+/// Runs the store on the listening socket it was started with as its stdin
+/// (bound at `socket` by the daemon that started it, see
+/// `Client::connect_or_spawn`): the daemon need not wait for this process to
+/// bind before it goes on, since connections queue in the listener's backlog
+/// until the store accepts them.
+pub fn serve_inherited(socket: &Path) -> anyhow::Result<()> {
+    let listener = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("taking the inherited listener (stdin)")?;
+    match rustix::net::sockopt::socket_acceptconn(&listener) {
+        Ok(true) => {}
+        _ => bail!(
+            "--inherit-listener: stdin is not a listening socket (the daemon starts the \
+             store this way; to run one by hand, leave the flag out)"
+        ),
+    }
+    serve_on(listener, socket)
+}
+
+/// Binds and listens on `socket` (mode 0600, in a directory made root's
+/// only), unless a store already answers there; a stale socket is replaced.
+pub(super) fn listen(socket: &Path) -> anyhow::Result<OwnedFd> {
     if let Some(dir) = socket.parent() {
         // Created root's only; one that exists is left as it is: the socket
         // itself is 0600.
@@ -33,6 +59,10 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     rustix::net::listen(&listener, 16)?;
+    Ok(listener)
+}
+
+fn serve_on(listener: OwnedFd, socket: &Path) -> anyhow::Result<()> {
     info!(socket = %socket.display(), pid = std::process::id(), "fd store ready");
     let mut entries: Vec<(String, bool, OwnedFd)> = Vec::new();
     loop {
