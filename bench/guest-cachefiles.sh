@@ -91,6 +91,12 @@ start_daemon() {
 	local internal
 	internal=$(sed -n 's/.*startup_ms=\([0-9.]*\).*/\1/p' "$LOG")
 	echo "round=$round kind=$kind what=start us=$(((seen - t0) / 1000)) internal_ms=${internal:--1}" >>"$RESULTS"
+	# The daemon's own steps from main to ready (lazypull only), as
+	# list=main:0.8,config:0.2,...
+	local steps
+	steps=$(sed -n 's/.*steps_ms=//p' "$LOG" | head -1 | tr ' =' ',:')
+	[ -n "$steps" ] && echo "round=$round kind=$kind what=steps list=$steps" >>"$RESULTS"
+	return 0
 }
 stop_daemon() {
 	echo "round=$round kind=$1 what=rss_kib value=$(awk '/^VmHWM:/ {print $2}' /proc/$DPID/status)" >>"$RESULTS"
@@ -145,6 +151,17 @@ for round in $(seq "$ROUNDS"); do
 			else
 				start_daemon "$kind"
 				measure "$kind" "$what"
+				# Where a lazypull daemon's time went on this read: the
+				# engine's time in backend reads and in decompression +
+				# verification (summed over threads), against the read's
+				# wall time in the line above.
+				case $kind in lp-*)
+					st=$("$BIN/lazypull" status --json 2>/dev/null || true)
+					f=$(echo "$st" | grep -o '"fetch_micros":[0-9]*' | head -1 | cut -d: -f2)
+					d=$(echo "$st" | grep -o '"decode_micros":[0-9]*' | head -1 | cut -d: -f2)
+					echo "round=$round kind=$kind what=stages_$what fetch_us=${f:--1} decode_us=${d:--1}" >>"$RESULTS"
+					;;
+				esac
 				stop_daemon "$kind"
 			fi
 		done

@@ -677,7 +677,26 @@ fn report(results: &str, rounds: u32, fill_window: &str, files: usize) -> Result
     let mut rss: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut start: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut internal: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    // (kind, step) -> ms per run, in the daemon's order of steps.
+    let mut steps: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    let mut step_order: Vec<String> = Vec::new();
+    // (kind, what) -> (backend µs, decode µs) per run.
+    let mut stages: BTreeMap<(String, String), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     for line in results.lines() {
+        if let Some(list) = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("list="))
+        {
+            for step in list
+                .split(',')
+                .filter_map(|p| p.split_once(':'))
+                .map(|p| p.0)
+            {
+                if !step_order.iter().any(|s| s == step) {
+                    step_order.push(step.to_owned());
+                }
+            }
+        }
         let kv: BTreeMap<&str, &str> = line
             .split_whitespace()
             .filter_map(|w| w.split_once('='))
@@ -692,6 +711,25 @@ fn report(results: &str, rounds: u32, fill_window: &str, files: usize) -> Result
         let kind = kv["kind"].to_owned();
         match kv["what"] {
             "rss_kib" => rss.entry(kind).or_default().push(num("value")?),
+            "steps" => {
+                for (step, ms) in kv["list"].split(',').filter_map(|p| p.split_once(':')) {
+                    if let Ok(ms) = ms.parse::<f64>() {
+                        steps
+                            .entry((kind.clone(), step.to_owned()))
+                            .or_default()
+                            .push(ms);
+                    }
+                }
+            }
+            w if w.starts_with("stages_") => {
+                let what = w.trim_start_matches("stages_").to_owned();
+                let (f, d) = (num("fetch_us")?, num("decode_us")?);
+                if f >= 0.0 && d >= 0.0 {
+                    let e = stages.entry((kind, what)).or_default();
+                    e.0.push(f);
+                    e.1.push(d);
+                }
+            }
             "start" => {
                 start.entry(kind.clone()).or_default().push(num("us")?);
                 let i = num("internal_ms")?;
@@ -792,6 +830,57 @@ fn report(results: &str, rounds: u32, fill_window: &str, files: usize) -> Result
         });
     }
     println!("{row}");
+    let lp_arms: Vec<_> = arms.iter().filter(|(k, _)| k.starts_with("lp-")).collect();
+    if !steps.is_empty() {
+        println!();
+        println!("Where the daemon's start goes (its own steps from `main` to ready, median ms):");
+        println!();
+        let mut head = String::from("| step |");
+        let mut rule = String::from("|---|");
+        for (_, label) in &lp_arms {
+            head.push_str(&format!(" {label} |"));
+            rule.push_str("---|");
+        }
+        println!("{head}");
+        println!("{rule}");
+        for step in &step_order {
+            let mut row = format!("| {step} |");
+            for (kind, _) in &lp_arms {
+                row.push_str(&match steps.get(&(kind.to_string(), step.clone())) {
+                    Some(v) => format!(" {:.1} |", median(&mut v.clone())),
+                    None => " – |".into(),
+                });
+            }
+            println!("{row}");
+        }
+    }
+    if !stages.is_empty() {
+        println!();
+        println!(
+            "Where a cold read's time goes in the daemon (median per run; summed over the \
+             threads doing it, so it can exceed the read's wall time):"
+        );
+        println!();
+        println!("| arm | read | wall (median) | backend reads | decompress + verify |");
+        println!("|---|---|---|---|---|");
+        for (kind, label) in &lp_arms {
+            for what in ["small", "big"] {
+                let Some((f, d)) = stages.get(&(kind.to_string(), what.to_owned())) else {
+                    continue;
+                };
+                let wall = us
+                    .get(&(kind.to_string(), what.to_owned()))
+                    .map(|m| median(&mut m.values().copied().collect::<Vec<_>>()))
+                    .unwrap_or(f64::NAN);
+                println!(
+                    "| {label} | {what} | {} | {} | {} |",
+                    fmt_us(wall),
+                    fmt_us(median(&mut f.clone())),
+                    fmt_us(median(&mut d.clone()))
+                );
+            }
+        }
+    }
     Ok(())
 }
 
@@ -1057,4 +1146,34 @@ fn report_registry(results: &str, rounds: u32, files: usize) -> Result<()> {
         median(&mut first_local)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::report;
+
+    /// The guest script's result lines, the daemon's steps and stage times
+    /// among them, are all understood; a stage line missing its figures is an
+    /// error, not a silent gap.
+    #[test]
+    fn the_cachefiles_report_reads_every_kind_of_result_line() {
+        let mut lines = String::new();
+        for round in 1..=2 {
+            for what in ["walk", "small", "big"] {
+                lines += &format!("round={round} kind=limit what={what} us=1000 mount_us=4000\n");
+                lines += &format!("round={round} kind=lp-zstd what={what} us=2000 mount_us=9000\n");
+                lines += &format!(
+                    "round={round} kind=lp-zstd what=stages_{what} fetch_us=300 decode_us=900\n"
+                );
+            }
+            lines += &format!("round={round} kind=lp-zstd what=start us=50000 internal_ms=20.5\n");
+            lines += &format!(
+                "round={round} kind=lp-zstd what=steps list=main:0.8,fd_store_spawn:0.3,transport:5.0\n"
+            );
+            lines += &format!("round={round} kind=lp-zstd what=rss_kib value=20000\n");
+        }
+        report(&lines, 2, "1MiB", 10).unwrap();
+        let bad = format!("{lines}round=3 kind=lp-zstd what=stages_big fetch_us=1\n");
+        assert!(report(&bad, 2, "1MiB", 10).is_err());
+    }
 }
