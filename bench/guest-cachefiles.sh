@@ -157,8 +157,9 @@ for round in $(seq "$ROUNDS"); do
 				# wall time in the line above.
 				case $kind in lp-*)
 					st=$("$BIN/lazypull" status --json 2>/dev/null || true)
-					f=$(echo "$st" | grep -o '"fetch_micros":[0-9]*' | head -1 | cut -d: -f2)
-					d=$(echo "$st" | grep -o '"decode_micros":[0-9]*' | head -1 | cut -d: -f2)
+					# (pretty-printed JSON: `"key": 123`)
+					f=$(echo "$st" | grep -o '"fetch_micros": *[0-9]*' | head -1 | tr -dc 0-9)
+					d=$(echo "$st" | grep -o '"decode_micros": *[0-9]*' | head -1 | tr -dc 0-9)
 					echo "round=$round kind=$kind what=stages_$what fetch_us=${f:--1} decode_us=${d:--1}" >>"$RESULTS"
 					;;
 				esac
