@@ -5,6 +5,8 @@
 //!   (event metadata and their info records, the range record of a
 //!   pre-content event among them) into typed values, and the encoding of a
 //!   response. Malformed input is an [`event::ParseError`], never a panic.
+//! - [`journal`]: failing closed across a daemon's death: the record of the
+//!   events being served, and a successor's answer to each event it inherits.
 //! - [`group`]: the group itself: `fanotify_init`, `fanotify_mark`, reading
 //!   events, writing responses. All `unsafe` of this path lives there.
 //!
@@ -22,6 +24,7 @@
 
 pub mod event;
 pub mod group;
+pub mod journal;
 
 pub use event::{Event, ParseError, Response};
 pub use group::Group;

@@ -228,3 +228,68 @@ fn a_successor_on_the_same_group_answers_its_predecessors_event_by_number() {
         .unwrap();
     assert_denied_with_eio(child);
 }
+
+/// The whole failover of the fanotify transport on the kernel: a daemon takes
+/// on two events and records one before it dies; its successor, holding the
+/// same group, fills and allows the recorded one (its reader gets the bytes)
+/// and denies the other by number (its reader gets EIO, not zeros).
+#[test]
+fn a_successor_finishes_recorded_events_and_denies_the_rest() {
+    use lazypull_fanotify::journal::{recover, Journal, Record};
+    require_root();
+    let dir = tempdir();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    for p in [&a, &b] {
+        fs::File::create(p).unwrap().set_len(1 << 20).unwrap();
+    }
+    // Opened before the marks: fills through it raise no events.
+    let filler = fs::OpenOptions::new().write(true).open(&a).unwrap();
+    let group = Group::new(true).unwrap();
+    let parked = group.as_fd().try_clone_to_owned().unwrap();
+    group.mark_pre_access(&a).unwrap();
+    group.mark_pre_access(&b).unwrap();
+    let journal_path = dir.path().join("journal");
+    let (mut journal, inherited) = Journal::open(&journal_path).unwrap();
+    assert!(inherited.is_empty());
+    let (reader_a, reader_b) = (reader(&a), reader(&b));
+    let (pid_a, pid_b) = (reader_a.id() as i32, reader_b.id() as i32);
+    let mut taken = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while taken.len() < 2 {
+        taken.extend(wait_events(&group));
+        assert!(Instant::now() < deadline, "two events");
+    }
+    let of = |pid: i32| taken.iter().find(|p| p.event.pid == pid).unwrap();
+    let ev_a = &of(pid_a).event;
+    let (off, count) = ev_a.range.unwrap();
+    journal
+        .begin(&Record {
+            fd: ev_a.fd,
+            offset: off,
+            count,
+            key: "a".into(),
+        })
+        .unwrap();
+    let _ = of(pid_b);
+    // The daemon dies before filling anything.
+    drop(taken);
+    drop(journal);
+    drop(group);
+
+    let successor = Group::from_fd(parked);
+    let (mut journal, inherited) = Journal::open(&journal_path).unwrap();
+    assert_eq!(inherited.len(), 1, "{inherited:?}");
+    let done = recover(&successor, &inherited, 1024, |r| {
+        assert_eq!(r.key, "a");
+        let fill: Vec<u8> = (0..r.count).map(|i| ((r.offset + i) % 251) as u8).collect();
+        filler.write_all_at(&fill, r.offset)
+    })
+    .unwrap();
+    journal.clear().unwrap();
+    assert_eq!((done.allowed, done.denied_unknown), (1, 1), "{done:?}");
+    let (ok, stdout, err) = output(reader_a);
+    assert!(ok, "{err}");
+    let want: Vec<u8> = (65536..65536 + 4096u64).map(|i| (i % 251) as u8).collect();
+    assert!(stdout == want, "reader a got the filled bytes");
+    assert_denied_with_eio(reader_b);
+}
