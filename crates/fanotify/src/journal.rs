@@ -41,6 +41,9 @@ pub struct Record {
 #[derive(Debug)]
 pub struct Journal {
     file: File,
+    /// Events begun and not ended by this process: when none is left, the
+    /// file is emptied, so it stays as small as what is in flight.
+    open: std::collections::BTreeSet<i32>,
 }
 
 impl Journal {
@@ -57,7 +60,14 @@ impl Journal {
         let mut text = String::new();
         file.read_to_string(&mut text)
             .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", path.display())))?;
-        Ok((Journal { file }, open_records(&text)))
+        let inherited = open_records(&text);
+        Ok((
+            Journal {
+                file,
+                open: inherited.iter().map(|r| r.fd).collect(),
+            },
+            inherited,
+        ))
     }
 
     /// Records that the event `r` is being served (before filling it).
@@ -68,16 +78,25 @@ impl Journal {
                 "a journal key with a newline",
             ));
         }
-        self.append(&format!("B {} {} {} {}\n", r.fd, r.offset, r.count, r.key))
+        self.append(&format!("B {} {} {} {}\n", r.fd, r.offset, r.count, r.key))?;
+        self.open.insert(r.fd);
+        Ok(())
     }
 
     /// Records that the event with fd number `fd` was answered.
     pub fn end(&mut self, fd: i32) -> io::Result<()> {
+        if !self.open.remove(&fd) {
+            return Ok(());
+        }
+        if self.open.is_empty() {
+            return self.file.set_len(0);
+        }
         self.append(&format!("E {fd}\n"))
     }
 
     /// Empties the journal (after [`recover`] answered what it held).
     pub fn clear(&mut self) -> io::Result<()> {
+        self.open.clear();
         self.file.set_len(0)
     }
 
@@ -225,6 +244,14 @@ mod tests {
         drop(j);
         let (mut j, open) = Journal::open(&path).unwrap();
         assert_eq!(open, vec![r]);
+        // The last open event ended: the file is emptied.
+        j.end(12).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        j.begin(&Record {
+            fd: 14,
+            ..open[0].clone()
+        })
+        .unwrap();
         j.clear().unwrap();
         drop(j);
         assert!(Journal::open(&path).unwrap().1.is_empty());

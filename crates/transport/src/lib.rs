@@ -16,6 +16,7 @@
 //! where blobs live (that is the resolver's, given by the daemon).
 
 pub mod cachefiles;
+pub mod fanotify;
 pub mod fuse;
 
 use lazypull_engine::{FillError, FillOutcome};

@@ -1,0 +1,327 @@
+//! The fanotify pre-content transport (Linux 6.14+): data blobs are sparse
+//! cache files on a local file system, EROFS mounts them file-backed as
+//! `device=` files, and a read of a range not filled yet raises a
+//! `FAN_PRE_ACCESS` event that this server answers after filling the range
+//! (fetched and verified by the engine, exactly as for FUSE). Warm reads
+//! never leave the kernel.
+//!
+//! Failing closed: the group fd is meant to be parked in the fd store (so the
+//! kernel never allows pending events by itself when the daemon dies), every
+//! event is recorded in a journal before it is filled, and a successor calls
+//! [`FanotifyServer::recover`] before it serves: recorded events are filled and
+//! allowed, every other pending event denied with EIO
+//! (`lazypull_fanotify::journal`). A fill that fails is denied with EIO:
+//! readers get the right bytes or EIO, never a hole's zeros.
+//!
+//! Kernel behaviour relied on (shown by `lazypull-fanotify`'s tests): the
+//! kernel decides at open whether a file raises pre-content events, so each
+//! cache file is opened (by [`CacheFile`], which writes through that fd) before
+//! its mark is added, and EROFS opens it after; writes through the early fd
+//! raise no event. A blob that is complete is not marked.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use lazypull_engine::local_cache::CacheFile;
+use lazypull_engine::FillPolicy;
+use lazypull_fanotify::group::Pending;
+use lazypull_fanotify::journal::{self, Journal, Record, Recovered};
+use lazypull_fanotify::{Group, Response};
+use lazypull_source::{BlobSource, Priority};
+use rustix::event::{PollFd, PollFlags};
+use tracing::{debug, error, warn};
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the cache files live (a file system with pre-content events:
+    /// ext4, xfs, btrfs; not tmpfs).
+    pub cache_dir: PathBuf,
+    pub policy: FillPolicy,
+    /// Threads reading and answering events.
+    pub threads: usize,
+    /// The journal of events being served (in the run directory).
+    pub journal: PathBuf,
+}
+
+/// Counters of the server.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub events: AtomicU64,
+    pub filled_bytes: AtomicU64,
+    pub denied: AtomicU64,
+}
+
+struct Blob {
+    cache: CacheFile,
+    source: Arc<dyn BlobSource>,
+}
+
+/// The server: one group, the blobs it fills, its threads.
+pub struct FanotifyServer {
+    group: Group,
+    config: Config,
+    /// Blobs by the (device, inode) of their cache file: how an event's fd
+    /// is matched to its blob.
+    by_inode: Mutex<HashMap<(u64, u64), Arc<Blob>>>,
+    journal: Mutex<Journal>,
+    inherited: Mutex<Vec<Record>>,
+    stop: AtomicBool,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    pub stats: Stats,
+}
+
+impl std::fmt::Debug for FanotifyServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FanotifyServer")
+            .field("cache_dir", &self.config.cache_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn inode_of(fd: impl AsFd) -> io::Result<(u64, u64)> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+impl FanotifyServer {
+    /// A server on a new group, or on `adopted` (a predecessor's group from
+    /// the fd store). The predecessor's unfinished events are read from the
+    /// journal; register the blobs again, then call [`recover`](Self::recover)
+    /// before [`serve`](Self::serve).
+    pub fn new(config: Config, adopted: Option<OwnedFd>) -> io::Result<Arc<FanotifyServer>> {
+        let group = match adopted {
+            Some(fd) => Group::from_fd(fd),
+            None => Group::new(true)?,
+        };
+        let (journal, inherited) = Journal::open(&config.journal).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("the event journal {}: {e}", config.journal.display()),
+            )
+        })?;
+        Ok(Arc::new(FanotifyServer {
+            group,
+            config,
+            by_inode: Mutex::new(HashMap::new()),
+            journal: Mutex::new(journal),
+            inherited: Mutex::new(inherited),
+            stop: AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
+            stats: Stats::default(),
+        }))
+    }
+
+    /// A dup of the group fd, to park in the fd store.
+    pub fn group_fd(&self) -> io::Result<OwnedFd> {
+        self.group.as_fd().try_clone_to_owned()
+    }
+
+    /// Serves blob `source` (verified under chunk table `binding`): opens
+    /// its cache file, marks it unless complete, and returns the path EROFS
+    /// is to mount as its `device=`.
+    pub fn add_blob(&self, source: Arc<dyn BlobSource>, binding: [u8; 32]) -> io::Result<PathBuf> {
+        let cache = CacheFile::open_bound(
+            &self.config.cache_dir,
+            source.name(),
+            source.size(),
+            self.config.policy,
+            binding,
+        )?;
+        let path = cache.data_path().to_path_buf();
+        let key = inode_of(cache.data_file())?;
+        if !cache.is_complete() {
+            // After the open above, before any reader's: see the module doc.
+            self.group.mark_pre_access(&path)?;
+        }
+        self.by_inode
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, Arc::new(Blob { cache, source }));
+        Ok(path)
+    }
+
+    fn blob_by_key(&self, key: &str) -> Option<Arc<Blob>> {
+        let blobs = self.by_inode.lock().unwrap_or_else(|p| p.into_inner());
+        blobs.values().find(|b| b.cache.name() == key).cloned()
+    }
+
+    /// Answers every event the predecessor left pending (see the module
+    /// doc); `fd_limit` is the predecessor's fd limit.
+    pub fn recover(&self, fd_limit: i32) -> io::Result<Recovered> {
+        let inherited =
+            std::mem::take(&mut *self.inherited.lock().unwrap_or_else(|p| p.into_inner()));
+        let done = journal::recover(&self.group, &inherited, fd_limit, |r| {
+            let blob = self.blob_by_key(&r.key).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("blob {} not registered", r.key),
+                )
+            })?;
+            blob.cache
+                .fill(
+                    blob.source.as_ref(),
+                    r.offset,
+                    r.count,
+                    Priority::Foreground,
+                )
+                .map(drop)
+                .map_err(io::Error::other)
+        })?;
+        self.journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear()?;
+        Ok(done)
+    }
+
+    /// Starts the threads that read and answer events.
+    pub fn serve(self: &Arc<Self>) -> io::Result<()> {
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for i in 0..self.config.threads.max(1) {
+            let me = self.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("lazypull-fan-{i}"))
+                    .spawn(move || me.run())?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops and joins the threads (events pending stay pending: the group
+    /// lives on where it is parked).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    fn run(&self) {
+        let mut buf = vec![0u8; 16 << 10];
+        while !self.stop.load(Ordering::Acquire) {
+            let mut fds = [PollFd::new(&self.group, PollFlags::IN)];
+            let ts = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 100_000_000,
+            };
+            match rustix::event::poll(&mut fds, Some(&ts)) {
+                Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    error!("fanotify: poll failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            }
+            let events = match self.group.read_events(&mut buf) {
+                Ok(ev) => ev,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    // A malformed read loses its events' ids: their readers
+                    // wait until a successor denies them (see recover).
+                    error!("fanotify: reading events: {e}");
+                    continue;
+                }
+            };
+            for p in events {
+                self.answer(p);
+            }
+        }
+    }
+
+    fn answer(&self, p: Pending) {
+        let ev = &p.event;
+        if ev.is_overflow() {
+            // Overflows carry no fd; pre-content events are not dropped by
+            // the kernel (they block instead), so there is nothing to answer.
+            warn!("fanotify: the event queue overflowed");
+            return;
+        }
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        let response = match self.fill_for(&p) {
+            Ok(()) => Response::Allow,
+            Err(e) => {
+                self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                warn!(pid = ev.pid, range = ?ev.range, "fanotify: the read gets EIO: {e}");
+                Response::DenyErrno(libc::EIO)
+            }
+        };
+        if let Err(e) = self.group.respond(ev.fd, response) {
+            error!(fd = ev.fd, "fanotify: answering an event: {e}");
+        }
+        if let Err(e) = self
+            .journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .end(ev.fd)
+        {
+            warn!("fanotify: journal: {e}");
+        }
+    }
+
+    /// Fills the event's range of its blob (recording the event first).
+    fn fill_for(&self, p: &Pending) -> io::Result<()> {
+        let ev = &p.event;
+        let file = p
+            .file
+            .as_ref()
+            .ok_or_else(|| io::Error::other("an event without an fd"))?;
+        let key = inode_of(file)?;
+        let blob = self
+            .by_inode
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| io::Error::other("an event on a file no blob is served from"))?;
+        let Some((off, count)) = ev.range else {
+            // Without a range (an older kernel's event): the whole blob.
+            return self.fill(&blob, ev.fd, 0, blob.cache.size());
+        };
+        self.fill(&blob, ev.fd, off, count)
+    }
+
+    fn fill(&self, blob: &Blob, fd: i32, off: u64, count: u64) -> io::Result<()> {
+        if blob.cache.covers(off, count) {
+            return Ok(());
+        }
+        self.journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .begin(&Record {
+                fd,
+                offset: off,
+                count,
+                key: blob.cache.name().to_owned(),
+            })?;
+        let out = blob
+            .cache
+            .fill(blob.source.as_ref(), off, count, Priority::Foreground)
+            .map_err(io::Error::other)?;
+        self.stats
+            .filled_bytes
+            .fetch_add(out.bytes_written, Ordering::Relaxed);
+        debug!(
+            blob = blob.cache.name(),
+            off,
+            count,
+            bytes = out.bytes_written,
+            "fanotify: filled"
+        );
+        Ok(())
+    }
+
+    /// The cache directory.
+    pub fn cache_dir(&self) -> &Path {
+        &self.config.cache_dir
+    }
+}
