@@ -1926,7 +1926,10 @@ fn loop_serves_a_realistic_image_identical_and_its_unmount_releases_the_loop_dev
             .contains("--transport loop"),
         "{s}"
     );
-    assert!(loops_under(tmp.path()).is_empty(), "no loop device before a mount");
+    assert!(
+        loops_under(tmp.path()).is_empty(),
+        "no loop device before a mount"
+    );
     let mnt = tmp.path().join("mnt");
     site.mount(&mnt);
     let _guard = Unmount(mnt.clone());
@@ -1973,7 +1976,11 @@ fn loop_serves_a_realistic_image_identical_and_its_unmount_releases_the_loop_dev
     // files') dropped: the daemon's cache answers, the server sees nothing.
     drop_caches();
     assert!(compare_entries(&expected, &scan(&mnt).unwrap()).is_empty());
-    assert_eq!(site.server.requests(), served, "the second read reached the backend");
+    assert_eq!(
+        site.server.requests(),
+        served,
+        "the second read reached the backend"
+    );
 
     site.umount(&mnt);
     assert_loops_released(tmp.path(), &site);

@@ -204,7 +204,8 @@ pub fn mount(args: MountArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Direct I/O on the loop devices: see `lazypull_transport::loopdev`.
+/// Direct I/O on the loop devices: off until measured (see
+/// `lazypull_transport::loopdev`).
 const LOOP_DIRECT_IO: bool = false;
 
 /// The loop transport's plan made real: a read-only loop device over the

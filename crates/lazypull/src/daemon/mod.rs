@@ -289,10 +289,9 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
     };
     steps.mark("control");
     let session_task = match &running {
-        Running::Fuse(server) | Running::Loop(server) => Some(tokio::spawn(persist::save_fuse_sessions(
-            server.clone(),
-            cfg.run_dir.clone(),
-        ))),
+        Running::Fuse(server) | Running::Loop(server) => Some(tokio::spawn(
+            persist::save_fuse_sessions(server.clone(), cfg.run_dir.clone()),
+        )),
         Running::Cachefiles(_) => None,
     };
     info!(

@@ -27,12 +27,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tracing::{info, warn};
 use lazypull_cachefiles::CacheDevice;
 use lazypull_engine::FillPolicy;
 use lazypull_source::BlobResolver;
 use lazypull_transport::cachefiles::{self, BindError, Server};
 use lazypull_transport::fuse::{self, FuseServer};
+use tracing::{info, warn};
 
 use super::handover::Parked;
 use super::persist::TransportState;
@@ -264,7 +264,9 @@ pub(crate) fn start(
         }
         match file_backed_erofs() {
             Ok(()) => fuse(format!("{why}; EROFS mounts files: using FUSE")),
-            Err(no) => loop_transport(format!("{why}; {no}: using loop devices over the FUSE files")),
+            Err(no) => loop_transport(format!(
+                "{why}; {no}: using loop devices over the FUSE files"
+            )),
         }
     };
     match cfg.transport {
@@ -288,9 +290,7 @@ pub(crate) fn start(
                 )),
                 Err(e) => match auto_refusal(&cfg.device, &e) {
                     Some(refused) => Err(refused),
-                    None => fuse_or_loop(format!(
-                        "cachefiles on-demand mode is unusable ({e})"
-                    )),
+                    None => fuse_or_loop(format!("cachefiles on-demand mode is unusable ({e})")),
                 },
             }
         }
