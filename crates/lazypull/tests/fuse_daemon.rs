@@ -1900,12 +1900,12 @@ fn mounted_at(mnt: &Path) -> (String, String, String) {
     let mnt = fs::canonicalize(mnt).unwrap();
     mounts
         .lines()
-        .filter_map(|l| {
+        .rev()
+        .find_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
             (f.get(1) == Some(&mnt.to_str().unwrap()))
                 .then(|| (f[0].to_owned(), f[2].to_owned(), f[3].to_owned()))
         })
-        .last()
         .unwrap_or_else(|| panic!("nothing mounted at {}", mnt.display()))
 }
 
