@@ -18,7 +18,8 @@ pub(crate) const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
 )]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum TransportKind {
-    /// cachefiles on-demand if the kernel has it, else FUSE.
+    /// The first the kernel offers of cachefiles on-demand, FUSE
+    /// (file-backed EROFS) and loop (see `daemon::transport`).
     #[default]
     Auto,
     /// /dev/cachefiles in on-demand mode; the kernel keeps the cache.
@@ -26,6 +27,9 @@ pub(crate) enum TransportKind {
     /// Blob files on a private FUSE mount, mounted file-backed by EROFS;
     /// lazypull keeps the cache.
     Fuse,
+    /// The same FUSE blob files, each behind a read-only loop device that
+    /// EROFS mounts (kernels without file-backed EROFS, 5.16–6.11).
+    Loop,
 }
 
 impl TransportKind {
@@ -34,6 +38,7 @@ impl TransportKind {
             TransportKind::Auto => "auto",
             TransportKind::Cachefiles => "cachefiles",
             TransportKind::Fuse => "fuse",
+            TransportKind::Loop => "loop",
         }
     }
 }

@@ -2,10 +2,13 @@
 //! transport end to end (build → web server → daemon → `lazypull mount`), the
 //! daemon's local cache after `drop_caches`, status and metrics against the
 //! web server's own request count, and failover of the FUSE connection
-//! (SIGKILL, then `--takeover`) under streaming readers.
+//! (SIGKILL, then `--takeover`) under streaming readers; and the loop
+//! transport (the same FUSE files behind read-only loop devices): a realistic
+//! tree identical through it, its loop devices released at unmount, readers
+//! right across a SIGKILL and a successor.
 //!
-//! Needs root, /dev/fuse and EROFS file-backed mounts; fails (never skips)
-//! without them.
+//! Needs root, /dev/fuse and EROFS file-backed mounts (the loop tests also
+//! /dev/loop-control); fails (never skips) without them.
 
 use std::fs;
 use std::io::Read;
@@ -70,16 +73,23 @@ struct Site {
     server: BlobServer,
     proxy: Proxy,
     metrics_port: u16,
+    /// `--transport` of its daemons: fuse or loop.
+    transport: &'static str,
 }
 
 /// `lazypull daemon` over FUSE with every directory, the control socket
 /// (`<dir>/run/ctl.sock`) and the fd store under `dir`, logging at info.
 fn daemon_command(dir: &Path, config: &Path) -> Command {
+    daemon_command_with(dir, config, "fuse")
+}
+
+/// [`daemon_command`] with `--transport transport`.
+fn daemon_command_with(dir: &Path, config: &Path, transport: &str) -> Command {
     let mut cmd = lazypull();
     cmd.arg("daemon")
         .arg("--config")
         .arg(config)
-        .args(["--transport", "fuse"])
+        .args(["--transport", transport])
         .arg("--cache-dir")
         .arg(dir.join("cache"))
         .arg("--work-dir")
@@ -98,6 +108,10 @@ fn daemon_command(dir: &Path, config: &Path) -> Command {
 
 impl Site {
     fn new(dir: &Path, src: &Path) -> Site {
+        Site::with_transport(dir, src, "fuse")
+    }
+
+    fn with_transport(dir: &Path, src: &Path, transport: &'static str) -> Site {
         let www = dir.join("www");
         let built = ok(
             lazypull()
@@ -126,6 +140,7 @@ impl Site {
             server,
             proxy,
             metrics_port: free_port(),
+            transport,
         }
     }
 
@@ -135,7 +150,7 @@ impl Site {
 
     fn daemon(&self, extra: &[&str], log: &str) -> Child {
         let log = fs::File::create(self.dir.join(log)).unwrap();
-        let child = daemon_command(&self.dir, Path::new("/dev/null"))
+        let child = daemon_command_with(&self.dir, Path::new("/dev/null"), self.transport)
             .arg("--blob-url")
             .arg(format!("http://{}/", self.proxy.addr()))
             .arg("--metrics-addr")
@@ -301,6 +316,34 @@ fn demo_runs_green() {
     );
     assert!(fetched < size / 4, "lazily: {fetched} of {size}");
     assert_eq!(v["refetched_after_drop_caches_bytes"], 0);
+}
+
+/// A realistic tree at `<dir>/src`: testkit's generated tree plus two copied
+/// Python library directories.
+fn realistic_src(dir: &Path) -> PathBuf {
+    let src = dir.join("src");
+    maketree::make_tree(
+        &src,
+        &TreeOptions {
+            seed: 11,
+            with_huge: false,
+        },
+    )
+    .unwrap();
+    for lib in ["/usr/lib/python3.11/email", "/usr/lib/python3.11/json"] {
+        let dst = src.join(lib.trim_start_matches('/'));
+        fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        ok(
+            Command::new("cp")
+                .arg("-a")
+                .arg(lib)
+                .arg(&dst)
+                .output()
+                .unwrap(),
+            "copying a tree",
+        );
+    }
+    src
 }
 
 #[test]
@@ -1822,4 +1865,196 @@ fn a_lazy_image_reads_through_a_pull_through_mirror_and_from_the_upstream_when_i
         .arg(dir.join("run/fdstore.sock"))
         .output();
     let _ = daemon.wait();
+}
+
+/// The loop devices bound now whose backing files lie under `dir`.
+fn loops_under(dir: &Path) -> Vec<lazypull_transport::loopdev::Attached> {
+    lazypull_transport::loopdev::attached_under(dir).expect("listing /sys/block/loop*")
+}
+
+/// Waits (up to 10 s) until no loop device is backed by a file under `dir`.
+fn assert_loops_released(dir: &Path, site: &Site) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !loops_under(dir).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "loop devices still bound after the unmount: {:?}\n{}",
+            loops_under(dir),
+            site.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn require_loop() {
+    require_host();
+    assert!(
+        Path::new("/dev/loop-control").exists(),
+        "the loop transport tests need /dev/loop-control (CONFIG_BLK_DEV_LOOP, `modprobe loop`)"
+    );
+}
+
+/// What the kernel mounted at `mnt`: (source, fstype, options) from /proc/self/mounts.
+fn mounted_at(mnt: &Path) -> (String, String, String) {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let mnt = fs::canonicalize(mnt).unwrap();
+    mounts
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.get(1) == Some(&mnt.to_str().unwrap()))
+                .then(|| (f[0].to_owned(), f[2].to_owned(), f[3].to_owned()))
+        })
+        .unwrap_or_else(|| panic!("nothing mounted at {}", mnt.display()))
+}
+
+#[test]
+fn loop_serves_a_realistic_image_identical_and_its_unmount_releases_the_loop_devices() {
+    require_loop();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = realistic_src(tmp.path());
+    let site = Site::with_transport(tmp.path(), &src, "loop");
+    let daemon = site.daemon(&[], "daemon.log");
+    let s = site.status().unwrap();
+    assert_eq!(s["transport"]["kind"], "loop", "{s}");
+    assert!(
+        s["transport"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("--transport loop"),
+        "{s}"
+    );
+    assert!(
+        loops_under(tmp.path()).is_empty(),
+        "no loop device before a mount"
+    );
+    let mnt = tmp.path().join("mnt");
+    site.mount(&mnt);
+    let _guard = Unmount(mnt.clone());
+
+    // EROFS mounted a loop device, with one loop device per data blob, each
+    // read-only and autoclear over a blob file of this site.
+    let (source, fstype, options) = mounted_at(&mnt);
+    assert_eq!(fstype, "erofs");
+    assert!(source.starts_with("/dev/loop"), "mounted from {source}");
+    let loops = loops_under(tmp.path());
+    let data = data_blobs(&tmp.path().join("www"));
+    assert_eq!(
+        loops.len(),
+        1 + data.len(),
+        "one loop device for the meta blob and one per data blob: {loops:?}"
+    );
+    assert!(
+        loops.iter().any(|l| l.device == Path::new(&source)),
+        "{source} is one of them: {loops:?}"
+    );
+    for l in &loops {
+        assert!(l.read_only && l.autoclear, "{l:?}");
+        assert!(options.split(',').any(|o| o == "ro"), "{options}");
+    }
+    for blob in &data {
+        assert!(
+            loops
+                .iter()
+                .any(|l| l.backing_file == tmp.path().join("blobs").join(blob)),
+            "data blob {blob} is read through its FUSE file: {loops:?}"
+        );
+    }
+
+    let expected = scan(&src).unwrap();
+    let diffs = compare_entries(&expected, &scan(&mnt).unwrap());
+    assert!(
+        diffs.is_empty(),
+        "mounted through loop devices, the image differs from its source:\n{}",
+        format_differences(&diffs, 30)
+    );
+    let served = site.server.requests();
+    assert!(served > 2, "the data came from the web server: {served}");
+    // Again with the kernel's caches (EROFS's, the loop devices', the FUSE
+    // files') dropped: the daemon's cache answers, the server sees nothing.
+    drop_caches();
+    assert!(compare_entries(&expected, &scan(&mnt).unwrap()).is_empty());
+    assert_eq!(
+        site.server.requests(),
+        served,
+        "the second read reached the backend"
+    );
+
+    site.umount(&mnt);
+    assert_loops_released(tmp.path(), &site);
+    site.shutdown(daemon);
+}
+
+#[test]
+fn loop_mounts_give_readers_the_right_bytes_across_a_killed_daemon() {
+    require_loop();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let mut want = Vec::new();
+    for i in 0..8 {
+        let data = lazypull_testkit::maketree::random_bytes(16 << 20, 700 + i);
+        want.push(Sha256::digest(&data).into());
+        fs::write(src.join(format!("big{i}.bin")), data).unwrap();
+    }
+    let mut site = Site::with_transport(tmp.path(), &src, "loop");
+    fs::write(tmp.path().join("faults"), "slow:1,slow_ms:150,only:.zst").unwrap();
+    let mut first = site.daemon(&[], "daemon.log");
+    let mnt = tmp.path().join("mnt");
+    site.mount(&mnt);
+    let _guard = Unmount(mnt.clone());
+    let before = loops_under(tmp.path());
+    assert!(!before.is_empty());
+
+    let handles = readers(&mnt, 0);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        handles.iter().filter(|h| !h.is_finished()).count(),
+        8,
+        "all readers still streaming at the kill"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        handles.iter().any(|h| !h.is_finished()),
+        "readers wait while no daemon runs"
+    );
+    assert_eq!(
+        loops_under(tmp.path()),
+        before,
+        "the mount keeps its loop devices while no daemon runs"
+    );
+    // The successor is started with auto: it finds the loop devices by
+    // their backing files and keeps serving through them.
+    site.transport = "auto";
+    let second = site.daemon(&[], "daemon-2.log");
+    let log2 = fs::read_to_string(tmp.path().join("daemon-2.log")).unwrap();
+    assert!(
+        log2.contains("took over the FUSE connection")
+            && log2.contains("serving through loop devices")
+            && log2.contains(&format!(
+                "{} loop devices of its mounts found",
+                loops_under(&tmp.path().join("blobs")).len()
+            )),
+        "the new daemon did not take the loop devices over:\n{log2}"
+    );
+    // Readers get every byte right (FUSE_NOTIFY_RESEND re-queues the READs
+    // the killed daemon had taken), none hangs, none sees zeros.
+    finish(handles, &want, 0, &site);
+    let s = site.status().unwrap();
+    assert_eq!(s["transport"]["kind"], "loop", "{s}");
+    // A second mount through the successor gets loop devices too.
+    let mnt2 = tmp.path().join("mnt2");
+    site.mount(&mnt2);
+    let _guard2 = Unmount(mnt2.clone());
+    assert!(mounted_at(&mnt2).0.starts_with("/dev/loop"));
+    assert_eq!(sha(&mnt2.join("big3.bin")).unwrap(), want[3]);
+    site.umount(&mnt2);
+    site.umount(&mnt);
+    assert_loops_released(tmp.path(), &site);
+    site.shutdown(second);
 }

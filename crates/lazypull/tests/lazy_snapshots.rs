@@ -264,9 +264,28 @@ fn start_snapshotter(root: &Path, socket: &Path, daemon: &Path, log: &Path) -> P
     p
 }
 
+/// One of these tests at a time: each runs a daemon, a snapshotter and mounts.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn lazy_image_layers_and_containers_over_the_snapshots_api() {
+    lazy_snapshots_through("fuse");
+}
+
+/// The same through the loop transport (issue 15): the snapshotter's mounts
+/// are EROFS over read-only loop devices backed by the daemon's FUSE files.
+#[test]
+fn lazy_image_layers_and_containers_over_the_snapshots_api_through_loop_devices() {
+    assert!(
+        Path::new("/dev/loop-control").exists(),
+        "this test needs /dev/loop-control (CONFIG_BLK_DEV_LOOP, `modprobe loop`)"
+    );
+    lazy_snapshots_through("loop");
+}
+
+fn lazy_snapshots_through(transport: &str) {
     require_host();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::Builder::new()
         .prefix("lplazy")
         .tempdir_in("/tmp")
@@ -323,7 +342,7 @@ fn lazy_image_layers_and_containers_over_the_snapshots_api() {
     dcmd.arg("daemon")
         .arg("--config")
         .arg(ddir.join("config.toml"))
-        .args(["--transport", "fuse"])
+        .args(["--transport", transport])
         .arg("--cache-dir")
         .arg(ddir.join("cache"))
         .arg("--work-dir")
@@ -412,6 +431,18 @@ fn lazy_image_layers_and_containers_over_the_snapshots_api() {
         .into_inner()
         .mounts;
     assert_eq!(mounts.len(), 1, "{mounts:?}");
+    assert_eq!(
+        daemon_status(&control)["transport"]["kind"],
+        transport,
+        "the daemon serves through --transport {transport}"
+    );
+    if transport == "loop" {
+        let loops = lazypull_transport::loopdev::attached_under(tmp.path()).unwrap();
+        assert!(
+            !loops.is_empty() && loops.iter().all(|l| l.read_only && l.autoclear),
+            "the snapshotter's lazy mount is over read-only loop devices: {loops:?}"
+        );
+    }
     let image_dir = std::fs::canonicalize(&root)
         .unwrap()
         .join("lazy")

@@ -8,6 +8,10 @@
 //! - [`fuse`] serves blobs as files of a private FUSE mount for kernels without
 //!   cachefiles on-demand mode; EROFS mounts them file-backed. The daemon keeps
 //!   the cache ([`lazypull_engine::CacheFile`]).
+//! - [`loopdev`] backs those same blob files with read-only loop devices, for
+//!   kernels whose EROFS mounts block devices only (5.16–6.11): the loop
+//!   transport is the FUSE server plus loop devices that the mounting side
+//!   attaches.
 //!
 //! Both answer [`Prefetch`]: fill a blob range ahead of need and report what
 //! each blob has cached.
@@ -18,6 +22,7 @@
 pub mod cachefiles;
 pub mod fanotify;
 pub mod fuse;
+pub mod loopdev;
 
 use lazypull_engine::{FillError, FillOutcome};
 use lazypull_source::SourceStats;

@@ -204,6 +204,46 @@ pub fn mount(args: MountArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Direct I/O on the loop devices: off until measured (see
+/// `lazypull_transport::loopdev`).
+const LOOP_DIRECT_IO: bool = false;
+
+/// The loop transport's plan made real: a read-only loop device over the
+/// source file and over each `device=` file of `options`. Returns the source
+/// and options naming the devices instead, with the devices (to hold until
+/// the mount has opened them).
+fn loop_backed(
+    source: &str,
+    options: &str,
+) -> anyhow::Result<(String, String, Vec<lazypull_transport::loopdev::LoopDevice>)> {
+    use lazypull_transport::loopdev::{self, Options};
+    let attach = |file: &str| {
+        loopdev::attach(
+            Path::new(file),
+            Options {
+                direct_io: LOOP_DIRECT_IO,
+            },
+        )
+        .with_context(|| format!("a loop device for the blob file {file}"))
+    };
+    let mut loops = Vec::new();
+    let meta = attach(source)?;
+    let source = meta.path().display().to_string();
+    loops.push(meta);
+    let mut out = Vec::new();
+    for opt in options.split(',').filter(|o| !o.is_empty()) {
+        match opt.strip_prefix("device=") {
+            Some(file) => {
+                let dev = attach(file)?;
+                out.push(format!("device={}", dev.path().display()));
+                loops.push(dev);
+            }
+            None => out.push(opt.to_owned()),
+        }
+    }
+    Ok((source, out.join(","), loops))
+}
+
 /// An image registered with the daemon and mounted.
 pub(crate) struct Mounted {
     pub(crate) registered: Registered,
@@ -257,9 +297,19 @@ pub(crate) fn mount_image(
         }
         data.push_str(&format!(",domain_id={domain}"));
     }
+    let mut source = plan.source.clone();
+    // The loop transport: held open until mount(2) has opened them (then the
+    // mount is their only opener, and its unmount releases them: autoclear).
+    let _loops = if plan.loop_devices {
+        let (s, d, loops) = loop_backed(&source, &data)?;
+        (source, data) = (s, d);
+        loops
+    } else {
+        Vec::new()
+    };
     let data = std::ffi::CString::new(data).context("mount options contain a NUL byte")?;
     rustix::mount::mount(
-        plan.source.as_str(),
+        source.as_str(),
         mountpoint,
         plan.fstype.as_str(),
         trust.mount_flags(),

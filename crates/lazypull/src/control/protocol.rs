@@ -118,6 +118,10 @@ pub(crate) struct MountPlan {
     pub(crate) options: String,
     /// Whether an EROFS `domain_id` may be added (cachefiles only).
     pub(crate) domain: bool,
+    /// The loop transport: `source` and every `device=` path are files to
+    /// back with read-only loop devices, which the mount then uses instead.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) loop_devices: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

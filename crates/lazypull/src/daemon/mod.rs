@@ -271,7 +271,7 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
             Running::Cachefiles(server) => {
                 handover::park_cachefiles_device(s, server.device_fd()?.as_fd())?
             }
-            Running::Fuse(server) => {
+            Running::Fuse(server) | Running::Loop(server) => {
                 handover::park_fuse_connection(s, server.connection_fd()?.as_fd())?
             }
         }
@@ -294,10 +294,9 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
     };
     steps.mark("control");
     let session_task = match &running {
-        Running::Fuse(server) => Some(tokio::spawn(persist::save_fuse_sessions(
-            server.clone(),
-            cfg.run_dir.clone(),
-        ))),
+        Running::Fuse(server) | Running::Loop(server) => Some(tokio::spawn(
+            persist::save_fuse_sessions(server.clone(), cfg.run_dir.clone()),
+        )),
         Running::Cachefiles(_) => None,
     };
     info!(
@@ -336,7 +335,7 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
             let r = server.serve(shutdown).await.map(|s| json!(s));
             (Finished::Cachefiles(objects), r)
         }
-        Running::Fuse(server) => {
+        Running::Fuse(server) | Running::Loop(server) => {
             let r = server.serve(shutdown).await.map(|s| json!(s));
             (Finished::Fuse(server), r)
         }

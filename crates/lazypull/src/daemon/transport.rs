@@ -1,8 +1,23 @@
 //! Which kernel interface serves the images — `--transport
-//! auto|cachefiles|fuse`, and why — and starting it: fresh, or adopting the
-//! connection a previous daemon parked. Auto binds `/dev/cachefiles` if the
-//! kernel accepts on-demand mode, else uses FUSE (which needs `/dev/fuse` and
-//! an EROFS that mounts files).
+//! auto|cachefiles|fuse|loop`, and why — and starting it: fresh, or adopting
+//! the connection a previous daemon parked.
+//!
+//! `auto` takes the first of these the kernel offers, in this fixed order:
+//!
+//! 1. **cachefiles** on-demand: `/dev/cachefiles` binds in on-demand mode.
+//!    The kernel keeps the cache and reads it with no daemon in the way.
+//! 2. **fuse**: `/dev/fuse`, EROFS, and an EROFS that mounts regular files
+//!    (file-backed, Linux 6.12+; see [`file_backed_erofs`]). One page cache
+//!    (EROFS's own) above the daemon's cache file.
+//! 3. **loop**: `/dev/fuse`, EROFS (with extra devices, 5.16+) and
+//!    `/dev/loop-control`. The same FUSE blob files, each behind a read-only
+//!    loop device: it adds the block layer and the loop device's page cache
+//!    on the way, so it comes after file-backed mounts, which need neither.
+//!
+//! A successor that takes a FUSE connection over keeps what its predecessor
+//! served through: with `auto`, loop when the predecessor's mounts hold loop
+//! devices over the blob files (found by their backing files), else as a
+//! fresh start would choose.
 //!
 //! It owns that choice and the transports' settings; it must not serve
 //! control requests or touch the fd store (handover does).
@@ -17,6 +32,7 @@ use lazypull_engine::FillPolicy;
 use lazypull_source::BlobResolver;
 use lazypull_transport::cachefiles::{self, BindError, Server};
 use lazypull_transport::fuse::{self, FuseServer};
+use tracing::{info, warn};
 
 use super::handover::Parked;
 use super::persist::TransportState;
@@ -27,6 +43,8 @@ use crate::config::{DaemonConfig, TransportKind};
 pub(crate) enum Running {
     Cachefiles(Server),
     Fuse(Arc<FuseServer>),
+    /// The FUSE server, its files mounted through loop devices.
+    Loop(Arc<FuseServer>),
 }
 
 impl Running {
@@ -37,10 +55,11 @@ impl Running {
                 objects: server.objects(),
                 stats: server.stats(),
             },
-            Running::Fuse(server) => TransportView::Fuse {
+            Running::Fuse(server) | Running::Loop(server) => TransportView::Fuse {
                 blobs: server.blobs(),
                 stats: server.stats(),
                 dir: fuse_dir.to_path_buf(),
+                loop_devices: matches!(self, Running::Loop(_)),
             },
         }
     }
@@ -94,6 +113,52 @@ fn fuse_unusable() -> Option<String> {
     None
 }
 
+/// What the loop transport needs besides FUSE's /dev/fuse and EROFS.
+fn loop_unusable() -> Option<String> {
+    let control = Path::new(lazypull_transport::loopdev::CONTROL);
+    (!control.exists()).then(|| {
+        format!(
+            "no {} (CONFIG_BLK_DEV_LOOP, or `modprobe loop`)",
+            control.display()
+        )
+    })
+}
+
+/// Whether this kernel's EROFS mounts regular files (`EROFS_FS_BACKED_BY_FILE`,
+/// Linux 6.12+), and why not. EROFS lists no sysfs feature for it
+/// (/sys/fs/erofs/features names on-disk features only), so: the kernel
+/// release, and the kernel's config where it is readable (/proc/config.gz is
+/// compressed and often absent; /boot/config-<release> is plain text).
+fn file_backed_erofs() -> Result<(), String> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim();
+    let version = kernel_version(release);
+    if version.is_none_or(|v| v < (6, 12)) {
+        return Err(format!(
+            "EROFS mounts files from Linux 6.12 on; this is {release}"
+        ));
+    }
+    if let Ok(config) = std::fs::read_to_string(format!("/boot/config-{release}")) {
+        if config
+            .lines()
+            .any(|l| l.trim() == "# CONFIG_EROFS_FS_BACKED_BY_FILE is not set")
+        {
+            return Err(format!(
+                "{release} is built without CONFIG_EROFS_FS_BACKED_BY_FILE"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `(major, minor)` of a kernel release such as `6.18.44-fc-v1045`.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// How each transport turns what the kernel names into a blob.
 pub(crate) struct Resolvers {
     /// cachefiles: an OPEN names an image root mounted, also without `lazypull
@@ -141,10 +206,39 @@ pub(crate) fn start(
         ));
     }
     if let Some((fd, session)) = parked.take_fuse(saved.fuse) {
-        let server = FuseServer::adopt(fuse_config(cfg), resolvers.fuse, fd, session)?;
+        let server = Arc::new(FuseServer::adopt(
+            fuse_config(cfg),
+            resolvers.fuse,
+            fd,
+            session,
+        )?);
+        let took = "took over the FUSE connection from the previous daemon";
+        // The previous daemon's mounts keep their loop devices (the mounts
+        // hold them open; autoclear releases each at its unmount): found by
+        // their backing files, the blob files of this same FUSE mount.
+        let held = lazypull_transport::loopdev::attached_under(&cfg.fuse_dir).unwrap_or_else(|e| {
+            warn!("listing loop devices in /sys/block: {e}");
+            Vec::new()
+        });
+        for dev in &held {
+            info!(device = %dev.device.display(), backing_file = %dev.backing_file.display(), "a mount's loop device over a blob file, taken over");
+        }
+        let as_loop = match cfg.transport {
+            TransportKind::Loop => true,
+            TransportKind::Fuse | TransportKind::Cachefiles => false,
+            TransportKind::Auto => !held.is_empty() || file_backed_erofs().is_err(),
+        };
+        let (running, how) = if as_loop {
+            (Running::Loop(server), "serving through loop devices")
+        } else {
+            (Running::Fuse(server), "serving file-backed")
+        };
         return Ok((
-            Running::Fuse(Arc::new(server)),
-            "took over the FUSE connection from the previous daemon".into(),
+            running,
+            format!(
+                "{took} ({how}; {} loop devices of its mounts found by backing file)",
+                held.len()
+            ),
         ));
     }
     let fuse = |why: String| -> anyhow::Result<(Running, String)> {
@@ -155,16 +249,37 @@ pub(crate) fn start(
             .with_context(|| format!("starting the FUSE transport ({why})"))?;
         Ok((Running::Fuse(Arc::new(server)), why))
     };
+    let loop_transport = |why: String| -> anyhow::Result<(Running, String)> {
+        if let Some(missing) = fuse_unusable().or_else(loop_unusable) {
+            bail!("no transport can serve images on this kernel: {why}; loop: {missing}");
+        }
+        let server = FuseServer::mount(fuse_config(cfg), resolvers.fuse.clone())
+            .with_context(|| format!("starting the FUSE server of the loop transport ({why})"))?;
+        Ok((Running::Loop(Arc::new(server)), why))
+    };
+    // Auto once cachefiles is out: file-backed FUSE, else loop devices.
+    let fuse_or_loop = |why: String| -> anyhow::Result<(Running, String)> {
+        if let Some(missing) = fuse_unusable() {
+            bail!("no transport can serve images on this kernel: {why}; FUSE: {missing}");
+        }
+        match file_backed_erofs() {
+            Ok(()) => fuse(format!("{why}; EROFS mounts files: using FUSE")),
+            Err(no) => loop_transport(format!(
+                "{why}; {no}: using loop devices over the FUSE files"
+            )),
+        }
+    };
     match cfg.transport {
         TransportKind::Cachefiles => {
             let server = Server::bind(cachefiles_config(cfg), resolvers.cachefiles.clone())?;
             Ok((Running::Cachefiles(server), "--transport cachefiles".into()))
         }
         TransportKind::Fuse => fuse("--transport fuse".into()),
+        TransportKind::Loop => loop_transport("--transport loop".into()),
         TransportKind::Auto => {
             if !cfg.device.exists() {
-                return fuse(format!(
-                    "{} does not exist (this kernel has no cachefiles): using FUSE",
+                return fuse_or_loop(format!(
+                    "{} does not exist (this kernel has no cachefiles)",
                     cfg.device.display()
                 ));
             }
@@ -175,9 +290,7 @@ pub(crate) fn start(
                 )),
                 Err(e) => match auto_refusal(&cfg.device, &e) {
                     Some(refused) => Err(refused),
-                    None => fuse(format!(
-                        "cachefiles on-demand mode is unusable ({e}): using FUSE"
-                    )),
+                    None => fuse_or_loop(format!("cachefiles on-demand mode is unusable ({e})")),
                 },
             }
         }
@@ -187,6 +300,16 @@ pub(crate) fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_versions_parse_from_releases() {
+        assert_eq!(kernel_version("6.18.44-fc-v1045"), Some((6, 18)));
+        assert_eq!(kernel_version("6.1.0-28-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("5.15.0"), Some((5, 15)));
+        assert_eq!(kernel_version("6.12"), Some((6, 12)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert!((6, 11) < (6, 12) && (5, 19) < (6, 12) && (6, 12) <= (6, 18));
+    }
 
     #[test]
     fn auto_refuses_a_device_another_daemon_holds() {

@@ -23,10 +23,13 @@ pub(crate) enum TransportView {
         objects: OpenObjects,
         stats: Arc<cachefiles::Stats>,
     },
+    /// FUSE blob files; with `loop_devices` (the loop transport) each
+    /// mounted through a read-only loop device over it.
     Fuse {
         blobs: FuseBlobs,
         stats: Arc<fuse::Stats>,
         dir: PathBuf,
+        loop_devices: bool,
     },
 }
 
@@ -34,6 +37,9 @@ impl TransportView {
     pub(crate) fn name(&self) -> &'static str {
         match self {
             TransportView::Cachefiles { .. } => "cachefiles",
+            TransportView::Fuse {
+                loop_devices: true, ..
+            } => "loop",
             TransportView::Fuse { .. } => "fuse",
         }
     }
@@ -89,9 +95,13 @@ impl TransportView {
                 fstype: "erofs".into(),
                 options: format!("fsid={fsid}"),
                 domain: true,
+                loop_devices: false,
             },
             TransportView::Fuse {
-                blobs: files, dir, ..
+                blobs: files,
+                dir,
+                loop_devices,
+                ..
             } => {
                 // A blob complete on local disk is read by the kernel directly;
                 // the others through the daemon's FUSE files.
@@ -111,6 +121,7 @@ impl TransportView {
                     fstype: "erofs".into(),
                     options: devices.join(","),
                     domain: false,
+                    loop_devices: *loop_devices,
                 }
             }
         }
