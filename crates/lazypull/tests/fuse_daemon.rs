@@ -318,6 +318,36 @@ fn demo_runs_green() {
     assert_eq!(v["refetched_after_drop_caches_bytes"], 0);
 }
 
+/// After the kernel's caches are dropped, the mounted tree still equals
+/// `expected` and the web server sees no request beyond its `served`.
+fn assert_warm_read_fetches_nothing(
+    site: &Site,
+    mnt: &Path,
+    expected: &[lazypull_testkit::Entry],
+    served: u64,
+) {
+    drop_caches();
+    assert!(compare_entries(expected, &scan(mnt).unwrap()).is_empty());
+    assert_eq!(
+        site.server.requests(),
+        served,
+        "the second read reached the backend"
+    );
+}
+
+/// `n` files `big<i>.bin` of 16 MiB of seeded random bytes in `src`; their
+/// sha256 in order.
+fn big_files(src: &Path, n: u64, seed: u64) -> Vec<[u8; 32]> {
+    fs::create_dir_all(src).unwrap();
+    (0..n)
+        .map(|i| {
+            let data = lazypull_testkit::maketree::random_bytes(16 << 20, seed + i);
+            fs::write(src.join(format!("big{i}.bin")), &data).unwrap();
+            Sha256::digest(&data).into()
+        })
+        .collect()
+}
+
 /// A realistic tree at `<dir>/src`: testkit's generated tree plus two copied
 /// Python library directories.
 fn realistic_src(dir: &Path) -> PathBuf {
@@ -351,28 +381,7 @@ fn fuse_serves_a_realistic_image_and_its_cache_answers_after_drop_caches() {
     require_host();
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
-    let src = tmp.path().join("src");
-    maketree::make_tree(
-        &src,
-        &TreeOptions {
-            seed: 11,
-            with_huge: false,
-        },
-    )
-    .unwrap();
-    for lib in ["/usr/lib/python3.11/email", "/usr/lib/python3.11/json"] {
-        let dst = src.join(lib.trim_start_matches('/'));
-        fs::create_dir_all(dst.parent().unwrap()).unwrap();
-        ok(
-            Command::new("cp")
-                .arg("-a")
-                .arg(lib)
-                .arg(&dst)
-                .output()
-                .unwrap(),
-            "copying a tree",
-        );
-    }
+    let src = realistic_src(tmp.path());
     let site = Site::new(tmp.path(), &src);
     let daemon = site.daemon(&[], "daemon.log");
     let s = site.status().unwrap();
@@ -429,13 +438,7 @@ fn fuse_serves_a_realistic_image_and_its_cache_answers_after_drop_caches() {
 
     // A second full read after dropping the kernel's caches is served by the
     // daemon's cache: the web server sees nothing.
-    drop_caches();
-    assert!(compare_entries(&expected, &scan(&mnt).unwrap()).is_empty());
-    assert_eq!(
-        site.server.requests(),
-        served,
-        "the second read reached the backend"
-    );
+    assert_warm_read_fetches_nothing(&site, &mnt, &expected, served);
     site.umount(&mnt);
     site.shutdown(daemon);
     assert!(
@@ -508,13 +511,7 @@ fn fuse_mounts_survive_a_killed_daemon_and_an_upgrade() {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
     let src = tmp.path().join("src");
-    fs::create_dir_all(&src).unwrap();
-    let mut want = Vec::new();
-    for i in 0..16 {
-        let data = lazypull_testkit::maketree::random_bytes(16 << 20, 500 + i);
-        want.push(Sha256::digest(&data).into());
-        fs::write(src.join(format!("big{i}.bin")), data).unwrap();
-    }
+    let want = big_files(&src, 16, 500);
     let site = Site::new(tmp.path(), &src);
     // Slow data requests keep the readers streaming for a while.
     fs::write(tmp.path().join("faults"), "slow:1,slow_ms:150,only:.zst").unwrap();
@@ -1974,13 +1971,7 @@ fn loop_serves_a_realistic_image_identical_and_its_unmount_releases_the_loop_dev
     assert!(served > 2, "the data came from the web server: {served}");
     // Again with the kernel's caches (EROFS's, the loop devices', the FUSE
     // files') dropped: the daemon's cache answers, the server sees nothing.
-    drop_caches();
-    assert!(compare_entries(&expected, &scan(&mnt).unwrap()).is_empty());
-    assert_eq!(
-        site.server.requests(),
-        served,
-        "the second read reached the backend"
-    );
+    assert_warm_read_fetches_nothing(&site, &mnt, &expected, served);
 
     site.umount(&mnt);
     assert_loops_released(tmp.path(), &site);
@@ -1993,13 +1984,7 @@ fn loop_mounts_give_readers_the_right_bytes_across_a_killed_daemon() {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
     let src = tmp.path().join("src");
-    fs::create_dir_all(&src).unwrap();
-    let mut want = Vec::new();
-    for i in 0..8 {
-        let data = lazypull_testkit::maketree::random_bytes(16 << 20, 700 + i);
-        want.push(Sha256::digest(&data).into());
-        fs::write(src.join(format!("big{i}.bin")), data).unwrap();
-    }
+    let want = big_files(&src, 8, 700);
     let mut site = Site::with_transport(tmp.path(), &src, "loop");
     fs::write(tmp.path().join("faults"), "slow:1,slow_ms:150,only:.zst").unwrap();
     let mut first = site.daemon(&[], "daemon.log");
