@@ -83,7 +83,13 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(lazypull: &Path, work: &Path, blob_dir: &Path, config: &Path) -> Result<Daemon> {
+    fn start(
+        lazypull: &Path,
+        work: &Path,
+        blob_dir: &Path,
+        config: &Path,
+        transport: &str,
+    ) -> Result<Daemon> {
         let run = work.join("run");
         let _ = fs::remove_dir_all(work.join("cache"));
         let socket = run.join("ctl.sock");
@@ -91,7 +97,7 @@ impl Daemon {
             .arg("daemon")
             .arg("--config")
             .arg(config)
-            .args(["--transport", "fuse", "--no-fd-store"])
+            .args(["--transport", transport, "--no-fd-store"])
             .arg("--cache-dir")
             .arg(work.join("cache"))
             .arg("--work-dir")
@@ -168,7 +174,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     crate::median(&mut v)
 }
 
-pub fn run(rounds: u32, work: &Path, daemon_config: &Path) -> Result<()> {
+pub fn run(rounds: u32, work: &Path, daemon_config: &Path, transport: &str) -> Result<()> {
     lazypull_guest::require_root()?;
     let lazypull = crate::sibling("lazypull")?;
     let _ = fs::remove_dir_all(work);
@@ -229,7 +235,7 @@ pub fn run(rounds: u32, work: &Path, daemon_config: &Path) -> Result<()> {
                 limit_again = read_tree(&mnt, &small)?;
                 drop(m);
             } else {
-                let d = Daemon::start(&lazypull, work, &stored, daemon_config)?;
+                let d = Daemon::start(&lazypull, work, &stored, daemon_config, transport)?;
                 drop_caches()?;
                 let m = d.mount(&img.meta_digest, &mnt)?;
                 let cold = read_tree(&mnt, &small)?;
@@ -274,7 +280,7 @@ pub fn run(rounds: u32, work: &Path, daemon_config: &Path) -> Result<()> {
     let ratio = |num: usize, den: usize| median(rows.iter().map(|r| r[num] / r[den]).collect());
     println!("Result ({rounds} rounds; medians; ratios are per round, then the median):");
     println!();
-    println!("| read | limit (s) | lazypull FUSE (s) | ratio |");
+    println!("| read | limit (s) | lazypull {transport} (s) | ratio |");
     println!("|---|---|---|---|");
     let line = |what: &str, lim: usize, lp: usize| {
         println!(

@@ -100,6 +100,10 @@ enum Bench {
         /// e.g. to try other `unit_cache` or `max_merge` values.
         #[arg(long, value_name = "FILE", default_value = "/dev/null")]
         daemon_config: PathBuf,
+        /// The daemon's transport: `fuse` (EROFS mounts the FUSE blob files)
+        /// or `loop` (the same files behind loop devices).
+        #[arg(long, default_value = "fuse", value_parser = ["fuse", "loop"])]
+        transport: String,
     },
     /// On the host: `lazypull pull` + `ctr run` vs. `ctr images pull` + `ctr run` (overlayfs),
     /// pull to the container's first line, and the bytes each moved from the registry.
@@ -215,7 +219,8 @@ fn main() -> Result<()> {
             rounds,
             work,
             daemon_config,
-        } => fuse::run(rounds, &work, &daemon_config),
+            transport,
+        } => fuse::run(rounds, &work, &daemon_config, &transport),
         Bench::Containers {
             rounds,
             work,
