@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Shared set-up of scripts/test.sh and scripts/demo.sh, for a fresh Debian bookworm
 # machine, as root: installs what lazypull's tests and demo need (once) and builds
-# the Linux 6.12 guest kernel (once; cached in /var/cache/lazypull/kernel).
-# Prints the kernel's path.
+# the two guest kernels, Linux 6.12 and 6.1 (once; cached in
+# /var/cache/lazypull/kernel; the two builds run side by side). Prints the 6.12
+# kernel's path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +13,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 packages=(
-	linux-source-6.12 flex bison bc libelf-dev libssl-dev cpio make gcc # guest kernel build
+	linux-source-6.12 linux-source-6.1 flex bison bc libelf-dev libssl-dev cpio make gcc # guest kernel build
 	qemu-system-x86                                                     # the guest
 	erofs-utils                                                         # cross-checks (fsck.erofs, mkfs.erofs)
 	e2fsprogs attr perl                                                 # ext4 disk images, xattr tools, guest init
@@ -37,4 +38,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 	fi
 fi
 
-bash guest/build-kernel.sh
+# Both builds at once: each spends a minute single-threaded unpacking its sources.
+bash guest/build-kernel.sh 6.1 >/dev/null &
+k61=$!
+k612=$(bash guest/build-kernel.sh 6.12)
+wait "$k61" || { echo "lazypull: building the 6.1 guest kernel failed" >&2; exit 1; }
+echo "$k612"

@@ -292,6 +292,28 @@ impl FuseDevice {
         }
     }
 
+    /// Writes a whole reply `msg` and says whether the kernel was waiting for
+    /// it: `false` when no request with its unique is being processed
+    /// (ENOENT: never read, already answered, or aborted). A successor
+    /// uses it to find requests a killed predecessor read unrecorded.
+    pub fn answer_if_waiting(&self, msg: &[u8]) -> io::Result<bool> {
+        loop {
+            return match rustix::io::write(&self.fd, msg) {
+                Ok(n) if n == msg.len() => Ok(true),
+                Ok(n) => Err(io::Error::other(format!(
+                    "short FUSE reply write: {n} of {} bytes",
+                    msg.len()
+                ))),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::NOENT) => Ok(false),
+                Err(e) => Err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("writing a FUSE reply: {e}"),
+                )),
+            };
+        }
+    }
+
     /// Asks the kernel to hand out again every request that was read and not
     /// answered (after taking the connection over from a daemon that died).
     /// Kernels before 6.9 answer EINVAL: their pending requests stay lost.

@@ -1,7 +1,7 @@
 //! Boots the lazypull test guest and returns the results of a scenario run in it.
 //!
 //! This crate owns everything about the guest — building (once, cached) the Linux 6.12 kernel
-//! with cachefiles on-demand mode, making disk images, starting qemu (TCG), waiting with a
+//! with cachefiles on-demand mode and the Linux 6.1 kernel most nodes run, making disk images, starting qemu (TCG), waiting with a
 //! timeout, and collecting the scenario's exit status, its output and the files it wrote —
 //! and knows nothing about lazypull's protocol.
 //!
@@ -23,7 +23,8 @@
 //! Environment variables read on the host:
 //! - `LAZYPULL_KEEP_GUEST=1`: keep the run's temporary directory (disk images, console log,
 //!   output share) instead of removing it; its path is printed on stderr.
-//! - `LAZYPULL_GUEST_KERNEL`: a bzImage to use instead of building one in [`kernel`].
+//! - `LAZYPULL_GUEST_KERNEL`, `LAZYPULL_GUEST_KERNEL_6_1`: a bzImage to use instead of
+//!   building one in [`kernel_of`].
 //! - `LAZYPULL_QEMU`: the qemu binary (default `qemu-system-x86_64` from `PATH`).
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -255,24 +256,60 @@ pub fn init_script() -> PathBuf {
     workspace_root().join("guest/init.sh")
 }
 
-/// Returns the guest kernel's bzImage, building it first if needed (`guest/build-kernel.sh`,
-/// cached under `/var/cache/lazypull/kernel`; the first build takes several minutes, its
-/// progress goes to stderr). `LAZYPULL_GUEST_KERNEL` overrides the path. Concurrent callers,
-/// in this process or others, wait for one build.
+/// A guest kernel `guest/build-kernel.sh` builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelSeries {
+    /// Linux 6.12 with cachefiles on-demand mode and file-backed EROFS
+    /// (`guest/kernel.config`).
+    V6_12,
+    /// Linux 6.1 as most nodes run it: EROFS with extra devices, FUSE and
+    /// loop devices, no cachefiles on-demand mode, no file-backed EROFS
+    /// (`guest/kernel-6.1.config`).
+    V6_1,
+}
+
+impl KernelSeries {
+    /// `6.12` or `6.1`: the argument of `guest/build-kernel.sh`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelSeries::V6_12 => "6.12",
+            KernelSeries::V6_1 => "6.1",
+        }
+    }
+
+    /// The variable that names a prebuilt bzImage of this series.
+    pub fn override_env(self) -> &'static str {
+        match self {
+            KernelSeries::V6_12 => "LAZYPULL_GUEST_KERNEL",
+            KernelSeries::V6_1 => "LAZYPULL_GUEST_KERNEL_6_1",
+        }
+    }
+}
+
+/// Returns the Linux 6.12 guest kernel's bzImage: [`kernel_of`] with
+/// [`KernelSeries::V6_12`].
 pub fn kernel() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("LAZYPULL_GUEST_KERNEL") {
+    kernel_of(KernelSeries::V6_12)
+}
+
+/// Returns a guest kernel's bzImage, building it first if needed (`guest/build-kernel.sh`,
+/// cached under `/var/cache/lazypull/kernel`; the first build takes several minutes, its
+/// progress goes to stderr). `LAZYPULL_GUEST_KERNEL` (6.12) or `LAZYPULL_GUEST_KERNEL_6_1`
+/// overrides the path. Concurrent callers, in this process or others, wait for one build.
+pub fn kernel_of(series: KernelSeries) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(series.override_env()) {
         let path = PathBuf::from(path);
         if !path.is_file() {
-            bail!("LAZYPULL_GUEST_KERNEL={} is not a file", path.display());
+            bail!("{}={} is not a file", series.override_env(), path.display());
         }
         return Ok(path);
     }
-    static BUILT: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
+    static BUILT: OnceLock<Mutex<Vec<(KernelSeries, PathBuf)>>> = OnceLock::new();
     let mut built = BUILT
-        .get_or_init(|| Mutex::new(None))
+        .get_or_init(|| Mutex::new(Vec::new()))
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    if let Some(path) = built.as_ref() {
+    if let Some((_, path)) = built.iter().find(|(s, _)| *s == series) {
         if path.is_file() {
             return Ok(path.clone());
         }
@@ -284,17 +321,21 @@ pub fn kernel() -> Result<PathBuf> {
     let _lock = BuildLock::take();
     let output = Command::new("bash")
         .arg(&script)
+        .arg(series.name())
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
         .with_context(|| format!("running bash {}", script.display()))?;
     if !output.status.success() {
         bail!(
-            "building the guest kernel failed ({}): run `bash {}` by hand to see why. It needs \
-             `apt-get install linux-source-6.12 build-essential flex bison bc libelf-dev \
+            "building the {} guest kernel failed ({}): run `bash {} {}` by hand to see why. It \
+             needs `apt-get install linux-source-{} build-essential flex bison bc libelf-dev \
              libssl-dev cpio`",
+            series.name(),
             output.status,
-            script.display()
+            script.display(),
+            series.name(),
+            series.name()
         );
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -312,7 +353,7 @@ pub fn kernel() -> Result<PathBuf> {
             path.display()
         );
     }
-    *built = Some(path.clone());
+    built.push((series, path.clone()));
     Ok(path)
 }
 

@@ -32,6 +32,17 @@ pub(crate) enum TransportKind {
     Loop,
 }
 
+/// `--fuse-recovery`: see `lazypull_transport::fuse::Recovery`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum FuseRecovery {
+    #[default]
+    Auto,
+    Journal,
+}
+
 impl TransportKind {
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -52,9 +63,17 @@ pub struct DaemonArgs {
     pub(crate) cache_dir: Option<PathBuf>,
 
     /// Kernel interface: auto (cachefiles when the kernel has on-demand mode,
-    /// else FUSE), cachefiles or fuse.
+    /// else FUSE when EROFS mounts files (6.12+), else loop devices over the
+    /// FUSE files (5.16+)), cachefiles, fuse or loop.
     #[arg(long, value_enum, value_name = "KIND")]
     pub(crate) transport: Option<TransportKind>,
+
+    /// After a crash, how a successor answers the FUSE requests the killed
+    /// daemon had read: auto (the kernel resends them, 6.9+, else from the
+    /// request journal every FUSE daemon keeps in CACHE_DIR/blobs) or
+    /// journal (always from the journal: how kernels before 6.9 recover).
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub(crate) fuse_recovery: Option<FuseRecovery>,
 
     /// With FUSE: where the blob files appear (default /run/lazypull/blobs).
     #[arg(long, value_name = "DIR")]
@@ -109,7 +128,8 @@ pub struct DaemonArgs {
     pub(crate) socket: Option<PathBuf>,
 
     /// Config file (TOML). Default: /etc/lazypull/config.toml if it exists.
-    /// Keys: cache_dir, transport, fuse_dir, fuse_threads, run_dir, fd_store,
+    /// Keys: cache_dir, transport, fuse_dir, fuse_threads, fuse_recovery,
+    /// run_dir, fd_store,
     /// metrics_addr, blob_dir, blob_url, work_dir, socket, tag, device,
     /// max_in_flight, fill_window, io_size, max_connections, max_merge,
     /// unit_cache, readahead, insecure_registries, ca_files, docker_config,
@@ -171,6 +191,7 @@ pub(crate) struct FileConfig {
     pub(crate) transport: Option<TransportKind>,
     pub(crate) fuse_dir: Option<PathBuf>,
     pub(crate) fuse_threads: Option<usize>,
+    pub(crate) fuse_recovery: Option<FuseRecovery>,
     pub(crate) run_dir: Option<PathBuf>,
     /// Path of the fd store socket, or "" for none.
     pub(crate) fd_store: Option<PathBuf>,
@@ -253,6 +274,7 @@ pub(crate) struct DaemonConfig {
     pub(crate) transport: TransportKind,
     pub(crate) fuse_dir: PathBuf,
     pub(crate) fuse_threads: usize,
+    pub(crate) fuse_recovery: FuseRecovery,
     pub(crate) run_dir: PathBuf,
     pub(crate) fd_store: Option<PathBuf>,
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
@@ -343,6 +365,10 @@ impl DaemonArgs {
             fuse_threads: file
                 .fuse_threads
                 .unwrap_or_else(lazypull_transport::fuse::default_threads),
+            fuse_recovery: self
+                .fuse_recovery
+                .or(file.fuse_recovery)
+                .unwrap_or_default(),
             run_dir: self
                 .run_dir
                 .clone()
@@ -438,6 +464,7 @@ mod tests {
         DaemonArgs {
             cache_dir: None,
             transport: None,
+            fuse_recovery: None,
             fuse_dir: None,
             run_dir: None,
             fd_store: None,
@@ -472,6 +499,22 @@ mod tests {
         assert_eq!(c.transport, TransportKind::Auto);
         assert_eq!(c.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.fill_window, 1 << 20);
+        assert_eq!(c.fuse_recovery, FuseRecovery::Auto);
+    }
+
+    #[test]
+    fn fuse_recovery_is_read_from_the_file_and_the_flag_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "fuse_recovery = \"journal\"\n").unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        assert_eq!(a.resolve().unwrap().fuse_recovery, FuseRecovery::Journal);
+        a.fuse_recovery = Some(FuseRecovery::Auto);
+        assert_eq!(a.resolve().unwrap().fuse_recovery, FuseRecovery::Auto);
+        std::fs::write(dir.path().join("c.toml"), "fuse_recovery = \"maybe\"\n").unwrap();
+        a.fuse_recovery = None;
+        assert!(a.resolve().is_err());
     }
 
     #[test]

@@ -19,8 +19,10 @@
 //!
 //! The connection can be handed over: [`FuseServer::session`] describes it
 //! (negotiated protocol, node ids), and [`FuseServer::adopt`] serves an fd a
-//! previous daemon set up, re-queueing requests it left unanswered with
-//! `FUSE_NOTIFY_RESEND`.
+//! previous daemon set up, answering the requests it left unanswered: the
+//! kernel re-queues them on `FUSE_NOTIFY_RESEND` (Linux 6.9+); before that,
+//! the successor answers each from the previous daemon's request journal
+//! ([`crate::fuse_journal`]), before it reads anything new.
 //!
 //! Like the cachefiles transport it contains no fetch logic and does not decide
 //! where blobs live.
@@ -44,7 +46,7 @@ use lazypull_source::{BlobResolver, BlobSource, Priority};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
-use crate::{BlobCacheInfo, Prefetch};
+use crate::{fuse_journal, BlobCacheInfo, Prefetch};
 
 /// How long the kernel may cache names and attributes: blobs are immutable
 /// (named by digest), so long.
@@ -69,7 +71,34 @@ pub struct Config {
     /// filled, in bytes (0: no read-ahead; the daemon's default is
     /// [`lazypull_engine::DEFAULT_READAHEAD`], 8 MiB).
     pub readahead: u64,
+    /// How a successor answers the requests a killed predecessor had read.
+    pub recovery: Recovery,
 }
+
+/// How a successor answers what its predecessor read and did not answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Recovery {
+    /// `FUSE_NOTIFY_RESEND` where the kernel has it (6.9+), else the journal.
+    #[default]
+    Auto,
+    /// Always from the journal (what kernels before 6.9 get; to test that
+    /// path on a newer kernel).
+    Journal,
+}
+
+/// The request journal of a server with this cache dir.
+pub fn journal_path(cache_dir: &Path) -> PathBuf {
+    cache_dir.join("requests.journal")
+}
+
+/// Uniques either side of a journal's high-water mark that a successor
+/// probes for requests read but never journalled (the daemon was killed
+/// between its `read` and its journal write). The kernel hands out uniques
+/// in steps of 2 (`FUSE_REQ_ID_STEP`) at queue time, and a killed daemon's
+/// unjournalled reads are its last ones, each thread's at most one: they
+/// lie within a few hundred of the mark; this is generous.
+const PROBE_SPAN: u64 = 4096;
 
 /// Serving threads for this machine: two per core (a READ's thread mostly
 /// waits, on a fetch or the disk, while others decode), at least 4 and at
@@ -159,6 +188,12 @@ pub struct Stats {
     /// READs that could not be spliced (no pipe, a splice error) and were
     /// answered from a buffer instead.
     pub splice_fallbacks: AtomicU64,
+    /// Requests a previous daemon had read and not answered, answered by
+    /// this one from its journal.
+    pub recovered_requests: AtomicU64,
+    /// Of those, and of requests it had not even journalled, the ones
+    /// answered EIO because what they asked was not recorded.
+    pub recovered_unknown: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -181,6 +216,8 @@ pub struct StatsSnapshot {
     pub readahead_dropped: u64,
     pub spliced_reads: u64,
     pub splice_fallbacks: u64,
+    pub recovered_requests: u64,
+    pub recovered_unknown: u64,
 }
 
 impl Stats {
@@ -204,6 +241,8 @@ impl Stats {
             readahead_dropped: g(&self.readahead_dropped),
             spliced_reads: g(&self.spliced_reads),
             splice_fallbacks: g(&self.splice_fallbacks),
+            recovered_requests: g(&self.recovered_requests),
+            recovered_unknown: g(&self.recovered_unknown),
         }
     }
 }
@@ -944,6 +983,8 @@ pub struct FuseServer {
     dev: Arc<FuseDevice>,
     fs: Arc<BlobFs>,
     stop: OwnedFd,
+    /// What an adopted connection's predecessor left, answered by `serve`.
+    pending: Mutex<Option<fuse_journal::Pending>>,
 }
 
 impl FuseServer {
@@ -962,8 +1003,10 @@ impl FuseServer {
     }
 
     /// Serves a connection a previous daemon mounted and initialised (fd from
-    /// an fd store or a handover), asking the kernel to resend what that daemon
-    /// left unanswered.
+    /// an fd store or a handover). What that daemon read and left unanswered
+    /// is answered first: the kernel resends it (6.9+, [`Recovery::Auto`]),
+    /// or [`serve`](Self::serve) answers it from the predecessor's journal
+    /// before reading anything new.
     pub fn adopt(
         config: Config,
         resolver: Arc<dyn BlobResolver>,
@@ -972,13 +1015,28 @@ impl FuseServer {
     ) -> io::Result<Self> {
         let dev = FuseDevice::from_fd(fd)?;
         let nodes = session.nodes.len();
-        let resend = session.kernel_flags & init_flags::HAS_RESEND != 0;
+        let resend =
+            session.kernel_flags & init_flags::HAS_RESEND != 0 && config.recovery == Recovery::Auto;
+        let journal = journal_path(&config.cache_dir);
+        let pending = if resend {
+            None
+        } else {
+            Some(fuse_journal::read_pending(&journal)?).filter(|_| journal.exists())
+        };
         let server = Self::with(dev, config, resolver, Some(session))?;
         if resend {
             server.dev.notify_resend()?;
+        } else if let Some(p) = &pending {
+            info!(
+                unanswered = p.unanswered.len(),
+                high_water = p.high_water,
+                damaged_slots = p.damaged,
+                "the kernel cannot resend FUSE requests (before 6.9) or --fuse-recovery journal: answering what the previous daemon left from its journal"
+            );
         } else {
-            warn!("this kernel cannot resend FUSE requests (before 6.9): reads the previous daemon had taken may hang");
+            warn!(journal = %journal.display(), "the kernel cannot resend FUSE requests (before 6.9) and the previous daemon left no request journal: reads it had taken may hang");
         }
+        *server.pending.lock().unwrap_or_else(|p| p.into_inner()) = pending;
         info!(nodes, resend, "FUSE connection adopted");
         Ok(server)
     }
@@ -994,7 +1052,69 @@ impl FuseServer {
             dev: Arc::new(dev),
             fs: Arc::new(BlobFs::new(resolver, config, session)),
             stop,
+            pending: Mutex::new(None),
         })
+    }
+
+    /// Answers what a predecessor left unanswered (see [`adopt`](Self::adopt)),
+    /// before any worker reads: each recorded request is handled again under
+    /// its own unique (concurrently: they may wait on fetches), then uniques
+    /// near the journal's high-water mark are probed for requests it read
+    /// and never recorded, which get EIO (better than a reader hung for
+    /// ever). The predecessor's journal is replaced only afterwards, so a
+    /// successor killed meanwhile leaves it to the next one.
+    fn recover(dev: &FuseDevice, fs: &BlobFs, pending: fuse_journal::Pending) {
+        let answered: std::collections::HashSet<u64> =
+            pending.unanswered.iter().map(|u| u.unique).collect();
+        std::thread::scope(|scope| {
+            for u in &pending.unanswered {
+                scope.spawn(move || {
+                    bump(&fs.stats.recovered_requests, 1);
+                    let Some(raw) = &u.raw else {
+                        bump(&fs.stats.recovered_unknown, 1);
+                        error!(unique = u.unique, "a request the previous daemon took was too large for its journal slot: answered EIO");
+                        let _ = dev.send(&[&abi::error_reply(u.unique, libc::EIO)]);
+                        return;
+                    };
+                    let header_unique = abi::parse(raw).ok().map(|r| r.header.unique);
+                    if header_unique != Some(u.unique) {
+                        bump(&fs.stats.recovered_unknown, 1);
+                        error!(unique = u.unique, "a journalled request does not parse: answered EIO");
+                        let _ = dev.send(&[&abi::error_reply(u.unique, libc::EIO)]);
+                        return;
+                    }
+                    let mut state = WorkerState::new();
+                    match fs.handle(dev, raw, &mut state) {
+                        Ok(()) => debug!(unique = u.unique, "answered a request the previous daemon took"),
+                        Err(e) => warn!(unique = u.unique, "answering a request the previous daemon took: {e}"),
+                    }
+                });
+            }
+        });
+        let from = pending.high_water.saturating_sub(PROBE_SPAN).max(2) & !1;
+        let mut orphans = 0u64;
+        for unique in (from..=pending.high_water + PROBE_SPAN).step_by(2) {
+            if answered.contains(&unique) {
+                continue;
+            }
+            match dev.answer_if_waiting(&abi::error_reply(unique, libc::EIO)) {
+                Ok(true) => orphans += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    warn!("probing for requests the previous daemon took unrecorded: {e}");
+                    break;
+                }
+            }
+        }
+        if orphans > 0 {
+            bump(&fs.stats.recovered_unknown, orphans);
+            bump(&fs.stats.recovered_requests, orphans);
+            error!(orphans, "requests the previous daemon read and was killed before recording were answered EIO");
+        }
+        info!(
+            answered = pending.unanswered.len(),
+            orphans, "answered what the previous daemon left"
+        );
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -1022,6 +1142,21 @@ impl FuseServer {
     /// [`unmount`](Self::unmount) to end it, or leave it for a successor.
     pub async fn serve(&self, shutdown: impl Future<Output = ()>) -> io::Result<StatsSnapshot> {
         let threads = self.fs.config.threads.max(1);
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(pending) = pending {
+            let (dev, fs) = (self.dev.clone(), self.fs.clone());
+            tokio::task::spawn_blocking(move || Self::recover(&dev, &fs, pending))
+                .await
+                .map_err(io::Error::other)?;
+        }
+        let journal = Arc::new(fuse_journal::RequestJournal::create(
+            &journal_path(&self.fs.config.cache_dir),
+            threads,
+        )?);
         let pool = if self.fs.config.readahead > 0 {
             Some(ReadAheadPool::start(
                 lazypull_engine::readahead::default_threads(),
@@ -1037,11 +1172,15 @@ impl FuseServer {
             let fs = self.fs.clone();
             let stop = self.stop.try_clone()?;
             let gone = gone_tx.clone();
+            let journal = JournalSlot {
+                journal: journal.clone(),
+                slot: i,
+            };
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("lazypull-fuse-{i}"))
                     .spawn(move || {
-                        if let Err(e) = worker(&dev, &fs, &stop) {
+                        if let Err(e) = worker(&dev, &fs, &stop, &journal) {
                             let _ = gone.blocking_send(e);
                         }
                     })?,
@@ -1122,8 +1261,48 @@ impl FuseServer {
     }
 }
 
+/// A serving thread's slot of the request journal.
+struct JournalSlot {
+    journal: Arc<fuse_journal::RequestJournal>,
+    slot: usize,
+}
+
+impl JournalSlot {
+    /// Records a request about to be answered; returns its unique when
+    /// recorded (requests with no reply, and INIT, are not).
+    fn begin(&self, raw: &[u8]) -> Option<u64> {
+        let opcode = u32::from_le_bytes(raw.get(4..8)?.try_into().ok()?);
+        let unique = u64::from_le_bytes(raw.get(8..16)?.try_into().ok()?);
+        if matches!(
+            opcode,
+            abi::opcode::FORGET
+                | abi::opcode::BATCH_FORGET
+                | abi::opcode::INTERRUPT
+                | abi::opcode::INIT
+        ) || unique == 0
+        {
+            return None;
+        }
+        match self.journal.begin(self.slot, unique, raw) {
+            Ok(()) => Some(unique),
+            Err(e) => {
+                warn!(journal = %self.journal.path().display(), "recording a FUSE request: {e}; a successor on a kernel before 6.9 will answer it EIO");
+                None
+            }
+        }
+    }
+
+    fn end(&self, unique: Option<u64>) {
+        if let Some(unique) = unique {
+            if let Err(e) = self.journal.end(self.slot, unique) {
+                warn!(journal = %self.journal.path().display(), "recording a FUSE reply: {e}");
+            }
+        }
+    }
+}
+
 /// One serving thread: waits for requests and answers them until stopped.
-fn worker(dev: &FuseDevice, fs: &BlobFs, stop: &OwnedFd) -> io::Result<()> {
+fn worker(dev: &FuseDevice, fs: &BlobFs, stop: &OwnedFd, journal: &JournalSlot) -> io::Result<()> {
     let mut request = vec![0u8; 64 << 10];
     let mut state = WorkerState::new();
     loop {
@@ -1135,6 +1314,9 @@ fn worker(dev: &FuseDevice, fs: &BlobFs, stop: &OwnedFd) -> io::Result<()> {
         let Some(n) = dev.recv(&mut request)? else {
             continue;
         };
+        // First, before anything can fail or wait: a successor finds what
+        // this thread was answering when it was killed.
+        let recorded = journal.begin(&request[..n]);
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             fs.handle(dev, &request[..n], &mut state)
         }));
@@ -1154,6 +1336,7 @@ fn worker(dev: &FuseDevice, fs: &BlobFs, stop: &OwnedFd) -> io::Result<()> {
                 }
             }
         }
+        journal.end(recorded);
     }
 }
 
@@ -1178,6 +1361,7 @@ mod tests {
                 io_size: 65536,
             },
             flush_interval: Duration::from_secs(1),
+            recovery: Recovery::Auto,
             readahead: lazypull_engine::DEFAULT_READAHEAD,
         };
         BlobFs::new(Arc::new(resolver), config, None)

@@ -22,6 +22,7 @@
 pub mod cachefiles;
 pub mod fanotify;
 pub mod fuse;
+pub mod fuse_journal;
 pub mod loopdev;
 
 use lazypull_engine::{FillError, FillOutcome};

@@ -79,6 +79,7 @@ impl Served {
                     io_size: 256 << 10,
                 },
                 flush_interval: Duration::from_millis(200),
+                recovery: lazypull_transport::fuse::Recovery::Auto,
                 readahead: lazypull_engine::DEFAULT_READAHEAD,
             },
             Arc::new(resolver),

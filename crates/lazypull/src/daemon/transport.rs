@@ -37,7 +37,7 @@ use tracing::{info, warn};
 use super::handover::Parked;
 use super::persist::TransportState;
 use super::view::TransportView;
-use crate::config::{DaemonConfig, TransportKind};
+use crate::config::{DaemonConfig, FuseRecovery, TransportKind};
 
 /// The transport serving the kernel.
 pub(crate) enum Running {
@@ -94,6 +94,10 @@ fn fuse_config(cfg: &DaemonConfig) -> fuse::Config {
         policy: policy(cfg),
         flush_interval: Duration::from_secs(1),
         readahead: cfg.readahead,
+        recovery: match cfg.fuse_recovery {
+            FuseRecovery::Auto => fuse::Recovery::Auto,
+            FuseRecovery::Journal => fuse::Recovery::Journal,
+        },
     }
 }
 
