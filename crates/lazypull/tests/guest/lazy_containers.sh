@@ -101,8 +101,9 @@ chmod 0700 "$STATE"
 mount -t ext4 /dev/vda "$DISK" || fail "mounting the ext4 disk /dev/vda"
 mkdir -p -m 0700 "$DISK/cache" "$DISK/work" "$SNAP_ROOT"
 
-# The daemon: cachefiles only (no fallback to FUSE), the registry over plain HTTP.
-"$LP_BIN" daemon --config /dev/null --transport cachefiles \
+# The daemon: cachefiles only (no fallback to FUSE) unless LP_TRANSPORT says
+# otherwise, the registry over plain HTTP.
+"$LP_BIN" daemon --config /dev/null --transport "${LP_TRANSPORT:-cachefiles}" \
 	--cache-dir "$DISK/cache" --work-dir "$DISK/work" --run-dir "$STATE/run" \
 	--socket "$CONTROL" --no-fd-store --insecure-registry "$LP_REG" \
 	--log-level info >>"$DLOG" 2>&1 &
