@@ -45,11 +45,12 @@ use std::time::Duration;
 mod containers;
 mod digest;
 mod fuse;
+mod loop_guest;
 mod startup;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use lazypull_erofs::{build_from_layers, BuildOptions};
+use lazypull_erofs::{build_from_layers, BuildOptions, BuiltImage};
 use lazypull_guest::{Disk, GuestConfig};
 
 #[derive(Parser)]
@@ -78,6 +79,16 @@ enum Bench {
         /// nydus-image, to build the tree as RAFS v6 (plain and zstd) for --nydusd.
         #[arg(long, requires = "nydusd")]
         nydus_image: Option<PathBuf>,
+    },
+    /// In the Linux 6.1 guest: lazypull's loop transport (cold and warm) vs.
+    /// the same plain image on loop devices with no daemon.
+    LoopGuest {
+        /// Rounds (each reads the small files and the big file in every arm).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Work directory (rebuilt).
+        #[arg(long, default_value = "target/bench-loop-guest")]
+        work: PathBuf,
     },
     /// Cold reads of an image from the loopback registry vs. the local blob dir, in the guest.
     Registry {
@@ -214,6 +225,7 @@ fn main() -> Result<()> {
             nydusd.as_deref().zip(nydus_image.as_deref()),
         ),
         Bench::Registry { rounds, work } => registry(rounds, &work),
+        Bench::LoopGuest { rounds, work } => loop_guest::run(rounds, &work),
         Bench::Build { rounds, work } => build_bench(rounds, &work),
         Bench::Fuse {
             rounds,
@@ -542,15 +554,13 @@ const CACHEFILES_ARMS: [(&str, &str); 4] = [
     ("nydus-zstd", "nydusd zstd (default)"),
 ];
 
-fn cachefiles(
-    rounds: u32,
-    fill_window: &str,
-    work: &Path,
-    nydus: Option<(&Path, &Path)>,
-) -> Result<()> {
-    lazypull_guest::require_root()?;
-    let daemon = sibling("lazypull")?;
-    let kernel = lazypull_guest::kernel()?;
+/// The field's reference tree (the host's python3.11 and perl library trees
+/// plus one 256 MiB incompressible file) under `work/tree`, built into
+/// `work/blobs/plain` (lazypull's builder, no compression: what the limit
+/// mounts) and `work/blobs/zstd` (`lazypull build`'s default stored form);
+/// `work/info` names the meta blobs (`meta`, `meta-zstd`) and the plain data
+/// blobs (`blobs`). Returns (tree, blobs, info, the plain image).
+fn reference_images(work: &Path, daemon: &Path) -> Result<(PathBuf, PathBuf, PathBuf, BuiltImage)> {
     let _ = fs::remove_dir_all(work);
     let tree = work.join("tree");
     fs::create_dir_all(&tree)?;
@@ -594,6 +604,20 @@ fn cachefiles(
     fs::write(info.join("meta-zstd"), &meta_zstd)?;
     let names: Vec<&str> = img.blobs.iter().map(|b| b.digest.as_str()).collect();
     fs::write(info.join("blobs"), names.join("\n"))?;
+    Ok((tree, blobs, info, img))
+}
+
+fn cachefiles(
+    rounds: u32,
+    fill_window: &str,
+    work: &Path,
+    nydus: Option<(&Path, &Path)>,
+) -> Result<()> {
+    lazypull_guest::require_root()?;
+    let daemon = sibling("lazypull")?;
+    let kernel = lazypull_guest::kernel()?;
+    let (tree, blobs, info, img) = reference_images(work, &daemon)?;
+    let zstd = blobs.join("zstd");
     if let Some((_, nydus_image)) = nydus {
         for compressor in ["none", "zstd"] {
             let dir = blobs.join(format!("nydus-{compressor}"));

@@ -129,7 +129,7 @@ pub struct DaemonArgs {
 
     /// Config file (TOML). Default: /etc/lazypull/config.toml if it exists.
     /// Keys: cache_dir, transport, fuse_dir, fuse_threads, fuse_recovery,
-    /// run_dir, fd_store,
+    /// loop_direct_io, run_dir, fd_store,
     /// metrics_addr, blob_dir, blob_url, work_dir, socket, tag, device,
     /// max_in_flight, fill_window, io_size, max_connections, max_merge,
     /// unit_cache, readahead, insecure_registries, ca_files, docker_config,
@@ -192,6 +192,9 @@ pub(crate) struct FileConfig {
     pub(crate) fuse_dir: Option<PathBuf>,
     pub(crate) fuse_threads: Option<usize>,
     pub(crate) fuse_recovery: Option<FuseRecovery>,
+    /// The loop transport: loop devices read their FUSE blob files with
+    /// direct I/O (default false; see BENCHMARKS.md).
+    pub(crate) loop_direct_io: Option<bool>,
     pub(crate) run_dir: Option<PathBuf>,
     /// Path of the fd store socket, or "" for none.
     pub(crate) fd_store: Option<PathBuf>,
@@ -275,6 +278,7 @@ pub(crate) struct DaemonConfig {
     pub(crate) fuse_dir: PathBuf,
     pub(crate) fuse_threads: usize,
     pub(crate) fuse_recovery: FuseRecovery,
+    pub(crate) loop_direct_io: bool,
     pub(crate) run_dir: PathBuf,
     pub(crate) fd_store: Option<PathBuf>,
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
@@ -369,6 +373,7 @@ impl DaemonArgs {
                 .fuse_recovery
                 .or(file.fuse_recovery)
                 .unwrap_or_default(),
+            loop_direct_io: file.loop_direct_io.unwrap_or(false),
             run_dir: self
                 .run_dir
                 .clone()

@@ -75,6 +75,8 @@ struct Site {
     metrics_port: u16,
     /// `--transport` of its daemons: fuse or loop.
     transport: &'static str,
+    /// `--config` of its daemons (default /dev/null: the built-in defaults).
+    config: PathBuf,
 }
 
 /// `lazypull daemon` over FUSE with every directory, the control socket
@@ -141,6 +143,7 @@ impl Site {
             proxy,
             metrics_port: free_port(),
             transport,
+            config: PathBuf::from("/dev/null"),
         }
     }
 
@@ -150,7 +153,7 @@ impl Site {
 
     fn daemon(&self, extra: &[&str], log: &str) -> Child {
         let log = fs::File::create(self.dir.join(log)).unwrap();
-        let child = daemon_command_with(&self.dir, Path::new("/dev/null"), self.transport)
+        let child = daemon_command_with(&self.dir, &self.config, self.transport)
             .arg("--blob-url")
             .arg(format!("http://{}/", self.proxy.addr()))
             .arg("--metrics-addr")
@@ -1973,6 +1976,44 @@ fn loop_serves_a_realistic_image_identical_and_its_unmount_releases_the_loop_dev
     // files') dropped: the daemon's cache answers, the server sees nothing.
     assert_warm_read_fetches_nothing(&site, &mnt, &expected, served);
 
+    site.umount(&mnt);
+    assert_loops_released(tmp.path(), &site);
+    site.shutdown(daemon);
+}
+
+/// `loop_direct_io = true` reaches the loop devices `lazypull mount` makes
+/// (the kernel turns direct I/O on for loop devices over FUSE files), and
+/// the bytes read through them are right, cold and after drop_caches.
+#[test]
+fn loop_direct_io_from_the_config_reaches_the_loop_devices() {
+    require_loop();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = tmp.path().join("src");
+    let want = big_files(&src, 2, 900);
+    let mut site = Site::with_transport(tmp.path(), &src, "loop");
+    site.config = tmp.path().join("config.toml");
+    fs::write(&site.config, "loop_direct_io = true\n").unwrap();
+    let daemon = site.daemon(&[], "daemon.log");
+    let mnt = tmp.path().join("mnt");
+    site.mount(&mnt);
+    let _guard = Unmount(mnt.clone());
+    let loops = loops_under(tmp.path());
+    assert!(!loops.is_empty());
+    assert!(
+        loops.iter().all(|l| l.direct_io),
+        "direct I/O asked for, the kernel reports: {loops:?}"
+    );
+    for pass in 0..2 {
+        for (i, w) in want.iter().enumerate() {
+            assert_eq!(
+                &sha(&mnt.join(format!("big{i}.bin"))).unwrap(),
+                w,
+                "pass {pass}"
+            );
+        }
+        drop_caches();
+    }
     site.umount(&mnt);
     assert_loops_released(tmp.path(), &site);
     site.shutdown(daemon);

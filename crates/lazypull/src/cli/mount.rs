@@ -204,10 +204,6 @@ pub fn mount(args: MountArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Direct I/O on the loop devices: off until measured (see
-/// `lazypull_transport::loopdev`).
-const LOOP_DIRECT_IO: bool = false;
-
 /// The loop transport's plan made real: a read-only loop device over the
 /// source file and over each `device=` file of `options`. Returns the source
 /// and options naming the devices instead, with the devices (to hold until
@@ -215,16 +211,12 @@ const LOOP_DIRECT_IO: bool = false;
 fn loop_backed(
     source: &str,
     options: &str,
+    direct_io: bool,
 ) -> anyhow::Result<(String, String, Vec<lazypull_transport::loopdev::LoopDevice>)> {
     use lazypull_transport::loopdev::{self, Options};
     let attach = |file: &str| {
-        loopdev::attach(
-            Path::new(file),
-            Options {
-                direct_io: LOOP_DIRECT_IO,
-            },
-        )
-        .with_context(|| format!("a loop device for the blob file {file}"))
+        loopdev::attach(Path::new(file), Options { direct_io })
+            .with_context(|| format!("a loop device for the blob file {file}"))
     };
     let mut loops = Vec::new();
     let meta = attach(source)?;
@@ -301,7 +293,7 @@ pub(crate) fn mount_image(
     // The loop transport: held open until mount(2) has opened them (then the
     // mount is their only opener, and its unmount releases them: autoclear).
     let _loops = if plan.loop_devices {
-        let (s, d, loops) = loop_backed(&source, &data)?;
+        let (s, d, loops) = loop_backed(&source, &data, plan.loop_direct_io)?;
         (source, data) = (s, d);
         loops
     } else {

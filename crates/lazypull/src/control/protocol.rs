@@ -122,6 +122,9 @@ pub(crate) struct MountPlan {
     /// back with read-only loop devices, which the mount then uses instead.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) loop_devices: bool,
+    /// With `loop_devices`: ask for direct I/O on them (`loop_direct_io`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) loop_direct_io: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

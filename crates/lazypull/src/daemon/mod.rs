@@ -265,7 +265,7 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
         catalog.keep_kernel_bindings()?;
     }
     parked.drop_unclaimed(store.as_ref())?;
-    let view = running.view(&cfg.fuse_dir);
+    let view = running.view(&cfg.fuse_dir, cfg.loop_direct_io);
     if let Some(s) = &store {
         match &running {
             Running::Cachefiles(server) => {

@@ -49,7 +49,7 @@ pub(crate) enum Running {
 
 impl Running {
     /// What the transport offers the request handlers.
-    pub(crate) fn view(&self, fuse_dir: &Path) -> TransportView {
+    pub(crate) fn view(&self, fuse_dir: &Path, loop_direct_io: bool) -> TransportView {
         match self {
             Running::Cachefiles(server) => TransportView::Cachefiles {
                 objects: server.objects(),
@@ -60,6 +60,7 @@ impl Running {
                 stats: server.stats(),
                 dir: fuse_dir.to_path_buf(),
                 loop_devices: matches!(self, Running::Loop(_)),
+                loop_direct_io,
             },
         }
     }
@@ -119,11 +120,29 @@ fn fuse_unusable() -> Option<String> {
 
 /// What the loop transport needs besides FUSE's /dev/fuse and EROFS.
 fn loop_unusable() -> Option<String> {
-    let control = Path::new(lazypull_transport::loopdev::CONTROL);
-    (!control.exists()).then(|| {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    loop_unusable_on(
+        release.trim(),
+        Path::new(lazypull_transport::loopdev::CONTROL).exists(),
+    )
+}
+
+/// [`loop_unusable`] for a kernel `release` with or without loop devices.
+/// lazypull's images keep each layer's data in a blob of its own, which
+/// EROFS reads as an extra device (`device=`, Linux 5.16): before it (5.15,
+/// Ubuntu 22.04's GA kernel) EROFS mounts one device only, and lazypull
+/// refuses rather than serve half an image.
+fn loop_unusable_on(release: &str, loop_control: bool) -> Option<String> {
+    if kernel_version(release).is_some_and(|v| v < (5, 16)) {
+        return Some(format!(
+            "EROFS mounts extra devices (`device=`, one per data blob) from Linux 5.16 on; \
+             this is {release}: upgrade the kernel (Ubuntu 22.04: the HWE kernel)"
+        ));
+    }
+    (!loop_control).then(|| {
         format!(
             "no {} (CONFIG_BLK_DEV_LOOP, or `modprobe loop`)",
-            control.display()
+            lazypull_transport::loopdev::CONTROL
         )
     })
 }
@@ -313,6 +332,21 @@ mod tests {
         assert_eq!(kernel_version("6.12"), Some((6, 12)));
         assert_eq!(kernel_version("garbage"), None);
         assert!((6, 11) < (6, 12) && (5, 19) < (6, 12) && (6, 12) <= (6, 18));
+    }
+
+    #[test]
+    fn loop_devices_need_5_16s_extra_devices_and_loop_control() {
+        let old = loop_unusable_on("5.15.0-91-generic", true).expect("5.15 is refused");
+        assert!(
+            old.contains("extra devices")
+                && old.contains("5.16")
+                && old.contains("5.15.0-91-generic"),
+            "{old}"
+        );
+        assert_eq!(loop_unusable_on("5.16.0", true), None);
+        assert_eq!(loop_unusable_on("6.1.0-28-amd64", true), None);
+        let no_loop = loop_unusable_on("6.1.0", false).expect("no /dev/loop-control");
+        assert!(no_loop.contains("CONFIG_BLK_DEV_LOOP"), "{no_loop}");
     }
 
     #[test]

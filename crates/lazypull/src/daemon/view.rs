@@ -30,6 +30,8 @@ pub(crate) enum TransportView {
         stats: Arc<fuse::Stats>,
         dir: PathBuf,
         loop_devices: bool,
+        /// Direct I/O on those loop devices (the `loop_direct_io` key).
+        loop_direct_io: bool,
     },
 }
 
@@ -96,11 +98,13 @@ impl TransportView {
                 options: format!("fsid={fsid}"),
                 domain: true,
                 loop_devices: false,
+                loop_direct_io: false,
             },
             TransportView::Fuse {
                 blobs: files,
                 dir,
                 loop_devices,
+                loop_direct_io,
                 ..
             } => {
                 // A blob complete on local disk is read by the kernel directly;
@@ -122,6 +126,7 @@ impl TransportView {
                     options: devices.join(","),
                     domain: false,
                     loop_devices: *loop_devices,
+                    loop_direct_io: *loop_devices && *loop_direct_io,
                 }
             }
         }
