@@ -26,14 +26,15 @@
 //! alignment to fit the backing file); [`LoopDevice::direct_io`] reports
 //! what it chose (`/sys/block/loopN/loop/dio`).
 //!
-//! `lazypull mount` does not ask for it yet. Checked on Linux 6.18: asked
-//! for, the kernel turns it on for loop devices over the FUSE blob files and
-//! the realistic tree reads back identical. Not measured: with direct I/O
-//! every block-layer read (the block device's read-ahead, 128 KiB by default)
-//! becomes a FUSE READ of its own, where buffered reads get FUSE's larger
-//! read-ahead READs (the FUSE server raises it to 1 MiB); the double cache
-//! costs reclaimable page cache only. Until a benchmark says otherwise,
-//! buffered (the path the failover tests run).
+//! `lazypull mount` asks for it when the daemon's `loop_direct_io` key is
+//! set (the mount plan carries it); off by default. Checked on Linux 6.18:
+//! asked for, the kernel turns it on for loop devices over the FUSE blob
+//! files and the bytes read back right. Measured (BENCHMARKS.md): not slower,
+//! warm small-file reads faster (one page cache fewer), cold reads even, on
+//! a noisy host; with direct I/O every block-layer read (128 KiB read-ahead
+//! by default) becomes a FUSE READ of its own, where buffered reads get
+//! FUSE's larger read-ahead READs. Buffered stays the default (the path the
+//! failover and container tests run) until an idle-machine run says more.
 
 use std::fs::{File, OpenOptions};
 use std::io;
