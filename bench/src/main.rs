@@ -580,7 +580,7 @@ fn reference_images(work: &Path, daemon: &Path) -> Result<(PathBuf, PathBuf, Pat
     )?;
     fs::remove_file(plain.join("manifest.json"))?;
     let zstd = blobs.join("zstd");
-    let out = Command::new(&daemon)
+    let out = Command::new(daemon)
         .arg("build")
         .arg(&tree)
         .arg("-o")
