@@ -251,7 +251,8 @@ fn loop_fixture() -> LoopFixture {
     fs::write(data.join("sums"), sums).unwrap();
     for (name, src) in [("tree", &tree), ("big", &big)] {
         let dir = out.join(name);
-        let img = build_from_layers(&[src.clone()], &dir, &BuildOptions::default()).unwrap();
+        let img =
+            build_from_layers(std::slice::from_ref(src), &dir, &BuildOptions::default()).unwrap();
         fs::write(data.join(format!("img-{name}")), &img.meta_digest).unwrap();
         fs::copy(img.meta_path(&dir), blobs.join(&img.meta_digest)).unwrap();
         for b in &img.blobs {
