@@ -30,6 +30,10 @@ pub(crate) enum TransportKind {
     /// The same FUSE blob files, each behind a read-only loop device that
     /// EROFS mounts (kernels without file-backed EROFS, 5.16–6.11).
     Loop,
+    /// Sparse cache files on the cache directory's file system, mounted
+    /// file-backed by EROFS and filled when the kernel reports a read of a
+    /// range not there yet (fanotify pre-content events, Linux 6.14+).
+    Fanotify,
 }
 
 /// `--fuse-recovery`: see `lazypull_transport::fuse::Recovery`.
@@ -50,6 +54,7 @@ impl TransportKind {
             TransportKind::Cachefiles => "cachefiles",
             TransportKind::Fuse => "fuse",
             TransportKind::Loop => "loop",
+            TransportKind::Fanotify => "fanotify",
         }
     }
 }
@@ -64,7 +69,8 @@ pub struct DaemonArgs {
 
     /// Kernel interface: auto (cachefiles when the kernel has on-demand mode,
     /// else FUSE when EROFS mounts files (6.12+), else loop devices over the
-    /// FUSE files (5.16+)), cachefiles, fuse or loop.
+    /// FUSE files (5.16+)), cachefiles, fuse, loop or fanotify (sparse cache
+    /// files filled on pre-content events, 6.14+; never picked by auto yet).
     #[arg(long, value_enum, value_name = "KIND")]
     pub(crate) transport: Option<TransportKind>,
 

@@ -2179,3 +2179,57 @@ fn loop_failover(successor_flags: &[&str], tamper: Option<fn(&Path)>) -> String 
     site.shutdown(second);
     fs::read_to_string(tmp.path().join("daemon-2.log")).unwrap()
 }
+
+/// fanotify pre-content events need an ext4/xfs/btrfs cache (the tests' tmp
+/// dirs are under /var/tmp) and a kernel of 6.14+ (this host's is 6.18).
+fn require_fanotify() {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut v = release.trim().split(|c: char| !c.is_ascii_digit());
+    let (major, minor): (u32, u32) = (
+        v.next().unwrap().parse().unwrap(),
+        v.next().unwrap().parse().unwrap(),
+    );
+    assert!(
+        (major, minor) >= (6, 14),
+        "the fanotify transport tests need Linux 6.14+ (pre-content events); this is {release}"
+    );
+}
+
+#[test]
+fn fanotify_serves_a_realistic_image_identical_and_warm_reads_fetch_nothing() {
+    require_fanotify();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = realistic_src(tmp.path());
+    let site = Site::with_transport(tmp.path(), &src, "fanotify");
+    let daemon = site.daemon(&[], "daemon.log");
+    let s = site.status().unwrap();
+    assert_eq!(s["transport"]["kind"], "fanotify", "{s}");
+    let mnt = tmp.path().join("mnt");
+    site.mount(&mnt);
+    let _guard = Unmount(mnt.clone());
+    // EROFS mounted the meta blob file-backed, its data blobs being the
+    // daemon's sparse cache files.
+    let (source, fstype, _) = mounted_at(&mnt);
+    assert_eq!(fstype, "erofs");
+    assert!(
+        !source.starts_with("/dev/"),
+        "file-backed, not from a device: {source}"
+    );
+    let expected = scan(&src).unwrap();
+    let diffs = compare_entries(&expected, &scan(&mnt).unwrap());
+    assert!(
+        diffs.is_empty(),
+        "mounted through fanotify, the image differs from its source:\n{}",
+        format_differences(&diffs, 30)
+    );
+    let s = site.status().unwrap();
+    let events = s["transport"]["counters"]["events"].as_u64().unwrap();
+    assert!(events > 0, "the reads raised pre-content events: {s}");
+    assert_eq!(s["transport"]["counters"]["denied"], 0, "{s}");
+    let served = site.server.requests();
+    assert!(served > 2, "the data came from the web server: {served}");
+    assert_warm_read_fetches_nothing(&site, &mnt, &expected, served);
+    site.umount(&mnt);
+    site.shutdown(daemon);
+}

@@ -56,6 +56,31 @@ pub struct Stats {
     pub events: AtomicU64,
     pub filled_bytes: AtomicU64,
     pub denied: AtomicU64,
+    /// Bytes filled by prefetch (also in `filled_bytes`).
+    pub prefetched_bytes: AtomicU64,
+}
+
+/// A point-in-time copy of [`Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StatsSnapshot {
+    /// Pre-content events answered (each a read of a range not filled yet).
+    pub events: u64,
+    pub filled_bytes: u64,
+    /// Events answered EIO (a fill that failed).
+    pub denied: u64,
+    pub prefetched_bytes: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            events: g(&self.events),
+            filled_bytes: g(&self.filled_bytes),
+            denied: g(&self.denied),
+            prefetched_bytes: g(&self.prefetched_bytes),
+        }
+    }
 }
 
 struct Blob {
@@ -127,6 +152,13 @@ impl FanotifyServer {
     /// its cache file, marks it unless complete, and returns the path EROFS
     /// is to mount as its `device=`.
     pub fn add_blob(&self, source: Arc<dyn BlobSource>, binding: [u8; 32]) -> io::Result<PathBuf> {
+        // Held while the blob is set up (a blocking thread; a file open and
+        // a mark): two mounts of images sharing a blob get one cache file
+        // and one fill map.
+        let mut blobs = self.by_inode.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = blobs.values().find(|b| b.cache.name() == source.name()) {
+            return Ok(b.cache.data_path().to_path_buf());
+        }
         let cache = CacheFile::open_bound(
             &self.config.cache_dir,
             source.name(),
@@ -140,10 +172,7 @@ impl FanotifyServer {
             // After the open above, before any reader's: see the module doc.
             self.group.mark_pre_access(&path)?;
         }
-        self.by_inode
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, Arc::new(Blob { cache, source }));
+        blobs.insert(key, Arc::new(Blob { cache, source }));
         Ok(path)
     }
 
@@ -323,5 +352,76 @@ impl FanotifyServer {
     /// The cache directory.
     pub fn cache_dir(&self) -> &Path {
         &self.config.cache_dir
+    }
+
+    /// Blobs served whose cache file is not complete: mounts reading them
+    /// need this group (or a successor holding it) to read right.
+    pub fn incomplete_blobs(&self) -> Vec<String> {
+        let blobs = self.by_inode.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<String> = blobs
+            .values()
+            .filter(|b| !b.cache.is_complete())
+            .map(|b| b.cache.name().to_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Persists every blob's fill map.
+    pub fn flush(&self) {
+        let blobs: Vec<Arc<Blob>> = self
+            .by_inode
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for b in blobs {
+            if let Err(e) = b.cache.flush() {
+                warn!(
+                    blob = b.cache.name(),
+                    "fanotify: persisting a fill map: {e}"
+                );
+            }
+        }
+    }
+}
+
+impl crate::Prefetch for FanotifyServer {
+    fn prefetch(
+        &self,
+        blob: &str,
+        off: u64,
+        len: u64,
+    ) -> Result<Option<lazypull_engine::FillOutcome>, lazypull_engine::FillError> {
+        let Some(b) = self.blob_by_key(blob) else {
+            return Ok(None);
+        };
+        let out = b
+            .cache
+            .fill(b.source.as_ref(), off, len, Priority::Background)?;
+        self.stats
+            .prefetched_bytes
+            .fetch_add(out.bytes_written, Ordering::Relaxed);
+        self.stats
+            .filled_bytes
+            .fetch_add(out.bytes_written, Ordering::Relaxed);
+        Ok(Some(out))
+    }
+
+    fn blobs(&self) -> Vec<crate::BlobCacheInfo> {
+        let blobs = self.by_inode.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<crate::BlobCacheInfo> = blobs
+            .values()
+            .map(|b| crate::BlobCacheInfo {
+                blob: b.cache.name().to_owned(),
+                size: b.cache.size(),
+                cached_bytes: b.cache.cached_bytes(),
+                source: b.source.source_stats(),
+                local_file: false,
+            })
+            .collect();
+        v.sort_by(|a, b| a.blob.cmp(&b.blob));
+        v
     }
 }

@@ -110,7 +110,7 @@ fn handle(daemon: &Daemon, req: Request) -> anyhow::Result<serde_json::Value> {
                 .catalog
                 .image(&registered.fsid)
                 .context("the image vanished from the catalog")?;
-            let plan = daemon.view.mount_plan(&registered.fsid, &blobs);
+            let plan = daemon.view.mount_plan(&registered.fsid, &blobs)?;
             let mut v = serde_json::to_value(registered)?;
             v["mount"] = serde_json::to_value(plan)?;
             Ok(v)

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use lazypull_transport::cachefiles::{HandedObject, OpenObjects};
+use lazypull_transport::fanotify::FanotifyServer;
 use lazypull_transport::fuse::{self, FuseServer};
 use tracing::{info, warn};
 
@@ -28,6 +29,10 @@ use crate::fdstore;
 const DEVICE_ENTRY: &str = "cachefiles-device";
 /// Fd store entry of the FUSE connection.
 const FUSE_ENTRY: &str = "fuse-connection";
+/// Fd store entry of the fanotify group. Parked, the group outlives the
+/// daemon: the kernel never allows a pending event by itself (a closed group
+/// would, and readers would read a hole's zeros).
+const FANOTIFY_ENTRY: &str = "fanotify-group";
 /// Fd store entries of handed-over cachefiles objects: `obj:<object id>`.
 const OBJECT_PREFIX: &str = "obj:";
 
@@ -73,7 +78,7 @@ impl Parked {
     pub(crate) fn has_connection(&self) -> bool {
         self.held
             .iter()
-            .any(|e| e.name == DEVICE_ENTRY || e.name == FUSE_ENTRY)
+            .any(|e| e.name == DEVICE_ENTRY || e.name == FUSE_ENTRY || e.name == FANOTIFY_ENTRY)
     }
 
     /// Whether that connection is a cachefiles device (whose kernel cache
@@ -108,6 +113,11 @@ impl Parked {
             }
         }
         Some((fd, handed))
+    }
+
+    /// The fanotify group a previous daemon parked.
+    pub(crate) fn take_fanotify(&mut self) -> Option<OwnedFd> {
+        self.take(FANOTIFY_ENTRY)
     }
 
     /// The FUSE connection a previous daemon parked, with its session (as
@@ -167,11 +177,22 @@ pub(crate) fn park_fuse_connection(
         .context("parking the kernel connection in the fd store")
 }
 
+/// Keeps the fanotify group in the fd store, for as long as the mounts live.
+pub(crate) fn park_fanotify_group(
+    store: &fdstore::Client,
+    fd: BorrowedFd<'_>,
+) -> anyhow::Result<()> {
+    store
+        .put(FANOTIFY_ENTRY, fd, true)
+        .context("parking the fanotify group in the fd store")
+}
+
 /// What is left of the transport once it stopped serving: what a handover
 /// parks, or a shutdown releases.
 pub(crate) enum Finished {
     Cachefiles(OpenObjects),
     Fuse(Arc<FuseServer>),
+    Fanotify(Arc<FanotifyServer>),
 }
 
 /// Parks what a successor needs: the cachefiles objects' fds in the fd store,
@@ -201,6 +222,7 @@ pub(crate) fn hand_over(
             }
         }
         Finished::Fuse(server) => state.fuse = server.session(),
+        Finished::Fanotify(_) => state.fanotify_fd_limit = Some(super::transport::fd_limit()),
     }
     state.save(run_dir)?;
     info!(

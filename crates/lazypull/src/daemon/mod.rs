@@ -43,6 +43,7 @@ use handover::{Finished, Parked};
 use persist::TransportState;
 use shared::{Daemon, ExitMode, ExitRequest};
 use transport::Running;
+use view::TransportView;
 
 pub fn run(args: DaemonArgs, started: Instant) -> anyhow::Result<()> {
     let mut steps = Steps::new(started);
@@ -197,6 +198,72 @@ fn exit_mode(asked: ExitMode, finished: &Finished, served_ok: bool) -> ExitMode 
     }
 }
 
+/// A fanotify daemon shutting down while images are mounted from blobs not
+/// complete yet hands over instead: releasing the group would have the
+/// kernel allow every read of those files, and readers read a hole's zeros.
+/// Parked, the group keeps their reads waiting for a successor.
+fn fanotify_fail_closed(asked: ExitMode, finished: &Finished, catalog: &Catalog) -> ExitMode {
+    let Finished::Fanotify(server) = finished else {
+        return asked;
+    };
+    if asked != ExitMode::Shutdown {
+        return asked;
+    }
+    let incomplete = server.incomplete_blobs();
+    let mounted = catalog.images().iter().any(|i| !i.mountpoints.is_empty());
+    if mounted && !incomplete.is_empty() {
+        warn!(
+            blobs = ?incomplete,
+            "images are mounted from blobs not complete yet: the fanotify group stays in the fd store for a successor (unmount them first to shut down for good)"
+        );
+        return ExitMode::Handover;
+    }
+    asked
+}
+
+/// The fanotify transport before it serves: what a successor needs after a
+/// crash is written down (the fd limit under which this group's event fds
+/// lie); a group taken over gets every registered image's blobs back, then
+/// its predecessor's pending events answered (`FanotifyServer::recover`)
+/// before anything new is read.
+async fn fanotify_start(
+    cfg: &DaemonConfig,
+    catalog: &Arc<Catalog>,
+    view: &TransportView,
+    server: &Arc<lazypull_transport::fanotify::FanotifyServer>,
+    adopted: bool,
+    predecessor_fd_limit: Option<i32>,
+) -> anyhow::Result<()> {
+    TransportState {
+        fanotify_fd_limit: Some(transport::fd_limit()),
+        ..TransportState::default()
+    }
+    .save(&cfg.run_dir)?;
+    if !adopted {
+        return Ok(());
+    }
+    let (catalog, view, server) = (catalog.clone(), view.clone(), server.clone());
+    let limit = predecessor_fd_limit.unwrap_or_else(transport::fd_limit);
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        for image in catalog.images() {
+            if let Some((blobs, _)) = catalog.image(&image.fsid) {
+                view.mount_plan(&image.fsid, &blobs)
+                    .with_context(|| format!("serving again the blobs of image {}", image.fsid))?;
+            }
+        }
+        let done = server
+            .recover(limit)
+            .context("answering the previous daemon's fanotify events")?;
+        info!(
+            ?done,
+            fd_limit = limit,
+            "answered what the previous daemon left pending"
+        );
+        Ok(())
+    })
+    .await?
+}
+
 async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow::Result<()> {
     lazypull_engine::private_dir(&cfg.run_dir).context("the run directory")?;
     let (store, spawned) = match &cfg.fd_store {
@@ -259,15 +326,31 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
         }
     };
     steps.mark("restore");
+    let registered_resolver = resolvers.fuse.clone();
+    let predecessor_fd_limit = saved.fanotify_fd_limit;
     let (running, reason) = transport::start(&cfg, resolvers, &mut parked, saved)?;
     steps.mark("transport");
     if matches!(running, Running::Cachefiles(_)) {
         catalog.keep_kernel_bindings()?;
     }
     parked.drop_unclaimed(store.as_ref())?;
-    let view = running.view(&cfg.fuse_dir, cfg.loop_direct_io);
+    let view = running.view(&cfg.fuse_dir, cfg.loop_direct_io, registered_resolver);
+    if let Running::Fanotify { server, adopted } = &running {
+        fanotify_start(
+            &cfg,
+            &catalog,
+            &view,
+            server,
+            *adopted,
+            predecessor_fd_limit,
+        )
+        .await?;
+    }
     if let Some(s) = &store {
         match &running {
+            Running::Fanotify { server, .. } => {
+                handover::park_fanotify_group(s, server.group_fd()?.as_fd())?
+            }
             Running::Cachefiles(server) => {
                 handover::park_cachefiles_device(s, server.device_fd()?.as_fd())?
             }
@@ -297,6 +380,17 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
         Running::Fuse(server) | Running::Loop(server) => Some(tokio::spawn(
             persist::save_fuse_sessions(server.clone(), cfg.run_dir.clone()),
         )),
+        // Fill maps persisted every second, as the FUSE server does.
+        Running::Fanotify { server, .. } => {
+            let server = server.clone();
+            Some(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let s = server.clone();
+                    let _ = tokio::task::spawn_blocking(move || s.flush()).await;
+                }
+            }))
+        }
         Running::Cachefiles(_) => None,
     };
     info!(
@@ -339,6 +433,25 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
             let r = server.serve(shutdown).await.map(|s| json!(s));
             (Finished::Fuse(server), r)
         }
+        Running::Fanotify { server, .. } => {
+            let r = match server.serve() {
+                Ok(()) => {
+                    shutdown.await;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+            let s = server.clone();
+            // Joins the event threads (pending events stay pending: the
+            // group lives on in the fd store) and persists the fill maps.
+            let _ = tokio::task::spawn_blocking(move || {
+                s.stop();
+                s.flush();
+            })
+            .await;
+            let stats = json!(server.stats.snapshot());
+            (Finished::Fanotify(server), r.map(|()| stats))
+        }
     };
     // No prefetch may write into the cache past this point: the successor
     // (handover) or nobody (shutdown) owns it next.
@@ -369,6 +482,7 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
         (ExitMode::Shutdown, None),
     );
     let mode = exit_mode(mode, &finished, served.is_ok());
+    let mode = fanotify_fail_closed(mode, &finished, &daemon.catalog);
     let outcome = match mode {
         ExitMode::Handover => handover::hand_over(&finished, store.as_ref(), &cfg.run_dir),
         ExitMode::Shutdown => {

@@ -38,6 +38,11 @@ pub(crate) struct TransportState {
     /// Objects parked in the fd store as `obj:<id>` at the last handover.
     #[serde(default)]
     pub(crate) objects: Vec<ParkedObject>,
+    /// The fanotify transport: the daemon's fd limit (the event fd numbers
+    /// of its group are below it; a successor denies every one it cannot
+    /// account for). Written when the transport starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) fanotify_fd_limit: Option<i32>,
 }
 
 /// A cachefiles object parked in the fd store, by its keys.
@@ -111,7 +116,7 @@ pub(crate) async fn save_fuse_sessions(server: Arc<FuseServer>, run_dir: PathBuf
         if session.is_some() && session != last {
             let state = TransportState {
                 fuse: session.clone(),
-                objects: Vec::new(),
+                ..TransportState::default()
             };
             match state.save(&run_dir) {
                 Ok(()) => last = session,

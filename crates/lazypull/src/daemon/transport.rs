@@ -31,6 +31,7 @@ use lazypull_cachefiles::CacheDevice;
 use lazypull_engine::FillPolicy;
 use lazypull_source::BlobResolver;
 use lazypull_transport::cachefiles::{self, BindError, Server};
+use lazypull_transport::fanotify::{self as fan, FanotifyServer};
 use lazypull_transport::fuse::{self, FuseServer};
 use tracing::{info, warn};
 
@@ -45,12 +46,28 @@ pub(crate) enum Running {
     Fuse(Arc<FuseServer>),
     /// The FUSE server, its files mounted through loop devices.
     Loop(Arc<FuseServer>),
+    /// Sparse cache files filled on fanotify pre-content events; `adopted`
+    /// when the group is a predecessor's (its events are answered by
+    /// `FanotifyServer::recover` once the blobs are known again).
+    Fanotify {
+        server: Arc<FanotifyServer>,
+        adopted: bool,
+    },
 }
 
 impl Running {
     /// What the transport offers the request handlers.
-    pub(crate) fn view(&self, fuse_dir: &Path, loop_direct_io: bool) -> TransportView {
+    pub(crate) fn view(
+        &self,
+        fuse_dir: &Path,
+        loop_direct_io: bool,
+        resolver: Arc<dyn BlobResolver>,
+    ) -> TransportView {
         match self {
+            Running::Fanotify { server, .. } => TransportView::Fanotify {
+                server: server.clone(),
+                resolver,
+            },
             Running::Cachefiles(server) => TransportView::Cachefiles {
                 objects: server.objects(),
                 stats: server.stats(),
@@ -100,6 +117,25 @@ fn fuse_config(cfg: &DaemonConfig) -> fuse::Config {
             FuseRecovery::Journal => fuse::Recovery::Journal,
         },
     }
+}
+
+/// The fanotify transport's cache lives beside the FUSE one, in its own
+/// directory (the cache files are the mounted files: they must be on a
+/// local file system with pre-content events, not tmpfs).
+fn fanotify_config(cfg: &DaemonConfig) -> fan::Config {
+    fan::Config {
+        cache_dir: cfg.cache_dir.join("sparse"),
+        policy: policy(cfg),
+        threads: cfg.fuse_threads,
+        journal: cfg.run_dir.join("fanotify-events.journal"),
+    }
+}
+
+/// This process's soft fd limit: every event fd of its group is below it.
+pub(crate) fn fd_limit() -> i32 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .map_or(i32::MAX, |n| n.min(i32::MAX as u64) as i32)
 }
 
 /// What the FUSE transport needs of the kernel besides /dev/fuse: EROFS
@@ -228,6 +264,19 @@ pub(crate) fn start(
             format!("took over the bound cachefiles cache from the previous daemon ({n} open objects handed over)"),
         ));
     }
+    if let Some(fd) = parked.take_fanotify() {
+        let config = fanotify_config(cfg);
+        lazypull_engine::private_dir(&config.cache_dir).context("the fanotify cache directory")?;
+        let server =
+            FanotifyServer::new(config, Some(fd)).context("taking over the fanotify group")?;
+        return Ok((
+            Running::Fanotify {
+                server,
+                adopted: true,
+            },
+            "took over the fanotify group from the previous daemon".into(),
+        ));
+    }
     if let Some((fd, session)) = parked.take_fuse(saved.fuse) {
         let server = Arc::new(FuseServer::adopt(
             fuse_config(cfg),
@@ -248,7 +297,7 @@ pub(crate) fn start(
         }
         let as_loop = match cfg.transport {
             TransportKind::Loop => true,
-            TransportKind::Fuse | TransportKind::Cachefiles => false,
+            TransportKind::Fuse | TransportKind::Cachefiles | TransportKind::Fanotify => false,
             TransportKind::Auto => !held.is_empty() || file_backed_erofs().is_err(),
         };
         let (running, how) = if as_loop {
@@ -299,6 +348,22 @@ pub(crate) fn start(
         }
         TransportKind::Fuse => fuse("--transport fuse".into()),
         TransportKind::Loop => loop_transport("--transport loop".into()),
+        TransportKind::Fanotify => {
+            let config = fanotify_config(cfg);
+            lazypull_engine::private_dir(&config.cache_dir)
+                .context("the fanotify cache directory")?;
+            let server = FanotifyServer::new(config, None).context(
+                "starting the fanotify transport (it needs Linux 6.14+ with \
+                 CONFIG_FANOTIFY_ACCESS_PERMISSIONS and pre-content events, and CAP_SYS_ADMIN)",
+            )?;
+            Ok((
+                Running::Fanotify {
+                    server,
+                    adopted: false,
+                },
+                "--transport fanotify".into(),
+            ))
+        }
         TransportKind::Auto => {
             if !cfg.device.exists() {
                 return fuse_or_loop(format!(
