@@ -108,20 +108,7 @@ impl CacheFile {
         crate::private_dir(dir)?;
         let data_path = dir.join(format!("{name}.data"));
         let map_path = dir.join(format!("{name}.map"));
-        let loaded = match std::fs::read(&map_path) {
-            Ok(bytes) => match decode_map(&bytes, size, policy.window, &binding) {
-                Ok(words) => Some(words),
-                Err(why) => {
-                    warn!(blob = name, map = %map_path.display(), "discarding the cache map: {why}");
-                    None
-                }
-            },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => {
-                warn!(blob = name, map = %map_path.display(), error = %e, "cannot read the cache map; starting empty");
-                None
-            }
-        };
+        let loaded = load_map(name, &map_path, size, policy.window, &binding);
         let kept = match loaded {
             Some(words) => match OpenOptions::new().read(true).write(true).open(&data_path) {
                 Ok(data) if data.metadata()?.len() == size => Some((data, words)),
@@ -147,6 +134,57 @@ impl CacheFile {
             blob = name,
             windows_filled = map.filled_windows(),
             "cache file opened"
+        );
+        Ok(CacheFile {
+            name: name.to_owned(),
+            size,
+            policy,
+            binding,
+            data,
+            data_path,
+            map_path,
+            map,
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    /// The cache of blob `name` on `data`, a file opened earlier (by a
+    /// predecessor, before a fanotify mark made new opens of it raise
+    /// events): the same inode stays the cache, whatever its map says. The
+    /// map in `dir` is used if it is trusted; otherwise the cache starts
+    /// empty *in place* — its bytes are refilled as they are asked for —
+    /// and is never replaced by a new file, since a mount may be reading
+    /// this one.
+    pub fn adopt_file(
+        dir: &Path,
+        name: &str,
+        size: u64,
+        policy: FillPolicy,
+        binding: [u8; 32],
+        data: File,
+    ) -> io::Result<CacheFile> {
+        policy
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let data_path = dir.join(format!("{name}.data"));
+        let map_path = dir.join(format!("{name}.map"));
+        let len = data.metadata()?.len();
+        if len != size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the cache file of blob {name} handed over is {len} bytes, the blob {size}"
+                ),
+            ));
+        }
+        let map = match load_map(name, &map_path, size, policy.window, &binding) {
+            Some(words) => FillMap::from_words(size, policy.window, words),
+            None => FillMap::new(size, policy.window),
+        };
+        debug!(
+            blob = name,
+            windows_filled = map.filled_windows(),
+            "cache file adopted"
         );
         Ok(CacheFile {
             name: name.to_owned(),
@@ -337,6 +375,30 @@ impl CacheFile {
 ///    a new inode under the old name; open fds (the mount's) keep the old
 ///    inode and its complete bytes until they close;
 /// 3. the directory is fsynced again, so the rename is durable.
+/// The fill map saved at `map_path`, if it is there and trusted.
+fn load_map(
+    name: &str,
+    map_path: &Path,
+    size: u64,
+    window: u64,
+    binding: &[u8; 32],
+) -> Option<Vec<u64>> {
+    match std::fs::read(map_path) {
+        Ok(bytes) => match decode_map(&bytes, size, window, binding) {
+            Ok(words) => Some(words),
+            Err(why) => {
+                warn!(blob = name, map = %map_path.display(), "discarding the cache map: {why}");
+                None
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            warn!(blob = name, map = %map_path.display(), error = %e, "cannot read the cache map; starting empty");
+            None
+        }
+    }
+}
+
 fn start_over(data_path: &Path, map_path: &Path, size: u64) -> io::Result<File> {
     let context = |what: &str, path: &Path, e: io::Error| {
         io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))

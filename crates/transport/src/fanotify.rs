@@ -99,8 +99,17 @@ pub struct FanotifyServer {
     inherited: Mutex<Vec<Record>>,
     stop: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Cache files a predecessor opened before marking them, by blob name
+    /// (see [`hand_in_files`](Self::hand_in_files)).
+    handed: Mutex<HashMap<String, OwnedFd>>,
+    /// Where each new cache file's fd is parked for a successor.
+    park: Mutex<Option<ParkHook>>,
     pub stats: Stats,
 }
+
+/// Parks a blob's cache file fd (named by the blob) where a successor finds
+/// it: the daemon's fd store.
+pub type ParkHook = Box<dyn Fn(&str, std::os::fd::BorrowedFd<'_>) -> io::Result<()> + Send + Sync>;
 
 impl std::fmt::Debug for FanotifyServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -139,8 +148,30 @@ impl FanotifyServer {
             inherited: Mutex::new(inherited),
             stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
+            handed: Mutex::new(HashMap::new()),
+            park: Mutex::new(None),
             stats: Stats::default(),
         }))
+    }
+
+    /// Has every cache file this server opens from now on parked by `hook`
+    /// (before it is marked): a successor must write through an fd opened
+    /// before the mark, as one opened after it raises events of its own,
+    /// and must fill the very inode the mounts read (a new file would leave
+    /// their holes unfilled).
+    pub fn set_park_hook(&self, hook: ParkHook) {
+        *self.park.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+    }
+
+    /// The cache files a predecessor parked, by blob name: [`add_blob`]
+    /// serves a blob handed in from that same open file.
+    ///
+    /// [`add_blob`]: Self::add_blob
+    pub fn hand_in_files(&self, files: Vec<(String, OwnedFd)>) {
+        self.handed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(files);
     }
 
     /// A dup of the group fd, to park in the fd store.
@@ -159,17 +190,49 @@ impl FanotifyServer {
         if let Some(b) = blobs.values().find(|b| b.cache.name() == source.name()) {
             return Ok(b.cache.data_path().to_path_buf());
         }
-        let cache = CacheFile::open_bound(
-            &self.config.cache_dir,
-            source.name(),
-            source.size(),
-            self.config.policy,
-            binding,
-        )?;
+        let handed = self
+            .handed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(source.name());
+        let cache = match handed {
+            // The predecessor's open file: the inode the mounts read, and
+            // an fd that raises no events.
+            Some(fd) => CacheFile::adopt_file(
+                &self.config.cache_dir,
+                source.name(),
+                source.size(),
+                self.config.policy,
+                binding,
+                std::fs::File::from(fd),
+            )?,
+            None => {
+                let cache = CacheFile::open_bound(
+                    &self.config.cache_dir,
+                    source.name(),
+                    source.size(),
+                    self.config.policy,
+                    binding,
+                )?;
+                if !cache.is_complete() {
+                    if let Some(park) = &*self.park.lock().unwrap_or_else(|p| p.into_inner()) {
+                        park(source.name(), cache.data_file().as_fd()).map_err(|e| {
+                            io::Error::new(
+                                e.kind(),
+                                format!("parking the cache file of {}: {e}", source.name()),
+                            )
+                        })?;
+                    }
+                }
+                cache
+            }
+        };
         let path = cache.data_path().to_path_buf();
         let key = inode_of(cache.data_file())?;
         if !cache.is_complete() {
             // After the open above, before any reader's: see the module doc.
+            // (Marking a file marked already, by a predecessor's group that
+            // is this one, changes nothing.)
             self.group.mark_pre_access(&path)?;
         }
         blobs.insert(key, Arc::new(Blob { cache, source }));
@@ -261,13 +324,50 @@ impl FanotifyServer {
                     continue;
                 }
             };
-            for p in events {
-                self.answer(p);
+            // Every event of the batch is recorded before any is filled:
+            // killed while filling the first, this daemon leaves the others
+            // to a successor as known events (filled and allowed) rather
+            // than unknown ones (denied EIO).
+            let targets: Vec<_> = events.iter().map(|p| self.record(p)).collect();
+            for (p, target) in events.into_iter().zip(targets) {
+                self.answer(p, target);
             }
         }
     }
 
-    fn answer(&self, p: Pending) {
+    /// The blob and range an event asks for, recorded in the journal.
+    fn record(&self, p: &Pending) -> io::Result<(Arc<Blob>, u64, u64)> {
+        let ev = &p.event;
+        if ev.is_overflow() {
+            return Err(io::Error::other("an overflow event"));
+        }
+        let file = p
+            .file
+            .as_ref()
+            .ok_or_else(|| io::Error::other("an event without an fd"))?;
+        let key = inode_of(file)?;
+        let blob = self
+            .by_inode
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| io::Error::other("an event on a file no blob is served from"))?;
+        // Without a range (an older kernel's event): the whole blob.
+        let (off, count) = ev.range.unwrap_or((0, blob.cache.size()));
+        self.journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .begin(&Record {
+                fd: ev.fd,
+                offset: off,
+                count,
+                key: blob.cache.name().to_owned(),
+            })?;
+        Ok((blob, off, count))
+    }
+
+    fn answer(&self, p: Pending, target: io::Result<(Arc<Blob>, u64, u64)>) {
         let ev = &p.event;
         if ev.is_overflow() {
             // Overflows carry no fd; pre-content events are not dropped by
@@ -276,7 +376,7 @@ impl FanotifyServer {
             return;
         }
         self.stats.events.fetch_add(1, Ordering::Relaxed);
-        let response = match self.fill_for(&p) {
+        let response = match target.and_then(|(blob, off, count)| self.fill(&blob, off, count)) {
             Ok(()) => Response::Allow,
             Err(e) => {
                 self.stats.denied.fetch_add(1, Ordering::Relaxed);
@@ -297,41 +397,11 @@ impl FanotifyServer {
         }
     }
 
-    /// Fills the event's range of its blob (recording the event first).
-    fn fill_for(&self, p: &Pending) -> io::Result<()> {
-        let ev = &p.event;
-        let file = p
-            .file
-            .as_ref()
-            .ok_or_else(|| io::Error::other("an event without an fd"))?;
-        let key = inode_of(file)?;
-        let blob = self
-            .by_inode
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| io::Error::other("an event on a file no blob is served from"))?;
-        let Some((off, count)) = ev.range else {
-            // Without a range (an older kernel's event): the whole blob.
-            return self.fill(&blob, ev.fd, 0, blob.cache.size());
-        };
-        self.fill(&blob, ev.fd, off, count)
-    }
-
-    fn fill(&self, blob: &Blob, fd: i32, off: u64, count: u64) -> io::Result<()> {
+    /// Fills `[off, off + count)` of `blob` (the event is recorded already).
+    fn fill(&self, blob: &Blob, off: u64, count: u64) -> io::Result<()> {
         if blob.cache.covers(off, count) {
             return Ok(());
         }
-        self.journal
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .begin(&Record {
-                fd,
-                offset: off,
-                count,
-                key: blob.cache.name().to_owned(),
-            })?;
         let out = blob
             .cache
             .fill(blob.source.as_ref(), off, count, Priority::Foreground)

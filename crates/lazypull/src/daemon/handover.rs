@@ -33,6 +33,9 @@ const FUSE_ENTRY: &str = "fuse-connection";
 /// daemon: the kernel never allows a pending event by itself (a closed group
 /// would, and readers would read a hole's zeros).
 const FANOTIFY_ENTRY: &str = "fanotify-group";
+/// Fd store entries of the fanotify transport's cache files, opened before
+/// they were marked: `fanfile:<blob>`.
+const FANOTIFY_FILE_PREFIX: &str = "fanfile:";
 /// Fd store entries of handed-over cachefiles objects: `obj:<object id>`.
 const OBJECT_PREFIX: &str = "obj:";
 
@@ -120,6 +123,19 @@ impl Parked {
         self.take(FANOTIFY_ENTRY)
     }
 
+    /// The fanotify transport's cache files a previous daemon parked, by
+    /// blob name.
+    pub(crate) fn take_fanotify_files(&mut self) -> Vec<(String, OwnedFd)> {
+        let (files, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|e| e.name.starts_with(FANOTIFY_FILE_PREFIX));
+        self.held = rest;
+        files
+            .into_iter()
+            .map(|e| (e.name[FANOTIFY_FILE_PREFIX.len()..].to_owned(), e.fd))
+            .collect()
+    }
+
     /// The FUSE connection a previous daemon parked, with its session (as
     /// `saved`, else assumed).
     pub(crate) fn take_fuse(
@@ -175,6 +191,17 @@ pub(crate) fn park_fuse_connection(
     store
         .put(FUSE_ENTRY, fd, true)
         .context("parking the kernel connection in the fd store")
+}
+
+/// Parks a fanotify cache file (opened before its mark) for a successor.
+pub(crate) fn park_fanotify_file(
+    store: &fdstore::Client,
+    blob: &str,
+    fd: BorrowedFd<'_>,
+) -> anyhow::Result<()> {
+    store
+        .put(&format!("{FANOTIFY_FILE_PREFIX}{blob}"), fd, true)
+        .with_context(|| format!("parking the cache file of blob {blob} in the fd store"))
 }
 
 /// Keeps the fanotify group in the fd store, for as long as the mounts live.

@@ -336,6 +336,12 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
     parked.drop_unclaimed(store.as_ref())?;
     let view = running.view(&cfg.fuse_dir, cfg.loop_direct_io, registered_resolver);
     if let Running::Fanotify { server, adopted } = &running {
+        if let Some(s) = &store {
+            let s = s.clone();
+            server.set_park_hook(Box::new(move |blob, fd| {
+                handover::park_fanotify_file(&s, blob, fd).map_err(std::io::Error::other)
+            }));
+        }
         fanotify_start(
             &cfg,
             &catalog,

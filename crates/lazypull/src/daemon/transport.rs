@@ -269,6 +269,7 @@ pub(crate) fn start(
         lazypull_engine::private_dir(&config.cache_dir).context("the fanotify cache directory")?;
         let server =
             FanotifyServer::new(config, Some(fd)).context("taking over the fanotify group")?;
+        server.hand_in_files(parked.take_fanotify_files());
         return Ok((
             Running::Fanotify {
                 server,

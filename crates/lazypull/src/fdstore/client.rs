@@ -35,6 +35,7 @@ impl Spawned {
 
 /// The store at one socket path. Each call is a connection of its own: the
 /// store serves one connection at a time and drops idle ones, so none is kept.
+#[derive(Clone)]
 pub(crate) struct Client {
     path: std::path::PathBuf,
 }
