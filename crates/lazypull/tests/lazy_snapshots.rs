@@ -283,6 +283,15 @@ fn lazy_image_layers_and_containers_over_the_snapshots_api_through_loop_devices(
     lazy_snapshots_through("loop");
 }
 
+/// The same through the fanotify transport (issue 16): the snapshotter's
+/// mounts are EROFS over the daemon's sparse cache files, filled on
+/// pre-content events (/tmp is ext4 here: such events need a local file
+/// system with them, not tmpfs).
+#[test]
+fn lazy_image_layers_and_containers_over_the_snapshots_api_through_fanotify() {
+    lazy_snapshots_through("fanotify");
+}
+
 fn lazy_snapshots_through(transport: &str) {
     require_host();
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
