@@ -293,7 +293,7 @@ pub fn run(rounds: u32, work: &Path, daemon_config: &Path, transport: &str) -> R
     line("256 MiB file, cold", 0, 2);
     line("every small file, cold", 1, 3);
     line(
-        "256 MiB file, warm (kernel caches dropped; lazypull's cache through FUSE)",
+        "256 MiB file, warm (kernel caches dropped; lazypull's cache answers)",
         8,
         4,
     );

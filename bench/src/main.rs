@@ -111,9 +111,10 @@ enum Bench {
         /// e.g. to try other `unit_cache` or `max_merge` values.
         #[arg(long, value_name = "FILE", default_value = "/dev/null")]
         daemon_config: PathBuf,
-        /// The daemon's transport: `fuse` (EROFS mounts the FUSE blob files)
-        /// or `loop` (the same files behind loop devices).
-        #[arg(long, default_value = "fuse", value_parser = ["fuse", "loop"])]
+        /// The daemon's transport: `fuse` (EROFS mounts the FUSE blob
+        /// files), `loop` (the same files behind loop devices) or `fanotify`
+        /// (EROFS mounts sparse cache files filled on pre-content events).
+        #[arg(long, default_value = "fuse", value_parser = ["fuse", "loop", "fanotify"])]
         transport: String,
     },
     /// On the host: `lazypull pull` + `ctr run` vs. `ctr images pull` + `ctr run` (overlayfs),
