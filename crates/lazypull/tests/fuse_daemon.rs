@@ -2231,6 +2231,31 @@ fn fanotify_serves_a_realistic_image_identical_and_warm_reads_fetch_nothing() {
     assert!(served > 2, "the data came from the web server: {served}");
     assert_warm_read_fetches_nothing(&site, &mnt, &expected, served);
     site.umount(&mnt);
+
+    // Mounted again with --prefetch-all: once a blob is complete its mark
+    // goes, and reads of it raise no event any more.
+    site.mount_with(&mnt, &["--prefetch-all"]);
+    let blobs = data_blobs(&tmp.path().join("www")).len() as u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let events = loop {
+        let s = site.status().unwrap();
+        let c = &s["transport"]["counters"];
+        if c["unmarked_blobs"].as_u64() == Some(blobs) {
+            break c["events"].as_u64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "blobs never unmarked: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop_caches();
+    let diffs = compare_entries(&expected, &scan(&mnt).unwrap());
+    assert!(diffs.is_empty(), "{}", format_differences(&diffs, 30));
+    let s = site.status().unwrap();
+    assert_eq!(
+        s["transport"]["counters"]["events"].as_u64(),
+        Some(events),
+        "complete, unmarked blobs raised events: {s}"
+    );
+    site.umount(&mnt);
     site.shutdown(daemon);
 }
 
@@ -2330,6 +2355,7 @@ fn fanotify_readers_get_right_bytes_or_eio_across_100_killed_daemons() {
 
     let mut rng = Xorshift(seed);
     let mut took_over = 0;
+    let mut in_flight = 0u64;
     for i in 0..KILLS {
         std::thread::sleep(Duration::from_millis(20 + rng.below(150)));
         daemon.kill().unwrap();
@@ -2341,6 +2367,13 @@ fn fanotify_readers_get_right_bytes_or_eio_across_100_killed_daemons() {
         if text.contains("took over the fanotify group") {
             took_over += 1;
         }
+        // Events the killed daemon had taken, filled and allowed by this one.
+        in_flight += text
+            .split("Recovered { allowed: ")
+            .nth(1)
+            .and_then(|t| t.split(',').next())
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0);
         if readers.iter().any(|h| h.is_finished()) {
             // A reader failed: its error is reported below.
             println!("a reader stopped after kill {i}");
@@ -2364,7 +2397,12 @@ fn fanotify_readers_get_right_bytes_or_eio_across_100_killed_daemons() {
     }
     let (ok, eio) = (ok.load(Ordering::Relaxed), eio.load(Ordering::Relaxed));
     println!(
-        "{KILLS} kills: {ok} reads right, {eio} EIO, {took_over} successors took the group over"
+        "{KILLS} kills: {ok} reads right, {eio} EIO, {took_over} successors took the group over, \
+         {in_flight} events the killed daemons had taken were filled and allowed by their successors"
+    );
+    assert!(
+        in_flight > 0,
+        "no kill landed while events were in flight: the test proves nothing"
     );
     assert_eq!(
         took_over, KILLS,

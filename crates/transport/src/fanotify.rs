@@ -58,6 +58,8 @@ pub struct Stats {
     pub denied: AtomicU64,
     /// Bytes filled by prefetch (also in `filled_bytes`).
     pub prefetched_bytes: AtomicU64,
+    /// Blobs whose mark was removed once complete.
+    pub unmarked_blobs: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -69,6 +71,7 @@ pub struct StatsSnapshot {
     /// Events answered EIO (a fill that failed).
     pub denied: u64,
     pub prefetched_bytes: u64,
+    pub unmarked_blobs: u64,
 }
 
 impl Stats {
@@ -79,6 +82,7 @@ impl Stats {
             filled_bytes: g(&self.filled_bytes),
             denied: g(&self.denied),
             prefetched_bytes: g(&self.prefetched_bytes),
+            unmarked_blobs: g(&self.unmarked_blobs),
         }
     }
 }
@@ -86,6 +90,8 @@ impl Stats {
 struct Blob {
     cache: CacheFile,
     source: Arc<dyn BlobSource>,
+    /// Its mark is gone (see [`FanotifyServer::unmark_if_complete`]).
+    unmarked: AtomicBool,
 }
 
 /// The server: one group, the blobs it fills, its threads.
@@ -235,7 +241,15 @@ impl FanotifyServer {
             // is this one, changes nothing.)
             self.group.mark_pre_access(&path)?;
         }
-        blobs.insert(key, Arc::new(Blob { cache, source }));
+        let unmarked = AtomicBool::new(cache.is_complete());
+        blobs.insert(
+            key,
+            Arc::new(Blob {
+                cache,
+                source,
+                unmarked,
+            }),
+        );
         Ok(path)
     }
 
@@ -416,7 +430,36 @@ impl FanotifyServer {
             bytes = out.bytes_written,
             "fanotify: filled"
         );
+        self.unmark_if_complete(blob);
         Ok(())
+    }
+
+    /// A blob whose every byte is in its cache file needs no events any
+    /// more: its fill map is persisted (a successor then finds it complete
+    /// and does not mark it again), then its mark removed, so reads of it no
+    /// longer wait for the daemon. Before the map is durable the mark stays:
+    /// a successor must not find an unmarked file it believes has holes.
+    fn unmark_if_complete(&self, blob: &Blob) {
+        if !blob.cache.is_complete() || blob.unmarked.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let done = blob
+            .cache
+            .flush()
+            .and_then(|()| self.group.unmark(blob.cache.data_path()));
+        match done {
+            Ok(()) => {
+                self.stats.unmarked_blobs.fetch_add(1, Ordering::Relaxed);
+                debug!(blob = blob.cache.name(), "fanotify: complete, mark removed");
+            }
+            Err(e) => {
+                blob.unmarked.store(false, Ordering::Release);
+                warn!(
+                    blob = blob.cache.name(),
+                    "fanotify: a complete blob keeps its mark: {e}"
+                );
+            }
+        }
     }
 
     /// The cache directory.
@@ -473,6 +516,7 @@ impl crate::Prefetch for FanotifyServer {
         self.stats
             .prefetched_bytes
             .fetch_add(out.bytes_written, Ordering::Relaxed);
+        self.unmark_if_complete(&b);
         self.stats
             .filled_bytes
             .fetch_add(out.bytes_written, Ordering::Relaxed);
