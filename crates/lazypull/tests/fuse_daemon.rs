@@ -2421,3 +2421,48 @@ fn fanotify_readers_get_right_bytes_or_eio_across_100_killed_daemons() {
     site.umount(&mnt);
     site.shutdown(daemon);
 }
+
+/// `lazypull shutdown` while an image is mounted from blobs not complete:
+/// releasing the fanotify group would let readers read the holes as zeros,
+/// so the daemon hands over instead (the group and the cache files stay in
+/// the fd store) and says so; a successor serves the rest right.
+#[test]
+fn fanotify_shutdown_with_incomplete_mounted_blobs_hands_over_instead_of_failing_open() {
+    require_fanotify();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = tmp.path().join("src");
+    let want = big_files(&src, 2, 5000);
+    let mut site = Site::with_transport(tmp.path(), &src, "fanotify");
+    site.config = tmp.path().join("config.toml");
+    fs::write(&site.config, "readahead = 0\n").unwrap();
+    let daemon = site.daemon(&[], "daemon.log");
+    let mnt = tmp.path().join("mnt");
+    site.mount(&mnt);
+    let _guard = Unmount(mnt.clone());
+    // A little of one file: the blob is far from complete.
+    let mut head = vec![0u8; 4096];
+    std::io::Read::read_exact(
+        &mut fs::File::open(mnt.join("big0.bin")).unwrap(),
+        &mut head,
+    )
+    .unwrap();
+    site.shutdown(daemon);
+    let log = fs::read_to_string(tmp.path().join("daemon.log")).unwrap();
+    assert!(
+        log.contains("the fanotify group stays in the fd store for a successor"),
+        "{log}"
+    );
+    let second = site.daemon(&[], "daemon-2.log");
+    let log2 = fs::read_to_string(tmp.path().join("daemon-2.log")).unwrap();
+    assert!(log2.contains("took over the fanotify group"), "{log2}");
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(
+            &sha(&mnt.join(format!("big{i}.bin"))).unwrap(),
+            w,
+            "big{i}.bin"
+        );
+    }
+    site.umount(&mnt);
+    site.shutdown(second);
+}
