@@ -48,6 +48,9 @@ pub struct Config {
     pub threads: usize,
     /// The journal of events being served (in the run directory).
     pub journal: PathBuf,
+    /// How far ahead of a sequential reader of a blob its cache file is
+    /// filled, in bytes (0: no read-ahead), as for FUSE.
+    pub readahead: u64,
 }
 
 /// Counters of the server.
@@ -92,6 +95,8 @@ struct Blob {
     source: Arc<dyn BlobSource>,
     /// Its mark is gone (see [`FanotifyServer::unmark_if_complete`]).
     unmarked: AtomicBool,
+    /// The reader's pattern, for read-ahead.
+    stream: lazypull_engine::Stream,
 }
 
 /// The server: one group, the blobs it fills, its threads.
@@ -110,6 +115,9 @@ pub struct FanotifyServer {
     handed: Mutex<HashMap<String, OwnedFd>>,
     /// Where each new cache file's fd is parked for a successor.
     park: Mutex<Option<ParkHook>>,
+    /// Fills ahead of sequential readers while serving (started by
+    /// [`serve`](Self::serve), stopped and joined by [`stop`](Self::stop)).
+    readahead: Mutex<Option<Arc<lazypull_engine::ReadAheadPool>>>,
     pub stats: Stats,
 }
 
@@ -156,6 +164,7 @@ impl FanotifyServer {
             threads: Mutex::new(Vec::new()),
             handed: Mutex::new(HashMap::new()),
             park: Mutex::new(None),
+            readahead: Mutex::new(None),
             stats: Stats::default(),
         }))
     }
@@ -248,6 +257,7 @@ impl FanotifyServer {
                 cache,
                 source,
                 unmarked,
+                stream: lazypull_engine::Stream::default(),
             }),
         );
         Ok(path)
@@ -289,6 +299,12 @@ impl FanotifyServer {
 
     /// Starts the threads that read and answer events.
     pub fn serve(self: &Arc<Self>) -> io::Result<()> {
+        if self.config.readahead > 0 {
+            *self.readahead.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(lazypull_engine::ReadAheadPool::start(
+                    lazypull_engine::readahead::default_threads(),
+                )?);
+        }
         let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
         for i in 0..self.config.threads.max(1) {
             let me = self.clone();
@@ -308,6 +324,15 @@ impl FanotifyServer {
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();
+        }
+        // No event thread queues read-ahead any more.
+        let pool = self
+            .readahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(pool) = pool {
+            pool.stop();
         }
     }
 
@@ -390,7 +415,12 @@ impl FanotifyServer {
             return;
         }
         self.stats.events.fetch_add(1, Ordering::Relaxed);
-        let response = match target.and_then(|(blob, off, count)| self.fill(&blob, off, count)) {
+        let response = match target.and_then(|(blob, off, count)| {
+            // Queued before this event's own fill: the windows after it are
+            // fetched while this one is.
+            self.read_ahead(&blob, off, count);
+            self.fill(&blob, off, count)
+        }) {
             Ok(()) => Response::Allow,
             Err(e) => {
                 self.stats.denied.fetch_add(1, Ordering::Relaxed);
@@ -411,9 +441,55 @@ impl FanotifyServer {
         }
     }
 
+    /// Queues the fill of what a sequential reader of `blob` reads next.
+    fn read_ahead(&self, blob: &Arc<Blob>, off: u64, count: u64) {
+        let missed = !blob.cache.covers(off, count);
+        let used = blob.cache.touch(off, count);
+        let distance = if missed || used > 0 {
+            self.config.readahead
+        } else {
+            0 // followed (for sequential detection), nothing more
+        };
+        let window = blob.cache.policy().window;
+        let Some(ahead) = blob
+            .stream
+            .observe(off, count, blob.cache.size(), window, distance)
+        else {
+            return;
+        };
+        let Some(pool) = self
+            .readahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        if blob.cache.covers(ahead.off, ahead.len) {
+            return;
+        }
+        for ahead in ahead.split(lazypull_engine::readahead::JOB_WINDOWS * window) {
+            let blob = blob.clone();
+            pool.submit(move |stopping| {
+                let cancelled =
+                    || stopping.load(Ordering::Acquire) || blob.stream.is_stale(ahead.generation);
+                if let Err(e) =
+                    blob.cache
+                        .fill_ahead(blob.source.as_ref(), ahead.off, ahead.len, &cancelled)
+                {
+                    debug!(
+                        blob = blob.cache.name(),
+                        "fanotify: read-ahead failed (an event for it fills it again): {e}"
+                    );
+                }
+            });
+        }
+    }
+
     /// Fills `[off, off + count)` of `blob` (the event is recorded already).
     fn fill(&self, blob: &Blob, off: u64, count: u64) -> io::Result<()> {
         if blob.cache.covers(off, count) {
+            self.unmark_if_complete(blob);
             return Ok(());
         }
         let out = blob

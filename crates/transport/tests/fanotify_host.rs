@@ -97,6 +97,7 @@ fn setup(seed: u64) -> Setup {
                 io_size: 256 << 10,
             },
             threads: 2,
+            readahead: 0,
             journal: tmp.path().join("journal"),
         },
         None,

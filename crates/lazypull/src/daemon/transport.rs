@@ -128,6 +128,7 @@ fn fanotify_config(cfg: &DaemonConfig) -> fan::Config {
         policy: policy(cfg),
         threads: cfg.fuse_threads,
         journal: cfg.run_dir.join("fanotify-events.journal"),
+        readahead: cfg.readahead,
     }
 }
 
