@@ -209,108 +209,112 @@ pub fn run(rounds: u32, work: &Path, daemon_config: &Path, transport: &str) -> R
         img.blobs.iter().map(|b| b.size).sum::<u64>() as f64 / 1e6
     );
     let mnt = work.join("mnt");
-    let mut rows: Vec<[f64; 10]> = Vec::new();
-    let mut hwm = 0;
-    let mut last_rss_parts = (0, 0);
-    for round in 0..rounds {
-        let mut limit = (0.0, 0.0);
-        let mut limit_again = (0.0, 0.0);
-        let mut lp = [0.0f64; 6];
-        let order: [bool; 2] = if round % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for is_limit in order {
-            if is_limit {
+    // Several transports in one run (`--transport fuse,fanotify`): each
+    // round reads the limit and every transport, in an order rotating with
+    // the round, and each ratio is against the limit of the same round.
+    let transports: Vec<&str> = transport.split(',').map(str::trim).collect();
+    // Per round: the limit's [big, small] and again, then per transport
+    // [cold big, cold small, warm big, warm small, remount big, remount small].
+    let mut limits: Vec<[f64; 4]> = Vec::new();
+    let mut arms: Vec<Vec<[f64; 6]>> = vec![Vec::new(); transports.len()];
+    let mut hwm = vec![0u64; transports.len()];
+    let mut last_rss_parts = vec![(0, 0); transports.len()];
+    for round in 0..rounds as usize {
+        let n = transports.len() + 1;
+        let mut limit = [0.0f64; 4];
+        for k in 0..n {
+            let arm = (k + round) % n;
+            if arm == 0 {
                 drop_caches()?;
                 let m = mount_limit(&img.meta_path(&plain), &blob_paths, &mnt)?;
-                limit = read_tree(&mnt, &small)?;
+                let first = read_tree(&mnt, &small)?;
                 drop(m);
                 // The limit once more, caches dropped again (the baseline of
                 // lazypull's warm and remounted reads, which also start cold
                 // in the kernel).
                 drop_caches()?;
                 let m = mount_limit(&img.meta_path(&plain), &blob_paths, &mnt)?;
-                limit_again = read_tree(&mnt, &small)?;
+                let again = read_tree(&mnt, &small)?;
                 drop(m);
-            } else {
-                let d = Daemon::start(&lazypull, work, &stored, daemon_config, transport)?;
-                drop_caches()?;
-                let m = d.mount(&img.meta_digest, &mnt)?;
-                let cold = read_tree(&mnt, &small)?;
-                // What the peak is made of, right after the cold reads:
-                // anonymous memory (heap, stacks) against mapped files (the
-                // binary's own pages).
-                let rss_parts = (d.status_kib("RssAnon:"), d.status_kib("RssFile:"));
-                drop_caches()?;
-                let warm = read_tree(&mnt, &small)?;
-                drop(m);
-                drop_caches()?;
-                let m = d.mount(&img.meta_digest, &mnt)?;
-                let remount = read_tree(&mnt, &small)?;
-                drop(m);
-                hwm = hwm.max(d.hwm_kib());
-                last_rss_parts = rss_parts;
-                d.stop()?;
-                lp[0] = cold.0;
-                lp[1] = cold.1;
-                lp[2] = warm.0;
-                lp[3] = warm.1;
-                lp[4] = remount.0;
-                lp[5] = remount.1;
+                limit = [first.0, first.1, again.0, again.1];
+                continue;
             }
+            let t = arm - 1;
+            let d = Daemon::start(&lazypull, work, &stored, daemon_config, transports[t])?;
+            drop_caches()?;
+            let m = d.mount(&img.meta_digest, &mnt)?;
+            let cold = read_tree(&mnt, &small)?;
+            // What the peak is made of, right after the cold reads:
+            // anonymous memory (heap, stacks) against mapped files (the
+            // binary's own pages).
+            let rss_parts = (d.status_kib("RssAnon:"), d.status_kib("RssFile:"));
+            drop_caches()?;
+            let warm = read_tree(&mnt, &small)?;
+            drop(m);
+            drop_caches()?;
+            let m = d.mount(&img.meta_digest, &mnt)?;
+            let remount = read_tree(&mnt, &small)?;
+            drop(m);
+            hwm[t] = hwm[t].max(d.hwm_kib());
+            last_rss_parts[t] = rss_parts;
+            d.stop()?;
+            arms[t].push([cold.0, cold.1, warm.0, warm.1, remount.0, remount.1]);
         }
-        let row = [
-            limit.0,
-            limit.1,
-            lp[0],
-            lp[1],
-            lp[2],
-            lp[3],
-            lp[4],
-            lp[5],
-            limit_again.0,
-            limit_again.1,
-        ];
-        eprintln!("round {round}: {row:?}");
-        rows.push(row);
+        eprintln!(
+            "round {round}: limit {limit:?}; {:?}",
+            arms.iter().map(|a| a.last()).collect::<Vec<_>>()
+        );
+        limits.push(limit);
     }
-    let col = |i: usize| rows.iter().map(|r| r[i]).collect::<Vec<_>>();
-    let ratio = |num: usize, den: usize| median(rows.iter().map(|r| r[num] / r[den]).collect());
     println!("Result ({rounds} rounds; medians; ratios are per round, then the median):");
     println!();
-    println!("| read | limit (s) | lazypull {transport} (s) | ratio |");
-    println!("|---|---|---|---|");
-    let line = |what: &str, lim: usize, lp: usize| {
-        println!(
-            "| {what} | {:.3} | {:.3} | **{:.2}×** |",
-            median(col(lim)),
-            median(col(lp)),
-            ratio(lp, lim)
+    let mut head = String::from("| read | limit (s) |");
+    let mut rule = String::from("|---|---|");
+    for t in &transports {
+        head.push_str(&format!(" lazypull {t} (s) | ratio |"));
+        rule.push_str("---|---|");
+    }
+    println!("{head}");
+    println!("{rule}");
+    for (what, lim, i) in [
+        ("256 MiB file, cold", 0, 0),
+        ("every small file, cold", 1, 1),
+        (
+            "256 MiB file, warm (kernel caches dropped; lazypull's cache answers)",
+            2,
+            2,
+        ),
+        ("every small file, warm", 3, 3),
+        ("256 MiB file after a remount (blobs complete)", 2, 4),
+        ("every small file after a remount", 3, 5),
+    ] {
+        let mut row = format!(
+            "| {what} | {:.3} |",
+            median(limits.iter().map(|l| l[lim]).collect())
         );
-    };
-    line("256 MiB file, cold", 0, 2);
-    line("every small file, cold", 1, 3);
-    line(
-        "256 MiB file, warm (kernel caches dropped; lazypull's cache answers)",
-        8,
-        4,
-    );
-    line("every small file, warm", 9, 5);
-    line(
-        "256 MiB file after a remount (blobs complete: mounted directly)",
-        8,
-        6,
-    );
-    line("every small file after a remount", 9, 7);
+        for arm in &arms {
+            let ratio = median(
+                arm.iter()
+                    .zip(&limits)
+                    .map(|(a, l)| a[i] / l[lim])
+                    .collect(),
+            );
+            row.push_str(&format!(
+                " {:.3} | **{ratio:.2}×** |",
+                median(arm.iter().map(|a| a[i]).collect())
+            ));
+        }
+        println!("{row}");
+    }
     println!();
-    println!(
-        "Daemon peak RSS (VmHWM, max over rounds): {:.1} MB; after the last cold read: \
-         {:.1} MB anonymous, {:.1} MB of mapped files",
-        hwm as f64 / 1024.0,
-        last_rss_parts.0 as f64 / 1024.0,
-        last_rss_parts.1 as f64 / 1024.0
-    );
+    for (t, name) in transports.iter().enumerate() {
+        println!(
+            "{name}: daemon peak RSS (VmHWM, max over rounds) {:.1} MB; after the last cold read \
+             {:.1} MB anonymous, {:.1} MB of mapped files",
+            hwm[t] as f64 / 1024.0,
+            last_rss_parts[t].0 as f64 / 1024.0,
+            last_rss_parts[t].1 as f64 / 1024.0
+        );
+    }
     Ok(())
 }

@@ -113,8 +113,10 @@ enum Bench {
         daemon_config: PathBuf,
         /// The daemon's transport: `fuse` (EROFS mounts the FUSE blob
         /// files), `loop` (the same files behind loop devices) or `fanotify`
-        /// (EROFS mounts sparse cache files filled on pre-content events).
-        #[arg(long, default_value = "fuse", value_parser = ["fuse", "loop", "fanotify"])]
+        /// (EROFS mounts sparse cache files filled on pre-content events);
+        /// several, comma-separated, are measured in the same run, each
+        /// round against the same round's limit.
+        #[arg(long, default_value = "fuse", value_parser = parse_transports)]
         transport: String,
     },
     /// On the host: `lazypull pull` + `ctr run` vs. `ctr images pull` + `ctr run` (overlayfs),
@@ -288,6 +290,16 @@ fn main() -> Result<()> {
 }
 
 /// Runs `command` as this process's only child; prints `{"secs":..,"maxrss_kib":..}`.
+/// `--transport` of `fuse`: a comma-separated list of fuse, loop, fanotify.
+fn parse_transports(s: &str) -> Result<String, String> {
+    for t in s.split(',').map(str::trim) {
+        if !["fuse", "loop", "fanotify"].contains(&t) {
+            return Err(format!("unknown transport {t:?}: fuse, loop or fanotify"));
+        }
+    }
+    Ok(s.to_owned())
+}
+
 fn measure(command: &[String]) -> Result<()> {
     let started = std::time::Instant::now();
     let status = Command::new(&command[0])

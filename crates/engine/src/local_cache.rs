@@ -364,17 +364,6 @@ impl CacheFile {
     }
 }
 
-/// Starts the cache of a blob over: nothing of the old data file is vouched
-/// for. The old file is never truncated nor written: a complete data file is
-/// what EROFS mounts directly (no daemon on its read path), so a live mount
-/// may be reading it, and zeroing it would hand that mount zeros where it
-/// expects the blob (EROFS does not detect that). Instead:
-/// 1. the map goes first, durably (removal, then a directory fsync), so no
-///    crash can leave a map vouching for the new, empty file;
-/// 2. a fresh sparse file of `size` bytes replaces the data file by a rename:
-///    a new inode under the old name; open fds (the mount's) keep the old
-///    inode and its complete bytes until they close;
-/// 3. the directory is fsynced again, so the rename is durable.
 /// The fill map saved at `map_path`, if it is there and trusted.
 fn load_map(
     name: &str,
@@ -399,6 +388,17 @@ fn load_map(
     }
 }
 
+/// Starts the cache of a blob over: nothing of the old data file is vouched
+/// for. The old file is never truncated nor written: a complete data file is
+/// what EROFS mounts directly (no daemon on its read path), so a live mount
+/// may be reading it, and zeroing it would hand that mount zeros where it
+/// expects the blob (EROFS does not detect that). Instead:
+/// 1. the map goes first, durably (removal, then a directory fsync), so no
+///    crash can leave a map vouching for the new, empty file;
+/// 2. a fresh sparse file of `size` bytes replaces the data file by a rename:
+///    a new inode under the old name; open fds (the mount's) keep the old
+///    inode and its complete bytes until they close;
+/// 3. the directory is fsynced again, so the rename is durable.
 fn start_over(data_path: &Path, map_path: &Path, size: u64) -> io::Result<File> {
     let context = |what: &str, path: &Path, e: io::Error| {
         io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
@@ -617,6 +617,50 @@ mod tests {
         std::fs::write(&map, bytes).unwrap();
         let c = CacheFile::open(dir.path(), "b", 40_000, POLICY).unwrap();
         assert_eq!(c.map().filled_windows(), 0, "checksum caught the flip");
+    }
+
+    #[test]
+    fn an_adopted_file_stays_the_cache_whatever_its_map_says() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let src = blob(50_000);
+        let c = CacheFile::open(dir.path(), "b", src.size(), POLICY).unwrap();
+        c.fill(&src, 0, 20_000, Priority::Foreground).unwrap();
+        c.flush().unwrap();
+        let inode = c.data_file().metadata().unwrap().ino();
+        let handed = c.data_file().try_clone().unwrap();
+        drop(c);
+        // A trusted map: what it vouches for is kept.
+        let c =
+            CacheFile::adopt_file(dir.path(), "b", src.size(), POLICY, NO_BINDING, handed).unwrap();
+        assert!(c.covers(0, 16_384));
+        let handed = c.data_file().try_clone().unwrap();
+        drop(c);
+        // No map (a daemon killed before it saved one): empty, same inode.
+        std::fs::remove_file(dir.path().join("b.map")).unwrap();
+        let c =
+            CacheFile::adopt_file(dir.path(), "b", src.size(), POLICY, NO_BINDING, handed).unwrap();
+        assert_eq!(c.map().filled_windows(), 0);
+        assert_eq!(
+            c.data_file().metadata().unwrap().ino(),
+            inode,
+            "never a new file"
+        );
+        assert_eq!(
+            std::fs::metadata(dir.path().join("b.data")).unwrap().ino(),
+            inode,
+            "the path still names it"
+        );
+        let mut out = vec![0u8; 100];
+        c.read(&src, 30_000, &mut out, Priority::Foreground)
+            .unwrap();
+        assert_eq!(out, src.data[30_000..30_100]);
+        // A file of another size is refused, not adopted.
+        let short = tempfile::tempfile().unwrap();
+        short.set_len(10).unwrap();
+        assert!(
+            CacheFile::adopt_file(dir.path(), "b", src.size(), POLICY, NO_BINDING, short).is_err()
+        );
     }
 
     #[test]
