@@ -1,5 +1,5 @@
 //! Which kernel interface serves the images — `--transport
-//! auto|cachefiles|fuse|loop`, and why — and starting it: fresh, or adopting
+//! auto|cachefiles|fuse|loop|fanotify`, and why — and starting it: fresh, or adopting
 //! the connection a previous daemon parked.
 //!
 //! `auto` takes the first of these the kernel offers, in this fixed order:
@@ -13,6 +13,12 @@
 //!    `/dev/loop-control`. The same FUSE blob files, each behind a read-only
 //!    loop device: it adds the block layer and the loop device's page cache
 //!    on the way, so it comes after file-backed mounts, which need neither.
+//!
+//! `fanotify` (sparse cache files filled on pre-content events, 6.14+) is
+//! never picked by `auto`: measured against FUSE on the same kernel
+//! (BENCHMARKS.md) it is at the limit warm and even on a large file cold, but
+//! slower on small files cold, which is what a container's start reads.
+//! `--transport fanotify` asks for it.
 //!
 //! A successor that takes a FUSE connection over keeps what its predecessor
 //! served through: with `auto`, loop when the predecessor's mounts hold loop
