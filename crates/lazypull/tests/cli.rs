@@ -394,3 +394,36 @@ fn build_refuses_a_layer_past_max_layer_size() {
     let out = lazypull(&["build", src.to_str().unwrap(), "-o", o.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// `--transport fanotify` with its cache on tmpfs (no pre-content events
+/// there): the daemon refuses at start, naming the file system problem,
+/// and leaves no fd store behind.
+#[test]
+fn a_fanotify_daemon_on_tmpfs_refuses_at_start_and_says_why() {
+    let work = tempfile::tempdir_in("/dev/shm").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lazypull"))
+        .args(["daemon", "--config", "/dev/null", "--transport", "fanotify"])
+        .arg("--cache-dir")
+        .arg(work.path().join("cache"))
+        .arg("--work-dir")
+        .arg(work.path().join("work"))
+        .arg("--run-dir")
+        .arg(work.path().join("run"))
+        .arg("--socket")
+        .arg(work.path().join("run/ctl.sock"))
+        .arg("--fd-store")
+        .arg(work.path().join("run/fdstore.sock"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("the fanotify transport cannot mark files in") && t.contains("not tmpfs"),
+        "{t}"
+    );
+    assert!(
+        !work.path().join("run/fdstore.sock").exists(),
+        "the fd store it started is gone"
+    );
+}

@@ -189,6 +189,22 @@ impl FanotifyServer {
             .extend(files);
     }
 
+    /// Checks that the cache directory's file system allows pre-content
+    /// marks (ext4, xfs, btrfs do; tmpfs does not): a probe file is marked
+    /// and unmarked, so a daemon that cannot serve says so when it starts,
+    /// not at its first mount.
+    pub fn probe(&self) -> io::Result<()> {
+        let probe = self.config.cache_dir.join(".fanotify-probe");
+        std::fs::write(&probe, b"")
+            .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", probe.display())))?;
+        let marked = self
+            .group
+            .mark_pre_access(&probe)
+            .and_then(|()| self.group.unmark(&probe));
+        let _ = std::fs::remove_file(&probe);
+        marked
+    }
+
     /// A dup of the group fd, to park in the fd store.
     pub fn group_fd(&self) -> io::Result<OwnedFd> {
         self.group.as_fd().try_clone_to_owned()

@@ -364,6 +364,12 @@ pub(crate) fn start(
                 "starting the fanotify transport (it needs Linux 6.14+ with \
                  CONFIG_FANOTIFY_ACCESS_PERMISSIONS and pre-content events, and CAP_SYS_ADMIN)",
             )?;
+            server.probe().with_context(|| {
+                format!(
+                    "the fanotify transport cannot mark files in {}",
+                    server.cache_dir().display()
+                )
+            })?;
             Ok((
                 Running::Fanotify {
                     server,
