@@ -351,6 +351,24 @@ fn big_files(src: &Path, n: u64, seed: u64) -> Vec<[u8; 32]> {
         .collect()
 }
 
+/// A site serving `n` big files (at `<dir>/src`) through `transport`, its
+/// daemons started with `config` as their config file's text. Returns the
+/// files' SHA-256s too.
+fn big_site(
+    dir: &Path,
+    transport: &'static str,
+    n: u64,
+    seed: u64,
+    config: &str,
+) -> (Site, Vec<[u8; 32]>) {
+    let src = dir.join("src");
+    let want = big_files(&src, n, seed);
+    let mut site = Site::with_transport(dir, &src, transport);
+    site.config = dir.join("config.toml");
+    fs::write(&site.config, config).unwrap();
+    (site, want)
+}
+
 /// A realistic tree at `<dir>/src`: testkit's generated tree plus two copied
 /// Python library directories.
 fn realistic_src(dir: &Path) -> PathBuf {
@@ -1989,11 +2007,7 @@ fn loop_direct_io_from_the_config_reaches_the_loop_devices() {
     require_loop();
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
-    let src = tmp.path().join("src");
-    let want = big_files(&src, 2, 900);
-    let mut site = Site::with_transport(tmp.path(), &src, "loop");
-    site.config = tmp.path().join("config.toml");
-    fs::write(&site.config, "loop_direct_io = true\n").unwrap();
+    let (site, want) = big_site(tmp.path(), "loop", 2, 900, "loop_direct_io = true\n");
     let daemon = site.daemon(&[], "daemon.log");
     let mnt = tmp.path().join("mnt");
     site.mount(&mnt);
@@ -2299,11 +2313,14 @@ fn fanotify_readers_get_right_bytes_or_eio_across_100_killed_daemons() {
     println!("seed {seed}");
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
     let src = tmp.path().join("src");
-    big_files(&src, FILES, 4000);
-    let mut site = Site::with_transport(tmp.path(), &src, "fanotify");
-    site.config = tmp.path().join("config.toml");
     // Small windows: many fills, so a kill finds one under way.
-    fs::write(&site.config, "fill_window = \"64KiB\"\nreadahead = 0\n").unwrap();
+    let (site, _) = big_site(
+        tmp.path(),
+        "fanotify",
+        FILES,
+        4000,
+        "fill_window = \"64KiB\"\nreadahead = 0\n",
+    );
     fs::write(tmp.path().join("faults"), "slow:1,slow_ms:15,only:.zst").unwrap();
     let mut daemon = site.daemon(&[], "daemon.log");
     let mnt = tmp.path().join("mnt");
@@ -2431,11 +2448,7 @@ fn fanotify_shutdown_with_incomplete_mounted_blobs_hands_over_instead_of_failing
     require_fanotify();
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
-    let src = tmp.path().join("src");
-    let want = big_files(&src, 2, 5000);
-    let mut site = Site::with_transport(tmp.path(), &src, "fanotify");
-    site.config = tmp.path().join("config.toml");
-    fs::write(&site.config, "readahead = 0\n").unwrap();
+    let (site, want) = big_site(tmp.path(), "fanotify", 2, 5000, "readahead = 0\n");
     let daemon = site.daemon(&[], "daemon.log");
     let mnt = tmp.path().join("mnt");
     site.mount(&mnt);

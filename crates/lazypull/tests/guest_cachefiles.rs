@@ -7,6 +7,9 @@
 //! qemu and the guest kernel (`guest/build-kernel.sh`, cached); without them they
 //! fail with the reason — they never skip.
 
+#[path = "common/manifest.rs"]
+mod manifest;
+use manifest::is_root_line;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -249,12 +252,6 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-/// The manifest line of the tree's root directory (path "." or "/" or empty).
-fn is_root_line(line: &str) -> bool {
-    let path = line.split('\t').next().unwrap_or("");
-    path.is_empty() || path == "." || path == "/"
-}
-
 fn boot(scenario: &str) -> GuestRun {
     let fx = fixture();
     let _one = GUEST.lock().unwrap_or_else(|p| p.into_inner());
@@ -302,24 +299,7 @@ fn serves_a_realistic_tree_byte_exact_through_cachefiles() {
     let fx = fixture();
     let expected = fs::read_to_string(fx.data.join("manifest.expected")).unwrap();
     for pass in ["manifest.first", "manifest.second"] {
-        let got = run.read_out(pass).unwrap();
-        let mut got: Vec<&str> = got.lines().filter(|l| !is_root_line(l)).collect();
-        got.sort_unstable();
-        let want: Vec<&str> = expected.lines().collect();
-        let diff: Vec<String> = want
-            .iter()
-            .zip(got.iter())
-            .filter(|(w, g)| w != g)
-            .take(10)
-            .map(|(w, g)| format!("want {w}\n got {g}"))
-            .collect();
-        assert!(
-            diff.is_empty() && want.len() == got.len(),
-            "{pass}: mounted tree differs from the source ({} vs {} entries):\n{}",
-            got.len(),
-            want.len(),
-            diff.join("\n")
-        );
+        manifest::assert_same_manifest(&expected, &run.read_out(pass).unwrap(), pass);
     }
     assert!(
         expected.lines().count() > 5000,
@@ -535,15 +515,6 @@ fn the_same_image_mounted_file_backed_on_the_host_is_identical() {
     .unwrap_or_else(|e| panic!("file-backed mount of image A on the host: {e}"));
     let _mounted = Mounted(mnt.clone());
     let got = stdout(Command::new(testkit()).arg("manifest").arg(&mnt));
-    let mut got: Vec<&str> = got.lines().filter(|l| !is_root_line(l)).collect();
-    got.sort_unstable();
     let expected = fs::read_to_string(fx.data.join("manifest.expected")).unwrap();
-    let want: Vec<&str> = expected.lines().collect();
-    let first_diff = want.iter().zip(&got).find(|(w, g)| w != g);
-    assert!(
-        first_diff.is_none() && want.len() == got.len(),
-        "host mount differs ({} vs {} entries), first: {first_diff:?}",
-        got.len(),
-        want.len()
-    );
+    manifest::assert_same_manifest(&expected, &got, "the host's file-backed mount");
 }

@@ -16,6 +16,9 @@ use lazypull_erofs::{build_from_layers, BuildOptions};
 use lazypull_guest::{Disk, GuestConfig};
 use sha2::Digest;
 
+#[path = "common/manifest.rs"]
+mod manifest;
+
 /// Big files, two sets of 8 readers.
 const FILES: usize = 16;
 const FILE_BYTES: usize = 24 << 20;
@@ -266,19 +269,6 @@ fn loop_fixture() -> LoopFixture {
     }
 }
 
-/// The path column of a manifest line (tab-separated, path first).
-fn manifest_lines(text: &str) -> Vec<&str> {
-    let mut lines: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            let path = l.split('\t').next().unwrap_or("");
-            !(path.is_empty() || path == "." || path == "/")
-        })
-        .collect();
-    lines.sort_unstable();
-    lines
-}
-
 #[test]
 fn on_linux_6_1_auto_serves_through_loop_devices_and_readers_survive_a_killed_daemon() {
     let fx = loop_fixture();
@@ -340,23 +330,12 @@ fn on_linux_6_1_auto_serves_through_loop_devices_and_readers_survive_a_killed_da
 
     // The tree, identical: every entry's bytes and metadata.
     let expected = fs::read_to_string(fx.data.join("manifest.expected")).unwrap();
-    let got = run.read_out("manifest").unwrap();
-    let (want, got) = (manifest_lines(&expected), manifest_lines(&got));
-    let diff: Vec<String> = want
-        .iter()
-        .zip(got.iter())
-        .filter(|(w, g)| w != g)
-        .take(10)
-        .map(|(w, g)| format!("want {w}\n got {g}"))
-        .collect();
-    assert!(
-        diff.is_empty() && want.len() == got.len(),
-        "through loop devices on 6.1 the tree differs ({} vs {} entries):\n{}",
-        got.len(),
-        want.len(),
-        diff.join("\n")
+    let entries = manifest::assert_same_manifest(
+        &expected,
+        &run.read_out("manifest").unwrap(),
+        "through loop devices on 6.1",
     );
-    assert!(want.len() > 500, "a realistic tree: {} entries", want.len());
+    assert!(entries > 500, "a realistic tree: {entries} entries");
 
     // The SIGKILL landed mid-stream; the successor answered from the journal.
     assert_eq!(

@@ -10,6 +10,9 @@
 //! These tests need root, qemu, the guest kernel and docker-registry; without
 //! them they fail with the reason — they never skip.
 
+#[path = "common/manifest.rs"]
+mod manifest;
+use manifest::is_root_line;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -153,11 +156,6 @@ fn sums(dir: &Path, paths: &[String]) -> String {
         out.push_str(&stdout(Command::new("sha256sum").arg(p).current_dir(dir)));
     }
     out
-}
-
-fn is_root_line(line: &str) -> bool {
-    let path = line.split('\t').next().unwrap_or("");
-    path.is_empty() || path == "." || path == "/"
 }
 
 fn fixture() -> &'static Fixture {
@@ -423,28 +421,12 @@ fn mounts_by_reference_and_fetches_only_what_is_read() {
 
     // The realistic tree, byte-exact.
     let want = fs::read_to_string(fx.data.join("manifest.tree")).unwrap();
-    let got = run.read_out("manifest.tree").unwrap();
-    let mut got: Vec<&str> = got.lines().filter(|l| !is_root_line(l)).collect();
-    got.sort_unstable();
-    let want: Vec<&str> = want.lines().collect();
-    let diff: Vec<String> = want
-        .iter()
-        .zip(&got)
-        .filter(|(w, g)| w != g)
-        .take(10)
-        .map(|(w, g)| format!("want {w}\n got {g}"))
-        .collect();
-    assert!(
-        diff.is_empty() && want.len() == got.len(),
-        "mounted tree differs from its source ({} vs {} entries):\n{}",
-        got.len(),
-        want.len(),
-        diff.join("\n")
+    let entries = manifest::assert_same_manifest(
+        &want,
+        &run.read_out("manifest.tree").unwrap(),
+        "through the registry",
     );
-    assert!(
-        want.len() > 1000,
-        "a realistic tree has thousands of entries"
-    );
+    assert!(entries > 1000, "a realistic tree has thousands of entries");
 
     // Data blobs are only ever fetched by Range, and nothing is fetched twice.
     for image in ["tree", "big", "conc"] {

@@ -7,23 +7,6 @@ source "$LP_SCENARIOS/lib.sh"
 setup_disks
 IMG=$(cat "$LP_DATA/img")
 
-# readers FIRST: starts 8 sha256sum readers of big$FIRST..big$((FIRST+7)); sets PIDS.
-readers() {
-	PIDS=()
-	local i
-	for i in $(seq "$1" $(($1 + 7))); do
-		(cd /mnt/f && sha256sum "big$i.bin" >"$LP_OUT/sum-$i.txt" 2>"$LP_OUT/sum-$i.err") &
-		PIDS+=($!)
-	done
-}
-
-# alive: how many of $PIDS still run.
-alive() {
-	local n=0 p
-	for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && n=$((n + 1)); done
-	echo "$n"
-}
-
 # wait_reads N: until the current daemon log shows N more READs than now.
 wait_reads() {
 	local i want=$(($(read_count) + $1))

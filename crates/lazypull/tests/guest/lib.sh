@@ -163,3 +163,21 @@ lp_mount() {
 	echo "lazypull mount $ref ($name): rc=$rc $(head -c 400 "$LP_OUT/mount-$name.err")"
 	return "$rc"
 }
+
+# readers FIRST: starts 8 sha256sum readers of /mnt/f/big$FIRST..big$((FIRST+7)),
+# each writing $LP_OUT/sum-N.txt and .err; sets PIDS.
+readers() {
+	PIDS=()
+	local i
+	for i in $(seq "$1" $(($1 + 7))); do
+		(cd /mnt/f && sha256sum "big$i.bin" >"$LP_OUT/sum-$i.txt" 2>"$LP_OUT/sum-$i.err") &
+		PIDS+=($!)
+	done
+}
+
+# alive: how many of $PIDS still run.
+alive() {
+	local n=0 p
+	for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && n=$((n + 1)); done
+	echo "$n"
+}

@@ -33,21 +33,6 @@ blob_loops() {
 	return 0
 }
 
-readers() {
-	PIDS=()
-	local i
-	for i in $(seq 0 7); do
-		(cd /mnt/f && sha256sum "big$i.bin" >"$LP_OUT/sum-$i.txt" 2>"$LP_OUT/sum-$i.err") &
-		PIDS+=($!)
-	done
-}
-
-alive() {
-	local n=0 p
-	for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && n=$((n + 1)); done
-	echo "$n"
-}
-
 start_daemon --transport auto --work-dir "$CACHE/work"
 "$LP_BIN" status --json >"$LP_OUT/status.json" || fail "lazypull status --json"
 "$LP_BIN" status >"$LP_OUT/status.txt" || fail "lazypull status"
@@ -63,7 +48,7 @@ echo "tree walked: $(wc -l <"$LP_OUT/manifest") entries"
 
 # 2. SIGKILL under 8 streaming readers.
 "$LP_BIN" mount --fsid "$BIG" /mnt/f >/dev/null || fail "lazypull mount of the big files: $(tail -5 "$LOG")"
-readers
+readers 0
 base=$(fuse_reads)
 for _ in $(seq 600); do
 	[ "$(fuse_reads)" -ge $((base + 8)) ] && break
