@@ -40,10 +40,12 @@ enum Command {
     ///
     /// Picks a transport (--transport auto): cachefiles on-demand mode if the
     /// kernel has it (the kernel keeps the cache in --cache-dir), else blob files
-    /// on a private FUSE mount (--fuse-dir) that EROFS mounts file-backed
-    /// (Linux 6.12+; lazypull keeps the cache in --cache-dir/blobs), else the
+    /// on a private FUSE mount (--fuse-dir) that EROFS mounts file-backed on
+    /// Linux 6.12+ (lazypull keeps the cache in --cache-dir/blobs), else the
     /// same blob files behind read-only loop devices (--transport loop, for
-    /// 5.16-6.11). Logs which and why.
+    /// 5.16-6.11). Logs which and why. `--transport fanotify` (6.14+) has
+    /// EROFS mount sparse cache files that the daemon fills when the kernel
+    /// reports a read of a range not there yet.
     ///
     /// Images come from registries (`lazypull mount REF DIR`), or by their meta
     /// blob name from --blob-dir / --blob-url (`lazypull mount --fsid NAME DIR`).
