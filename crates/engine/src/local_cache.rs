@@ -305,6 +305,28 @@ impl CacheFile {
         &self.policy
     }
 
+    /// A read someone waits on of `[off, off + len)`, followed on `stream`:
+    /// what of this blob to fill ahead of the reader now, at most
+    /// `readahead` bytes ahead (none when it is all cached already), and
+    /// the bytes of earlier read-ahead this read is the first to use. A
+    /// read that neither missed nor used read-ahead is followed (for
+    /// sequential detection) and asks for nothing more.
+    pub fn read_ahead_for(
+        &self,
+        stream: &crate::Stream,
+        off: u64,
+        len: u64,
+        readahead: u64,
+    ) -> (Option<crate::Ahead>, u64) {
+        let missed = !self.covers(off, len);
+        let used = self.touch(off, len);
+        let distance = if missed || used > 0 { readahead } else { 0 };
+        let ahead = stream
+            .observe(off, len, self.size, self.policy.window, distance)
+            .filter(|a| !self.covers(a.off, a.len));
+        (ahead, used)
+    }
+
     /// Reads `out.len()` bytes at `off` (within the blob), filling what is
     /// missing from `source` first. Never returns fewer bytes than asked: a
     /// short read would reach the reader as zeros.

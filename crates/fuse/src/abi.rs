@@ -171,11 +171,31 @@ pub struct Request<'a> {
 impl Request<'_> {
     /// Whether the kernel expects a reply (forgets and interrupts get none).
     pub fn wants_reply(&self) -> bool {
-        !matches!(
-            self.op,
-            Operation::Forget { .. } | Operation::BatchForget { .. } | Operation::Interrupt { .. }
-        )
+        wants_reply(self.header.opcode)
     }
+}
+
+/// Whether the kernel expects a reply to a request of `opcode` (forgets and
+/// interrupts get none).
+pub fn wants_reply(opcode: u32) -> bool {
+    !matches!(
+        opcode,
+        opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT
+    )
+}
+
+/// The header of a request, without parsing its body: `None` if `buf` is
+/// shorter than a header.
+pub fn header(buf: &[u8]) -> Option<InHeader> {
+    (buf.len() >= IN_HEADER_SIZE).then(|| InHeader {
+        len: u32_at(buf, 0),
+        opcode: u32_at(buf, 4),
+        unique: u64_at(buf, 8),
+        nodeid: u64_at(buf, 16),
+        uid: u32_at(buf, 24),
+        gid: u32_at(buf, 28),
+        pid: u32_at(buf, 32),
+    })
 }
 
 /// Why a request could not be parsed.
@@ -230,18 +250,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 
 /// Parses one request as read from `/dev/fuse` (exactly the bytes `read` returned).
 pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
-    if buf.len() < IN_HEADER_SIZE {
-        return Err(ParseError::ShortHeader { got: buf.len() });
-    }
-    let header = InHeader {
-        len: u32_at(buf, 0),
-        opcode: u32_at(buf, 4),
-        unique: u64_at(buf, 8),
-        nodeid: u64_at(buf, 16),
-        uid: u32_at(buf, 24),
-        gid: u32_at(buf, 28),
-        pid: u32_at(buf, 32),
-    };
+    let header = header(buf).ok_or(ParseError::ShortHeader { got: buf.len() })?;
     let _total_extlen = u16_at(buf, 36);
     if header.len as usize != buf.len() {
         return Err(ParseError::LengthMismatch {

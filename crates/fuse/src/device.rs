@@ -181,16 +181,22 @@ impl FuseDevice {
     /// Writes one reply (or notification) made of `parts`. A reply to a request
     /// the kernel no longer waits for (interrupted, aborted) is not an error.
     pub fn send(&self, parts: &[&[u8]]) -> io::Result<()> {
+        self.write_reply(parts).map(drop)
+    }
+
+    /// Writes one whole message of `parts`; `false` when the kernel refused
+    /// it with ENOENT (no request with its unique is being processed).
+    fn write_reply(&self, parts: &[&[u8]]) -> io::Result<bool> {
         let slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
         let total: usize = parts.iter().map(|p| p.len()).sum();
         loop {
             return match rustix::io::writev(&self.fd, &slices) {
-                Ok(n) if n == total => Ok(()),
+                Ok(n) if n == total => Ok(true),
                 Ok(n) => Err(io::Error::other(format!(
                     "short FUSE reply write: {n} of {total} bytes"
                 ))),
                 Err(rustix::io::Errno::INTR) => continue,
-                Err(rustix::io::Errno::NOENT) => Ok(()),
+                Err(rustix::io::Errno::NOENT) => Ok(false),
                 Err(e) => Err(io::Error::new(
                     io::Error::from(e).kind(),
                     format!("writing a FUSE reply: {e}"),
@@ -297,21 +303,7 @@ impl FuseDevice {
     /// (ENOENT: never read, already answered, or aborted). A successor
     /// uses it to find requests a killed predecessor read unrecorded.
     pub fn answer_if_waiting(&self, msg: &[u8]) -> io::Result<bool> {
-        loop {
-            return match rustix::io::write(&self.fd, msg) {
-                Ok(n) if n == msg.len() => Ok(true),
-                Ok(n) => Err(io::Error::other(format!(
-                    "short FUSE reply write: {n} of {} bytes",
-                    msg.len()
-                ))),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(rustix::io::Errno::NOENT) => Ok(false),
-                Err(e) => Err(io::Error::new(
-                    io::Error::from(e).kind(),
-                    format!("writing a FUSE reply: {e}"),
-                )),
-            };
-        }
+        self.write_reply(&[msg])
     }
 
     /// Asks the kernel to hand out again every request that was read and not

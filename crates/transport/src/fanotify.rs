@@ -459,17 +459,9 @@ impl FanotifyServer {
 
     /// Queues the fill of what a sequential reader of `blob` reads next.
     fn read_ahead(&self, blob: &Arc<Blob>, off: u64, count: u64) {
-        let missed = !blob.cache.covers(off, count);
-        let used = blob.cache.touch(off, count);
-        let distance = if missed || used > 0 {
-            self.config.readahead
-        } else {
-            0 // followed (for sequential detection), nothing more
-        };
-        let window = blob.cache.policy().window;
-        let Some(ahead) = blob
-            .stream
-            .observe(off, count, blob.cache.size(), window, distance)
+        let (Some(ahead), _) =
+            blob.cache
+                .read_ahead_for(&blob.stream, off, count, self.config.readahead)
         else {
             return;
         };
@@ -481,9 +473,7 @@ impl FanotifyServer {
         else {
             return;
         };
-        if blob.cache.covers(ahead.off, ahead.len) {
-            return;
-        }
+        let window = blob.cache.policy().window;
         for ahead in ahead.split(lazypull_engine::readahead::JOB_WINDOWS * window) {
             let blob = blob.clone();
             pool.submit(move |stopping| {

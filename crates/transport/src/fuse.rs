@@ -538,23 +538,13 @@ impl BlobFs {
         let Store::Cached(cache) = &node.store else {
             return;
         };
-        let missed = !cache.covers(off, len);
-        let used = cache.touch(off, len);
+        let (ahead, used) = cache.read_ahead_for(&node.stream, off, len, self.config.readahead);
         if used > 0 {
             self.stats
                 .readahead_unused
                 .fetch_sub(used as i64, Ordering::Relaxed);
         }
-        let distance = if missed || used > 0 {
-            self.config.readahead
-        } else {
-            0 // followed (for sequential detection), nothing more
-        };
-        let window = cache.policy().window;
-        let Some(ahead) = node
-            .stream
-            .observe(off, len, cache.size(), window, distance)
-        else {
+        let Some(ahead) = ahead else {
             return;
         };
         let Some(pool) = self
@@ -565,9 +555,7 @@ impl BlobFs {
         else {
             return;
         };
-        if cache.covers(ahead.off, ahead.len) {
-            return; // all cached already (a warm read): no job to queue
-        }
+        let window = cache.policy().window;
         for ahead in ahead.split(lazypull_engine::readahead::JOB_WINDOWS * window) {
             self.queue_read_ahead(&pool, node, ahead);
         }
@@ -1021,7 +1009,7 @@ impl FuseServer {
         let pending = if resend {
             None
         } else {
-            Some(fuse_journal::read_pending(&journal)?).filter(|_| journal.exists())
+            fuse_journal::read_pending(&journal)?
         };
         let server = Self::with(dev, config, resolver, Some(session))?;
         if resend {
@@ -1070,19 +1058,16 @@ impl FuseServer {
             for u in &pending.unanswered {
                 scope.spawn(move || {
                     bump(&fs.stats.recovered_requests, 1);
-                    let Some(raw) = &u.raw else {
+                    // Recorded whole (it fitted its slot) and parsing as the
+                    // request of this unique: handled again; else EIO.
+                    let Some(raw) = u.raw.as_ref().filter(|raw| {
+                        abi::parse(raw).is_ok_and(|r| r.header.unique == u.unique)
+                    }) else {
                         bump(&fs.stats.recovered_unknown, 1);
-                        error!(unique = u.unique, "a request the previous daemon took was too large for its journal slot: answered EIO");
+                        error!(unique = u.unique, recorded = u.raw.is_some(), "a request the previous daemon took is not in its journal whole (too large for its slot, or damaged): answered EIO");
                         let _ = dev.send(&[&abi::error_reply(u.unique, libc::EIO)]);
                         return;
                     };
-                    let header_unique = abi::parse(raw).ok().map(|r| r.header.unique);
-                    if header_unique != Some(u.unique) {
-                        bump(&fs.stats.recovered_unknown, 1);
-                        error!(unique = u.unique, "a journalled request does not parse: answered EIO");
-                        let _ = dev.send(&[&abi::error_reply(u.unique, libc::EIO)]);
-                        return;
-                    }
                     let mut state = WorkerState::new();
                     match fs.handle(dev, raw, &mut state) {
                         Ok(()) => debug!(unique = u.unique, "answered a request the previous daemon took"),
@@ -1271,16 +1256,8 @@ impl JournalSlot {
     /// Records a request about to be answered; returns its unique when
     /// recorded (requests with no reply, and INIT, are not).
     fn begin(&self, raw: &[u8]) -> Option<u64> {
-        let opcode = u32::from_le_bytes(raw.get(4..8)?.try_into().ok()?);
-        let unique = u64::from_le_bytes(raw.get(8..16)?.try_into().ok()?);
-        if matches!(
-            opcode,
-            abi::opcode::FORGET
-                | abi::opcode::BATCH_FORGET
-                | abi::opcode::INTERRUPT
-                | abi::opcode::INIT
-        ) || unique == 0
-        {
+        let abi::InHeader { opcode, unique, .. } = abi::header(raw)?;
+        if !abi::wants_reply(opcode) || opcode == abi::opcode::INIT || unique == 0 {
             return None;
         }
         match self.journal.begin(self.slot, unique, raw) {

@@ -132,14 +132,14 @@ impl RequestJournal {
     }
 }
 
-/// Reads the journal a previous daemon left at `path` (none: nothing pending).
-pub fn read_pending(path: &Path) -> io::Result<Pending> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Pending::default()),
-        Err(e) => return Err(with_path(e, "reading the FUSE request journal", path)),
-    };
-    Ok(parse(&bytes))
+/// Reads the journal a previous daemon left at `path`; `None` if it left
+/// none (nothing is known of what it had taken).
+pub fn read_pending(path: &Path) -> io::Result<Option<Pending>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(parse(&bytes))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(with_path(e, "reading the FUSE request journal", path)),
+    }
 }
 
 /// The slots of a journal file's contents.
@@ -184,13 +184,13 @@ mod tests {
     fn a_request_read_and_not_answered_is_pending_and_an_answered_one_is_not() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
-        assert_eq!(read_pending(&path).unwrap(), Pending::default());
+        assert_eq!(read_pending(&path).unwrap(), None);
         let j = RequestJournal::create(&path, 4).unwrap();
         j.begin(0, 10, b"read ten").unwrap();
         j.begin(1, 12, b"read twelve").unwrap();
         j.end(1, 12).unwrap();
         j.begin(3, 14, &[7u8; SLOT]).unwrap(); // too large: unique only
-        let p = read_pending(&path).unwrap();
+        let p = read_pending(&path).unwrap().unwrap();
         assert_eq!(
             p.unanswered,
             vec![
@@ -208,7 +208,7 @@ mod tests {
         // A new journal starts empty.
         drop(j);
         RequestJournal::create(&path, 2).unwrap();
-        assert_eq!(read_pending(&path).unwrap(), Pending::default());
+        assert_eq!(read_pending(&path).unwrap(), Some(Pending::default()));
         assert!(j_slot_error());
     }
 
@@ -254,7 +254,7 @@ mod tests {
                 if done { j.end(slot, unique).unwrap() } else { j.begin(slot, unique, &raw).unwrap() }
                 model[slot] = Some((unique, done, raw));
             }
-            let p = read_pending(&path).unwrap();
+            let p = read_pending(&path).unwrap().unwrap();
             let mut expect: Vec<Unanswered> = model.iter().flatten().filter(|m| !m.1).map(|(u, _, raw)| Unanswered {
                 unique: *u,
                 raw: (raw.len() <= SLOT - HEADER && !raw.is_empty()).then(|| raw.clone()),

@@ -440,13 +440,10 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
             (Finished::Fuse(server), r)
         }
         Running::Fanotify { server, .. } => {
-            let r = match server.serve() {
-                Ok(()) => {
-                    shutdown.await;
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            };
+            let r = server.serve();
+            if r.is_ok() {
+                shutdown.await;
+            }
             let s = server.clone();
             // Joins the event threads (pending events stay pending: the
             // group lives on in the fd store) and persists the fill maps.

@@ -138,6 +138,25 @@ fn fanotify_config(cfg: &DaemonConfig) -> fan::Config {
     }
 }
 
+/// A fanotify server on a new group, or on `adopted` (a predecessor's), its
+/// cache directory made private first.
+fn fanotify_server(
+    cfg: &DaemonConfig,
+    adopted: Option<std::os::fd::OwnedFd>,
+) -> anyhow::Result<Arc<FanotifyServer>> {
+    let config = fanotify_config(cfg);
+    lazypull_engine::private_dir(&config.cache_dir).context("the fanotify cache directory")?;
+    let fresh = adopted.is_none();
+    FanotifyServer::new(config, adopted).with_context(|| {
+        if fresh {
+            "starting the fanotify transport (it needs Linux 6.14+ with \
+             CONFIG_FANOTIFY_ACCESS_PERMISSIONS and pre-content events, and CAP_SYS_ADMIN)"
+        } else {
+            "taking over the fanotify group"
+        }
+    })
+}
+
 /// This process's soft fd limit: every event fd of its group is below it.
 pub(crate) fn fd_limit() -> i32 {
     rustix::process::getrlimit(rustix::process::Resource::Nofile)
@@ -163,9 +182,8 @@ fn fuse_unusable() -> Option<String> {
 
 /// What the loop transport needs besides FUSE's /dev/fuse and EROFS.
 fn loop_unusable() -> Option<String> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     loop_unusable_on(
-        release.trim(),
+        &kernel_release(),
         Path::new(lazypull_transport::loopdev::CONTROL).exists(),
     )
 }
@@ -196,8 +214,8 @@ fn loop_unusable_on(release: &str, loop_control: bool) -> Option<String> {
 /// release, and the kernel's config where it is readable (/proc/config.gz is
 /// compressed and often absent; /boot/config-<release> is plain text).
 fn file_backed_erofs() -> Result<(), String> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let release = release.trim();
+    let release = kernel_release();
+    let release = release.as_str();
     let version = kernel_version(release);
     if version.is_none_or(|v| v < (6, 12)) {
         return Err(format!(
@@ -215,6 +233,14 @@ fn file_backed_erofs() -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The running kernel's release, such as `6.18.44-fc-v1045` (empty if
+/// unreadable).
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// `(major, minor)` of a kernel release such as `6.18.44-fc-v1045`.
@@ -272,10 +298,7 @@ pub(crate) fn start(
         ));
     }
     if let Some(fd) = parked.take_fanotify() {
-        let config = fanotify_config(cfg);
-        lazypull_engine::private_dir(&config.cache_dir).context("the fanotify cache directory")?;
-        let server =
-            FanotifyServer::new(config, Some(fd)).context("taking over the fanotify group")?;
+        let server = fanotify_server(cfg, Some(fd))?;
         server.hand_in_files(parked.take_fanotify_files());
         return Ok((
             Running::Fanotify {
@@ -357,13 +380,7 @@ pub(crate) fn start(
         TransportKind::Fuse => fuse("--transport fuse".into()),
         TransportKind::Loop => loop_transport("--transport loop".into()),
         TransportKind::Fanotify => {
-            let config = fanotify_config(cfg);
-            lazypull_engine::private_dir(&config.cache_dir)
-                .context("the fanotify cache directory")?;
-            let server = FanotifyServer::new(config, None).context(
-                "starting the fanotify transport (it needs Linux 6.14+ with \
-                 CONFIG_FANOTIFY_ACCESS_PERMISSIONS and pre-content events, and CAP_SYS_ADMIN)",
-            )?;
+            let server = fanotify_server(cfg, None)?;
             server.probe().with_context(|| {
                 format!(
                     "the fanotify transport cannot mark files in {}",

@@ -120,12 +120,16 @@ impl TransportView {
                 // The kernel raises no pre-content events for the primary
                 // image file (measured on 6.18): the meta blob must be
                 // complete on local disk, and it is (fetched at register).
+                // Where a blob is complete on local disk, if it is.
+                let complete = |src: &dyn lazypull_source::BlobSource| {
+                    src.local_path()
+                        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() == src.size()))
+                        .map(std::path::Path::to_path_buf)
+                };
                 let meta = resolver
                     .resolve(b"fuse", fsid.as_bytes())
                     .map_err(|e| anyhow::anyhow!("the meta blob {fsid}: {e}"))?;
-                let source = meta
-                    .local_path()
-                    .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() == meta.size()))
+                let source = complete(meta.as_ref())
                     .with_context(|| {
                         format!("the meta blob {fsid} is not complete on local disk, as a fanotify mount needs")
                     })?
@@ -136,11 +140,7 @@ impl TransportView {
                     let src = resolver
                         .resolve(b"fuse", b.digest.as_bytes())
                         .map_err(|e| anyhow::anyhow!("data blob {}: {e}", b.digest))?;
-                    let complete = src
-                        .local_path()
-                        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() == src.size()))
-                        .map(std::path::Path::to_path_buf);
-                    let path = match complete {
+                    let path = match complete(src.as_ref()) {
                         Some(p) => p,
                         None => {
                             let binding =
