@@ -18,19 +18,21 @@
 //! blob lives.
 #![forbid(unsafe_code)]
 
+pub mod budget;
 mod buf;
 pub mod chunked;
 pub mod local_cache;
 mod private_dir;
 pub mod readahead;
 
+pub use budget::{BudgetSnapshot, CacheBudget, CacheLimit};
 pub use buf::{pooled_bytes, AlignedBuf, PooledBuf, POOL_MAX_FREE};
 pub use chunked::{
     ChunkedBlob, FetchContext, FetchOptions, FetchStats, FetchStatsSnapshot, PriorityGate,
 };
 use lazypull_source::BlobSource;
 pub use lazypull_source::Priority;
-pub use local_cache::{CacheFile, CacheReadError, NO_BINDING};
+pub use local_cache::{is_disk_full, CacheFile, CacheReadError, Pinned, NO_BINDING};
 pub use private_dir::private_dir;
 pub use readahead::{Ahead, ReadAheadPool, Stream, DEFAULT_READAHEAD};
 use std::io;
@@ -118,6 +120,25 @@ struct Bits {
     filled: Vec<u64>,
     busy: Vec<u64>,
     ahead: Vec<u64>,
+    /// Readers between "these windows are filled" and the end of their read
+    /// of them, per window: a pinned window is never evicted (see
+    /// [`FillMap::pin_filled`]). Few at a time, so a map, not a vector.
+    pins: std::collections::HashMap<u64, u32>,
+    /// When each window was last filled or pinned ([`now_nanos`]): what
+    /// eviction orders by (least recently used first).
+    last_use: Vec<u64>,
+}
+
+/// Nanoseconds on a monotonic clock since the first call in this process:
+/// the time stamps of [`FillMap`]'s least-recently-used order.
+pub fn now_nanos() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    // Never 0: 0 stands for "never used".
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+        + 1
 }
 
 fn bit(words: &[u64], index: u64) -> bool {
@@ -177,6 +198,8 @@ impl FillMap {
                 filled: words,
                 busy: vec![0; n],
                 ahead: vec![0; n],
+                pins: Default::default(),
+                last_use: vec![0; windows as usize],
             }),
             settled: Condvar::new(),
         }
@@ -258,6 +281,9 @@ impl FillMap {
             if filled {
                 set_bit(&mut bits.filled, index, true);
                 set_bit(&mut bits.ahead, index, ahead);
+                if let Some(t) = bits.last_use.get_mut(index as usize) {
+                    *t = now_nanos();
+                }
             }
         }
         self.settled.notify_all();
@@ -296,6 +322,117 @@ impl FillMap {
         let windows = object_size.div_ceil(self.window);
         (0..windows)
             .filter(|&i| bit(&bits.ahead, i))
+            .map(|i| self.window_bytes(i, object_size))
+            .sum()
+    }
+
+    /// Pins windows `first..=last` if every one of them is filled: until
+    /// [`unpin`](Self::unpin), none of them is evicted
+    /// ([`take_for_eviction`](Self::take_for_eviction) skips them), so a
+    /// reader can read their bytes from the cache file. Marks them used now.
+    /// Returns false (pinning nothing) if any is not filled.
+    pub fn pin_filled(&self, first: u64, last: u64) -> bool {
+        let mut bits = self.lock();
+        if !(first..=last).all(|i| bit(&bits.filled, i)) {
+            return false;
+        }
+        let now = now_nanos();
+        for i in first..=last {
+            *bits.pins.entry(i).or_insert(0) += 1;
+            if let Some(t) = bits.last_use.get_mut(i as usize) {
+                *t = now;
+            }
+        }
+        true
+    }
+
+    /// Ends one [`pin_filled`](Self::pin_filled) of windows `first..=last`.
+    pub fn unpin(&self, first: u64, last: u64) {
+        let mut bits = self.lock();
+        let now = now_nanos();
+        for i in first..=last {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = bits.pins.entry(i) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+            // A read ends now: it is as recent a use as its start.
+            if let Some(t) = bits.last_use.get_mut(i as usize) {
+                *t = now;
+            }
+        }
+    }
+
+    /// The windows that could be evicted now (filled, not being filled, not
+    /// pinned) and last used before `used_before`, with when they were last used.
+    pub fn evictable(&self, used_before: u64) -> Vec<(u64, u64)> {
+        let bits = self.lock();
+        let mut out = Vec::new();
+        for (wi, &w) in bits.filled.iter().enumerate() {
+            let mut free = w & !bits.busy[wi];
+            while free != 0 {
+                let i = wi as u64 * 64 + free.trailing_zeros() as u64;
+                free &= free - 1;
+                let used = bits.last_use.get(i as usize).copied().unwrap_or(0);
+                if used < used_before && !bits.pins.contains_key(&i) {
+                    out.push((used, i));
+                }
+            }
+        }
+        out
+    }
+
+    /// Takes, of `windows`, those still evictable (filled, not busy, not
+    /// pinned): each is marked not filled and busy, so no reader trusts its
+    /// bytes and no filler writes it until the evictor
+    /// [`finish`](Self::finish)es it (not filled) once its bytes are gone.
+    /// Returns the windows taken.
+    pub fn take_for_eviction(&self, windows: &[u64]) -> Vec<u64> {
+        let mut bits = self.lock();
+        let mut taken = Vec::new();
+        for &i in windows {
+            if bit(&bits.filled, i) && !bit(&bits.busy, i) && !bits.pins.contains_key(&i) {
+                set_bit(&mut bits.filled, i, false);
+                set_bit(&mut bits.ahead, i, false);
+                set_bit(&mut bits.busy, i, true);
+                taken.push(i);
+            }
+        }
+        taken
+    }
+
+    /// Gives back windows [`take_for_eviction`](Self::take_for_eviction)
+    /// took whose bytes are still intact (the eviction did not happen).
+    pub fn untake(&self, windows: &[u64]) {
+        {
+            let mut bits = self.lock();
+            for &i in windows {
+                set_bit(&mut bits.busy, i, false);
+                set_bit(&mut bits.filled, i, true);
+            }
+        }
+        self.settled.notify_all();
+    }
+
+    /// Bytes of the windows in `windows` (in an object of `object_size`).
+    pub fn bytes_of(&self, windows: &[u64], object_size: u64) -> u64 {
+        windows
+            .iter()
+            .map(|&i| self.window_bytes(i, object_size))
+            .sum()
+    }
+
+    /// Bytes of `[off, off + len)`'s windows that are neither filled nor
+    /// being filled: what filling that range would add to the cache.
+    pub fn missing_bytes(&self, off: u64, len: u64, object_size: u64) -> u64 {
+        let end = off.saturating_add(len).min(object_size);
+        if off >= end {
+            return 0;
+        }
+        let bits = self.lock();
+        (off / self.window..=(end - 1) / self.window)
+            .filter(|&i| !bit(&bits.filled, i) && !bit(&bits.busy, i))
             .map(|i| self.window_bytes(i, object_size))
             .sum()
     }
@@ -342,6 +479,12 @@ pub enum FillError {
         len: usize,
         got: usize,
         size: u64,
+    },
+    #[error("no room in the cache for {needed} more bytes of blob {blob}: its limit is {limit} bytes and all it holds is in use")]
+    NoRoom {
+        blob: String,
+        needed: u64,
+        limit: u64,
     },
     #[error("writing {len} bytes at {off} into the cache: {source}")]
     Write {

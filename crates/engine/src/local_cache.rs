@@ -32,10 +32,12 @@ use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use lazypull_source::{BlobSource, Priority};
 use tracing::{debug, warn};
 
+use crate::budget::CacheBudget;
 use crate::{fill, AlignedBuf, CacheSink, FillError, FillMap, FillOutcome, FillPolicy, Target};
 
 /// A map file starts with this, then [`MAP_VERSION`] as two ASCII digits.
@@ -62,6 +64,35 @@ pub struct CacheFile {
     map_path: PathBuf,
     map: FillMap,
     dirty: AtomicBool,
+    /// Held while the map is written: a save and an eviction never
+    /// interleave (see [`evict_windows`](Self::evict_windows)).
+    map_io: Mutex<()>,
+    /// The budget this cache is held to, if any (see [`crate::budget`]).
+    budget: Option<Arc<CacheBudget>>,
+}
+
+/// Windows of a cache a reader is reading: none of them is evicted until
+/// this drops (see [`CacheFile::fill_pinned`]).
+#[must_use]
+pub struct Pinned<'a> {
+    map: &'a FillMap,
+    windows: Option<(u64, u64)>,
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        if let Some((first, last)) = self.windows {
+            self.map.unpin(first, last);
+        }
+    }
+}
+
+impl Drop for CacheFile {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.closed(&self.data_path, &self.map_path, self.cached_bytes());
+        }
+    }
 }
 
 impl CacheSink for File {
@@ -145,6 +176,8 @@ impl CacheFile {
             map_path,
             map,
             dirty: AtomicBool::new(false),
+            map_io: Mutex::new(()),
+            budget: None,
         })
     }
 
@@ -196,6 +229,8 @@ impl CacheFile {
             map_path,
             map,
             dirty: AtomicBool::new(false),
+            map_io: Mutex::new(()),
+            budget: None,
         })
     }
 
@@ -241,7 +276,34 @@ impl CacheFile {
     }
 
     /// Fills the missing windows of `[off, off + len)` from `source`.
+    ///
+    /// Under a budget, room for them is reserved first (evicting the least
+    /// recently used windows of any cache of the budget); with no room to
+    /// be had this fails with [`FillError::NoRoom`] and writes nothing. A
+    /// full file system (ENOSPC, EDQUOT) under a budget evicts a batch and
+    /// tries once more.
     pub fn fill(
+        &self,
+        source: &dyn BlobSource,
+        off: u64,
+        len: u64,
+        priority: Priority,
+    ) -> Result<FillOutcome, FillError> {
+        match self.fill_once(source, off, len, priority) {
+            Err(FillError::Write { source: e, .. })
+                if is_disk_full(&e)
+                    && self
+                        .budget
+                        .as_ref()
+                        .is_some_and(|b| b.evict(b.limit() / 16 + len) > 0) =>
+            {
+                self.fill_once(source, off, len, priority)
+            }
+            other => other,
+        }
+    }
+
+    fn fill_once(
         &self,
         source: &dyn BlobSource,
         off: u64,
@@ -251,6 +313,7 @@ impl CacheFile {
         if self.covers(off, len) {
             return Ok(FillOutcome::default());
         }
+        let reserved = self.reserve(off, len)?;
         let mut buf = AlignedBuf::new(self.policy.buffer_size_for(source));
         let target = Target {
             source,
@@ -265,7 +328,75 @@ impl CacheFile {
         if self.map.filled_windows() != before {
             self.dirty.store(true, Ordering::Release);
         }
+        // What was written is counted as filled from now on.
+        if let Some(b) = &self.budget {
+            b.release(reserved);
+        }
         out
+    }
+
+    /// Reserves room in the budget (if any) for the windows of
+    /// `[off, off + len)` that are missing; returns the bytes reserved.
+    fn reserve(&self, off: u64, len: u64) -> Result<u64, FillError> {
+        let Some(budget) = &self.budget else {
+            return Ok(0);
+        };
+        let needed = self.map.missing_bytes(off, len, self.size);
+        if budget.reserve(needed) {
+            Ok(needed)
+        } else {
+            Err(FillError::NoRoom {
+                blob: self.name.clone(),
+                needed,
+                limit: budget.limit(),
+            })
+        }
+    }
+
+    /// [`fill`](Self::fill)s `[off, off + len)` and pins its windows: they
+    /// stay in the cache file until the returned guard drops, for the
+    /// caller to read them from [`data_file`](Self::data_file).
+    pub fn fill_pinned(
+        &self,
+        source: &dyn BlobSource,
+        off: u64,
+        len: u64,
+        priority: Priority,
+    ) -> Result<(FillOutcome, Pinned<'_>), FillError> {
+        let end = off.saturating_add(len).min(self.size);
+        if off >= end {
+            return Ok((
+                FillOutcome::default(),
+                Pinned {
+                    map: &self.map,
+                    windows: None,
+                },
+            ));
+        }
+        let (first, last) = (off / self.policy.window, (end - 1) / self.policy.window);
+        let mut total = FillOutcome::default();
+        // A window evicted between its fill and the pin is filled again; a
+        // budget so small that this keeps happening is out of room.
+        for _ in 0..8 {
+            let out = self.fill(source, off, len, priority)?;
+            total.bytes_written += out.bytes_written;
+            total.windows_written += out.windows_written;
+            total.windows_overlapped += out.windows_overlapped;
+            if self.map.pin_filled(first, last) {
+                return Ok((
+                    total,
+                    Pinned {
+                        map: &self.map,
+                        windows: Some((first, last)),
+                    },
+                ));
+            }
+        }
+        Err(FillError::NoRoom {
+            blob: self.name.clone(),
+            needed: len,
+            limit: self.budget.as_ref().map_or(0, |b| b.limit()),
+        })
     }
 
     /// Fills, ahead of need and at background priority, the windows of
@@ -279,6 +410,11 @@ impl CacheFile {
         len: u64,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<FillOutcome, FillError> {
+        // Read-ahead that finds no room is skipped: a reader's miss fills
+        // (and evicts for) what it needs.
+        let Ok(reserved) = self.reserve(off, len) else {
+            return Ok(FillOutcome::default());
+        };
         let mut buf = AlignedBuf::new(self.policy.buffer_size_for(source));
         let target = Target {
             source,
@@ -291,6 +427,9 @@ impl CacheFile {
         let out = crate::fill_ahead(&target, off, len, &self.policy, &mut buf, cancelled);
         if self.map.filled_windows() != before {
             self.dirty.store(true, Ordering::Release);
+        }
+        if let Some(b) = &self.budget {
+            b.release(reserved);
         }
         out
     }
@@ -337,7 +476,7 @@ impl CacheFile {
         out: &mut [u8],
         priority: Priority,
     ) -> Result<FillOutcome, CacheReadError> {
-        let outcome = self.fill(source, off, out.len() as u64, priority)?;
+        let (outcome, _pinned) = self.fill_pinned(source, off, out.len() as u64, priority)?;
         self.data
             .read_exact_at(out, off)
             .map_err(|e| CacheReadError::Read {
@@ -354,6 +493,18 @@ impl CacheFile {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
+        let result = self.save_map();
+        if result.is_err() {
+            self.dirty.store(true, Ordering::Release);
+        }
+        result
+    }
+
+    /// Writes the map as it is now (durably: data synced first, then the map
+    /// replaced by a rename). One save at a time (`map_io`), so an older
+    /// snapshot never lands after a newer one.
+    fn save_map(&self) -> io::Result<()> {
+        let _io = self.map_io.lock().unwrap_or_else(|p| p.into_inner());
         let result = (|| {
             let words = self.map.words();
             self.data.sync_data()?;
@@ -374,9 +525,6 @@ impl CacheFile {
             std::fs::rename(&tmp, &self.map_path)?;
             sync_dir(&self.map_path)
         })();
-        if result.is_err() {
-            self.dirty.store(true, Ordering::Release);
-        }
         result.map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -384,6 +532,69 @@ impl CacheFile {
             )
         })
     }
+
+    /// Puts this cache under `budget` (see [`CacheBudget::open`]).
+    pub(crate) fn set_budget(&mut self, budget: Arc<CacheBudget>) {
+        self.budget = Some(budget);
+    }
+
+    /// Whether this cache is held to a budget.
+    pub fn is_budgeted(&self) -> bool {
+        self.budget.is_some()
+    }
+
+    /// Evicts `windows` (sorted) that are still evictable: marks them
+    /// missing, saves the map that says so, then punches their bytes out of
+    /// the data file. Returns the windows and bytes evicted. A map that
+    /// cannot be saved evicts nothing (the windows stay filled: their bytes
+    /// are untouched).
+    pub fn evict_windows(&self, windows: &[u64]) -> (u64, u64) {
+        let taken = self.map.take_for_eviction(windows);
+        if taken.is_empty() {
+            return (0, 0);
+        }
+        // Missing on disk before the bytes go: a crash after the punch
+        // leaves a map that does not claim them.
+        if let Err(e) = self.save_map() {
+            warn!(blob = %self.name, "not evicting from the cache: {e}");
+            self.map.untake(&taken);
+            return (0, 0);
+        }
+        let w = self.policy.window;
+        let mut k = 0;
+        while k < taken.len() {
+            let mut end = k + 1;
+            while end < taken.len() && taken[end] == taken[end - 1] + 1 {
+                end += 1;
+            }
+            let start = taken[k] * w;
+            let stop = ((taken[end - 1] + 1) * w).min(self.size);
+            if let Err(e) = rustix::fs::fallocate(
+                &self.data,
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                start,
+                stop - start,
+            ) {
+                // Marked missing all the same: refilled when read.
+                warn!(blob = %self.name, start, len = stop - start, "punching evicted windows out of the cache file: {e}");
+            }
+            k = end;
+        }
+        for &i in &taken {
+            self.map.finish(i, false, false);
+        }
+        let bytes = self.map.bytes_of(&taken, self.size);
+        debug!(blob = %self.name, windows = taken.len(), bytes, "evicted");
+        (taken.len() as u64, bytes)
+    }
+}
+
+/// Whether a write failed because the file system is full (ENOSPC, EDQUOT).
+pub fn is_disk_full(e: &io::Error) -> bool {
+    matches!(
+        rustix::io::Errno::from_io_error(e),
+        Some(rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT)
+    )
 }
 
 /// The fill map saved at `map_path`, if it is there and trusted.
@@ -800,5 +1011,160 @@ mod tests {
         assert!(!c.covers(30_000, 100));
         c.read(&src, 100, &mut out, Priority::Foreground).unwrap();
         assert_eq!(out, src.data[100..200]);
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+    use crate::budget::CacheBudget;
+    use std::os::unix::fs::MetadataExt;
+
+    #[derive(Debug)]
+    struct Mem(Vec<u8>, &'static str);
+    impl BlobSource for Mem {
+        fn name(&self) -> &str {
+            self.1
+        }
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+            let off = off as usize;
+            let n = buf.len().min(self.0.len().saturating_sub(off));
+            buf[..n].copy_from_slice(&self.0[off..off + n]);
+            Ok(n)
+        }
+    }
+
+    fn mem(n: usize, seed: usize, name: &'static str) -> Mem {
+        Mem((0..n).map(|i| ((i * 7 + seed) % 253) as u8).collect(), name)
+    }
+
+    const W: u64 = 16384;
+    const POLICY: FillPolicy = FillPolicy {
+        window: W,
+        io_size: 8192,
+    };
+
+    fn allocated(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "data"))
+            .map(|p| std::fs::metadata(p).unwrap().blocks() * 512)
+            .sum()
+    }
+
+    #[test]
+    fn a_budget_of_a_quarter_holds_reads_of_two_blobs_to_it_with_the_right_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (mem(40 * W as usize, 1, "a"), mem(24 * W as usize, 5, "b"));
+        let limit = (a.size() + b.size()) / 4;
+        let budget = CacheBudget::new(limit);
+        let ca = budget
+            .open(dir.path(), "a", a.size(), POLICY, NO_BINDING)
+            .unwrap();
+        let cb = budget
+            .open(dir.path(), "b", b.size(), POLICY, NO_BINDING)
+            .unwrap();
+        for pass in 0..2 {
+            for (c, src) in [(&ca, &a), (&cb, &b)] {
+                let mut off = 0;
+                while off < src.size() {
+                    let len = (5000 + off % 3000).min(src.size() - off);
+                    let mut out = vec![0; len as usize];
+                    c.read(src, off, &mut out, Priority::Foreground).unwrap();
+                    assert_eq!(
+                        out,
+                        src.0[off as usize..(off + len) as usize],
+                        "pass {pass} at {off}"
+                    );
+                    assert!(budget.used() <= limit, "used {} > {limit}", budget.used());
+                    assert!(
+                        allocated(dir.path()) <= limit,
+                        "on disk {} > {limit}",
+                        allocated(dir.path())
+                    );
+                    off += len;
+                }
+            }
+        }
+        let s = budget.snapshot();
+        assert!(s.evicted_windows > 0 && s.evicted_bytes > 0, "{s:?}");
+        // Least recently used went first: the last windows read are in.
+        assert!(cb.covers(b.size() - W, W) && !ca.covers(0, W));
+    }
+
+    #[test]
+    fn an_evicted_window_is_missing_in_the_saved_map_before_its_bytes_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = mem(8 * W as usize, 3, "a");
+        let budget = CacheBudget::new(4 * W);
+        let c = budget
+            .open(dir.path(), "a", a.size(), POLICY, NO_BINDING)
+            .unwrap();
+        let mut out = vec![0; W as usize];
+        for i in 0..4 {
+            c.read(&a, i * W, &mut out, Priority::Foreground).unwrap();
+        }
+        c.flush().unwrap();
+        assert_eq!(c.evict_windows(&[0, 1]), (2, 2 * W));
+        // What a restarted daemon would find: windows 2 and 3 only.
+        drop(c);
+        let again = CacheFile::open(dir.path(), "a", a.size(), POLICY).unwrap();
+        assert!(!again.covers(0, 2 * W) && again.covers(2 * W, 2 * W));
+        let mut hole = vec![1; W as usize];
+        again.data_file().read_exact_at(&mut hole, 0).unwrap();
+        assert!(hole.iter().all(|&b| b == 0), "punched out");
+    }
+
+    #[test]
+    fn pinned_windows_are_never_evicted_and_a_full_budget_says_no_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = mem(8 * W as usize, 9, "a");
+        let budget = CacheBudget::new(2 * W);
+        let c = budget
+            .open(dir.path(), "a", a.size(), POLICY, NO_BINDING)
+            .unwrap();
+        let (_, pin) = c.fill_pinned(&a, 0, 2 * W, Priority::Foreground).unwrap();
+        let e = c.fill(&a, 4 * W, 10, Priority::Foreground).unwrap_err();
+        assert!(matches!(e, FillError::NoRoom { .. }), "{e}");
+        assert!(e.to_string().contains("no room"), "{e}");
+        assert!(c.covers(0, 2 * W));
+        drop(pin);
+        c.fill(&a, 4 * W, 10, Priority::Foreground).unwrap();
+        assert!(budget.used() <= 2 * W);
+        // More than the whole budget at once: no room, nothing evicted.
+        assert!(matches!(
+            c.fill(&a, 0, 3 * W, Priority::Foreground),
+            Err(FillError::NoRoom { .. })
+        ));
+    }
+
+    #[test]
+    fn caches_no_open_file_stands_for_are_removed_first_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (mem(4 * W as usize, 1, "a"), mem(4 * W as usize, 2, "b"));
+        {
+            let c = CacheFile::open(dir.path(), "old", a.size(), POLICY).unwrap();
+            let mut out = vec![0; (4 * W) as usize];
+            c.read(&a, 0, &mut out, Priority::Foreground).unwrap();
+            c.flush().unwrap();
+        }
+        let budget = CacheBudget::new(5 * W);
+        budget.scan(dir.path()).unwrap();
+        assert_eq!(budget.used(), 4 * W, "the old cache counts");
+        let c = budget
+            .open(dir.path(), "b", b.size(), POLICY, NO_BINDING)
+            .unwrap();
+        let mut out = vec![0; (3 * W) as usize];
+        c.read(&b, 0, &mut out, Priority::Foreground).unwrap();
+        assert_eq!(out, b.0[..(3 * W) as usize]);
+        assert!(!dir.path().join("old.data").exists() && !dir.path().join("old.map").exists());
+        assert_eq!(budget.snapshot().removed_blobs, 1);
+        // A budgeted cache that closes leaves an orphan, counted.
+        drop(c);
+        assert_eq!(budget.used(), 3 * W);
     }
 }
