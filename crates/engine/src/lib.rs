@@ -38,6 +38,46 @@ pub use readahead::{Ahead, ReadAheadPool, Stream, DEFAULT_READAHEAD};
 use std::io;
 use std::sync::{Condvar, Mutex};
 
+/// Whether a cache is refusing writes (a full disk) right now: so that an
+/// episode is logged once when it starts and once when it ends, not once
+/// per read.
+#[derive(Debug, Default)]
+pub struct WriteTrouble {
+    failing: std::sync::atomic::AtomicBool,
+    episodes: std::sync::atomic::AtomicU64,
+}
+
+impl WriteTrouble {
+    /// A write into the cache failed with `error`; `meanwhile` says what
+    /// readers get until writes succeed again.
+    pub fn failed(&self, error: &dyn std::fmt::Display, meanwhile: &str) {
+        use std::sync::atomic::Ordering;
+        if !self.failing.swap(true, Ordering::AcqRel) {
+            self.episodes.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "the cache refuses writes ({error}); {meanwhile} until it takes them again"
+            );
+        }
+    }
+
+    /// A write into the cache succeeded.
+    pub fn succeeded(&self) {
+        use std::sync::atomic::Ordering;
+        if self.failing.load(Ordering::Acquire) && self.failing.swap(false, Ordering::AcqRel) {
+            tracing::info!("the cache takes writes again");
+        }
+    }
+
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Episodes so far (each a run of failing writes).
+    pub fn episodes(&self) -> u64 {
+        self.episodes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Alignment of every write the engine makes (O_DIRECT-safe on 4 KiB file systems).
 pub const ALIGN: u64 = 4096;
 

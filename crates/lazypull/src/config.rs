@@ -81,6 +81,15 @@ pub struct DaemonArgs {
     #[arg(long, value_enum, value_name = "HOW")]
     pub(crate) fuse_recovery: Option<FuseRecovery>,
 
+    /// Most the daemon's own cache (FUSE, loop, fanotify) holds on disk: a
+    /// size (10GiB, 500MB), a percentage of the cache's file system (20%,
+    /// the default) or `unlimited`. Least recently used windows are evicted
+    /// and fetched again when read; caches of images no longer registered
+    /// go first. Under a limit, complete cache files are read through the
+    /// daemon, never directly (so it can evict them safely).
+    #[arg(long, value_name = "LIMIT", value_parser = parse_cache_limit)]
+    pub(crate) cache_limit: Option<lazypull_engine::CacheLimit>,
+
     /// With FUSE: where the blob files appear (default /run/lazypull/blobs).
     #[arg(long, value_name = "DIR")]
     pub(crate) fuse_dir: Option<PathBuf>,
@@ -134,8 +143,8 @@ pub struct DaemonArgs {
     pub(crate) socket: Option<PathBuf>,
 
     /// Config file (TOML). Default: /etc/lazypull/config.toml if it exists.
-    /// Keys: cache_dir, transport, fuse_dir, fuse_threads, fuse_recovery,
-    /// loop_direct_io, run_dir, fd_store,
+    /// Keys: cache_dir, cache_limit, transport, fuse_dir, fuse_threads,
+    /// fuse_recovery, loop_direct_io, run_dir, fd_store,
     /// metrics_addr, blob_dir, blob_url, work_dir, socket, tag, device,
     /// max_in_flight, fill_window, io_size, max_connections, max_merge,
     /// unit_cache, readahead, insecure_registries, ca_files, docker_config,
@@ -194,6 +203,8 @@ pub struct DaemonArgs {
 #[serde(deny_unknown_fields)]
 pub(crate) struct FileConfig {
     pub(crate) cache_dir: Option<PathBuf>,
+    /// "20%" (the default), a size ("10GiB", or bytes) or "unlimited".
+    pub(crate) cache_limit: Option<SizeOrText>,
     pub(crate) transport: Option<TransportKind>,
     pub(crate) fuse_dir: Option<PathBuf>,
     pub(crate) fuse_threads: Option<usize>,
@@ -240,6 +251,25 @@ pub(crate) struct FileConfig {
     pub(crate) max_meta_size: Option<SizeValue>,
 }
 
+/// A value given as a number of bytes or as text (a cache limit).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum SizeOrText {
+    Bytes(u64),
+    Text(String),
+}
+
+fn parse_cache_limit(s: &str) -> Result<lazypull_engine::CacheLimit, String> {
+    s.parse()
+}
+
+/// The default `cache_limit`: a fifth of the cache's file system. kubelet's
+/// image garbage collection starts at 85% of the disk by default; a lazy
+/// cache bounded well below leaves it room, and lazypull's status, metrics
+/// and the snapshotter's Usage show what the cache holds.
+pub(crate) const DEFAULT_CACHE_LIMIT: lazypull_engine::CacheLimit =
+    lazypull_engine::CacheLimit::Percent(20);
+
 /// A size given as a number of bytes or a string such as "1MiB".
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -280,6 +310,7 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DaemonConfig {
     pub(crate) cache_dir: PathBuf,
+    pub(crate) cache_limit: lazypull_engine::CacheLimit,
     pub(crate) transport: TransportKind,
     pub(crate) fuse_dir: PathBuf,
     pub(crate) fuse_threads: usize,
@@ -364,8 +395,20 @@ impl DaemonArgs {
             Some(v) => v.bytes().context("config key io_size")? as usize,
             None => lazypull_engine::FillPolicy::default().io_size,
         };
+        let cache_limit = match (self.cache_limit, &file.cache_limit) {
+            (Some(l), _) => l,
+            (None, Some(SizeOrText::Bytes(0))) => {
+                bail!("config key cache_limit: 0 leaves no room for any read; say \"unlimited\" for no limit")
+            }
+            (None, Some(SizeOrText::Bytes(n))) => lazypull_engine::CacheLimit::Bytes(*n),
+            (None, Some(SizeOrText::Text(t))) => t
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("config key cache_limit: {e}"))?,
+            (None, None) => DEFAULT_CACHE_LIMIT,
+        };
         let cfg = DaemonConfig {
             cache_dir,
+            cache_limit,
             transport: self.transport.or(file.transport).unwrap_or_default(),
             fuse_dir: self
                 .fuse_dir
@@ -476,6 +519,7 @@ mod tests {
             cache_dir: None,
             transport: None,
             fuse_recovery: None,
+            cache_limit: None,
             fuse_dir: None,
             run_dir: None,
             fd_store: None,
@@ -511,6 +555,38 @@ mod tests {
         assert_eq!(c.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.fill_window, 1 << 20);
         assert_eq!(c.fuse_recovery, FuseRecovery::Auto);
+    }
+
+    #[test]
+    fn cache_limit_defaults_to_a_fifth_is_read_from_the_file_and_the_flag_wins() {
+        use lazypull_engine::CacheLimit;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let mut a = args();
+        a.config = Some(path.clone());
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(a.resolve().unwrap().cache_limit, CacheLimit::Percent(20));
+        for (text, want) in [
+            ("cache_limit = \"2GiB\"\n", CacheLimit::Bytes(2 << 30)),
+            ("cache_limit = 1048576\n", CacheLimit::Bytes(1 << 20)),
+            ("cache_limit = \"unlimited\"\n", CacheLimit::Unlimited),
+            ("cache_limit = \"35%\"\n", CacheLimit::Percent(35)),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            assert_eq!(a.resolve().unwrap().cache_limit, want, "{text}");
+        }
+        a.cache_limit = Some(CacheLimit::Bytes(4096));
+        assert_eq!(a.resolve().unwrap().cache_limit, CacheLimit::Bytes(4096));
+        a.cache_limit = None;
+        for bad in [
+            "cache_limit = 0\n",
+            "cache_limit = \"lots\"\n",
+            "cache_limit = \"150%\"\n",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let e = format!("{:#}", a.resolve().unwrap_err());
+            assert!(e.contains("cache_limit"), "{bad}: {e}");
+        }
     }
 
     #[test]

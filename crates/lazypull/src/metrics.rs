@@ -167,6 +167,44 @@ fn render(status: &Status) -> String {
         "Units whose bytes failed decompression or their SHA-256 check (never written).",
         f.verify_failures,
     );
+    if let Some(c) = &status.cache {
+        e.one(
+            "lazypull_cache_limit_bytes",
+            "gauge",
+            "The cache's byte budget (cache_limit).",
+            c.limit_bytes,
+        );
+        e.one(
+            "lazypull_cache_used_bytes",
+            "gauge",
+            "Bytes the cache holds against its budget (filled windows, unused caches, reservations).",
+            c.used_bytes,
+        );
+        e.one(
+            "lazypull_cache_evicted_bytes_total",
+            "counter",
+            "Bytes evicted from the cache to stay within its budget (fetched again when read).",
+            c.evicted_bytes,
+        );
+        e.one(
+            "lazypull_cache_evicted_windows_total",
+            "counter",
+            "Fill windows evicted from the cache.",
+            c.evicted_windows,
+        );
+        e.one(
+            "lazypull_cache_removed_blobs_total",
+            "counter",
+            "Whole cache files removed: blobs no registered image uses.",
+            c.removed_blobs,
+        );
+        e.one(
+            "lazypull_cache_no_room_total",
+            "counter",
+            "Fills refused because everything the cache held was in use (served uncached, or EIO on fanotify).",
+            c.no_room,
+        );
+    }
     let images = &status.images;
     e.one(
         "lazypull_images",
@@ -308,6 +346,7 @@ mod tests {
             blobs: vec![],
             prefetching: vec![],
             restoring: vec![],
+            cache: None,
         };
         let page = render(&status);
         assert!(
@@ -345,6 +384,7 @@ mod tests {
             blobs: vec![],
             prefetching: vec![],
             restoring: vec![],
+            cache: None,
         };
         let page = render(&status);
         for line in [

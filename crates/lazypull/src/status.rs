@@ -35,6 +35,9 @@ pub(crate) struct Status {
     pub(crate) prefetching: Vec<String>,
     /// Images a previous daemon served that are not back yet (retried).
     pub(crate) restoring: Vec<RestoringImage>,
+    /// The daemon's own cache against its `cache_limit` (FUSE, loop,
+    /// fanotify); null when unlimited or on cachefiles.
+    pub(crate) cache: Option<lazypull_engine::BudgetSnapshot>,
 }
 
 /// The transport serving the kernel, and why it was chosen.
@@ -88,6 +91,7 @@ mod tests {
             blobs: Vec::new(),
             prefetching: Vec::new(),
             restoring: Vec::new(),
+            cache: None,
         };
         let v = serde_json::to_value(&status).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -96,6 +100,7 @@ mod tests {
             [
                 "backend_http",
                 "blobs",
+                "cache",
                 "fetch",
                 "images",
                 "pid",

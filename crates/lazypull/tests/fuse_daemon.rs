@@ -2216,9 +2216,12 @@ fn fanotify_serves_a_realistic_image_identical_and_warm_reads_fetch_nothing() {
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
     let src = realistic_src(tmp.path());
     let site = Site::with_transport(tmp.path(), &src, "fanotify");
-    let daemon = site.daemon(&[], "daemon.log");
+    // Unlimited: under a cache limit complete blobs keep their marks (their
+    // windows may be evicted); this test is about the unmarking.
+    let daemon = site.daemon(&["--cache-limit", "unlimited"], "daemon.log");
     let s = site.status().unwrap();
     assert_eq!(s["transport"]["kind"], "fanotify", "{s}");
+    assert!(s["cache"].is_null(), "no budget: {s}");
     let mnt = tmp.path().join("mnt");
     site.mount(&mnt);
     let _guard = Unmount(mnt.clone());
@@ -2553,4 +2556,123 @@ fn fanotify_mount_cycles_leak_no_fd_and_no_memory() {
 fn loop_mount_cycles_leak_no_fd_and_no_memory() {
     require_loop();
     mount_cycles_leak_nothing("loop");
+}
+
+/// Bytes the `.data` cache files under `dir` hold on disk (their blocks:
+/// they are sparse).
+fn allocated_data_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "data"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// With `--cache-limit` a quarter of an image's size, the whole image read
+/// twice (the page cache dropped between) comes back identical, and the
+/// cache never holds more than its limit: sampled on disk every 20 ms
+/// while the reads run, and in `status` (issue 17).
+fn a_quarter_limit_holds(transport: &'static str, cache_subdir: &str) {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = tmp.path().join("src");
+    let want = big_files(&src, 4, 9100);
+    let site = Site::with_transport(tmp.path(), &src, transport);
+    // The data blobs hold the files' bytes (random: nothing dedups).
+    let image = want.len() as u64 * (16 << 20);
+    let limit = image / 4;
+    let daemon = site.daemon(&["--cache-limit", &limit.to_string()], "daemon.log");
+    let s = site.status().unwrap();
+    assert_eq!(s["cache"]["limit_bytes"].as_u64(), Some(limit), "{s}");
+    let mnt = tmp.path().join("mnt");
+    site.mount(&mnt);
+    let _guard = Unmount(mnt.clone());
+    let cache = tmp.path().join("cache").join(cache_subdir);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (done, cache) = (done.clone(), cache.clone());
+        std::thread::spawn(move || {
+            let (mut peak, mut samples) = (0, 0u64);
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                peak = peak.max(allocated_data_bytes(&cache));
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (peak, samples)
+        })
+    };
+    let mut peak_used = 0;
+    for pass in 1..=2 {
+        drop_caches();
+        for (i, want) in want.iter().enumerate() {
+            assert_eq!(
+                &sha(&mnt.join(format!("big{i}.bin"))).unwrap(),
+                want,
+                "{transport}: pass {pass}, file {i}"
+            );
+            let s = site.status().unwrap();
+            let used = s["cache"]["used_bytes"].as_u64().unwrap();
+            assert!(
+                used <= limit,
+                "{transport}: status says {used} held, limit {limit}: {s}"
+            );
+            peak_used = peak_used.max(used);
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (peak_disk, samples) = sampler.join().unwrap();
+    let s = site.status().unwrap();
+    let c = &s["cache"];
+    println!(
+        "{transport}: image {image}, limit {limit}: peak on disk {peak_disk} ({samples} samples), peak in status {peak_used}, {c}"
+    );
+    assert!(samples > 10, "sampled while reading");
+    assert!(
+        peak_disk <= limit,
+        "{transport}: the cache files held {peak_disk} bytes on disk, limit {limit}"
+    );
+    assert!(
+        c["evicted_bytes"].as_u64().unwrap() >= image - limit,
+        "{transport}: reading {image} bytes under a limit of {limit} evicted: {c}"
+    );
+    assert_eq!(
+        s["transport"]["counters"]["read_failures"]
+            .as_u64()
+            .unwrap_or(0),
+        0,
+        "{s}"
+    );
+    assert_eq!(
+        s["transport"]["counters"]["denied"].as_u64().unwrap_or(0),
+        0,
+        "{s}"
+    );
+    let page = site.metrics();
+    assert_eq!(metric(&page, "lazypull_cache_limit_bytes"), limit);
+    assert!(metric(&page, "lazypull_cache_evicted_bytes_total") > 0);
+    site.umount(&mnt);
+    site.shutdown(daemon);
+}
+
+#[test]
+fn fuse_cache_limit_of_a_quarter_image_holds_over_two_whole_reads() {
+    require_host();
+    a_quarter_limit_holds("fuse", "blobs");
+}
+
+#[test]
+fn loop_cache_limit_of_a_quarter_image_holds_over_two_whole_reads() {
+    require_loop();
+    a_quarter_limit_holds("loop", "blobs");
+}
+
+#[test]
+fn fanotify_cache_limit_of_a_quarter_image_holds_over_two_whole_reads() {
+    require_fanotify();
+    a_quarter_limit_holds("fanotify", "sparse");
 }

@@ -51,7 +51,22 @@ pub struct Config {
     /// How far ahead of a sequential reader of a blob its cache file is
     /// filled, in bytes (0: no read-ahead), as for FUSE.
     pub readahead: u64,
+    /// The cache's byte budget (`cache_limit`), if any. Under one, every
+    /// cache file stays marked, complete or not (an evicted window must
+    /// raise an event again), and windows are evicted only once idle for
+    /// the budget's `min_idle` ([`EVICT_MIN_IDLE`]).
+    pub budget: Option<Arc<lazypull_engine::CacheBudget>>,
 }
+
+/// How long a window of a fanotify cache file must have gone unread before
+/// it may be evicted. An event's response lets the kernel go on with the
+/// read, which then reads the cache file with no lock of ours held: a
+/// window punched in between would read as zeros. Nothing in the kernel
+/// tells when that read is done, so eviction leaves every window alone
+/// for this long after its last event (a read allowed a tenth of a second
+/// ago has long copied its pages), and never touches a window an event is
+/// being answered for (it is pinned from the fill to the response).
+pub const EVICT_MIN_IDLE: Duration = Duration::from_millis(100);
 
 /// Counters of the server.
 #[derive(Debug, Default)]
@@ -91,7 +106,7 @@ impl Stats {
 }
 
 struct Blob {
-    cache: CacheFile,
+    cache: Arc<CacheFile>,
     source: Arc<dyn BlobSource>,
     /// Its mark is gone (see [`FanotifyServer::unmark_if_complete`]).
     unmarked: AtomicBool,
@@ -119,6 +134,8 @@ pub struct FanotifyServer {
     /// [`serve`](Self::serve), stopped and joined by [`stop`](Self::stop)).
     readahead: Mutex<Option<Arc<lazypull_engine::ReadAheadPool>>>,
     pub stats: Stats,
+    /// Whether the cache file system refuses writes now (logged once per episode).
+    write_trouble: lazypull_engine::WriteTrouble,
 }
 
 /// Parks a blob's cache file fd (named by the blob) where a successor finds
@@ -166,6 +183,7 @@ impl FanotifyServer {
             park: Mutex::new(None),
             readahead: Mutex::new(None),
             stats: Stats::default(),
+            write_trouble: lazypull_engine::WriteTrouble::default(),
         }))
     }
 
@@ -226,26 +244,31 @@ impl FanotifyServer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(source.name());
+        let (dir, name, size, policy) = (
+            &self.config.cache_dir,
+            source.name(),
+            source.size(),
+            self.config.policy,
+        );
+        let budget = self.config.budget.as_ref();
         let cache = match handed {
             // The predecessor's open file: the inode the mounts read, and
             // an fd that raises no events.
-            Some(fd) => CacheFile::adopt_file(
-                &self.config.cache_dir,
-                source.name(),
-                source.size(),
-                self.config.policy,
-                binding,
-                std::fs::File::from(fd),
-            )?,
+            Some(fd) => {
+                let file = std::fs::File::from(fd);
+                match budget {
+                    Some(b) => b.adopt(dir, name, size, policy, binding, file)?,
+                    None => Arc::new(CacheFile::adopt_file(
+                        dir, name, size, policy, binding, file,
+                    )?),
+                }
+            }
             None => {
-                let cache = CacheFile::open_bound(
-                    &self.config.cache_dir,
-                    source.name(),
-                    source.size(),
-                    self.config.policy,
-                    binding,
-                )?;
-                if !cache.is_complete() {
+                let cache = match budget {
+                    Some(b) => b.open(dir, name, size, policy, binding)?,
+                    None => Arc::new(CacheFile::open_bound(dir, name, size, policy, binding)?),
+                };
+                if self.needs_mark(&cache) {
                     if let Some(park) = &*self.park.lock().unwrap_or_else(|p| p.into_inner()) {
                         park(source.name(), cache.data_file().as_fd()).map_err(|e| {
                             io::Error::new(
@@ -260,13 +283,13 @@ impl FanotifyServer {
         };
         let path = cache.data_path().to_path_buf();
         let key = inode_of(cache.data_file())?;
-        if !cache.is_complete() {
+        if self.needs_mark(&cache) {
             // After the open above, before any reader's: see the module doc.
             // (Marking a file marked already, by a predecessor's group that
             // is this one, changes nothing.)
             self.group.mark_pre_access(&path)?;
         }
-        let unmarked = AtomicBool::new(cache.is_complete());
+        let unmarked = AtomicBool::new(!self.needs_mark(&cache));
         blobs.insert(
             key,
             Arc::new(Blob {
@@ -277,6 +300,17 @@ impl FanotifyServer {
             }),
         );
         Ok(path)
+    }
+
+    /// Whether reads of `cache` must raise events: while it has holes, and
+    /// always under a budget (eviction makes new holes).
+    fn needs_mark(&self, cache: &CacheFile) -> bool {
+        !cache.is_complete() || cache.is_budgeted()
+    }
+
+    /// The cache's budget, if it has one.
+    pub fn budget(&self) -> Option<&Arc<lazypull_engine::CacheBudget>> {
+        self.config.budget.as_ref()
     }
 
     fn blob_by_key(&self, key: &str) -> Option<Arc<Blob>> {
@@ -431,27 +465,42 @@ impl FanotifyServer {
             return;
         }
         self.stats.events.fetch_add(1, Ordering::Relaxed);
-        let response = match target.and_then(|(blob, off, count)| {
-            // Queued before this event's own fill: the windows after it are
-            // fetched while this one is.
-            self.read_ahead(&blob, off, count);
-            self.fill(&blob, off, count)
-        }) {
-            Ok(()) => Response::Allow,
-            Err(e) => {
-                self.stats.denied.fetch_add(1, Ordering::Relaxed);
-                warn!(pid = ev.pid, range = ?ev.range, "fanotify: the read gets EIO: {e}");
-                Response::DenyErrno(libc::EIO)
-            }
+        let deny = |e: &dyn std::fmt::Display| {
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+            warn!(pid = ev.pid, range = ?ev.range, "fanotify: the read gets EIO: {e}");
+            Response::DenyErrno(libc::EIO)
         };
-        if let Err(e) = self.group.respond(ev.fd, response) {
-            error!(fd = ev.fd, "fanotify: answering an event: {e}");
+        match target {
+            Ok((blob, off, count)) => {
+                // Queued before this event's own fill: the windows after it
+                // are fetched while this one is.
+                self.read_ahead(&blob, off, count);
+                // Pinned until the response is written (see EVICT_MIN_IDLE).
+                let filled = self.fill(&blob, off, count);
+                let response = match &filled {
+                    Ok(_) => Response::Allow,
+                    Err(e) => deny(e),
+                };
+                self.respond(ev.fd, response);
+                drop(filled);
+            }
+            Err(e) => {
+                let response = deny(&e);
+                self.respond(ev.fd, response);
+            }
+        }
+    }
+
+    /// Answers event `fd` and ends its journal record.
+    fn respond(&self, fd: i32, response: Response) {
+        if let Err(e) = self.group.respond(fd, response) {
+            error!(fd, "fanotify: answering an event: {e}");
         }
         if let Err(e) = self
             .journal
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .end(ev.fd)
+            .end(fd)
         {
             warn!("fanotify: journal: {e}");
         }
@@ -492,28 +541,41 @@ impl FanotifyServer {
         }
     }
 
-    /// Fills `[off, off + count)` of `blob` (the event is recorded already).
-    fn fill(&self, blob: &Blob, off: u64, count: u64) -> io::Result<()> {
-        if blob.cache.covers(off, count) {
-            self.unmark_if_complete(blob);
-            return Ok(());
-        }
-        let out = blob
+    /// Fills `[off, off + count)` of `blob` (the event is recorded already)
+    /// and pins it there until the returned guard drops. A fill that finds
+    /// the file system full has the budget (if any) evict and tries again;
+    /// failing that, the reader gets EIO (the bytes must be in the file).
+    fn fill<'b>(
+        &self,
+        blob: &'b Blob,
+        off: u64,
+        count: u64,
+    ) -> io::Result<lazypull_engine::Pinned<'b>> {
+        let (out, pinned) = blob
             .cache
-            .fill(blob.source.as_ref(), off, count, Priority::Foreground)
-            .map_err(io::Error::other)?;
-        self.stats
-            .filled_bytes
-            .fetch_add(out.bytes_written, Ordering::Relaxed);
-        debug!(
-            blob = blob.cache.name(),
-            off,
-            count,
-            bytes = out.bytes_written,
-            "fanotify: filled"
-        );
+            .fill_pinned(blob.source.as_ref(), off, count, Priority::Foreground)
+            .map_err(|e| {
+                if let lazypull_engine::FillError::Write { source, .. } = &e {
+                    self.write_trouble
+                        .failed(source, "fanotify reads of ranges not cached get EIO");
+                }
+                io::Error::other(e)
+            })?;
+        if out.bytes_written > 0 {
+            self.write_trouble.succeeded();
+            self.stats
+                .filled_bytes
+                .fetch_add(out.bytes_written, Ordering::Relaxed);
+            debug!(
+                blob = blob.cache.name(),
+                off,
+                count,
+                bytes = out.bytes_written,
+                "fanotify: filled"
+            );
+        }
         self.unmark_if_complete(blob);
-        Ok(())
+        Ok(pinned)
     }
 
     /// A blob whose every byte is in its cache file needs no events any
@@ -522,7 +584,7 @@ impl FanotifyServer {
     /// longer wait for the daemon. Before the map is durable the mark stays:
     /// a successor must not find an unmarked file it believes has holes.
     fn unmark_if_complete(&self, blob: &Blob) {
-        if !blob.cache.is_complete() || blob.unmarked.swap(true, Ordering::AcqRel) {
+        if self.needs_mark(&blob.cache) || blob.unmarked.swap(true, Ordering::AcqRel) {
             return;
         }
         let done = blob
@@ -555,7 +617,7 @@ impl FanotifyServer {
         let blobs = self.by_inode.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<String> = blobs
             .values()
-            .filter(|b| !b.cache.is_complete())
+            .filter(|b| self.needs_mark(&b.cache))
             .map(|b| b.cache.name().to_owned())
             .collect();
         v.sort();

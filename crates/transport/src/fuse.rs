@@ -73,6 +73,11 @@ pub struct Config {
     pub readahead: u64,
     /// How a successor answers the requests a killed predecessor had read.
     pub recovery: Recovery,
+    /// The byte budget of the cache (`cache_limit`), if any. Under one,
+    /// complete cache files are never handed out to be read directly (see
+    /// [`FuseBlobs::complete_file`]): every read passes through this server,
+    /// which pins what it reads, so any window can be evicted safely.
+    pub budget: Option<Arc<lazypull_engine::CacheBudget>>,
 }
 
 /// How a successor answers what its predecessor read and did not answer.
@@ -194,6 +199,11 @@ pub struct Stats {
     /// Of those, and of requests it had not even journalled, the ones
     /// answered EIO because what they asked was not recorded.
     pub recovered_unknown: AtomicU64,
+    /// READs answered straight from the source, not cached: the cache had
+    /// no room (its budget all in use) or its file system refused the write.
+    pub uncached_reads: AtomicU64,
+    /// Whether the cache refuses writes now (logged once per episode).
+    pub write_trouble: lazypull_engine::WriteTrouble,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -218,6 +228,10 @@ pub struct StatsSnapshot {
     pub splice_fallbacks: u64,
     pub recovered_requests: u64,
     pub recovered_unknown: u64,
+    pub uncached_reads: u64,
+    /// Runs of refused cache writes (a full disk) so far, and whether one is on.
+    pub cache_full_episodes: u64,
+    pub cache_full_now: bool,
 }
 
 impl Stats {
@@ -243,6 +257,9 @@ impl Stats {
             splice_fallbacks: g(&self.splice_fallbacks),
             recovered_requests: g(&self.recovered_requests),
             recovered_unknown: g(&self.recovered_unknown),
+            uncached_reads: g(&self.uncached_reads),
+            cache_full_episodes: self.write_trouble.episodes(),
+            cache_full_now: self.write_trouble.is_failing(),
         }
     }
 }
@@ -276,7 +293,7 @@ enum Store {
     /// A complete local file of the blob: read directly.
     Direct(File),
     /// Filled on demand into the daemon's cache.
-    Cached(Box<CacheFile>),
+    Cached(Arc<CacheFile>),
 }
 
 struct Node {
@@ -412,15 +429,14 @@ impl BlobFs {
         }
         // The cache is named by the blob, but reused only under the same
         // chunk table: another image may declare the name with another table.
-        Ok(Store::Cached(Box::new(CacheFile::open_bound(
-            &self.config.cache_dir,
-            name,
-            source.size(),
-            self.config.policy,
-            source
-                .content_binding()
-                .unwrap_or(lazypull_engine::NO_BINDING),
-        )?)))
+        let binding = source
+            .content_binding()
+            .unwrap_or(lazypull_engine::NO_BINDING);
+        let (dir, size, policy) = (&self.config.cache_dir, source.size(), self.config.policy);
+        Ok(Store::Cached(match &self.config.budget {
+            Some(budget) => budget.open(dir, name, size, policy, binding)?,
+            None => Arc::new(CacheFile::open_bound(dir, name, size, policy, binding)?),
+        }))
     }
 
     /// The node serving `name`, resolving the blob if it has none yet.
@@ -598,18 +614,73 @@ impl BlobFs {
 
     /// The file holding bytes `[off, off + len)` of the node's blob: the
     /// local blob itself, or its cache file once those windows are filled
-    /// (fetched and verified first if they are not).
-    fn file_with<'n>(&self, node: &'n Node, off: u64, len: u64) -> io::Result<&'n File> {
+    /// (fetched and verified first if they are not), pinned there until the
+    /// returned guard drops.
+    fn file_with<'n>(
+        &self,
+        node: &'n Node,
+        off: u64,
+        len: u64,
+    ) -> Result<(&'n File, Option<lazypull_engine::Pinned<'n>>), FillError> {
         match &node.store {
-            Store::Direct(file) => Ok(file),
+            Store::Direct(file) => Ok((file, None)),
             Store::Cached(cache) => {
-                let outcome = cache
-                    .fill(node.source.as_ref(), off, len, Priority::Foreground)
-                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let (outcome, pinned) =
+                    cache.fill_pinned(node.source.as_ref(), off, len, Priority::Foreground)?;
                 bump(&self.stats.bytes_written, outcome.bytes_written);
                 bump(&self.stats.windows_written, outcome.windows_written);
-                Ok(cache.data_file())
+                if outcome.bytes_written > 0 {
+                    self.stats.write_trouble.succeeded();
+                }
+                Ok((cache.data_file(), Some(pinned)))
             }
+        }
+    }
+
+    /// Answers READ `unique` with `len` bytes at `off` read straight from
+    /// the node's source (verified by it as any fill is), not cached: what
+    /// a READ gets when the cache cannot take its windows (no room in the
+    /// budget, a full file system).
+    fn answer_uncached(
+        &self,
+        dev: &FuseDevice,
+        node: &Node,
+        unique: u64,
+        off: u64,
+        len: usize,
+    ) -> io::Result<()> {
+        let mut buf = self.buffers.take(len);
+        let mut got = 0;
+        let read = loop {
+            if got == len {
+                break Ok(());
+            }
+            match node.source.read_at_priority(
+                &mut buf[got..],
+                off + got as u64,
+                Priority::Foreground,
+            ) {
+                Ok(0) => {
+                    break Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("blob {} ends before {} (+{len})", node.name, off),
+                    ))
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        let sent = read.map(|()| dev.send(&[&abi::out_header(unique, 0, len), &buf]));
+        self.buffers.give(buf);
+        bump(&self.stats.uncached_reads, 1);
+        match sent {
+            Ok(Err(e)) => {
+                warn!("answering a FUSE READ failed: {e}");
+                Ok(())
+            }
+            Ok(Ok(())) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -633,7 +704,20 @@ impl BlobFs {
         off: u64,
         len: usize,
     ) -> io::Result<()> {
-        let file = self.file_with(node, off, len as u64)?;
+        let (file, _pinned) = match self.file_with(node, off, len as u64) {
+            Ok(held) => held,
+            Err(e @ (FillError::NoRoom { .. } | FillError::Write { .. })) => {
+                if let FillError::Write { source, .. } = &e {
+                    self.stats.write_trouble.failed(
+                        source,
+                        "FUSE reads are served from the source without caching",
+                    );
+                }
+                debug!(blob = %node.name, off, len, "served uncached: {e}");
+                return self.answer_uncached(dev, node, unique, off, len);
+            }
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        };
         if state.pipe.is_none() && !state.no_splice {
             match ReplyPipe::new(self.max_read()) {
                 Ok(p) => state.pipe = Some(p),
@@ -955,12 +1039,20 @@ impl Prefetch for FuseBlobs {
 }
 
 impl FuseBlobs {
+    /// The cache's byte budget, if it has one.
+    pub fn budget(&self) -> Option<&Arc<lazypull_engine::CacheBudget>> {
+        self.fs.config.budget.as_ref()
+    }
+
     /// Where the blob `name` is complete on local disk, if it is: a file the
     /// kernel can read directly, with no daemon in the way.
     pub fn complete_file(&self, name: &str) -> Option<PathBuf> {
         let node = self.fs.node_by_name(name.as_bytes()).ok()?;
         match &node.store {
             Store::Direct(_) => node.source.local_path().map(Path::to_path_buf),
+            // Under a budget, windows of any cache file may be evicted: no
+            // mount may read one without this server in between.
+            Store::Cached(_) if self.fs.config.budget.is_some() => None,
             Store::Cached(c) => c.is_complete().then(|| c.data_path().to_path_buf()),
         }
     }
@@ -1100,6 +1192,11 @@ impl FuseServer {
             answered = pending.unanswered.len(),
             orphans, "answered what the previous daemon left"
         );
+    }
+
+    /// The cache's byte budget, if it has one.
+    pub fn budget(&self) -> Option<&Arc<lazypull_engine::CacheBudget>> {
+        self.fs.config.budget.as_ref()
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -1339,6 +1436,7 @@ mod tests {
             },
             flush_interval: Duration::from_secs(1),
             recovery: Recovery::Auto,
+            budget: None,
             readahead: lazypull_engine::DEFAULT_READAHEAD,
         };
         BlobFs::new(Arc::new(resolver), config, None)

@@ -98,6 +98,7 @@ fn setup(seed: u64) -> Setup {
             },
             threads: 2,
             readahead: 0,
+            budget: None,
             journal: tmp.path().join("journal"),
         },
         None,

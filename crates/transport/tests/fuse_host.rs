@@ -80,6 +80,7 @@ impl Served {
                 },
                 flush_interval: Duration::from_millis(200),
                 recovery: lazypull_transport::fuse::Recovery::Auto,
+                budget: None,
                 readahead: lazypull_engine::DEFAULT_READAHEAD,
             },
             Arc::new(resolver),

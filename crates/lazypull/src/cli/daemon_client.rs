@@ -157,6 +157,18 @@ fn daemon_lines(s: &serde_json::Value) {
         h["mirror_fallbacks"],
         bytes(&h["bytes_received"])
     );
+    let cache = &s["cache"];
+    if cache.is_object() {
+        println!(
+            "  cache: {} of {} limit held, {} evicted ({} windows), {} unused blobs removed, {} fills without room",
+            bytes(&cache["used_bytes"]),
+            bytes(&cache["limit_bytes"]),
+            bytes(&cache["evicted_bytes"]),
+            cache["evicted_windows"],
+            cache["removed_blobs"],
+            cache["no_room"]
+        );
+    }
     let short = |v: &serde_json::Value| short_name(v.as_str().unwrap_or("?"));
     for i in s["images"].as_array().into_iter().flatten() {
         println!(

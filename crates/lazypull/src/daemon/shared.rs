@@ -99,6 +99,7 @@ impl StatusSource for Daemon {
             blobs: self.view.blobs(),
             prefetching: self.prefetches.running(),
             restoring: self.catalog.restoring(),
+            cache: self.view.cache_budget(),
         }
     }
 }

@@ -109,11 +109,41 @@ fn cachefiles_config(cfg: &DaemonConfig) -> cachefiles::Config {
     }
 }
 
-fn fuse_config(cfg: &DaemonConfig) -> fuse::Config {
-    fuse::Config {
+/// The byte budget of a cache in `dir` (`cache_limit`), with what earlier
+/// runs left there counted.
+fn cache_budget(
+    cfg: &DaemonConfig,
+    dir: &Path,
+    min_idle: Duration,
+) -> anyhow::Result<Option<Arc<lazypull_engine::CacheBudget>>> {
+    let Some(limit) = cfg
+        .cache_limit
+        .resolve(&cfg.cache_dir)
+        .context("resolving cache_limit")?
+    else {
+        return Ok(None);
+    };
+    let budget = lazypull_engine::CacheBudget::with_min_idle(limit, min_idle);
+    budget
+        .scan(dir)
+        .with_context(|| format!("counting what the cache in {} holds", dir.display()))?;
+    info!(
+        limit,
+        cache_limit = %cfg.cache_limit,
+        used = budget.used(),
+        dir = %dir.display(),
+        "cache limit"
+    );
+    Ok(Some(budget))
+}
+
+fn fuse_config(cfg: &DaemonConfig) -> anyhow::Result<fuse::Config> {
+    let cache_dir = cfg.cache_dir.join("blobs");
+    Ok(fuse::Config {
+        budget: cache_budget(cfg, &cache_dir, Duration::ZERO)?,
         mountpoint: cfg.fuse_dir.clone(),
         device: lazypull_fuse::device::DEFAULT_PATH.into(),
-        cache_dir: cfg.cache_dir.join("blobs"),
+        cache_dir,
         threads: cfg.fuse_threads,
         policy: policy(cfg),
         flush_interval: Duration::from_secs(1),
@@ -122,20 +152,22 @@ fn fuse_config(cfg: &DaemonConfig) -> fuse::Config {
             FuseRecovery::Auto => fuse::Recovery::Auto,
             FuseRecovery::Journal => fuse::Recovery::Journal,
         },
-    }
+    })
 }
 
 /// The fanotify transport's cache lives beside the FUSE one, in its own
 /// directory (the cache files are the mounted files: they must be on a
 /// local file system with pre-content events, not tmpfs).
-fn fanotify_config(cfg: &DaemonConfig) -> fan::Config {
-    fan::Config {
-        cache_dir: cfg.cache_dir.join("sparse"),
+fn fanotify_config(cfg: &DaemonConfig) -> anyhow::Result<fan::Config> {
+    let cache_dir = cfg.cache_dir.join("sparse");
+    Ok(fan::Config {
+        budget: cache_budget(cfg, &cache_dir, fan::EVICT_MIN_IDLE)?,
+        cache_dir,
         policy: policy(cfg),
         threads: cfg.fuse_threads,
         journal: cfg.run_dir.join("fanotify-events.journal"),
         readahead: cfg.readahead,
-    }
+    })
 }
 
 /// A fanotify server on a new group, or on `adopted` (a predecessor's), its
@@ -144,7 +176,7 @@ fn fanotify_server(
     cfg: &DaemonConfig,
     adopted: Option<std::os::fd::OwnedFd>,
 ) -> anyhow::Result<Arc<FanotifyServer>> {
-    let config = fanotify_config(cfg);
+    let config = fanotify_config(cfg)?;
     lazypull_engine::private_dir(&config.cache_dir).context("the fanotify cache directory")?;
     let fresh = adopted.is_none();
     FanotifyServer::new(config, adopted).with_context(|| {
@@ -310,7 +342,7 @@ pub(crate) fn start(
     }
     if let Some((fd, session)) = parked.take_fuse(saved.fuse) {
         let server = Arc::new(FuseServer::adopt(
-            fuse_config(cfg),
+            fuse_config(cfg)?,
             resolvers.fuse,
             fd,
             session,
@@ -348,7 +380,7 @@ pub(crate) fn start(
         if let Some(missing) = fuse_unusable() {
             bail!("no transport can serve images on this kernel: {why}; FUSE: {missing}");
         }
-        let server = FuseServer::mount(fuse_config(cfg), resolvers.fuse.clone())
+        let server = FuseServer::mount(fuse_config(cfg)?, resolvers.fuse.clone())
             .with_context(|| format!("starting the FUSE transport ({why})"))?;
         Ok((Running::Fuse(Arc::new(server)), why))
     };
@@ -356,7 +388,7 @@ pub(crate) fn start(
         if let Some(missing) = fuse_unusable().or_else(loop_unusable) {
             bail!("no transport can serve images on this kernel: {why}; loop: {missing}");
         }
-        let server = FuseServer::mount(fuse_config(cfg), resolvers.fuse.clone())
+        let server = FuseServer::mount(fuse_config(cfg)?, resolvers.fuse.clone())
             .with_context(|| format!("starting the FUSE server of the loop transport ({why})"))?;
         Ok((Running::Loop(Arc::new(server)), why))
     };

@@ -78,6 +78,15 @@ impl TransportView {
         }
     }
 
+    /// The daemon's own cache against its budget, if it has one.
+    pub(crate) fn cache_budget(&self) -> Option<lazypull_engine::BudgetSnapshot> {
+        match self {
+            TransportView::Cachefiles { .. } => None,
+            TransportView::Fuse { blobs, .. } => blobs.budget().map(|b| b.snapshot()),
+            TransportView::Fanotify { server, .. } => server.budget().map(|b| b.snapshot()),
+        }
+    }
+
     /// The counters every transport has.
     pub(crate) fn kernel_counters(&self) -> KernelCounters {
         match self {
