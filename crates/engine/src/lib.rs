@@ -40,18 +40,26 @@ use std::sync::{Condvar, Mutex};
 
 /// Whether a cache is refusing writes (a full disk) right now: so that an
 /// episode is logged once when it starts and once when it ends, not once
-/// per read.
+/// per read. A disk at the edge of full takes some writes and refuses
+/// others; the episode ends only with a write that succeeds
+/// [`WriteTrouble::QUIET`] after the last refusal.
 #[derive(Debug, Default)]
 pub struct WriteTrouble {
     failing: std::sync::atomic::AtomicBool,
     episodes: std::sync::atomic::AtomicU64,
+    /// [`now_nanos`] of the last refusal.
+    last_failure: std::sync::atomic::AtomicU64,
 }
 
 impl WriteTrouble {
+    /// How long writes must have gone without a refusal for an episode to end.
+    pub const QUIET: std::time::Duration = std::time::Duration::from_secs(2);
+
     /// A write into the cache failed with `error`; `meanwhile` says what
     /// readers get until writes succeed again.
     pub fn failed(&self, error: &dyn std::fmt::Display, meanwhile: &str) {
         use std::sync::atomic::Ordering;
+        self.last_failure.store(now_nanos(), Ordering::Release);
         if !self.failing.swap(true, Ordering::AcqRel) {
             self.episodes.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
@@ -63,7 +71,11 @@ impl WriteTrouble {
     /// A write into the cache succeeded.
     pub fn succeeded(&self) {
         use std::sync::atomic::Ordering;
-        if self.failing.load(Ordering::Acquire) && self.failing.swap(false, Ordering::AcqRel) {
+        if !self.failing.load(Ordering::Acquire) {
+            return;
+        }
+        let since = now_nanos().saturating_sub(self.last_failure.load(Ordering::Acquire));
+        if since >= Self::QUIET.as_nanos() as u64 && self.failing.swap(false, Ordering::AcqRel) {
             tracing::info!("the cache takes writes again");
         }
     }

@@ -2676,3 +2676,199 @@ fn fanotify_cache_limit_of_a_quarter_image_holds_over_two_whole_reads() {
     require_fanotify();
     a_quarter_limit_holds("fanotify", "sparse");
 }
+
+/// A small ext4 file system on a loop device, mounted at `at` (the cache
+/// directory of a daemon under test); unmounted when dropped.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn new(image: &Path, at: &Path, mib: u64) -> SmallFs {
+        fs::File::create(image).unwrap().set_len(mib << 20).unwrap();
+        ok(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-m", "0"])
+                .arg(image)
+                .output()
+                .expect("mkfs.ext4 (Debian's e2fsprogs) runs"),
+            "mkfs.ext4",
+        );
+        fs::create_dir_all(at).unwrap();
+        ok(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(image)
+                .arg(at)
+                .output()
+                .unwrap(),
+            "mounting a small ext4",
+        );
+        SmallFs(at.to_path_buf())
+    }
+
+    fn free(&self) -> u64 {
+        let st = rustix::fs::statvfs(&self.0).unwrap();
+        st.f_bavail * st.f_frsize
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+/// Builds `src` into the site's web directory beside its first image;
+/// returns the new image's meta digest (its fsid).
+fn build_another(site: &Site, src: &Path) -> String {
+    let out = ok(
+        lazypull()
+            .arg("build")
+            .arg(src)
+            .arg("-o")
+            .arg(site.dir.join("www"))
+            .arg("--json")
+            .output()
+            .unwrap(),
+        "lazypull build",
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["meta"]["digest"].as_str().unwrap().to_owned()
+}
+
+/// The cache on a 64 MiB ext4 that fills up mid-read (issue 17): every
+/// read of the big image returns the right bytes (served from the source,
+/// uncached) or EIO, a second image is served meanwhile, the full disk is
+/// logged once, and once space is freed reads are cached again.
+#[test]
+fn fuse_reads_stay_right_on_a_full_cache_disk_and_are_cached_again_once_space_returns() {
+    require_host();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = tmp.path().join("src");
+    let want = big_files(&src, 3, 4400);
+    let small = tmp.path().join("src-small");
+    let small_want = {
+        fs::create_dir_all(&small).unwrap();
+        (0..4)
+            .map(|i| {
+                let data = maketree::random_bytes(1 << 20, 77 + i);
+                fs::write(small.join(format!("s{i}.bin")), &data).unwrap();
+                Sha256::digest(&data).into()
+            })
+            .collect::<Vec<[u8; 32]>>()
+    };
+    let disk = SmallFs::new(
+        &tmp.path().join("cache.ext4"),
+        &tmp.path().join("cache"),
+        64,
+    );
+    let site = Site::with_transport(tmp.path(), &src, "fuse");
+    let other = build_another(&site, &small);
+    let daemon = site.daemon(&["--cache-limit", "unlimited"], "daemon.log");
+    let mnt = tmp.path().join("mnt");
+    site.mount(&mnt);
+    let _guard = Unmount(mnt.clone());
+    let mnt2 = tmp.path().join("mnt2");
+    ok(
+        lazypull()
+            .args(["mount", "--fsid", &other])
+            .arg(&mnt2)
+            .arg("--socket")
+            .arg(site.socket())
+            .output()
+            .unwrap(),
+        "mounting the second image",
+    );
+    let _guard2 = Unmount(mnt2.clone());
+    // Leave 6 MiB: the 48 MiB of the big files cannot all be cached.
+    let filler = tmp.path().join("cache/filler");
+    let leave = 6 << 20;
+    let fill = disk.free().saturating_sub(leave);
+    ok(
+        Command::new("fallocate")
+            .args(["-l", &fill.to_string()])
+            .arg(&filler)
+            .output()
+            .unwrap(),
+        "filling the small file system",
+    );
+    let readers: Vec<_> = (0..want.len())
+        .map(|i| {
+            let path = mnt.join(format!("big{i}.bin"));
+            std::thread::spawn(move || sha(&path))
+        })
+        .collect();
+    // The other image, read while the big one fills the disk.
+    let mut other_reads = 0;
+    while !readers.iter().all(|r| r.is_finished()) || other_reads < 8 {
+        let i = other_reads % small_want.len();
+        drop_caches();
+        assert_eq!(
+            sha(&mnt2.join(format!("s{i}.bin"))).unwrap(),
+            small_want[i],
+            "the second image, read {other_reads}"
+        );
+        other_reads += 1;
+    }
+    let mut eio = 0;
+    for (i, r) in readers.into_iter().enumerate() {
+        match r.join().unwrap() {
+            Ok(got) => assert_eq!(got, want[i], "big{i}.bin: wrong bytes"),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => eio += 1,
+            Err(e) => panic!("big{i}.bin: {e}"),
+        }
+    }
+    let s = site.status().unwrap();
+    let c = &s["transport"]["counters"];
+    println!("full disk: {eio} EIO of {} readers; {c}", want.len());
+    assert!(c["uncached_reads"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(c["cache_full_episodes"], 1, "{s}");
+    let log = fs::read_to_string(tmp.path().join("daemon.log")).unwrap();
+    assert_eq!(
+        log.matches("the cache refuses writes").count(),
+        1,
+        "the full disk is logged once, not per read:\n{}",
+        site.log_tail()
+    );
+
+    // Space returns: the big image's reads are cached again (the episode
+    // ends with a write 2 s after the last refusal: a disk at the edge of
+    // full takes some writes and refuses others).
+    fs::remove_file(&filler).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let written = c["bytes_written"].as_u64().unwrap();
+    drop_caches();
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(
+            &sha(&mnt.join(format!("big{i}.bin"))).unwrap(),
+            w,
+            "after: big{i}.bin"
+        );
+    }
+    let s = site.status().unwrap();
+    let c = &s["transport"]["counters"];
+    assert!(
+        c["bytes_written"].as_u64().unwrap() > written,
+        "cached again: {s}"
+    );
+    assert_eq!(c["cache_full_now"], false, "{s}");
+    let log = fs::read_to_string(tmp.path().join("daemon.log")).unwrap();
+    assert!(
+        log.contains("the cache takes writes again"),
+        "{}",
+        site.log_tail()
+    );
+    site.umount(&mnt);
+    ok(
+        lazypull()
+            .arg("umount")
+            .arg(&mnt2)
+            .arg("--socket")
+            .arg(site.socket())
+            .output()
+            .unwrap(),
+        "lazypull umount",
+    );
+    site.shutdown(daemon);
+    drop(disk);
+}

@@ -534,8 +534,14 @@ impl BlobFs {
         let nodes: Vec<_> = self.read_nodes().by_id.values().cloned().collect();
         for node in nodes {
             if let Store::Cached(c) = &node.store {
-                if let Err(e) = c.flush() {
-                    warn!(blob = %node.name, "{e}");
+                match c.flush() {
+                    // A full disk is one episode, logged once (and counted).
+                    Err(e) if lazypull_engine::is_disk_full(&e) => self
+                        .stats
+                        .write_trouble
+                        .failed(&e, "FUSE reads are served from the source without caching"),
+                    Err(e) => warn!(blob = %node.name, "{e}"),
+                    Ok(()) => {}
                 }
             }
         }
