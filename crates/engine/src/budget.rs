@@ -300,7 +300,20 @@ impl CacheBudget {
     /// [`CacheFile::fill`]). Returns the bytes freed.
     pub fn evict(&self, bytes: u64) -> u64 {
         let _admit = lock(&self.admit);
-        self.evict_locked(bytes)
+        let started = std::time::Instant::now();
+        loop {
+            let freed = self.evict_locked(bytes);
+            // Under a `min_idle`, windows filled a moment ago become
+            // evictable shortly: wait for them rather than fail the read.
+            if freed > 0
+                || self.min_idle.is_zero()
+                || started.elapsed() >= ADMIT_PATIENCE
+                || self.used() == 0
+            {
+                return freed;
+            }
+            std::thread::sleep(self.min_idle / 4);
+        }
     }
 
     fn evict_locked(&self, need: u64) -> u64 {

@@ -295,7 +295,7 @@ impl CacheFile {
                     && self
                         .budget
                         .as_ref()
-                        .is_some_and(|b| b.evict(b.limit() / 16 + len) > 0) =>
+                        .is_some_and(|b| b.evict(len.max(self.policy.window) * 8) > 0) =>
             {
                 self.fill_once(source, off, len, priority)
             }
@@ -533,6 +533,19 @@ impl CacheFile {
         })
     }
 
+    /// Removes the saved map (durably), so the disk claims none of this
+    /// cache's windows until the next save.
+    fn forget_saved_map(&self) -> io::Result<()> {
+        let _io = self.map_io.lock().unwrap_or_else(|p| p.into_inner());
+        match std::fs::remove_file(&self.map_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let _ = std::fs::remove_file(self.map_path.with_extension("map.tmp"));
+        sync_dir(&self.map_path)
+    }
+
     /// Puts this cache under `budget` (see [`CacheBudget::open`]).
     pub(crate) fn set_budget(&mut self, budget: Arc<CacheBudget>) {
         self.budget = Some(budget);
@@ -556,9 +569,17 @@ impl CacheFile {
         // Missing on disk before the bytes go: a crash after the punch
         // leaves a map that does not claim them.
         if let Err(e) = self.save_map() {
-            warn!(blob = %self.name, "not evicting from the cache: {e}");
-            self.map.untake(&taken);
-            return (0, 0);
+            // A full disk has no room for a new map (eviction is what makes
+            // room): removing the saved one frees space and claims nothing,
+            // at the cost of the whole map if the daemon dies before its
+            // next save.
+            let forgotten = is_disk_full(&e) && self.forget_saved_map().is_ok();
+            if !forgotten {
+                warn!(blob = %self.name, "not evicting from the cache: {e}");
+                self.map.untake(&taken);
+                return (0, 0);
+            }
+            self.dirty.store(true, Ordering::Release);
         }
         let w = self.policy.window;
         let mut k = 0;
@@ -591,9 +612,14 @@ impl CacheFile {
 
 /// Whether a write failed because the file system is full (ENOSPC, EDQUOT).
 pub fn is_disk_full(e: &io::Error) -> bool {
+    // By kind too: an error given context (`io::Error::new(e.kind(), ..)`)
+    // keeps its kind but not its errno.
     matches!(
         rustix::io::Errno::from_io_error(e),
         Some(rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT)
+    ) || matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
     )
 }
 

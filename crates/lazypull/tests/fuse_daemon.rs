@@ -2872,3 +2872,124 @@ fn fuse_reads_stay_right_on_a_full_cache_disk_and_are_cached_again_once_space_re
     site.shutdown(daemon);
     drop(disk);
 }
+
+/// fanotify's data must land in the cache file: on a full cache disk
+/// (a 64 MiB ext4 filled mid-read) the daemon evicts least recently used
+/// windows and retries (its limit, 1 GiB, is far above the disk's size),
+/// else the reader gets EIO: never wrong bytes; a second image is served
+/// meanwhile, and once space returns reads fill the cache again.
+#[test]
+fn fanotify_on_a_full_cache_disk_evicts_and_retries_or_answers_eio_never_wrong_bytes() {
+    require_fanotify();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = tmp.path().join("src");
+    let want = big_files(&src, 3, 4500);
+    let small = tmp.path().join("src-small");
+    fs::create_dir_all(&small).unwrap();
+    let small_want: Vec<[u8; 32]> = (0..4)
+        .map(|i| {
+            let data = maketree::random_bytes(1 << 20, 88 + i);
+            fs::write(small.join(format!("s{i}.bin")), &data).unwrap();
+            Sha256::digest(&data).into()
+        })
+        .collect();
+    let disk = SmallFs::new(
+        &tmp.path().join("cache.ext4"),
+        &tmp.path().join("cache"),
+        64,
+    );
+    let site = Site::with_transport(tmp.path(), &src, "fanotify");
+    let other = build_another(&site, &small);
+    let daemon = site.daemon(&["--cache-limit", "1GiB"], "daemon.log");
+    let mnt = tmp.path().join("mnt");
+    site.mount(&mnt);
+    let _guard = Unmount(mnt.clone());
+    let mnt2 = tmp.path().join("mnt2");
+    ok(
+        lazypull()
+            .args(["mount", "--fsid", &other])
+            .arg(&mnt2)
+            .arg("--socket")
+            .arg(site.socket())
+            .output()
+            .unwrap(),
+        "mounting the second image",
+    );
+    let _guard2 = Unmount(mnt2.clone());
+    let filler = tmp.path().join("cache/filler");
+    let fill = disk.free().saturating_sub(6 << 20);
+    ok(
+        Command::new("fallocate")
+            .args(["-l", &fill.to_string()])
+            .arg(&filler)
+            .output()
+            .unwrap(),
+        "filling the small file system",
+    );
+    let readers: Vec<_> = (0..want.len())
+        .map(|i| {
+            let path = mnt.join(format!("big{i}.bin"));
+            std::thread::spawn(move || sha(&path))
+        })
+        .collect();
+    let (mut other_reads, mut other_eio) = (0, 0);
+    while !readers.iter().all(|r| r.is_finished()) || other_reads < 8 {
+        let i = other_reads % small_want.len();
+        drop_caches();
+        match sha(&mnt2.join(format!("s{i}.bin"))) {
+            Ok(got) => assert_eq!(got, small_want[i], "the second image, read {other_reads}"),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => other_eio += 1,
+            Err(e) => panic!("the second image: {e}"),
+        }
+        other_reads += 1;
+    }
+    let mut eio = 0;
+    for (i, r) in readers.into_iter().enumerate() {
+        match r.join().unwrap() {
+            Ok(got) => assert_eq!(got, want[i], "big{i}.bin: wrong bytes"),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => eio += 1,
+            Err(e) => panic!("big{i}.bin: {e}"),
+        }
+    }
+    let s = site.status().unwrap();
+    println!(
+        "fanotify full disk: {eio} of {} big readers and {other_eio} of {other_reads} small reads got EIO; cache {}; counters {}",
+        want.len(),
+        s["cache"],
+        s["transport"]["counters"]
+    );
+    assert!(
+        other_reads - other_eio > 0,
+        "the second image was served meanwhile\n{}",
+        site.log_tail()
+    );
+    assert!(
+        s["cache"]["evicted_bytes"].as_u64().unwrap() > 0,
+        "the full disk made the daemon evict: {s}\n{}",
+        site.log_tail()
+    );
+    fs::remove_file(&filler).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    drop_caches();
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(
+            &sha(&mnt.join(format!("big{i}.bin"))).unwrap(),
+            w,
+            "after: big{i}.bin"
+        );
+    }
+    site.umount(&mnt);
+    ok(
+        lazypull()
+            .arg("umount")
+            .arg(&mnt2)
+            .arg("--socket")
+            .arg(site.socket())
+            .output()
+            .unwrap(),
+        "lazypull umount",
+    );
+    site.shutdown(daemon);
+    drop(disk);
+}

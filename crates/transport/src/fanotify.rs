@@ -557,7 +557,7 @@ impl FanotifyServer {
             .map_err(|e| {
                 if let lazypull_engine::FillError::Write { source, .. } = &e {
                     self.write_trouble
-                        .failed(source, "fanotify reads of ranges not cached get EIO");
+                        .failed(source, "fanotify reads of ranges not cached may get EIO");
                 }
                 io::Error::other(e)
             })?;
@@ -634,11 +634,16 @@ impl FanotifyServer {
             .cloned()
             .collect();
         for b in blobs {
-            if let Err(e) = b.cache.flush() {
-                warn!(
+            match b.cache.flush() {
+                // A full disk is one episode, logged once.
+                Err(e) if lazypull_engine::is_disk_full(&e) => self
+                    .write_trouble
+                    .failed(&e, "fanotify reads of ranges not cached may get EIO"),
+                Err(e) => warn!(
                     blob = b.cache.name(),
                     "fanotify: persisting a fill map: {e}"
-                );
+                ),
+                Ok(()) => {}
             }
         }
     }
