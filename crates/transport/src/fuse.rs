@@ -357,7 +357,14 @@ struct BlobFs {
     readahead: RwLock<Option<Arc<ReadAheadPool>>>,
     /// Reply buffers of READs that are not spliced.
     buffers: BufPool,
+    /// Called when a new node id is handed out, before the kernel hears it
+    /// (see [`FuseServer::on_new_node`]).
+    on_new_node: RwLock<Option<NodeHook>>,
 }
+
+/// Persists the session when a LOOKUP creates a node (see
+/// [`FuseServer::on_new_node`]).
+pub type NodeHook = Arc<dyn Fn() + Send + Sync>;
 
 /// What one serving thread keeps between requests.
 struct WorkerState {
@@ -407,6 +414,7 @@ impl BlobFs {
             stats: Arc::default(),
             readahead: RwLock::new(None),
             buffers: BufPool::new(IDLE_REPLY_BUFFERS),
+            on_new_node: RwLock::new(None),
         }
     }
 
@@ -490,6 +498,20 @@ impl BlobFs {
         });
         nodes.by_id.insert(id, node.clone());
         nodes.by_name.insert(name, id);
+        drop(nodes);
+        if lookups == 0 {
+            // A new id: saved before the LOOKUP's answer tells the kernel,
+            // so a successor after a kill knows every id the kernel holds
+            // (else its reads of this blob get EIO until it is remounted).
+            let hook = self
+                .on_new_node
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
         Ok(node)
     }
 
@@ -1218,6 +1240,16 @@ impl FuseServer {
     /// The connection's state for a successor (None before `FUSE_INIT`).
     pub fn session(&self) -> Option<Session> {
         self.fs.session()
+    }
+
+    /// Has `hook` run whenever a LOOKUP hands out a new node id, before the
+    /// kernel is answered: the daemon persists the session there.
+    pub fn on_new_node(&self, hook: NodeHook) {
+        *self
+            .fs
+            .on_new_node
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(hook);
     }
 
     /// A duplicate of the connection fd, to keep it alive elsewhere.

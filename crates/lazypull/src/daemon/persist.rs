@@ -107,21 +107,61 @@ struct Versioned<T> {
     state: T,
 }
 
+/// Saves the FUSE session into `<run_dir>/transport.json` when it changed:
+/// from the periodic task and from LOOKUPs that hand out a new node id (see
+/// [`FuseServer::on_new_node`]). One save at a time, each of the session as
+/// it is when the save starts, so an older snapshot never lands last.
+pub(crate) struct SessionSaver {
+    server: Arc<FuseServer>,
+    run_dir: PathBuf,
+    last: std::sync::Mutex<Option<lazypull_transport::fuse::Session>>,
+}
+
+impl SessionSaver {
+    pub(crate) fn new(server: Arc<FuseServer>, run_dir: PathBuf) -> Arc<Self> {
+        Arc::new(SessionSaver {
+            server,
+            run_dir,
+            last: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Saves the session if it changed since the last save (blocking I/O:
+    /// a FUSE worker thread, or `spawn_blocking`).
+    pub(crate) fn save(&self) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let session = self.server.session();
+        if session.is_none() || session == *last {
+            return;
+        }
+        let state = TransportState {
+            fuse: session.clone(),
+            ..TransportState::default()
+        };
+        match state.save(&self.run_dir) {
+            Ok(()) => *last = session,
+            Err(e) => warn!("saving the FUSE session: {e:#}"),
+        }
+    }
+}
+
 /// Keeps `<run_dir>/transport.json` current with the FUSE session (node ids
-/// change on lookups), so a successor after a crash knows them.
+/// change on lookups; lookup counts too), so a successor after a crash
+/// knows them: new ids are saved by the LOOKUP that makes them, the rest
+/// every 200 ms.
 pub(crate) async fn save_fuse_sessions(server: Arc<FuseServer>, run_dir: PathBuf) {
-    let mut last = None;
+    let saver = SessionSaver::new(server.clone(), run_dir);
+    // Weak: the server holds the hook, and the saver the server.
+    let hook = Arc::downgrade(&saver);
+    server.on_new_node(Arc::new(move || {
+        if let Some(saver) = hook.upgrade() {
+            saver.save();
+        }
+    }));
     loop {
-        let session = server.session();
-        if session.is_some() && session != last {
-            let state = TransportState {
-                fuse: session.clone(),
-                ..TransportState::default()
-            };
-            match state.save(&run_dir) {
-                Ok(()) => last = session,
-                Err(e) => warn!("saving the FUSE session: {e:#}"),
-            }
+        let s = saver.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || s.save()).await {
+            warn!("saving the FUSE session: {e}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
