@@ -27,6 +27,10 @@
 //! network namespace behind a shaped veth: containerd's pull against lazypull
 //! cold, with a recorded prefetch, and warm (issue 14; `startup.rs`).
 //!
+//! `soak`: on the host, a long run under load and every fault kind, with
+//! periodic SIGKILL and a cache limit: wrong bytes and hangs (both must be
+//! 0), EIOs and their causes, peak RSS and fds (`soak.rs`, RELIABILITY.md).
+//!
 //! `build`: `lazypull build` against Debian's `mkfs.erofs` on the same ~500 MB tree
 //! (wall time, peak RSS), and the deduplication of two overlapping layers.
 //!
@@ -34,7 +38,7 @@
 //! against zstd decoding of them; run natively and under `qemu-x86_64 -cpu max`.
 //!
 //! Run: `cargo build --release -p lazypull -p lazypull-bench && target/release/lazypull-bench cachefiles`
-//! (or `... registry`, `... build`, `... fuse`, `... containers`, `... startup`, `... digest`).
+//! (or `... registry`, `... build`, `... fuse`, `... soak`, `... containers`, `... startup`, `... digest`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -46,6 +50,7 @@ mod containers;
 mod digest;
 mod fuse;
 mod loop_guest;
+mod soak;
 mod startup;
 
 use anyhow::{bail, Context, Result};
@@ -100,6 +105,21 @@ enum Bench {
         work: PathBuf,
     },
     /// On the host: the FUSE transport vs. the plain file-backed mount of the same bytes.
+    /// On the host: a long run of many readers over several registry images
+    /// behind the fault proxy (every fault kind), a cache limit of half the
+    /// images, periodic SIGKILL with takeover, mount/umount cycles: reads,
+    /// wrong bytes, EIOs and causes, hangs, peak RSS and fds (RELIABILITY.md).
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// Reader threads.
+        #[arg(long, default_value_t = 64)]
+        readers: usize,
+        /// Work directory (rebuilt).
+        #[arg(long, default_value = "target/bench-soak")]
+        work: PathBuf,
+    },
     Fuse {
         /// Rounds (each reads cold, warm and remounted through lazypull, and the limit twice).
         #[arg(long, default_value_t = 5)]
@@ -230,6 +250,11 @@ fn main() -> Result<()> {
         Bench::Registry { rounds, work } => registry(rounds, &work),
         Bench::LoopGuest { rounds, work } => loop_guest::run(rounds, &work),
         Bench::Build { rounds, work } => build_bench(rounds, &work),
+        Bench::Soak {
+            minutes,
+            readers,
+            work,
+        } => soak::run(minutes, readers, &work),
         Bench::Fuse {
             rounds,
             work,

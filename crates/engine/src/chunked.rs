@@ -508,8 +508,24 @@ impl ChunkedBlob {
         runs
     }
 
-    /// Fetches one run of adjacent units with one range read and verifies each.
+    /// Fetches one run of adjacent units with one range read and verifies
+    /// each. A unit that fails verification is fetched once more on its own:
+    /// bytes damaged on the way (a proxy, a flaky link) heal, a backend that
+    /// keeps serving wrong bytes fails the read (never serves them).
     fn fetch_run(&self, run: &[u64], priority: Priority) -> Vec<UnitResult> {
+        let mut results = self.fetch_run_once(run, priority);
+        for k in 0..run.len() {
+            if matches!(&results[k], Err((kind, _)) if *kind == io::ErrorKind::InvalidData) {
+                if let Some(again) = self.fetch_run_once(&run[k..=k], priority).pop() {
+                    results[k] = again;
+                }
+            }
+        }
+        results
+    }
+
+    /// One range read of the run, each unit verified.
+    fn fetch_run_once(&self, run: &[u64], priority: Priority) -> Vec<UnitResult> {
         let entries: Vec<_> = run
             .iter()
             .map(|&i| self.table.unit(i).expect("index within the table").clone())
@@ -755,6 +771,8 @@ mod tests {
         data: Vec<u8>,
         log: Mutex<Vec<(u64, usize)>>,
         corrupt: AtomicBool,
+        /// Corrupts the next read only.
+        corrupt_once: AtomicBool,
         fail: AtomicBool,
         gate: Mutex<Gate>,
         gate_changed: Condvar,
@@ -821,7 +839,9 @@ mod tests {
                 .get(start..start + buf.len())
                 .ok_or(io::ErrorKind::UnexpectedEof)?;
             buf.copy_from_slice(src);
-            if self.corrupt.load(Ordering::Relaxed) {
+            if self.corrupt.load(Ordering::Relaxed)
+                || self.corrupt_once.swap(false, Ordering::Relaxed)
+            {
                 let mid = buf.len() / 2;
                 buf[mid] ^= 0xff;
             }
@@ -980,18 +1000,29 @@ mod tests {
     }
 
     #[test]
+    fn bytes_corrupted_once_on_the_way_are_fetched_again_and_read_right() {
+        let (data, remote, blob) = fixture(3, FetchOptions::default());
+        remote.corrupt_once.store(true, Ordering::Relaxed);
+        assert_eq!(read(&blob, 70_000, 100).unwrap(), &data[70_000..70_100]);
+        assert_eq!(blob.ctx.stats.snapshot().verify_failures, 1);
+        assert_eq!(remote.log.lock().unwrap().len(), 2, "fetched once more");
+    }
+
+    #[test]
     fn corrupt_bytes_are_an_error_and_never_kept() {
         let (data, remote, blob) = fixture(3, FetchOptions::default());
         remote.corrupt.store(true, Ordering::Relaxed);
         let err = read(&blob, 70_000, 100).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
         assert!(err.to_string().contains("unit 1"), "{err}");
-        assert_eq!(blob.ctx.stats.snapshot().verify_failures, 1);
+        // Fetched twice (the second time on its own), failed twice.
+        assert_eq!(blob.ctx.stats.snapshot().verify_failures, 2);
+        assert_eq!(remote.log.lock().unwrap().len(), 2);
         // Nothing of the bad fetch was cached: with the network healed, the
         // next read fetches again and gets the right bytes.
         remote.corrupt.store(false, Ordering::Relaxed);
         assert_eq!(read(&blob, 70_000, 100).unwrap(), &data[70_000..70_100]);
-        assert_eq!(remote.log.lock().unwrap().len(), 2);
+        assert_eq!(remote.log.lock().unwrap().len(), 3);
     }
 
     #[test]
@@ -1264,9 +1295,10 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains(&format!("unit {bad}")), "{err}");
-        assert_eq!(remote.log.lock().unwrap().len(), 1);
+        // The run, then the bad unit once more on its own (corrupt again).
+        assert_eq!(remote.log.lock().unwrap().len(), 2);
         let stats = blob.ctx.stats.snapshot();
-        assert_eq!(stats.verify_failures, 1, "{stats:?}");
+        assert_eq!(stats.verify_failures, 2, "{stats:?}");
         // The fill's announcement of the run failed: no window is written.
         // The other units were verified (each on its own) and are cached;
         // nothing of the bad one is kept anywhere.

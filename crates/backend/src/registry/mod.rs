@@ -1006,7 +1006,18 @@ impl Registry {
     ) -> Result<Vec<u8>, RegistryError> {
         // Grown as bytes arrive (up to `size`), not reserved whole up front.
         let mut out = Vec::with_capacity(size.min(1 << 20) as usize);
-        self.fetch_blob_to(digest, Some(size), &mut out, progress)?;
+        match self.fetch_blob_to(digest, Some(size), &mut out, progress) {
+            // Bytes damaged on the way (a proxy, a flaky link) are fetched
+            // once more; a registry that keeps sending them fails clearly.
+            Err(e @ RegistryError::DigestMismatch { .. }) => {
+                tracing::warn!("{e}; fetching it once more");
+                out.clear();
+                self.fetch_blob_to(digest, Some(size), &mut out, progress)?;
+            }
+            other => {
+                other?;
+            }
+        }
         Ok(out)
     }
 
