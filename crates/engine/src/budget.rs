@@ -176,12 +176,7 @@ impl CacheBudget {
         policy: FillPolicy,
         binding: [u8; 32],
     ) -> io::Result<Arc<CacheFile>> {
-        // Held across the open: an orphan is never removed under a cache
-        // file opening it.
-        let mut orphans = lock(&self.orphans);
-        let file = CacheFile::open_bound(dir, name, size, policy, binding)?;
-        orphans.retain(|o| o.data != file.data_path());
-        Ok(self.register(file))
+        self.claim(|| CacheFile::open_bound(dir, name, size, policy, binding))
     }
 
     /// Adopts `data` as the cache of blob `name` under this budget (see
@@ -195,8 +190,19 @@ impl CacheBudget {
         binding: [u8; 32],
         data: fs::File,
     ) -> io::Result<Arc<CacheFile>> {
+        self.claim(|| CacheFile::adopt_file(dir, name, size, policy, binding, data))
+    }
+
+    /// Opens a cache file with `open` and puts it under this budget: no
+    /// longer an orphan, counted by what it holds.
+    fn claim(
+        self: &Arc<Self>,
+        open: impl FnOnce() -> io::Result<CacheFile>,
+    ) -> io::Result<Arc<CacheFile>> {
+        // Held across the open: an orphan is never removed under a cache
+        // file opening it.
         let mut orphans = lock(&self.orphans);
-        let file = CacheFile::adopt_file(dir, name, size, policy, binding, data)?;
+        let file = open()?;
         orphans.retain(|o| o.data != file.data_path());
         Ok(self.register(file))
     }

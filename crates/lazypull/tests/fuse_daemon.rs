@@ -2798,6 +2798,157 @@ fn build_another(site: &Site, src: &Path) -> String {
     v["meta"]["digest"].as_str().unwrap().to_owned()
 }
 
+/// A daemon whose cache is a 64 MiB ext4 (`SmallFs`), serving a big image
+/// (3 × 16 MiB, at `mnt`) and a small one (4 × 1 MiB, at `mnt2`): the
+/// scene of the full-disk tests.
+/// Fields drop in this order: the site (its daemon shut down, its mounts
+/// gone), then the small file system, then the directory.
+struct FullDisk {
+    mnt: PathBuf,
+    mnt2: PathBuf,
+    want: Vec<[u8; 32]>,
+    small_want: Vec<[u8; 32]>,
+    site: Site,
+    daemon: Option<Child>,
+    disk: SmallFs,
+    tmp: tempfile::TempDir,
+}
+
+impl FullDisk {
+    fn start(transport: &'static str, cache_limit: &str, seed: u64) -> FullDisk {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let src = tmp.path().join("src");
+        let want = big_files(&src, 3, seed);
+        let small = tmp.path().join("src-small");
+        fs::create_dir_all(&small).unwrap();
+        let small_want = (0..4)
+            .map(|i| {
+                let data = maketree::random_bytes(1 << 20, seed + 77 + i);
+                fs::write(small.join(format!("s{i}.bin")), &data).unwrap();
+                Sha256::digest(&data).into()
+            })
+            .collect();
+        let disk = SmallFs::new(
+            &tmp.path().join("cache.ext4"),
+            &tmp.path().join("cache"),
+            64,
+        );
+        let site = Site::with_transport(tmp.path(), &src, transport);
+        let other = build_another(&site, &small);
+        let daemon = site.daemon(&["--cache-limit", cache_limit], "daemon.log");
+        let (mnt, mnt2) = (tmp.path().join("mnt"), tmp.path().join("mnt2"));
+        site.mount(&mnt);
+        ok(
+            lazypull()
+                .args(["mount", "--fsid", &other])
+                .arg(&mnt2)
+                .arg("--socket")
+                .arg(site.socket())
+                .output()
+                .unwrap(),
+            "mounting the second image",
+        );
+        FullDisk {
+            mnt,
+            mnt2,
+            want,
+            small_want,
+            site,
+            daemon: Some(daemon),
+            disk,
+            tmp,
+        }
+    }
+
+    fn filler(&self) -> PathBuf {
+        self.tmp.path().join("cache/filler")
+    }
+
+    /// Fills the cache's file system but for 6 MiB: the big image's 48 MiB
+    /// cannot all be cached.
+    fn fill_up(&self) {
+        let fill = self.disk.free().saturating_sub(6 << 20);
+        ok(
+            Command::new("fallocate")
+                .args(["-l", &fill.to_string()])
+                .arg(self.filler())
+                .output()
+                .unwrap(),
+            "filling the small file system",
+        );
+    }
+
+    /// Reads the big image whole (3 readers) while reading the small one
+    /// over and over: returns the big readers' EIOs, and the small reads
+    /// and their EIOs. Every read that succeeds has the right bytes.
+    fn read_while_full(&self) -> (usize, usize, usize) {
+        let readers: Vec<_> = (0..self.want.len())
+            .map(|i| {
+                let path = self.mnt.join(format!("big{i}.bin"));
+                std::thread::spawn(move || sha(&path))
+            })
+            .collect();
+        let (mut other_reads, mut other_eio) = (0, 0);
+        while !readers.iter().all(|r| r.is_finished()) || other_reads < 8 {
+            let i = other_reads % self.small_want.len();
+            drop_caches();
+            match sha(&self.mnt2.join(format!("s{i}.bin"))) {
+                Ok(got) => assert_eq!(
+                    got, self.small_want[i],
+                    "the second image, read {other_reads}"
+                ),
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => other_eio += 1,
+                Err(e) => panic!("the second image: {e}"),
+            }
+            other_reads += 1;
+        }
+        let mut eio = 0;
+        for (i, r) in readers.into_iter().enumerate() {
+            match r.join().unwrap() {
+                Ok(got) => assert_eq!(got, self.want[i], "big{i}.bin: wrong bytes"),
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => eio += 1,
+                Err(e) => panic!("big{i}.bin: {e}"),
+            }
+        }
+        (eio, other_reads, other_eio)
+    }
+
+    /// Frees the space again; after the 2 s a full-disk episode needs to
+    /// end (a disk at the edge of full takes some writes and refuses
+    /// others), reads the big image whole: right bytes.
+    fn free_and_read_again(&self) {
+        fs::remove_file(self.filler()).unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        drop_caches();
+        for (i, w) in self.want.iter().enumerate() {
+            assert_eq!(
+                &sha(&self.mnt.join(format!("big{i}.bin"))).unwrap(),
+                w,
+                "after: big{i}.bin"
+            );
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.tmp.path().join("daemon.log")).unwrap()
+    }
+
+    fn finish(mut self) {
+        self.site.umount(&self.mnt);
+        self.site.umount(&self.mnt2);
+        let daemon = self.daemon.take().unwrap();
+        self.site.shutdown(daemon);
+    }
+}
+
+impl Drop for FullDisk {
+    fn drop(&mut self) {
+        for m in [&self.mnt, &self.mnt2] {
+            let _ = rustix::mount::unmount(m, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+}
+
 /// The cache on a 64 MiB ext4 that fills up mid-read (issue 17): every
 /// read of the big image returns the right bytes (served from the source,
 /// uncached) or EIO, a second image is served meanwhile, the full disk is
@@ -2806,134 +2957,36 @@ fn build_another(site: &Site, src: &Path) -> String {
 fn fuse_reads_stay_right_on_a_full_cache_disk_and_are_cached_again_once_space_returns() {
     require_host();
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
-    let src = tmp.path().join("src");
-    let want = big_files(&src, 3, 4400);
-    let small = tmp.path().join("src-small");
-    let small_want = {
-        fs::create_dir_all(&small).unwrap();
-        (0..4)
-            .map(|i| {
-                let data = maketree::random_bytes(1 << 20, 77 + i);
-                fs::write(small.join(format!("s{i}.bin")), &data).unwrap();
-                Sha256::digest(&data).into()
-            })
-            .collect::<Vec<[u8; 32]>>()
-    };
-    let disk = SmallFs::new(
-        &tmp.path().join("cache.ext4"),
-        &tmp.path().join("cache"),
-        64,
-    );
-    let site = Site::with_transport(tmp.path(), &src, "fuse");
-    let other = build_another(&site, &small);
-    let daemon = site.daemon(&["--cache-limit", "unlimited"], "daemon.log");
-    let mnt = tmp.path().join("mnt");
-    site.mount(&mnt);
-    let _guard = Unmount(mnt.clone());
-    let mnt2 = tmp.path().join("mnt2");
-    ok(
-        lazypull()
-            .args(["mount", "--fsid", &other])
-            .arg(&mnt2)
-            .arg("--socket")
-            .arg(site.socket())
-            .output()
-            .unwrap(),
-        "mounting the second image",
-    );
-    let _guard2 = Unmount(mnt2.clone());
-    // Leave 6 MiB: the 48 MiB of the big files cannot all be cached.
-    let filler = tmp.path().join("cache/filler");
-    let leave = 6 << 20;
-    let fill = disk.free().saturating_sub(leave);
-    ok(
-        Command::new("fallocate")
-            .args(["-l", &fill.to_string()])
-            .arg(&filler)
-            .output()
-            .unwrap(),
-        "filling the small file system",
-    );
-    let readers: Vec<_> = (0..want.len())
-        .map(|i| {
-            let path = mnt.join(format!("big{i}.bin"));
-            std::thread::spawn(move || sha(&path))
-        })
-        .collect();
-    // The other image, read while the big one fills the disk.
-    let mut other_reads = 0;
-    while !readers.iter().all(|r| r.is_finished()) || other_reads < 8 {
-        let i = other_reads % small_want.len();
-        drop_caches();
-        assert_eq!(
-            sha(&mnt2.join(format!("s{i}.bin"))).unwrap(),
-            small_want[i],
-            "the second image, read {other_reads}"
-        );
-        other_reads += 1;
-    }
-    let mut eio = 0;
-    for (i, r) in readers.into_iter().enumerate() {
-        match r.join().unwrap() {
-            Ok(got) => assert_eq!(got, want[i], "big{i}.bin: wrong bytes"),
-            Err(e) if e.raw_os_error() == Some(libc::EIO) => eio += 1,
-            Err(e) => panic!("big{i}.bin: {e}"),
-        }
-    }
-    let s = site.status().unwrap();
+    let scene = FullDisk::start("fuse", "unlimited", 4400);
+    scene.fill_up();
+    let (eio, _, other_eio) = scene.read_while_full();
+    assert_eq!(other_eio, 0, "FUSE serves the second image uncached");
+    let s = scene.site.status().unwrap();
     let c = &s["transport"]["counters"];
-    println!("full disk: {eio} EIO of {} readers; {c}", want.len());
+    println!("full disk: {eio} EIO of {} readers; {c}", scene.want.len());
     assert!(c["uncached_reads"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(c["cache_full_episodes"], 1, "{s}");
-    let log = fs::read_to_string(tmp.path().join("daemon.log")).unwrap();
     assert_eq!(
-        log.matches("the cache refuses writes").count(),
+        scene.log().matches("the cache refuses writes").count(),
         1,
         "the full disk is logged once, not per read:\n{}",
-        site.log_tail()
+        scene.site.log_tail()
     );
-
-    // Space returns: the big image's reads are cached again (the episode
-    // ends with a write 2 s after the last refusal: a disk at the edge of
-    // full takes some writes and refuses others).
-    fs::remove_file(&filler).unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
     let written = c["bytes_written"].as_u64().unwrap();
-    drop_caches();
-    for (i, w) in want.iter().enumerate() {
-        assert_eq!(
-            &sha(&mnt.join(format!("big{i}.bin"))).unwrap(),
-            w,
-            "after: big{i}.bin"
-        );
-    }
-    let s = site.status().unwrap();
+    scene.free_and_read_again();
+    let s = scene.site.status().unwrap();
     let c = &s["transport"]["counters"];
     assert!(
         c["bytes_written"].as_u64().unwrap() > written,
         "cached again: {s}"
     );
     assert_eq!(c["cache_full_now"], false, "{s}");
-    let log = fs::read_to_string(tmp.path().join("daemon.log")).unwrap();
     assert!(
-        log.contains("the cache takes writes again"),
+        scene.log().contains("the cache takes writes again"),
         "{}",
-        site.log_tail()
+        scene.site.log_tail()
     );
-    site.umount(&mnt);
-    ok(
-        lazypull()
-            .arg("umount")
-            .arg(&mnt2)
-            .arg("--socket")
-            .arg(site.socket())
-            .output()
-            .unwrap(),
-        "lazypull umount",
-    );
-    site.shutdown(daemon);
-    drop(disk);
+    scene.finish();
 }
 
 /// fanotify's data must land in the cache file: on a full cache disk
@@ -2945,114 +2998,26 @@ fn fuse_reads_stay_right_on_a_full_cache_disk_and_are_cached_again_once_space_re
 fn fanotify_on_a_full_cache_disk_evicts_and_retries_or_answers_eio_never_wrong_bytes() {
     require_fanotify();
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
-    let src = tmp.path().join("src");
-    let want = big_files(&src, 3, 4500);
-    let small = tmp.path().join("src-small");
-    fs::create_dir_all(&small).unwrap();
-    let small_want: Vec<[u8; 32]> = (0..4)
-        .map(|i| {
-            let data = maketree::random_bytes(1 << 20, 88 + i);
-            fs::write(small.join(format!("s{i}.bin")), &data).unwrap();
-            Sha256::digest(&data).into()
-        })
-        .collect();
-    let disk = SmallFs::new(
-        &tmp.path().join("cache.ext4"),
-        &tmp.path().join("cache"),
-        64,
-    );
-    let site = Site::with_transport(tmp.path(), &src, "fanotify");
-    let other = build_another(&site, &small);
-    let daemon = site.daemon(&["--cache-limit", "1GiB"], "daemon.log");
-    let mnt = tmp.path().join("mnt");
-    site.mount(&mnt);
-    let _guard = Unmount(mnt.clone());
-    let mnt2 = tmp.path().join("mnt2");
-    ok(
-        lazypull()
-            .args(["mount", "--fsid", &other])
-            .arg(&mnt2)
-            .arg("--socket")
-            .arg(site.socket())
-            .output()
-            .unwrap(),
-        "mounting the second image",
-    );
-    let _guard2 = Unmount(mnt2.clone());
-    let filler = tmp.path().join("cache/filler");
-    let fill = disk.free().saturating_sub(6 << 20);
-    ok(
-        Command::new("fallocate")
-            .args(["-l", &fill.to_string()])
-            .arg(&filler)
-            .output()
-            .unwrap(),
-        "filling the small file system",
-    );
-    let readers: Vec<_> = (0..want.len())
-        .map(|i| {
-            let path = mnt.join(format!("big{i}.bin"));
-            std::thread::spawn(move || sha(&path))
-        })
-        .collect();
-    let (mut other_reads, mut other_eio) = (0, 0);
-    while !readers.iter().all(|r| r.is_finished()) || other_reads < 8 {
-        let i = other_reads % small_want.len();
-        drop_caches();
-        match sha(&mnt2.join(format!("s{i}.bin"))) {
-            Ok(got) => assert_eq!(got, small_want[i], "the second image, read {other_reads}"),
-            Err(e) if e.raw_os_error() == Some(libc::EIO) => other_eio += 1,
-            Err(e) => panic!("the second image: {e}"),
-        }
-        other_reads += 1;
-    }
-    let mut eio = 0;
-    for (i, r) in readers.into_iter().enumerate() {
-        match r.join().unwrap() {
-            Ok(got) => assert_eq!(got, want[i], "big{i}.bin: wrong bytes"),
-            Err(e) if e.raw_os_error() == Some(libc::EIO) => eio += 1,
-            Err(e) => panic!("big{i}.bin: {e}"),
-        }
-    }
-    let s = site.status().unwrap();
+    let scene = FullDisk::start("fanotify", "1GiB", 4500);
+    scene.fill_up();
+    let (eio, other_reads, other_eio) = scene.read_while_full();
+    let s = scene.site.status().unwrap();
     println!(
         "fanotify full disk: {eio} of {} big readers and {other_eio} of {other_reads} small reads got EIO; cache {}; counters {}",
-        want.len(),
+        scene.want.len(),
         s["cache"],
         s["transport"]["counters"]
     );
     assert!(
         other_reads - other_eio > 0,
         "the second image was served meanwhile\n{}",
-        site.log_tail()
+        scene.site.log_tail()
     );
     assert!(
         s["cache"]["evicted_bytes"].as_u64().unwrap() > 0,
         "the full disk made the daemon evict: {s}\n{}",
-        site.log_tail()
+        scene.site.log_tail()
     );
-    fs::remove_file(&filler).unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
-    drop_caches();
-    for (i, w) in want.iter().enumerate() {
-        assert_eq!(
-            &sha(&mnt.join(format!("big{i}.bin"))).unwrap(),
-            w,
-            "after: big{i}.bin"
-        );
-    }
-    site.umount(&mnt);
-    ok(
-        lazypull()
-            .arg("umount")
-            .arg(&mnt2)
-            .arg("--socket")
-            .arg(site.socket())
-            .output()
-            .unwrap(),
-        "lazypull umount",
-    );
-    site.shutdown(daemon);
-    drop(disk);
+    scene.free_and_read_again();
+    scene.finish();
 }
