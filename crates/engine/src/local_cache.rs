@@ -546,6 +546,39 @@ impl CacheFile {
         sync_dir(&self.map_path)
     }
 
+    /// [`open_bound`](Self::open_bound), under `budget` if there is one
+    /// (see [`CacheBudget::open`]).
+    pub fn open_under(
+        budget: Option<&Arc<CacheBudget>>,
+        dir: &Path,
+        name: &str,
+        size: u64,
+        policy: FillPolicy,
+        binding: [u8; 32],
+    ) -> io::Result<Arc<CacheFile>> {
+        match budget {
+            Some(b) => b.open(dir, name, size, policy, binding),
+            None => Self::open_bound(dir, name, size, policy, binding).map(Arc::new),
+        }
+    }
+
+    /// [`adopt_file`](Self::adopt_file), under `budget` if there is one
+    /// (see [`CacheBudget::adopt`]).
+    pub fn adopt_under(
+        budget: Option<&Arc<CacheBudget>>,
+        dir: &Path,
+        name: &str,
+        size: u64,
+        policy: FillPolicy,
+        binding: [u8; 32],
+        data: File,
+    ) -> io::Result<Arc<CacheFile>> {
+        match budget {
+            Some(b) => b.adopt(dir, name, size, policy, binding, data),
+            None => Self::adopt_file(dir, name, size, policy, binding, data).map(Arc::new),
+        }
+    }
+
     /// Puts this cache under `budget` (see [`CacheBudget::open`]).
     pub(crate) fn set_budget(&mut self, budget: Arc<CacheBudget>) {
         self.budget = Some(budget);

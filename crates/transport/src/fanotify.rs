@@ -254,20 +254,17 @@ impl FanotifyServer {
         let cache = match handed {
             // The predecessor's open file: the inode the mounts read, and
             // an fd that raises no events.
-            Some(fd) => {
-                let file = std::fs::File::from(fd);
-                match budget {
-                    Some(b) => b.adopt(dir, name, size, policy, binding, file)?,
-                    None => Arc::new(CacheFile::adopt_file(
-                        dir, name, size, policy, binding, file,
-                    )?),
-                }
-            }
+            Some(fd) => CacheFile::adopt_under(
+                budget,
+                dir,
+                name,
+                size,
+                policy,
+                binding,
+                std::fs::File::from(fd),
+            )?,
             None => {
-                let cache = match budget {
-                    Some(b) => b.open(dir, name, size, policy, binding)?,
-                    None => Arc::new(CacheFile::open_bound(dir, name, size, policy, binding)?),
-                };
+                let cache = CacheFile::open_under(budget, dir, name, size, policy, binding)?;
                 if self.needs_mark(&cache) {
                     if let Some(park) = &*self.park.lock().unwrap_or_else(|p| p.into_inner()) {
                         park(source.name(), cache.data_file().as_fd()).map_err(|e| {

@@ -440,11 +440,14 @@ impl BlobFs {
         let binding = source
             .content_binding()
             .unwrap_or(lazypull_engine::NO_BINDING);
-        let (dir, size, policy) = (&self.config.cache_dir, source.size(), self.config.policy);
-        Ok(Store::Cached(match &self.config.budget {
-            Some(budget) => budget.open(dir, name, size, policy, binding)?,
-            None => Arc::new(CacheFile::open_bound(dir, name, size, policy, binding)?),
-        }))
+        Ok(Store::Cached(CacheFile::open_under(
+            self.config.budget.as_ref(),
+            &self.config.cache_dir,
+            name,
+            source.size(),
+            self.config.policy,
+            binding,
+        )?))
     }
 
     /// The node serving `name`, resolving the blob if it has none yet.
@@ -677,39 +680,29 @@ impl BlobFs {
         off: u64,
         len: usize,
     ) -> io::Result<()> {
-        let mut buf = self.buffers.take(len);
-        let mut got = 0;
-        let read = loop {
-            if got == len {
-                break Ok(());
-            }
-            match node.source.read_at_priority(
-                &mut buf[got..],
-                off + got as u64,
-                Priority::Foreground,
-            ) {
-                Ok(0) => {
-                    break Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("blob {} ends before {} (+{len})", node.name, off),
-                    ))
+        self.answer_buffered(dev, unique, len, |buf| {
+            let mut got = 0;
+            while got < len {
+                match node.source.read_at_priority(
+                    &mut buf[got..],
+                    off + got as u64,
+                    Priority::Foreground,
+                ) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("blob {} ends before {} (+{len})", node.name, off),
+                        ))
+                    }
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
                 }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(e),
             }
-        };
-        let sent = read.map(|()| dev.send(&[&abi::out_header(unique, 0, len), &buf]));
-        self.buffers.give(buf);
+            Ok(())
+        })?;
         bump(&self.stats.uncached_reads, 1);
-        match sent {
-            Ok(Err(e)) => {
-                warn!("answering a FUSE READ failed: {e}");
-                Ok(())
-            }
-            Ok(Ok(())) => Ok(()),
-            Err(e) => Err(e),
-        }
+        Ok(())
     }
 
     /// Answers READ `unique` with exactly `len` bytes at `off` of the node's
@@ -769,25 +762,34 @@ impl BlobFs {
             }
         }
         bump(&self.stats.splice_fallbacks, 1);
+        self.answer_buffered(dev, unique, len, |buf| {
+            file.read_exact_at(buf, off).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("reading blob {} at {off} (+{len}): {e}", node.name),
+                )
+            })
+        })
+    }
+
+    /// Answers READ `unique` with the `len` bytes `read` puts into a pooled
+    /// buffer. A failed `read` is returned before anything is sent (for the
+    /// caller to answer EIO); a failed send is only logged: no second
+    /// answer fixes it.
+    fn answer_buffered(
+        &self,
+        dev: &FuseDevice,
+        unique: u64,
+        len: usize,
+        read: impl FnOnce(&mut [u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
         let mut buf = self.buffers.take(len);
-        let read = file.read_exact_at(&mut buf, off).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("reading blob {} at {off} (+{len}): {e}", node.name),
-            )
-        });
-        let sent = read.map(|()| dev.send(&[&abi::out_header(unique, 0, len), &buf]));
+        let sent = read(&mut buf).map(|()| dev.send(&[&abi::out_header(unique, 0, len), &buf]));
         self.buffers.give(buf);
-        match sent {
-            Ok(sent) => {
-                // Sent (or the send failed, which no second answer fixes).
-                if let Err(e) = sent {
-                    warn!("answering a FUSE READ failed: {e}");
-                }
-                Ok(())
-            }
-            Err(e) => Err(e),
+        if let Err(e) = sent? {
+            warn!("answering a FUSE READ failed: {e}");
         }
+        Ok(())
     }
 
     fn init(&self, unique: u64, init: abi::InitIn, dev: &FuseDevice) -> io::Result<()> {
@@ -1220,11 +1222,6 @@ impl FuseServer {
             answered = pending.unanswered.len(),
             orphans, "answered what the previous daemon left"
         );
-    }
-
-    /// The cache's byte budget, if it has one.
-    pub fn budget(&self) -> Option<&Arc<lazypull_engine::CacheBudget>> {
-        self.fs.config.budget.as_ref()
     }
 
     pub fn stats(&self) -> Arc<Stats> {
