@@ -1296,3 +1296,38 @@ fn failing_mirrors_hand_each_request_to_the_next_host() {
         .iter()
         .all(|r| r.header("x-mirror").is_none() && r.query("ns").is_empty()));
 }
+
+#[test]
+fn a_whole_blob_damaged_once_is_fetched_again_and_one_always_damaged_fails_clearly() {
+    let blob = data(30_000);
+    let d = digest_of(&blob);
+    let (good, bad) = (blob.clone(), {
+        let mut b = blob.clone();
+        b[15_000] ^= 0xff;
+        b
+    });
+    let n = AtomicUsize::new(0);
+    let srv = Server::start(move |req, _| {
+        if req.path().contains("/always/") {
+            return reply(200, &[], bad.clone());
+        }
+        // The first answer is damaged on the way, the next one is not.
+        if n.fetch_add(1, Ordering::SeqCst) == 0 {
+            reply(200, &[], bad.clone())
+        } else {
+            reply(200, &[], good.clone())
+        }
+    });
+    let reg = Registry::new(&srv.host(), "r", None, &fast_opts(1)).unwrap();
+    assert_eq!(
+        reg.get_blob_sized(&d, blob.len() as u64, &|_| {}).unwrap(),
+        blob
+    );
+    assert_eq!(srv.requests().len(), 2, "fetched once more");
+    let always = Registry::new(&srv.host(), "always", None, &fast_opts(1)).unwrap();
+    let err = always
+        .get_blob_sized(&d, blob.len() as u64, &|_| {})
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
+    assert_eq!(srv.requests().len(), 4, "twice, then it fails");
+}
