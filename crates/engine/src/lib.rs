@@ -475,16 +475,14 @@ impl FillMap {
             .sum()
     }
 
-    /// Bytes of `[off, off + len)`'s windows that are neither filled nor
-    /// being filled: what filling that range would add to the cache.
-    pub fn missing_bytes(&self, off: u64, len: u64, object_size: u64) -> u64 {
+    /// Bytes of the windows `[off, off + len)` touches (in an object of
+    /// `object_size`): the most a fill of that range can write.
+    pub fn range_bytes(&self, off: u64, len: u64, object_size: u64) -> u64 {
         let end = off.saturating_add(len).min(object_size);
         if off >= end {
             return 0;
         }
-        let bits = self.lock();
         (off / self.window..=(end - 1) / self.window)
-            .filter(|&i| !bit(&bits.filled, i) && !bit(&bits.busy, i))
             .map(|i| self.window_bytes(i, object_size))
             .sum()
     }

@@ -335,13 +335,21 @@ impl CacheFile {
         out
     }
 
-    /// Reserves room in the budget (if any) for the windows of
-    /// `[off, off + len)` that are missing; returns the bytes reserved.
+    /// Reserves room in the budget (if any) for every window of
+    /// `[off, off + len)`; returns the bytes reserved.
+    ///
+    /// Every window, not only those missing now: a window another filler
+    /// holds may be given up and written by this fill, and one filled now
+    /// may be evicted (by another fill's admission) before this fill claims
+    /// it. Counting only the missing ones let a window be written that no
+    /// reservation covered (the cache went one window over its limit under
+    /// concurrent readers and read-ahead). The reservation lasts only as
+    /// long as the fill.
     fn reserve(&self, off: u64, len: u64) -> Result<u64, FillError> {
         let Some(budget) = &self.budget else {
             return Ok(0);
         };
-        let needed = self.map.missing_bytes(off, len, self.size);
+        let needed = self.map.range_bytes(off, len, self.size);
         if budget.reserve(needed) {
             Ok(needed)
         } else {
@@ -1200,6 +1208,37 @@ mod budget_tests {
             c.fill(&a, 5 * W, 3 * W, Priority::Foreground),
             Err(FillError::NoRoom { .. })
         ));
+    }
+
+    #[test]
+    fn a_window_another_filler_gives_up_is_written_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Arc::new(mem(8 * W as usize, 4, "a"));
+        // Room for three windows.
+        let budget = CacheBudget::new(3 * W + W / 2);
+        let c = budget
+            .open(dir.path(), "a", a.size(), POLICY, NO_BINDING)
+            .unwrap();
+        c.fill(&*a, 0, 2 * W, Priority::Foreground).unwrap();
+        // Another filler (read-ahead, say) holds window 5.
+        assert_eq!(c.map().claim(5), crate::WindowState::Claimed);
+        let waiter = {
+            let (c, a) = (c.clone(), a.clone());
+            std::thread::spawn(move || c.fill(&*a, 5 * W, 10, Priority::Foreground).map(drop))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // The cache fills up meanwhile, then the holder gives window 5 up:
+        // the waiting fill writes it, and must have had room for it.
+        c.fill(&*a, 2 * W, W, Priority::Foreground).unwrap();
+        c.map().finish(5, false, false);
+        waiter.join().unwrap().unwrap();
+        assert!(c.covers(5 * W, 10));
+        assert!(
+            c.cached_bytes() <= 3 * W && allocated(dir.path()) <= 3 * W + W / 2,
+            "{} bytes cached, {} on disk",
+            c.cached_bytes(),
+            allocated(dir.path())
+        );
     }
 
     #[test]
