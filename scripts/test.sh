@@ -6,6 +6,14 @@
 # cachefiles tests that boot the Linux 6.12 kernel under qemu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# CI builds once from a fresh clone: incremental state would only take disk (GBs).
+export CARGO_INCREMENTAL=0
+bash scripts/check-disk.sh start
+# The least free space seen during the run, printed at the end however it ends: a
+# suite that fails with ENOSPC says so.
+bash scripts/check-disk.sh watch &
+disk_watch=$!
+trap 'kill "$disk_watch" 2>/dev/null; wait "$disk_watch" 2>/dev/null; bash scripts/check-disk.sh report' EXIT
 cargo fmt --all -- --check
 bash scripts/check-msrv.sh
 # clippy reads rust-version: `incompatible_msrv` rejects std APIs newer than it.

@@ -101,6 +101,10 @@ fn sums(dir: &Path, paths: &[String]) -> String {
     out
 }
 
+fn remove_dir(dir: &Path) {
+    fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("removing {}: {e}", dir.display()));
+}
+
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
@@ -240,6 +244,12 @@ fn fixture() -> &'static Fixture {
         }
         expected.sort();
         fs::write(data.join("manifest.expected"), expected.join("\n") + "\n").unwrap();
+        // Only the guest's blob dir and image A's build output are read from here on:
+        // the source trees and the other builds go, to keep the suite's disk use down.
+        remove_dir(&layers);
+        for img in ["b", "c", "d", "e"] {
+            remove_dir(&out.join(img));
+        }
 
         Fixture {
             data,

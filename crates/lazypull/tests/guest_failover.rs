@@ -35,6 +35,10 @@ fn write_random(path: &Path, len: usize, seed: u64) -> String {
     hex::encode(sha2::Sha256::digest(&data))
 }
 
+fn remove_dir(dir: &Path) {
+    fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("removing {}: {e}", dir.display()));
+}
+
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
@@ -65,6 +69,10 @@ fn fixture() -> &'static Fixture {
         for b in &img.blobs {
             lazypull_blob::pack(&out.join(&b.digest), &blobs, &Default::default()).unwrap();
         }
+        // The guest reads only the packed blobs: the sources and the plain build go,
+        // to keep the suite's disk use down.
+        remove_dir(&src);
+        remove_dir(&out);
         Fixture {
             data,
             blobs,
@@ -261,6 +269,9 @@ fn loop_fixture() -> LoopFixture {
         for b in &img.blobs {
             lazypull_blob::pack(&dir.join(&b.digest), &blobs, &Default::default()).unwrap();
         }
+    }
+    for dir in [&tree, &big, &out] {
+        remove_dir(dir);
     }
     LoopFixture {
         data,

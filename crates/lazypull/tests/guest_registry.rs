@@ -338,6 +338,11 @@ fn fixture() -> &'static Fixture {
             FaultSource::Fixed(format!("corrupt:1,only:{doomed_data}")),
         )
         .expect("starting the corrupting proxy");
+        // Everything is in the registry now: the sources and build outputs go, to keep
+        // the suite's disk use down.
+        for dir in [&src, &out] {
+            fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("removing {}: {e}", dir.display()));
+        }
         Fixture {
             web: web_server,
             broken,
