@@ -62,7 +62,8 @@ fn fixture() -> &'static Fixture {
             sums.push_str(&format!("{sum}  big{i}.bin\n"));
         }
         fs::write(data.join("sums"), sums).unwrap();
-        let img = build_from_layers(&[src], &out, &BuildOptions::default()).unwrap();
+        let img =
+            build_from_layers(std::slice::from_ref(&src), &out, &BuildOptions::default()).unwrap();
         fs::write(data.join("img"), &img.meta_digest).unwrap();
         fs::copy(img.meta_path(&out), blobs.join(&img.meta_digest)).unwrap();
         // The stored form: zstd units + chunk table, verified as they are served.
