@@ -3,7 +3,8 @@
 //!
 //! It owns the Range protocol for such a URL: learning the size, asking for
 //! exactly the bytes wanted, refusing any answer that is not exactly those
-//! bytes, retrying transient failures. It sends no credentials and must not
+//! bytes, retrying transient failures, waiting for (and then failing fast
+//! on) a host whose circuit breaker is open. It sends no credentials and must not
 //! decompress or verify the contents; that is the engine's job.
 
 use std::fmt;
@@ -161,11 +162,17 @@ impl HttpBlob {
         what: &dyn fmt::Display,
         op: impl FnMut(u32) -> Result<T, RegistryError>,
     ) -> Result<T, RegistryError> {
+        let guard = retry::Guard {
+            breaker: &self.host.breaker,
+            outage_timeout: self.opts.outage_timeout,
+        };
         let r = retry::run(
             &self.retry,
             what,
             &self.stats.retries,
+            Some(&guard),
             RegistryError::is_retryable,
+            RegistryError::BackendDown,
             op,
         );
         if r.is_err() {

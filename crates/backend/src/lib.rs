@@ -3,7 +3,8 @@
 //!
 //! [`http`] reads a blob at a URL by Range requests; [`registry`] speaks the OCI
 //! distribution API (manifests, whole blobs, Range reads, pushes, auth), with
-//! [`retry`] for transient failures. Both implement
+//! [`retry`] for transient failures and a circuit breaker per host
+//! ([`breaker`]) for backends that are down. Both implement
 //! [`lazypull_source::RangeRead`], the engine's view of a backend. They check the
 //! sha256 of whole blobs and manifests they download by digest.
 //!
@@ -12,11 +13,13 @@
 //! live in `lazypull-source`, which has no network dependency.
 #![forbid(unsafe_code)]
 
+pub mod breaker;
 pub mod http;
 pub mod registry;
 pub mod retry;
 mod transport;
 
+pub use breaker::{BackendDown, BackendHealth, BreakerPolicy};
 pub use http::HttpBlob;
 pub use registry::{
     docker_config_credentials, docker_config_credentials_with, ClientOptions, CredentialLookup,

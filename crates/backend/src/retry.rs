@@ -9,7 +9,9 @@
 use std::collections::hash_map::RandomState;
 use std::fmt::Display;
 use std::hash::{BuildHasher, Hasher};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::breaker::{BackendDown, Breaker};
 
 /// How often and how patiently a failed request is tried again.
 #[derive(Clone, Copy, Debug)]
@@ -81,34 +83,81 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
+/// The backend a request goes to, and how long its caller waits for it while
+/// its breaker is open (None: until it is back).
+pub(crate) struct Guard<'a> {
+    pub breaker: &'a Breaker,
+    pub outage_timeout: Option<Duration>,
+}
+
 /// Runs `op` until it succeeds, fails with an error `retryable` rejects, or
 /// the policy's attempts are used up; returns the last result. `op` gets the
 /// attempt number (1-based). Each retry is logged with `what` and the cause
 /// and counted in `retries`.
+///
+/// With a `guard`, every try first passes the backend's breaker: while it is
+/// open the caller's own schedule is suspended (no sleeps, no tries, no
+/// attempts used) and it waits for the breaker instead, until its
+/// `outage_timeout` since the call (or the outage, if older) began has
+/// passed; then the call fails with `down(BackendDown)`. Retryable failures count against the breaker, any
+/// other outcome tells it the backend is up.
 pub(crate) fn run<T, E: Display>(
     policy: &RetryPolicy,
     what: &dyn Display,
     retries: &crate::transport::Counter,
+    guard: Option<&Guard<'_>>,
     retryable: impl Fn(&E) -> bool,
+    down: impl Fn(BackendDown) -> E,
     mut op: impl FnMut(u32) -> Result<T, E>,
 ) -> Result<T, E> {
     let attempts = policy.total_attempts();
+    let started = Instant::now();
+    // For our own pauses: the breaker bounds the waits for it.
+    let give_up_at = guard.and_then(|g| g.outage_timeout.map(|t| started + t));
     let mut attempt = 1;
     loop {
-        match op(attempt) {
-            Ok(v) => return Ok(v),
-            Err(e) if attempt < attempts && retryable(&e) => {
-                let pause = policy.delay(attempt);
-                tracing::warn!(
-                    target: "lazypull::backend",
-                    "{what}: attempt {attempt} of {attempts} failed, retrying in {pause:?}: {e}"
-                );
-                retries.add(1);
-                std::thread::sleep(pause);
-                attempt += 1;
+        let pass = match guard {
+            Some(g) => Some(g.breaker.admit(started, g.outage_timeout).map_err(&down)?),
+            None => None,
+        };
+        let r = op(attempt);
+        let e = match r {
+            Ok(v) => {
+                if let Some(p) = pass {
+                    p.up();
+                }
+                return Ok(v);
             }
-            Err(e) => return Err(e),
+            Err(e) => e,
+        };
+        if !retryable(&e) {
+            if let Some(p) = pass {
+                p.up();
+            }
+            return Err(e);
         }
+        if let Some(p) = pass {
+            p.down(&e);
+        }
+        if guard.is_some_and(|g| g.breaker.is_down()) {
+            // The backend is down: wait for its breaker (in `admit`), not
+            // on our own schedule.
+            continue;
+        }
+        if attempt >= attempts {
+            return Err(e);
+        }
+        let mut pause = policy.delay(attempt);
+        if let Some(t) = give_up_at {
+            pause = pause.min(t.saturating_duration_since(Instant::now()));
+        }
+        tracing::warn!(
+            target: "lazypull::backend",
+            "{what}: attempt {attempt} of {attempts} failed, retrying in {pause:?}: {e}"
+        );
+        retries.add(1);
+        std::thread::sleep(pause);
+        attempt += 1;
     }
 }
 
@@ -175,7 +224,9 @@ mod tests {
             &quick(5),
             &"op",
             &retries,
+            None,
             |e: &String| e == "transient",
+            |d| d.to_string(),
             |attempt| {
                 calls.push(attempt);
                 if attempt < 3 {
@@ -198,7 +249,9 @@ mod tests {
             &quick(3),
             &"op",
             &retries,
+            None,
             |e: &String| e == "transient",
+            |d| d.to_string(),
             |_| {
                 n += 1;
                 Err("transient".into())
@@ -214,7 +267,9 @@ mod tests {
             &quick(3),
             &"op",
             &retries,
+            None,
             |e: &String| e == "transient",
+            |d| d.to_string(),
             |_| {
                 n += 1;
                 Err("permanent".into())
@@ -230,12 +285,152 @@ mod tests {
             &quick(0),
             &"op",
             &crate::transport::Counter::detached(),
+            None,
             |_| true,
+            |d| d.to_string(),
             |_| {
                 n += 1;
                 Err("x".into())
             },
         );
         assert_eq!(n, 1);
+    }
+
+    fn breaker(threshold: u32, cooldown: u64) -> Breaker {
+        Breaker::new(
+            "http://down:1",
+            crate::breaker::BreakerPolicy {
+                enabled: true,
+                threshold,
+                cooldown: ms(cooldown),
+                max_cooldown: ms(cooldown),
+            },
+        )
+    }
+
+    #[test]
+    fn an_open_breaker_stops_the_retry_schedule_and_fails_at_the_outage_timeout() {
+        let b = breaker(3, 60_000);
+        let guard = Guard {
+            breaker: &b,
+            outage_timeout: Some(ms(300)),
+        };
+        let mut n = 0;
+        let t = Instant::now();
+        let r: Result<(), String> = run(
+            &quick(100),
+            &"op",
+            &crate::transport::Counter::detached(),
+            Some(&guard),
+            |_| true,
+            |d| format!("down: {d}"),
+            |_| {
+                n += 1;
+                Err("refused".into())
+            },
+        );
+        let took = t.elapsed();
+        let e = r.unwrap_err();
+        assert!(e.starts_with("down: backend http://down:1 is down"), "{e}");
+        assert!(e.contains("refused"), "{e}");
+        assert_eq!(n, 3, "tries stop when the breaker opens");
+        assert!(took >= ms(300) && took < ms(2000), "{took:?}");
+        // The next caller does not try at all; with no time to wait, it
+        // fails at once.
+        let instant = Guard {
+            breaker: &b,
+            outage_timeout: Some(Duration::ZERO),
+        };
+        let t = Instant::now();
+        let r: Result<(), String> = run(
+            &quick(100),
+            &"op",
+            &crate::transport::Counter::detached(),
+            Some(&instant),
+            |_| true,
+            |d| d.to_string(),
+            |_| panic!("no request while the breaker is open"),
+        );
+        assert!(r.is_err() && t.elapsed() < ms(200));
+        assert_eq!(b.health().fast_failures, 2);
+    }
+
+    #[test]
+    fn many_callers_of_a_down_backend_send_a_bounded_number_of_requests() {
+        let b = std::sync::Arc::new(breaker(5, 100));
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let t = Instant::now();
+        let callers: Vec<_> = (0..16)
+            .map(|_| {
+                let (b, sent) = (b.clone(), sent.clone());
+                std::thread::spawn(move || {
+                    let guard = Guard {
+                        breaker: &b,
+                        outage_timeout: Some(ms(1000)),
+                    };
+                    let r: Result<(), String> = run(
+                        &RetryPolicy {
+                            attempts: 5,
+                            base_delay: ms(10),
+                            max_delay: ms(10),
+                        },
+                        &"op",
+                        &crate::transport::Counter::detached(),
+                        Some(&guard),
+                        |_| true,
+                        |d| d.to_string(),
+                        |_| {
+                            sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            std::thread::sleep(ms(5));
+                            Err("reset".into())
+                        },
+                    );
+                    r.unwrap_err()
+                })
+            })
+            .collect();
+        for c in callers {
+            assert!(c.join().unwrap().contains("is down"));
+        }
+        let took = t.elapsed();
+        assert!(took < ms(2500), "{took:?}");
+        // Without the breaker: 16 callers x 5 tries = 80. With it: the
+        // tries in flight when it opened (at most one per caller), then one
+        // probe per 100 ms cool-down for a second.
+        let n = sent.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(n <= 16 + 5 + 11, "{n} requests");
+        assert!(b.health().probes <= 11, "{:?}", b.health());
+    }
+
+    #[test]
+    fn with_no_outage_timeout_a_caller_waits_until_a_probe_succeeds() {
+        let b = breaker(2, 50);
+        let guard = Guard {
+            breaker: &b,
+            outage_timeout: None,
+        };
+        let back_at = Instant::now() + ms(500);
+        let mut n = 0;
+        let r: Result<u32, String> = run(
+            &quick(3),
+            &"op",
+            &crate::transport::Counter::detached(),
+            Some(&guard),
+            |_| true,
+            |d| d.to_string(),
+            |_| {
+                n += 1;
+                if Instant::now() < back_at {
+                    Err("refused".into())
+                } else {
+                    Ok(n)
+                }
+            },
+        );
+        assert!(Instant::now() >= back_at);
+        let tries = r.unwrap();
+        // More tries than its 3 attempts (probes), but one per cool-down.
+        assert!(tries > 3 && tries <= 2 + 11, "{tries}");
+        assert_eq!(b.health().state, "closed");
     }
 }

@@ -150,7 +150,7 @@ pub struct DaemonArgs {
     /// unit_cache, readahead, insecure_registries, ca_files, docker_config,
     /// hosts_dir,
     /// request_timeout_secs, range_deadline_secs, min_throughput, retries,
-    /// max_meta_size.
+    /// outage_timeout_secs, circuit_breaker, max_meta_size.
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
 
@@ -192,6 +192,14 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "N")]
     pub(crate) max_in_flight: Option<usize>,
 
+    /// How long a read waits for a backend that is down (its circuit breaker
+    /// open: refused or reset connections, timeouts, 5xx, short bodies, 5
+    /// in a row) to come back before it fails with EIO, in seconds from the
+    /// start of its request; "wait" waits until the backend is back (a probe
+    /// succeeds); 0 fails at once. Default 30.
+    #[arg(long, value_name = "SECS|wait", value_parser = parse_outage)]
+    pub(crate) outage_timeout_secs: Option<Outage>,
+
     /// Bytes filled per kernel miss: the READ is widened to whole windows of this
     /// size (power of two ≥ 4KiB; suffixes K, M, KiB, MiB).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -204,7 +212,7 @@ pub struct DaemonArgs {
 pub(crate) struct FileConfig {
     pub(crate) cache_dir: Option<PathBuf>,
     /// "20%" (the default), a size ("10GiB", or bytes) or "unlimited".
-    pub(crate) cache_limit: Option<SizeOrText>,
+    pub(crate) cache_limit: Option<NumberOrText>,
     pub(crate) transport: Option<TransportKind>,
     pub(crate) fuse_dir: Option<PathBuf>,
     pub(crate) fuse_threads: Option<usize>,
@@ -247,15 +255,22 @@ pub(crate) struct FileConfig {
     /// range_deadline_secs + N / min_throughput.
     pub(crate) min_throughput: Option<SizeValue>,
     pub(crate) retries: Option<u32>,
+    /// Seconds a read waits for a backend that is down, or "wait" (default
+    /// 30; see `--outage-timeout-secs`).
+    pub(crate) outage_timeout_secs: Option<NumberOrText>,
+    /// One circuit breaker per backend (default true): false lets every
+    /// request go out and retry on its own while a backend is down.
+    pub(crate) circuit_breaker: Option<bool>,
     /// Largest meta blob the daemon fetches (a size, e.g. "256MiB").
     pub(crate) max_meta_size: Option<SizeValue>,
 }
 
-/// A value given as a number of bytes or as text (a cache limit).
+/// A value given as a number or as text (a cache limit: bytes or "20%"; an outage
+/// timeout: seconds or "wait").
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-pub(crate) enum SizeOrText {
-    Bytes(u64),
+pub(crate) enum NumberOrText {
+    Number(u64),
     Text(String),
 }
 
@@ -269,6 +284,36 @@ fn parse_cache_limit(s: &str) -> Result<lazypull_engine::CacheLimit, String> {
 /// and the snapshotter's Usage show what the cache holds.
 pub(crate) const DEFAULT_CACHE_LIMIT: lazypull_engine::CacheLimit =
     lazypull_engine::CacheLimit::Percent(20);
+
+/// `outage_timeout_secs`: how long a read waits for a backend that is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outage {
+    /// Fail with EIO after this many seconds (0: at once).
+    Secs(u64),
+    /// Wait until the backend is back.
+    Wait,
+}
+
+impl Outage {
+    /// The backend's [`ClientOptions::outage_timeout`](lazypull_backend::ClientOptions::outage_timeout).
+    pub(crate) fn timeout(self) -> Option<std::time::Duration> {
+        match self {
+            Outage::Secs(n) => Some(std::time::Duration::from_secs(n)),
+            Outage::Wait => None,
+        }
+    }
+}
+
+/// Parses `--outage-timeout-secs`: a number of seconds or "wait".
+pub(crate) fn parse_outage(s: &str) -> Result<Outage, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("wait") {
+        return Ok(Outage::Wait);
+    }
+    t.parse().map(Outage::Secs).map_err(|_| {
+        format!("invalid outage timeout {s:?}: expected a number of seconds or \"wait\"")
+    })
+}
 
 /// A size given as a number of bytes or a string such as "1MiB".
 #[derive(Debug, Clone, Deserialize)]
@@ -336,6 +381,9 @@ pub(crate) struct DaemonConfig {
     pub(crate) range_deadline_secs: u64,
     pub(crate) min_throughput: u64,
     pub(crate) retries: u32,
+    /// How long a read waits for a backend that is down.
+    pub(crate) outage: Outage,
+    pub(crate) circuit_breaker: bool,
     /// Largest meta blob fetched or read (default 1 GiB).
     pub(crate) max_meta_size: u64,
     pub(crate) tag: String,
@@ -397,11 +445,11 @@ impl DaemonArgs {
         };
         let cache_limit = match (self.cache_limit, &file.cache_limit) {
             (Some(l), _) => l,
-            (None, Some(SizeOrText::Bytes(0))) => {
+            (None, Some(NumberOrText::Number(0))) => {
                 bail!("config key cache_limit: 0 leaves no room for any read; say \"unlimited\" for no limit")
             }
-            (None, Some(SizeOrText::Bytes(n))) => lazypull_engine::CacheLimit::Bytes(*n),
-            (None, Some(SizeOrText::Text(t))) => t
+            (None, Some(NumberOrText::Number(n))) => lazypull_engine::CacheLimit::Bytes(*n),
+            (None, Some(NumberOrText::Text(t))) => t
                 .parse()
                 .map_err(|e: String| anyhow::anyhow!("config key cache_limit: {e}"))?,
             (None, None) => DEFAULT_CACHE_LIMIT,
@@ -461,6 +509,15 @@ impl DaemonArgs {
                 None => 64 << 10,
             },
             retries: file.retries.unwrap_or(5),
+            outage: match (self.outage_timeout_secs, &file.outage_timeout_secs) {
+                (Some(o), _) => o,
+                (None, Some(NumberOrText::Number(n))) => Outage::Secs(*n),
+                (None, Some(NumberOrText::Text(t))) => parse_outage(t)
+                    .map_err(anyhow::Error::msg)
+                    .context("config key outage_timeout_secs")?,
+                (None, None) => Outage::Secs(30),
+            },
+            circuit_breaker: file.circuit_breaker.unwrap_or(true),
             max_meta_size: match &file.max_meta_size {
                 Some(v) => v.bytes().context("config key max_meta_size")?,
                 None => crate::catalog::DEFAULT_MAX_META_SIZE,
@@ -540,7 +597,40 @@ mod tests {
             device: None,
             max_in_flight: None,
             fill_window: None,
+            outage_timeout_secs: None,
         }
+    }
+
+    #[test]
+    fn outage_timeout_defaults_to_30_s_takes_wait_and_the_flag_wins() {
+        let c = args().resolve().unwrap();
+        assert_eq!((c.outage, c.circuit_breaker), (Outage::Secs(30), true));
+        assert_eq!(c.outage.timeout(), Some(std::time::Duration::from_secs(30)));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let mut a = args();
+        a.config = Some(path.clone());
+        std::fs::write(
+            &path,
+            "outage_timeout_secs = \"wait\"\ncircuit_breaker = false\n",
+        )
+        .unwrap();
+        let c = a.resolve().unwrap();
+        assert_eq!((c.outage, c.circuit_breaker), (Outage::Wait, false));
+        assert_eq!(c.outage.timeout(), None);
+        std::fs::write(&path, "outage_timeout_secs = 3\n").unwrap();
+        assert_eq!(a.resolve().unwrap().outage, Outage::Secs(3));
+        a.outage_timeout_secs = Some(parse_outage("wait").unwrap());
+        assert_eq!(a.resolve().unwrap().outage, Outage::Wait);
+        a.outage_timeout_secs = None;
+        std::fs::write(&path, "outage_timeout_secs = \"soon\"\n").unwrap();
+        let err = format!("{:#}", a.resolve().unwrap_err());
+        assert!(
+            err.contains("outage_timeout_secs") && err.contains("wait"),
+            "{err}"
+        );
+        assert_eq!(parse_outage("0"), Ok(Outage::Secs(0)));
+        assert!(parse_outage("-1").is_err());
     }
 
     #[test]

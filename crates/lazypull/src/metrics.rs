@@ -130,6 +130,37 @@ fn render(status: &Status) -> String {
         "Requests a registry mirror (hosts.toml) did not answer, handed to the next host.",
         h.mirror_fallbacks,
     );
+    let per_backend = |f: &dyn Fn(&lazypull_backend::BackendHealth) -> u64| -> Vec<(String, u64)> {
+        status
+            .backends
+            .iter()
+            .map(|b| (format!("{{backend=\"{}\"}}", label(&b.backend)), f(b)))
+            .collect()
+    };
+    e.metric(
+        "lazypull_backend_up",
+        "gauge",
+        "1 while the backend host's circuit breaker is closed, 0 while it is open or half-open.",
+        &per_backend(&|b| u64::from(b.state == "closed")),
+    );
+    e.metric(
+        "lazypull_backend_breaker_opens_total",
+        "counter",
+        "Times the backend host's circuit breaker opened (consecutive failures: it is down).",
+        &per_backend(&|b| b.opens),
+    );
+    e.metric(
+        "lazypull_backend_fast_failures_total",
+        "counter",
+        "Requests failed without being sent while the backend was down (after outage_timeout_secs).",
+        &per_backend(&|b| b.fast_failures),
+    );
+    e.metric(
+        "lazypull_backend_probes_total",
+        "counter",
+        "Probe requests sent to the backend while its circuit breaker was open.",
+        &per_backend(&|b| b.probes),
+    );
     let f = &status.fetch;
     e.one(
         "lazypull_fetch_range_reads_total",
@@ -342,6 +373,7 @@ mod tests {
             },
             fetch: Default::default(),
             backend_http: Default::default(),
+            backends: vec![],
             images: vec![],
             blobs: vec![],
             prefetching: vec![],
@@ -374,6 +406,17 @@ mod tests {
             },
             fetch: Default::default(),
             backend_http: Default::default(),
+            backends: vec![lazypull_backend::BackendHealth {
+                backend: "http://127.0.0.1:5000".into(),
+                state: "open",
+                down_since_unix: Some(1),
+                down_secs: Some(2.0),
+                last_cause: Some("connection refused".into()),
+                consecutive_failures: 6,
+                opens: 1,
+                fast_failures: 3,
+                probes: 2,
+            }],
             images: vec![crate::catalog::ImageInfo {
                 fsid: "ab".into(),
                 reference: "r".into(),
@@ -395,6 +438,10 @@ mod tests {
             "lazypull_cache_written_bytes_total 4096\n",
             "lazypull_images 1\n",
             "lazypull_mounts 2\n",
+            "lazypull_backend_up{backend=\"http://127.0.0.1:5000\"} 0\n",
+            "lazypull_backend_breaker_opens_total{backend=\"http://127.0.0.1:5000\"} 1\n",
+            "lazypull_backend_fast_failures_total{backend=\"http://127.0.0.1:5000\"} 3\n",
+            "lazypull_backend_probes_total{backend=\"http://127.0.0.1:5000\"} 2\n",
         ] {
             assert!(page.contains(line), "{line:?} missing from:\n{page}");
         }

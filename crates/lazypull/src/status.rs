@@ -5,7 +5,7 @@
 //! Types only: it must not reach into the daemon, so whoever reports on the
 //! daemon (metrics) depends on this snapshot and not on the daemon itself.
 
-use lazypull_backend::RequestStats;
+use lazypull_backend::{BackendHealth, RequestStats};
 use lazypull_engine::FetchStatsSnapshot;
 use lazypull_transport::BlobCacheInfo;
 use serde::Serialize;
@@ -29,6 +29,9 @@ pub(crate) struct Status {
     pub(crate) fetch: FetchStatsSnapshot,
     /// Every HTTP request sent to registries and blob servers.
     pub(crate) backend_http: RequestStats,
+    /// Each backend host's circuit breaker: closed, open (since when, why)
+    /// or half-open (a probe out).
+    pub(crate) backends: Vec<BackendHealth>,
     pub(crate) images: Vec<ImageInfo>,
     pub(crate) blobs: Vec<BlobCacheInfo>,
     /// The fsids of the images being prefetched now.
@@ -87,6 +90,7 @@ mod tests {
             },
             fetch: FetchStatsSnapshot::default(),
             backend_http: RequestStats::default(),
+            backends: Vec::new(),
             images: Vec::new(),
             blobs: Vec::new(),
             prefetching: Vec::new(),
@@ -99,6 +103,7 @@ mod tests {
             keys,
             [
                 "backend_http",
+                "backends",
                 "blobs",
                 "cache",
                 "fetch",

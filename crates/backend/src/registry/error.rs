@@ -84,6 +84,11 @@ pub enum RegistryError {
         got: u64,
     },
 
+    /// Refused without a request: the backend's circuit breaker is open and
+    /// the caller's outage timeout passed (see [`crate::breaker`]).
+    #[error("{0}")]
+    BackendDown(crate::breaker::BackendDown),
+
     #[error("{url}: unexpected response: {why}")]
     Protocol { url: String, why: String },
 

@@ -21,6 +21,7 @@ use reqwest::Url;
 
 use super::hosts_toml::HostTls;
 use super::{ClientOptions, RegistryError};
+use crate::breaker::{BackendHealth, Breaker};
 use crate::transport::Limiter;
 
 /// The HTTP clients of one owner (a daemon, one command), one per host.
@@ -43,6 +44,9 @@ pub struct Hosts {
 #[derive(Default)]
 struct Pool {
     hosts: Mutex<HashMap<HostKey, Arc<Host>>>,
+    /// One breaker per origin, whatever the settings of its clients: a host
+    /// that is down is down for all of them.
+    breakers: Mutex<HashMap<String, Arc<Breaker>>>,
     created: AtomicU64,
 }
 
@@ -71,6 +75,8 @@ pub(crate) struct Host {
     /// At most `max_connections` requests to this host in flight, over every
     /// user of this `Host`. A request holds its permit until its body is read.
     pub(crate) limiter: Arc<Limiter>,
+    /// The origin's circuit breaker, shared by every client of it.
+    pub(crate) breaker: Arc<Breaker>,
 }
 
 impl fmt::Debug for Host {
@@ -135,14 +141,36 @@ impl Hosts {
         // `host_str` keeps an IPv6 address in brackets.
         let origin = format!("{}://{}:{}", key.scheme, key.host, key.port);
         tracing::debug!(%origin, "new HTTP client");
+        let breaker = self
+            .inner
+            .breakers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(origin.clone())
+            .or_insert_with(|| Arc::new(Breaker::new(&origin, opts.breaker)))
+            .clone();
         let host = Arc::new(Host {
             origin,
             client,
             limiter: Limiter::new(key.max_connections),
+            breaker,
         });
         self.inner.created.fetch_add(1, Ordering::Relaxed);
         hosts.insert(key, host.clone());
         Ok(host)
+    }
+
+    /// The circuit breaker of every origin this pool reached, sorted by
+    /// origin.
+    pub fn health(&self) -> Vec<BackendHealth> {
+        let breakers = self
+            .inner
+            .breakers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<BackendHealth> = breakers.values().map(|b| b.health()).collect();
+        out.sort_by(|a, b| a.backend.cmp(&b.backend));
+        out
     }
 
     /// How many clients this pool has built: one per host (and settings)

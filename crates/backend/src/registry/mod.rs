@@ -48,7 +48,10 @@
 //! request (`over_hosts`): a mirror once, without retries; its failure is
 //! logged, counted and handed on; the upstream last, with retries. Nothing
 //! is remembered between requests except that a mirror refusing
-//! connections is skipped for a few seconds.
+//! connections is skipped for a few seconds, and that an upstream that is
+//! down (its circuit breaker open, see [`crate::breaker`]) is not asked
+//! again until its breaker lets a probe through: requests wait for it, at
+//! most [`ClientOptions::outage_timeout`].
 
 mod auth;
 mod error;
@@ -829,11 +832,17 @@ impl Registry {
         what: &dyn fmt::Display,
         op: impl FnMut(u32) -> Result<T, RegistryError>,
     ) -> Result<T, RegistryError> {
+        let guard = retry::Guard {
+            breaker: &self.upstream().host.breaker,
+            outage_timeout: self.inner.opts.outage_timeout,
+        };
         let r = retry::run(
             &self.inner.opts.retry,
             what,
             &self.inner.stats.retries,
+            Some(&guard),
             RegistryError::is_retryable,
+            RegistryError::BackendDown,
             op,
         );
         if r.is_err() {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::hosts_toml::HostTls;
 use super::{Credentials, Hosts, RegistryError};
+use crate::breaker::BreakerPolicy;
 use crate::retry::RetryPolicy;
 
 /// Connection settings shared by [`Registry`](super::Registry) and
@@ -40,6 +41,16 @@ pub struct ClientOptions {
     /// take beyond [`range_deadline`](Self::range_deadline). Default 64 KiB/s.
     pub min_throughput: u64,
     pub retry: RetryPolicy,
+    /// When a host counts as down and how often it is probed then (one
+    /// breaker per origin in [`hosts`](Self::hosts), built with the options
+    /// of its first user).
+    pub breaker: BreakerPolicy,
+    /// How long a request waits for a host that is down (its breaker open)
+    /// to come back before it fails with [`RegistryError::BackendDown`],
+    /// counted from the moment the request began or the host went down,
+    /// whichever was first (so once an outage is that old, requests fail at
+    /// once, but for the probe); None: until it is back. Default 30 s.
+    pub outage_timeout: Option<Duration>,
     /// Most requests in flight at once to one host, over every
     /// [`Registry`](super::Registry) and [`HttpBlob`](crate::http::HttpBlob)
     /// of that host sharing [`hosts`](Self::hosts) (token requests and
@@ -82,6 +93,8 @@ impl Default for ClientOptions {
             range_deadline: Duration::from_secs(30),
             min_throughput: 64 << 10,
             retry: RetryPolicy::default(),
+            breaker: BreakerPolicy::default(),
+            outage_timeout: Some(Duration::from_secs(30)),
             max_connections: 8,
             user_agent: concat!("lazypull/", env!("CARGO_PKG_VERSION")).to_string(),
             hosts: Hosts::new(),

@@ -169,6 +169,12 @@ impl Catalog {
         &self.fetch
     }
 
+    /// The circuit breaker of every backend host reached so far (registries
+    /// and the blob URL share one pool of hosts).
+    pub(crate) fn backends(&self) -> Vec<lazypull_backend::BackendHealth> {
+        self.remote.client.hosts.health()
+    }
+
     /// The blob the kernel names `cookie`: a registered data or meta blob, else
     /// one under the blob URL, else one in the local blob dir (stored form
     /// first, then a plain file, in both places).

@@ -169,6 +169,9 @@ fn daemon_lines(s: &serde_json::Value) {
             cache["no_room"]
         );
     }
+    for b in s["backends"].as_array().into_iter().flatten() {
+        println!("  {}", backend_line(b));
+    }
     let short = |v: &serde_json::Value| short_name(v.as_str().unwrap_or("?"));
     for i in s["images"].as_array().into_iter().flatten() {
         println!(
@@ -207,6 +210,34 @@ fn daemon_lines(s: &serde_json::Value) {
     }
 }
 
+/// One backend's circuit breaker, for `lazypull status`.
+fn backend_line(b: &serde_json::Value) -> String {
+    let name = b["backend"].as_str().unwrap_or("?");
+    let counts = format!(
+        "{} opens, {} probes, {} fast failures",
+        b["opens"], b["probes"], b["fast_failures"]
+    );
+    let cause = b["last_cause"].as_str().unwrap_or("?");
+    match b["state"].as_str().unwrap_or("?") {
+        "closed" => format!("backend {name}: up (circuit closed; {counts})"),
+        state => {
+            let since = b["down_since_unix"]
+                .as_u64()
+                .map(|t| {
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_secs(t),
+                    )
+                    .to_string()
+                })
+                .unwrap_or_else(|| "?".into());
+            format!(
+                "backend {name}: DOWN (circuit {state} since {since}, {} s ago; last error: {cause}; {counts})",
+                b["down_secs"]
+            )
+        }
+    }
+}
+
 /// The first 12 characters of a name (a digest, an fsid: registered names
 /// may hold any UTF-8).
 fn short_name(s: &str) -> String {
@@ -215,7 +246,25 @@ fn short_name(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::short_name;
+    use super::{backend_line, short_name};
+
+    #[test]
+    fn backend_lines_say_up_or_down_since_when_and_why() {
+        let up = serde_json::json!({"backend": "http://h:80", "state": "closed",
+            "opens": 1, "probes": 2, "fast_failures": 3, "last_cause": "old"});
+        assert_eq!(
+            backend_line(&up),
+            "backend http://h:80: up (circuit closed; 1 opens, 2 probes, 3 fast failures)"
+        );
+        let down = serde_json::json!({"backend": "http://h:80", "state": "open",
+            "down_since_unix": 86_400 + 3661, "down_secs": 4.5,
+            "opens": 1, "probes": 0, "fast_failures": 0, "last_cause": "connection refused"});
+        assert_eq!(
+            backend_line(&down),
+            "backend http://h:80: DOWN (circuit open since 1970-01-02T01:01:01Z, 4.5 s ago; \
+             last error: connection refused; 1 opens, 0 probes, 0 fast failures)"
+        );
+    }
 
     #[test]
     fn short_names_are_cut_by_character_not_byte() {

@@ -138,6 +138,11 @@ fn catalog(cfg: &DaemonConfig) -> Catalog {
             ..RetryPolicy::default()
         },
         max_connections: cfg.max_connections,
+        breaker: lazypull_backend::BreakerPolicy {
+            enabled: cfg.circuit_breaker,
+            ..lazypull_backend::BreakerPolicy::default()
+        },
+        outage_timeout: cfg.outage.timeout(),
         ..ClientOptions::default()
     };
     Catalog::new(

@@ -95,6 +95,7 @@ impl StatusSource for Daemon {
             },
             fetch: self.catalog.fetch_context().stats.snapshot(),
             backend_http: lazypull_backend::http_totals(),
+            backends: self.catalog.backends(),
             images: self.catalog.images(),
             blobs: self.view.blobs(),
             prefetching: self.prefetches.running(),
