@@ -13,7 +13,8 @@ bash scripts/check-disk.sh start
 # suite that fails with ENOSPC says so.
 bash scripts/check-disk.sh watch &
 disk_watch=$!
-trap 'kill "$disk_watch" 2>/dev/null; wait "$disk_watch" 2>/dev/null; bash scripts/check-disk.sh report' EXIT
+# (errexit holds in traps too: the watcher's kill status must not become the run's.)
+trap 'rc=$?; kill "$disk_watch" 2>/dev/null || true; wait "$disk_watch" 2>/dev/null || true; bash scripts/check-disk.sh report || true; exit $rc' EXIT
 cargo fmt --all -- --check
 bash scripts/check-msrv.sh
 # clippy reads rust-version: `incompatible_msrv` rejects std APIs newer than it.
