@@ -9,8 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Measured: a full run from a fresh clone (scripts/test.sh) took at most 5.4 GiB
-# (target directory 4.5 GiB at the end, the guest fixtures and disks beside it).
-NEED_GIB=${LAZYPULL_DISK_NEED_GIB:-8}
+# (target directory 4.5 GiB at the end, the guest fixtures and disks beside it),
+# plus the fuzz build (1.5 GiB).
+NEED_GIB=${LAZYPULL_DISK_NEED_GIB:-9}
 target=${CARGO_TARGET_DIR:-$PWD/target}
 mkdir -p "$target"
 tmp=${TMPDIR:-/tmp}

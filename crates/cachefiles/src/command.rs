@@ -23,6 +23,11 @@ pub enum Command {
     /// `restore`: re-queue every request a previous daemon read but never answered
     /// (Linux 6.8+). Used by a daemon that took over the device fd.
     Restore,
+    /// `cull <name>`: delete the cache file `name` in the *writer's current
+    /// working directory* (the kernel takes `current->fs->pwd`; the name may
+    /// not hold a `/`), unless it is in use (EBUSY: an object the kernel has
+    /// open, marked `S_KERNEL_FILE`). Gone files are ESTALE.
+    Cull(String),
     /// Culling thresholds, in percent of free space (`brun`, `bcull`, `bstop`)
     /// and of free files (`frun`, `fcull`, `fstop`).
     Limit(Limit, u8),
@@ -50,6 +55,8 @@ pub enum CommandError {
     BadErrno(i32),
     #[error("cull limit must be a percentage below 100, got {0}")]
     BadPercent(u8),
+    #[error("cull names a file in the current directory, without '/': {0:?}")]
+    CullPath(String),
     #[error("cache dir path is not valid UTF-8: {0:?}")]
     NonUtf8Path(PathBuf),
 }
@@ -65,6 +72,12 @@ impl Command {
                 check_arg("dir", s)?;
             }
             Command::Tag(tag) => check_arg("tag", tag)?,
+            Command::Cull(name) => {
+                check_arg("cull", name)?;
+                if name.contains('/') || name == "." || name == ".." {
+                    return Err(CommandError::CullPath(name.clone()));
+                }
+            }
             Command::CopenError { errno, .. } if !(1..=4095).contains(errno) => {
                 return Err(CommandError::BadErrno(*errno))
             }
@@ -94,6 +107,7 @@ impl fmt::Display for Command {
             Command::Copen { msg_id, size } => write!(f, "copen {msg_id},{size}"),
             Command::CopenError { msg_id, errno } => write!(f, "copen {msg_id},-{errno}"),
             Command::Restore => f.write_str("restore"),
+            Command::Cull(name) => write!(f, "cull {name}"),
             Command::Limit(limit, pct) => {
                 let verb = match limit {
                     Limit::Brun => "brun",
@@ -140,6 +154,7 @@ mod tests {
             "copen 3,-2"
         );
         assert_eq!(enc(Command::Restore), "restore");
+        assert_eq!(enc(Command::Cull("Dsha256-ab".into())), "cull Dsha256-ab");
         assert_eq!(enc(Command::Limit(Limit::Bcull, 7)), "bcull 7%");
     }
 
@@ -168,6 +183,16 @@ mod tests {
             }
             .encode(),
             Err(CommandError::BadErrno(5000))
+        );
+        for bad in ["a/b", "..", "."] {
+            assert_eq!(
+                Command::Cull(bad.into()).encode(),
+                Err(CommandError::CullPath(bad.into()))
+            );
+        }
+        assert_eq!(
+            Command::Cull(String::new()).encode(),
+            Err(CommandError::Empty("cull"))
         );
         assert_eq!(
             Command::Limit(Limit::Fstop, 100).encode(),

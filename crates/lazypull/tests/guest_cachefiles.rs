@@ -154,9 +154,24 @@ fn fixture() -> &'static Fixture {
             "A and B share the base blob"
         );
 
+        // Three images of 12 MiB each for the cache limit (30 MiB).
+        for (name, seed) in [("f", 21u64), ("g", 22), ("h", 23)] {
+            let dir = layers.join(format!("{name}data"));
+            write_random(&dir.join("file.bin"), 12 << 20, seed);
+            let img = build(&[&dir], &out.join(name));
+            let data = root.join("data");
+            fs::create_dir_all(&data).unwrap();
+            fs::write(data.join(format!("img-{name}")), &img.meta_digest).unwrap();
+            fs::write(
+                data.join(format!("{name}.sha256")),
+                sums(&dir, &["file.bin".into()]),
+            )
+            .unwrap();
+        }
+
         let blobs = root.join("blobs");
         fs::create_dir_all(&blobs).unwrap();
-        for img in ["a", "b", "c", "d", "e"] {
+        for img in ["a", "b", "c", "d", "e", "f", "g", "h"] {
             for e in fs::read_dir(out.join(img)).unwrap() {
                 let e = e.unwrap();
                 if e.file_name() != "manifest.json" {
@@ -247,7 +262,7 @@ fn fixture() -> &'static Fixture {
         // Only the guest's blob dir and image A's build output are read from here on:
         // the source trees and the other builds go, to keep the suite's disk use down.
         remove_dir(&layers);
-        for img in ["b", "c", "d", "e"] {
+        for img in ["b", "c", "d", "e", "f", "g", "h"] {
             remove_dir(&out.join(img));
         }
 
@@ -527,4 +542,45 @@ fn the_same_image_mounted_file_backed_on_the_host_is_identical() {
     let got = stdout(Command::new(testkit()).arg("manifest").arg(&mnt));
     let expected = fs::read_to_string(fx.data.join("manifest.expected")).unwrap();
     manifest::assert_same_manifest(&expected, &got, "the host's file-backed mount");
+}
+
+/// `cache_limit` on cachefiles (issue 17): 30 MiB over three images of 12 MiB.
+/// Read one after another (each unmounted before the next), the cache stays
+/// within its limit, sampled as often as `du` can, because the idle objects of the
+/// image read longest ago are culled; the culled image reads right again.
+/// Mounted all at once, every object is in use: the cache goes over its limit
+/// (logged once), the reads stay right, and once they are unmounted the next
+/// read brings it back within the limit.
+#[test]
+fn a_cache_limit_culls_idle_objects_least_recently_used_first() {
+    let run = boot("cache_limit");
+    let samples = run.read_out("du-samples").unwrap();
+    let kib: Vec<u64> = samples
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(kib.len() > 20, "too few samples: {samples}");
+    let limit_kib = 30 << 10;
+    let peak = kib.iter().copied().max().unwrap();
+    assert!(
+        peak <= limit_kib,
+        "the cache held {peak} KiB against its {limit_kib} KiB limit while images were read one at a time"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&run.read_out("status.json").unwrap()).unwrap();
+    let cache = &status["cache"];
+    assert_eq!(cache["limit_bytes"], 30u64 << 20, "{cache}");
+    assert!(cache["removed_blobs"].as_u64().unwrap() >= 2, "{cache}");
+    assert!(cache["used_bytes"].as_u64().unwrap() <= 30 << 20, "{cache}");
+    let over: serde_json::Value =
+        serde_json::from_str(&run.read_out("status-over.json").unwrap()).unwrap();
+    assert!(
+        over["cache"]["used_bytes"].as_u64().unwrap() > 30 << 20,
+        "three mounted images must hold more than the limit: {}",
+        over["cache"]
+    );
+    assert_eq!(over["cache"]["no_room"], 1, "{}", over["cache"]);
+    let after = kv(&run.read_out("after-over").unwrap(), "kib");
+    assert!(after <= limit_kib, "{after} KiB after the mounts went");
+    println!("FIGURES cachefiles cache_limit: peak {peak} KiB of {limit_kib} KiB one image at a time; {}", over["cache"]);
 }

@@ -21,6 +21,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
+pub use crate::cachefiles_cull::CullConfig;
+use crate::cachefiles_cull::{self, CullBudget, Culler};
+
 /// Settings of the cachefiles transport.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -46,6 +49,10 @@ pub struct Config {
     /// right after their `copen` ([`fill_up_front`]; 0: never). The daemon's
     /// default is [`DEFAULT_META_UP_FRONT_MAX`].
     pub meta_up_front_max: u64,
+    /// Bounds the cache's bytes (`cache_limit`): idle objects are culled
+    /// ([`crate::cachefiles_cull`]). None: only the kernel's free-space
+    /// limits apply.
+    pub cull: Option<CullConfig>,
 }
 
 /// The daemon's default [`Config::meta_up_front_max`]: meta blobs are small
@@ -158,6 +165,8 @@ struct Object {
     /// Whether `filled` has learnt what the kernel's cache file held when
     /// the object was opened ([`Object::learn_cache_file`]).
     learnt: AtomicBool,
+    /// The cache's byte budget (`cache_limit`), which admits every write.
+    budget: Option<Arc<CullBudget>>,
 }
 
 impl Object {
@@ -270,11 +279,20 @@ mod adopted_fill_map_tests {
     }
 }
 
-struct AnonSink<'a>(&'a AnonFd);
+/// Writes into an object's cache file, through its anonymous fd, each write
+/// admitted by the cache's budget first (when it has one).
+struct AnonSink<'a>(&'a Object);
 
 impl CacheSink for AnonSink<'_> {
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        self.0.write_all_at(buf, off)
+        let Some(budget) = &self.0.budget else {
+            return self.0.fd.write_all_at(buf, off);
+        };
+        let len = buf.len() as u64;
+        budget.admit(len);
+        let r = self.0.fd.write_all_at(buf, off);
+        budget.written(len, if r.is_ok() { len } else { 0 });
+        r
     }
 }
 
@@ -287,6 +305,8 @@ pub struct OpenObjects {
     map: Arc<Mutex<HashMap<u32, Arc<Object>>>>,
     policy: FillPolicy,
     stats: Arc<Stats>,
+    /// The cache's byte budget, when `cache_limit` bounds it.
+    budget: Option<Arc<CullBudget>>,
 }
 
 /// One open object, as [`OpenObjects::list`] reports it.
@@ -327,6 +347,11 @@ impl OpenObjects {
         v
     }
 
+    /// The cache's use against its limit, when it has one.
+    pub fn budget(&self) -> Option<&Arc<CullBudget>> {
+        self.budget.as_ref()
+    }
+
     /// Size of the open object serving `blob`, if the kernel has one open.
     pub fn size_of(&self, blob: &str) -> Option<u64> {
         self.find(blob).map(|o| o.size)
@@ -364,7 +389,7 @@ impl crate::Prefetch for OpenObjects {
             source: object.blob.as_ref(),
             object_size: object.size,
             map: &object.filled,
-            sink: &AnonSink(&object.fd),
+            sink: &AnonSink(&object),
             priority: Priority::Background,
         };
         let out = fill(&target, off, len, &self.policy, &mut buf)?;
@@ -477,6 +502,8 @@ pub struct Server {
     resolver: Arc<dyn BlobResolver>,
     stats: Arc<Stats>,
     objects: OpenObjects,
+    /// Keeps the cache within `cache_limit`; stopped when serving ends.
+    culler: Option<Culler>,
 }
 
 impl Server {
@@ -512,22 +539,49 @@ impl Server {
             fill_window = config.policy.window,
             "cachefiles cache bound in on-demand mode"
         );
-        Ok(Self::with(device, config, resolver))
+        Self::with(device, config, resolver)
+            .map_err(|e| BindError::new(BindStep::Settings, "starting the culler".into(), e))
     }
 
-    fn with(device: CacheDevice, config: Config, resolver: Arc<dyn BlobResolver>) -> Self {
+    fn with(
+        device: CacheDevice,
+        config: Config,
+        resolver: Arc<dyn BlobResolver>,
+    ) -> io::Result<Self> {
         let stats = Arc::new(Stats::default());
-        Server {
+        let map: Arc<Mutex<HashMap<u32, Arc<Object>>>> = Arc::default();
+        let culler = match &config.cull {
+            Some(cull) => {
+                let open = map.clone();
+                let open_keys = move || -> Vec<String> {
+                    open.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .values()
+                        .map(|o| cachefiles_cull::open_key(&o.volume, &o.cookie))
+                        .collect()
+                };
+                Some(Culler::start(
+                    device.as_fd().try_clone_to_owned()?,
+                    config.cache_dir.clone(),
+                    cull.clone(),
+                    Arc::new(open_keys),
+                )?)
+            }
+            None => None,
+        };
+        Ok(Server {
             device,
             objects: OpenObjects {
-                map: Arc::default(),
+                map,
                 policy: config.policy,
                 stats: stats.clone(),
+                budget: culler.as_ref().map(|c| c.budget().clone()),
             },
+            culler,
             config,
             resolver,
             stats,
-        }
+        })
     }
 
     /// Serves a cache a previous daemon bound (its device fd kept by an fd
@@ -542,7 +596,7 @@ impl Server {
         device: CacheDevice,
         handed: Vec<HandedObject>,
     ) -> io::Result<Self> {
-        let server = Self::with(device, config, resolver);
+        let server = Self::with(device, config, resolver)?;
         {
             let mut map = server.objects.lock();
             for h in handed {
@@ -568,6 +622,7 @@ impl Server {
                                 stream: Stream::default(),
                                 // Its map is the cache file's already.
                                 learnt: AtomicBool::new(true),
+                                budget: server.objects.budget.clone(),
                             }),
                         );
                     }
@@ -622,8 +677,14 @@ impl Server {
             resolver,
             stats,
             objects,
+            culler,
         } = self;
-        serve_device(DeviceFd(device), config, resolver, stats, objects, shutdown).await
+        let served =
+            serve_device(DeviceFd(device), config, resolver, stats, objects, shutdown).await;
+        if let Some(culler) = culler {
+            let _ = tokio::task::spawn_blocking(move || culler.stop()).await;
+        }
+        served
     }
 }
 
@@ -1028,7 +1089,7 @@ fn fill_up_front(
         source: object.blob.as_ref(),
         object_size: object.size,
         map: &object.filled,
-        sink: &AnonSink(&object.fd),
+        sink: &AnonSink(object),
         priority: Priority::Foreground,
     };
     let piece = UP_FRONT_PIECE_WINDOWS * policy.window;
@@ -1322,6 +1383,9 @@ fn dispatch(
                 // the last of them finishes.
                 Some(obj) => {
                     obj.stream.cancel();
+                    if let Some(budget) = &objects.budget {
+                        budget.closed(&obj.volume, &obj.cookie);
+                    }
                     info!(
                         object = close.object_id,
                         blob = obj.blob.name(),
@@ -1415,6 +1479,7 @@ fn finish_open(
                 cookie: open.cookie().to_vec(),
                 stream: Stream::default(),
                 learnt: AtomicBool::new(false),
+                budget: objects.budget.clone(),
             });
             // Inserted before the copen: the kernel may queue a READ for the object
             // as soon as it processes the copen (cachefiles_ondemand_copen marks
@@ -1524,7 +1589,7 @@ fn queue_read_ahead(
             source: object.blob.as_ref(),
             object_size: object.size,
             map: &object.filled,
-            sink: &AnonSink(&object.fd),
+            sink: &AnonSink(&object),
             priority: Priority::Background,
         };
         match fill_ahead(&target, ahead.off, ahead.len, &policy, &mut buf, &cancelled) {
@@ -1574,7 +1639,7 @@ fn serve_read(
         source: object.blob.as_ref(),
         object_size: object.size,
         map: &object.filled,
-        sink: &AnonSink(&object.fd),
+        sink: &AnonSink(object),
         priority: Priority::Foreground,
     };
     let result = fill(&target, read.off, read.len, policy, &mut buf);
@@ -1696,6 +1761,7 @@ mod tests {
                     map: Arc::default(),
                     policy,
                     stats: stats.clone(),
+                    budget: None,
                 },
                 resolver: Arc::new(resolver),
                 config: Config {
@@ -1707,6 +1773,7 @@ mod tests {
                     drain_timeout: Duration::from_secs(1),
                     readahead: 0,
                     meta_up_front_max: DEFAULT_META_UP_FRONT_MAX,
+                    cull: None,
                 },
                 stats,
                 replies: Recorder::default(),
@@ -1993,12 +2060,14 @@ mod tests {
                 drain_timeout: Duration::from_secs(10),
                 readahead,
                 meta_up_front_max: DEFAULT_META_UP_FRONT_MAX,
+                cull: None,
             };
             let stats = Arc::new(Stats::default());
             let objects = OpenObjects {
                 map: Arc::default(),
                 policy: config.policy,
                 stats: stats.clone(),
+                budget: None,
             };
             let kernel = Arc::new(FakeDevice::new());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -2125,6 +2194,7 @@ mod tests {
             drain_timeout: Duration::from_secs(1),
             readahead: 0,
             meta_up_front_max: 0,
+            cull: None,
         };
         let e = match Server::bind(config, local_resolver(dir.path())) {
             Ok(_) => panic!("bound a device that does not exist"),

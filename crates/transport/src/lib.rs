@@ -20,6 +20,7 @@
 //! where blobs live (that is the resolver's, given by the daemon).
 
 pub mod cachefiles;
+pub mod cachefiles_cull;
 pub mod fanotify;
 pub mod fuse;
 pub mod fuse_journal;

@@ -192,6 +192,21 @@ impl Catalog {
         self.store.open(name)
     }
 
+    /// Whether a registered image names the blob `cookie` (its meta blob or
+    /// one of its data blobs).
+    pub(crate) fn is_registered(&self, cookie: &[u8]) -> bool {
+        let Ok(name) = lazypull_source::validate_name(cookie) else {
+            return false;
+        };
+        let st = self.lock();
+        st.blobs.contains_key(name)
+            || st.metas.contains_key(name)
+            || st
+                .images
+                .values()
+                .any(|i| i.blobs.iter().any(|b| b.digest == name))
+    }
+
     /// Like [`resolve`](Self::resolve), but only for names the catalog
     /// registered (a registered image's meta blob or one of its data blobs):
     /// any other name is `NotFound` at once, without asking a backend.
@@ -200,16 +215,7 @@ impl Catalog {
         cookie: &[u8],
     ) -> Result<Arc<dyn BlobSource>, OpenError> {
         let name = lazypull_source::validate_name(cookie)?;
-        let registered = {
-            let st = self.lock();
-            st.blobs.contains_key(name)
-                || st.metas.contains_key(name)
-                || st
-                    .images
-                    .values()
-                    .any(|i| i.blobs.iter().any(|b| b.digest == name))
-        };
-        if !registered {
+        if !self.is_registered(cookie) {
             return Err(OpenError::NotFound {
                 name: name.to_owned(),
                 path: PathBuf::from(

@@ -316,8 +316,9 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
         TransportState::default()
     };
     let resolvers = {
-        let (c, f) = (catalog.clone(), catalog.clone());
+        let (c, f, r) = (catalog.clone(), catalog.clone(), catalog.clone());
         transport::Resolvers {
+            registered: Arc::new(move |cookie: &[u8]| r.is_registered(cookie)),
             cachefiles: Arc::new(
                 move |_volume: &[u8], cookie: &[u8]| -> Result<Arc<dyn BlobSource>, OpenError> {
                     c.resolve(cookie)
@@ -437,7 +438,7 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
     let (finished, served) = match running {
         Running::Cachefiles(server) => {
             let objects = server.objects();
-            let r = server.serve(shutdown).await.map(|s| json!(s));
+            let r = (*server).serve(shutdown).await.map(|s| json!(s));
             (Finished::Cachefiles(objects), r)
         }
         Running::Fuse(server) | Running::Loop(server) => {

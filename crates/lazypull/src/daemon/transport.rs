@@ -48,7 +48,7 @@ use crate::config::{DaemonConfig, FuseRecovery, TransportKind};
 
 /// The transport serving the kernel.
 pub(crate) enum Running {
-    Cachefiles(Server),
+    Cachefiles(Box<Server>),
     Fuse(Arc<FuseServer>),
     /// The FUSE server, its files mounted through loop devices.
     Loop(Arc<FuseServer>),
@@ -96,8 +96,23 @@ fn policy(cfg: &DaemonConfig) -> FillPolicy {
     }
 }
 
-fn cachefiles_config(cfg: &DaemonConfig) -> cachefiles::Config {
-    cachefiles::Config {
+/// The cachefiles transport's settings; `cache_limit` bounds the kernel's
+/// cache directory (`registered` says which blobs an image still names: the
+/// others' objects are culled first).
+fn cachefiles_config(
+    cfg: &DaemonConfig,
+    registered: &Registered,
+) -> anyhow::Result<cachefiles::Config> {
+    let cull = cfg
+        .cache_limit
+        .resolve(&cfg.cache_dir)
+        .context("resolving cache_limit")?
+        .map(|limit| cachefiles::CullConfig {
+            limit,
+            registered: registered.clone(),
+        });
+    Ok(cachefiles::Config {
+        cull,
         device: cfg.device.clone(),
         cache_dir: cfg.cache_dir.clone(),
         tag: cfg.tag.clone(),
@@ -106,7 +121,7 @@ fn cachefiles_config(cfg: &DaemonConfig) -> cachefiles::Config {
         drain_timeout: Duration::from_secs(10),
         readahead: cfg.readahead,
         meta_up_front_max: cachefiles::DEFAULT_META_UP_FRONT_MAX,
-    }
+    })
 }
 
 /// The byte budget of a cache in `dir` (`cache_limit`), with what earlier
@@ -293,7 +308,12 @@ pub(crate) struct Resolvers {
     /// names the catalog registered resolve (`lazypull mount` registers
     /// first), others are ENOENT without reaching a backend.
     pub(crate) fuse: Arc<dyn BlobResolver>,
+    /// Whether a registered image names a blob (cachefiles culls the
+    /// objects of the others first).
+    pub(crate) registered: Registered,
 }
+
+use lazypull_transport::cachefiles_cull::Registered;
 
 /// Why `auto` must not fall back to FUSE when binding cachefiles failed with
 /// `e`, if it must not: the device is held by another process (a daemon serving
@@ -319,13 +339,13 @@ pub(crate) fn start(
     if let Some((fd, handed)) = parked.take_cachefiles(saved.objects) {
         let n = handed.len();
         let server = Server::adopt(
-            cachefiles_config(cfg),
+            cachefiles_config(cfg, &resolvers.registered)?,
             resolvers.cachefiles,
             CacheDevice::from_fd(fd),
             handed,
         )?;
         return Ok((
-            Running::Cachefiles(server),
+            Running::Cachefiles(Box::new(server)),
             format!("took over the bound cachefiles cache from the previous daemon ({n} open objects handed over)"),
         ));
     }
@@ -406,8 +426,14 @@ pub(crate) fn start(
     };
     match cfg.transport {
         TransportKind::Cachefiles => {
-            let server = Server::bind(cachefiles_config(cfg), resolvers.cachefiles.clone())?;
-            Ok((Running::Cachefiles(server), "--transport cachefiles".into()))
+            let server = Server::bind(
+                cachefiles_config(cfg, &resolvers.registered)?,
+                resolvers.cachefiles.clone(),
+            )?;
+            Ok((
+                Running::Cachefiles(Box::new(server)),
+                "--transport cachefiles".into(),
+            ))
         }
         TransportKind::Fuse => fuse("--transport fuse".into()),
         TransportKind::Loop => loop_transport("--transport loop".into()),
@@ -434,9 +460,12 @@ pub(crate) fn start(
                     cfg.device.display()
                 ));
             }
-            match Server::bind(cachefiles_config(cfg), resolvers.cachefiles.clone()) {
+            match Server::bind(
+                cachefiles_config(cfg, &resolvers.registered)?,
+                resolvers.cachefiles.clone(),
+            ) {
                 Ok(server) => Ok((
-                    Running::Cachefiles(server),
+                    Running::Cachefiles(Box::new(server)),
                     "the kernel has cachefiles on-demand mode".into(),
                 )),
                 Err(e) => match auto_refusal(&cfg.device, &e) {

@@ -81,7 +81,7 @@ impl TransportView {
     /// The daemon's own cache against its budget, if it has one.
     pub(crate) fn cache_budget(&self) -> Option<lazypull_engine::BudgetSnapshot> {
         match self {
-            TransportView::Cachefiles { .. } => None,
+            TransportView::Cachefiles { objects, .. } => objects.budget().map(|b| b.snapshot()),
             TransportView::Fuse { blobs, .. } => blobs.budget().map(|b| b.snapshot()),
             TransportView::Fanotify { server, .. } => server.budget().map(|b| b.snapshot()),
         }
