@@ -38,6 +38,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 	fi
 fi
 
+# The fuzz targets' build tool (cargo install, from crates.io): its output
+# goes to stderr, like everything here but the kernel path.
+bash scripts/fuzz.sh --setup >&2
+
 # Both builds at once: each spends a minute single-threaded unpacking its sources.
 bash guest/build-kernel.sh 6.1 >/dev/null &
 k61=$!

@@ -3,7 +3,8 @@
 # as root: the static checks first (they fail in seconds: formatting, the declared
 # minimum Rust version, clippy with warnings as errors), then set-up (packages, the
 # guest kernel; both once), then the whole cargo test suite, including the
-# cachefiles tests that boot the Linux 6.12 kernel under qemu.
+# cachefiles tests that boot the Linux 6.12 kernel under qemu, then a minute
+# of coverage-guided fuzzing per fuzz target (scripts/fuzz.sh, fuzz/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # CI builds once from a fresh clone: incremental state would only take disk (GBs).
@@ -22,3 +23,4 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 kernel=$(bash scripts/setup.sh)
 echo "scripts/test.sh: guest kernel $kernel" >&2
 cargo test --workspace --locked -- --test-threads=2 "$@"
+bash scripts/fuzz.sh 60

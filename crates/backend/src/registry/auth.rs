@@ -337,6 +337,19 @@ fn credentials_from_config(text: &[u8], registry: &str) -> Result<Found, String>
     })
 }
 
+/// What a docker config says for a registry, as plain values: its `auths`
+/// entry's `(username, password)` and the credential helper to ask.
+pub type ConfigAnswer = (Option<(String, String)>, Option<String>);
+
+/// [`credentials_from_config`] as plain values, for the fuzz targets.
+pub(crate) fn fuzz_credentials_from_config(
+    text: &[u8],
+    registry: &str,
+) -> Result<ConfigAnswer, String> {
+    let found = credentials_from_config(text, registry)?;
+    Ok((found.file.map(|c| (c.username, c.password)), found.helper))
+}
+
 fn auths_entry(
     auths: &BTreeMap<String, AuthEntry>,
     want: &str,

@@ -730,32 +730,10 @@ impl Registry {
             "token response",
             &self.inner.stats,
         )?;
-        #[derive(serde::Deserialize)]
-        struct TokenResponse {
-            #[serde(default)]
-            token: Option<String>,
-            #[serde(default)]
-            access_token: Option<String>,
-            #[serde(default)]
-            expires_in: Option<u64>,
-        }
-        let t: TokenResponse =
-            serde_json::from_slice(&body).map_err(|e| RegistryError::Protocol {
-                url: url_s.clone(),
-                why: format!("token response is not valid JSON: {e}"),
-            })?;
-        let tok = t
-            .token
-            .filter(|t| !t.is_empty())
-            .or(t.access_token.filter(|t| !t.is_empty()))
-            .ok_or_else(|| RegistryError::Protocol {
-                url: url_s.clone(),
-                why: "token response holds neither token nor access_token".into(),
-            })?;
-        // The spec's default lifetime is 60 s; renew a little early. A
-        // lifetime past MAX_TOKEN_LIFE counts as that much: an `Instant`
-        // cannot hold 2^63 s from now (adding it panics).
-        let life = Duration::from_secs(t.expires_in.unwrap_or(60).clamp(1, MAX_TOKEN_LIFE_SECS));
+        let (tok, life) = parse_token_response(&body).map_err(|why| RegistryError::Protocol {
+            url: url_s.clone(),
+            why,
+        })?;
         let renew = Instant::now() + life.saturating_sub(Duration::from_secs(10)).max(life / 2);
         Ok((tok, renew))
     }
@@ -976,15 +954,7 @@ impl Registry {
                 Ok((bytes, ct, digest))
             },
         )?;
-        let mut media_type = content_type
-            .map(|ct| ct.split(';').next().unwrap_or("").trim().to_string())
-            .unwrap_or_default();
-        if media_type.is_empty() || media_type == "application/json" || media_type == "text/plain" {
-            media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v.get("mediaType")?.as_str().map(str::to_string))
-                .unwrap_or_default();
-        }
+        let media_type = manifest_media_type(content_type.as_deref(), &bytes);
         Ok(Manifest {
             bytes,
             media_type,
@@ -1483,9 +1453,127 @@ impl RangeRead for RegistryBlob {
     }
 }
 
+/// A token endpoint's answer (distribution's token spec: `token` or OAuth2's
+/// `access_token`, and `expires_in`): the token and how long it lives (60 s
+/// when unsaid; at least 1 s, at most [`MAX_TOKEN_LIFE_SECS`]), or why the
+/// answer is unusable.
+fn parse_token_response(body: &[u8]) -> Result<(String, Duration), String> {
+    #[derive(serde::Deserialize)]
+    struct TokenResponse {
+        #[serde(default)]
+        token: Option<String>,
+        #[serde(default)]
+        access_token: Option<String>,
+        #[serde(default)]
+        expires_in: Option<u64>,
+    }
+    let t: TokenResponse = serde_json::from_slice(body)
+        .map_err(|e| format!("token response is not valid JSON: {e}"))?;
+    let tok = t
+        .token
+        .filter(|t| !t.is_empty())
+        .or(t.access_token.filter(|t| !t.is_empty()))
+        .ok_or_else(|| "token response holds neither token nor access_token".to_string())?;
+    // The spec's default lifetime is 60 s. A lifetime past MAX_TOKEN_LIFE
+    // counts as that much: an `Instant` cannot hold 2^63 s from now (adding
+    // it panics).
+    let life = Duration::from_secs(t.expires_in.unwrap_or(60).clamp(1, MAX_TOKEN_LIFE_SECS));
+    Ok((tok, life))
+}
+
+/// A manifest's media type: its `Content-Type` (parameters dropped), or,
+/// when that is missing or generic JSON / text, the document's own
+/// `mediaType`; empty if neither says.
+fn manifest_media_type(content_type: Option<&str>, bytes: &[u8]) -> String {
+    let media_type = content_type
+        .map(|ct| ct.split(';').next().unwrap_or("").trim().to_string())
+        .unwrap_or_default();
+    if media_type.is_empty() || media_type == "application/json" || media_type == "text/plain" {
+        return serde_json::from_slice::<serde_json::Value>(bytes)
+            .ok()
+            .and_then(|v| v.get("mediaType")?.as_str().map(str::to_string))
+            .unwrap_or_default();
+    }
+    media_type
+}
+
+/// The parsers behind the registry client, for the fuzz targets in `fuzz/`
+/// (not an API: they take what a registry, a `WWW-Authenticate` header or a
+/// docker config file holds, and return plain values).
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::time::Duration;
+
+    pub use super::auth::ConfigAnswer;
+
+    /// A token endpoint's answer: the token and its lifetime.
+    pub fn token_response(body: &[u8]) -> Result<(String, Duration), String> {
+        super::parse_token_response(body)
+    }
+
+    /// A manifest's media type from its `Content-Type` and bytes.
+    pub fn manifest_media_type(content_type: Option<&str>, bytes: &[u8]) -> String {
+        super::manifest_media_type(content_type, bytes)
+    }
+
+    /// `WWW-Authenticate` challenges: `(scheme, [(name, value)])`.
+    pub fn www_authenticate(value: &str) -> Vec<(String, Vec<(String, String)>)> {
+        super::parse_www_authenticate(value)
+            .into_iter()
+            .map(|c| (c.scheme, c.params))
+            .collect()
+    }
+
+    /// What a docker config file (`~/.docker/config.json`) says for
+    /// `registry`: its `auths` entry's `(username, password)`, and the
+    /// credential helper to ask.
+    pub fn docker_config(text: &[u8], registry: &str) -> Result<ConfigAnswer, String> {
+        super::auth::fuzz_credentials_from_config(text, registry)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_answers_and_their_lifetimes() {
+        let life =
+            |body: &str| parse_token_response(body.as_bytes()).map(|(t, l)| (t, l.as_secs()));
+        assert_eq!(life(r#"{"token":"t"}"#), Ok(("t".into(), 60)));
+        assert_eq!(
+            life(r#"{"token":"","access_token":"a","expires_in":0}"#),
+            Ok(("a".into(), 1))
+        );
+        assert_eq!(
+            life(r#"{"access_token":"a","expires_in":18446744073709551615}"#),
+            Ok(("a".into(), MAX_TOKEN_LIFE_SECS))
+        );
+        assert!(life(r#"{"token":""}"#).unwrap_err().contains("neither"));
+        assert!(life("[").unwrap_err().contains("not valid JSON"));
+        assert!(life(r#"{"expires_in":-1,"token":"t"}"#).is_err());
+    }
+
+    #[test]
+    fn manifest_media_types() {
+        let doc = br#"{"mediaType":"application/vnd.oci.image.index.v1+json"}"#;
+        assert_eq!(
+            manifest_media_type(Some("application/vnd.oci.image.manifest.v1+json; x=y"), doc),
+            "application/vnd.oci.image.manifest.v1+json"
+        );
+        for ct in [
+            None,
+            Some("application/json; charset=utf-8"),
+            Some("text/plain"),
+            Some(" "),
+        ] {
+            assert_eq!(
+                manifest_media_type(ct, doc),
+                "application/vnd.oci.image.index.v1+json"
+            );
+        }
+        assert_eq!(manifest_media_type(None, b"not json"), "");
+    }
 
     #[test]
     fn token_realms_follow_the_plain_http_rule() {
