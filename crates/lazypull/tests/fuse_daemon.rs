@@ -23,6 +23,9 @@ use lazypull_testkit::proxy::{FaultSource, Proxy};
 use lazypull_testkit::{compare_entries, format_differences, scan};
 use sha2::{Digest, Sha256};
 
+#[path = "common/lazy_stack.rs"]
+mod lazy_stack;
+
 /// One test at a time: they drop the kernel's caches and time readers.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -87,24 +90,8 @@ fn daemon_command(dir: &Path, config: &Path) -> Command {
 
 /// [`daemon_command`] with `--transport transport`.
 fn daemon_command_with(dir: &Path, config: &Path, transport: &str) -> Command {
-    let mut cmd = lazypull();
-    cmd.arg("daemon")
-        .arg("--config")
-        .arg(config)
-        .args(["--transport", transport])
-        .arg("--cache-dir")
-        .arg(dir.join("cache"))
-        .arg("--work-dir")
-        .arg(dir.join("work"))
-        .arg("--run-dir")
-        .arg(dir.join("run"))
-        .arg("--fuse-dir")
-        .arg(dir.join("blobs"))
-        .arg("--socket")
-        .arg(dir.join("run/ctl.sock"))
-        .arg("--fd-store")
-        .arg(dir.join("run/fdstore.sock"))
-        .args(["--log-level", "info"]);
+    let mut cmd = lazy_stack::daemon_in(dir, config, transport);
+    cmd.arg("--fd-store").arg(dir.join("run/fdstore.sock"));
     cmd
 }
 

@@ -88,25 +88,10 @@ impl Outage {
         let config_path = dir.join("config.toml");
         // No read-ahead: the requests counted are the readers' own.
         fs::write(&config_path, format!("readahead = 0\n{config}")).unwrap();
-        let mut cmd = lazypull();
-        cmd.arg("daemon")
-            .arg("--config")
-            .arg(&config_path)
-            .args(["--transport", "fuse"])
-            .arg("--cache-dir")
-            .arg(dir.join("cache"))
-            .arg("--work-dir")
-            .arg(dir.join("work"))
-            .arg("--run-dir")
-            .arg(dir.join("run"))
-            .arg("--fuse-dir")
-            .arg(dir.join("blobs"))
-            .arg("--socket")
-            .arg(dir.join("run/ctl.sock"))
-            .arg("--no-fd-store")
+        let mut cmd = lazy_stack::daemon_in(dir, &config_path, "fuse");
+        cmd.arg("--no-fd-store")
             .arg("--blob-url")
-            .arg(format!("http://{}/", proxy.addr()))
-            .args(["--log-level", "info"]);
+            .arg(format!("http://{}/", proxy.addr()));
         let mut daemon = Proc::spawn("lazypull daemon", cmd, &dir.join("daemon.log"));
         daemon.wait_answering(&dir.join("run/ctl.sock"));
         let site = Outage {

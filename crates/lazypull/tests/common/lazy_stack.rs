@@ -24,6 +24,29 @@ pub fn lazypull() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lazypull"))
 }
 
+/// `lazypull daemon` with `config`, `transport` and every directory under
+/// `dir` (`cache`, `work`, `run`, the FUSE dir `blobs`, the control socket
+/// `run/ctl.sock`), logging at info; add the fd store flags.
+pub fn daemon_in(dir: &Path, config: &Path, transport: &str) -> Command {
+    let mut cmd = lazypull();
+    cmd.arg("daemon")
+        .arg("--config")
+        .arg(config)
+        .args(["--transport", transport])
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .arg("--work-dir")
+        .arg(dir.join("work"))
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .arg("--fuse-dir")
+        .arg(dir.join("blobs"))
+        .arg("--socket")
+        .arg(dir.join("run/ctl.sock"))
+        .args(["--log-level", "info"]);
+    cmd
+}
+
 pub fn ok(out: Output, what: &str) -> String {
     assert!(
         out.status.success(),
