@@ -96,16 +96,13 @@ impl HttpBlob {
         let _permit = self.host.limiter.acquire();
         inc(&self.stats.requests);
         inc(&self.stats.range_requests);
-        let mut resp = self
-            .host
-            .client
-            .get(url)
-            .header(RANGE, "bytes=0-0")
-            .send()
-            .map_err(|source| RegistryError::Transport {
+        let mut resp = self.host.send(
+            |c| Ok(c.get(url).header(RANGE, "bytes=0-0")),
+            |source| RegistryError::Transport {
                 url: url.clone(),
                 source,
-            })?;
+            },
+        )?;
         let cr = transport::header_str(&resp, &CONTENT_RANGE).map(str::to_string);
         let parsed = cr.as_deref().and_then(transport::parse_content_range);
         match resp.status().as_u16() {
@@ -190,17 +187,17 @@ impl HttpBlob {
             inc(&self.stats.requests);
             inc(&self.stats.range_requests);
             transport::within_deadline(url, buf.len() as u64, deadline, || {
-                let resp = self
-                    .host
-                    .client
-                    .get(url)
-                    .header(RANGE, format!("bytes={off}-{last}"))
-                    .timeout(deadline)
-                    .send()
-                    .map_err(|source| RegistryError::Transport {
+                let resp = self.host.send(
+                    |c| {
+                        Ok(c.get(url)
+                            .header(RANGE, format!("bytes={off}-{last}"))
+                            .timeout(deadline))
+                    },
+                    |source| RegistryError::Transport {
                         url: url.clone(),
                         source,
-                    })?;
+                    },
+                )?;
                 let resp = transport::check_status(resp, url, url, &self.host())?;
                 transport::read_range_body(resp, url, &mut *buf, off, self.size, &self.stats)
             })

@@ -51,6 +51,8 @@ static TOTAL_BYTES: AtomicU64 = AtomicU64::new(0);
 static TOTAL_RETRIES: AtomicU64 = AtomicU64::new(0);
 static TOTAL_FAILURES: AtomicU64 = AtomicU64::new(0);
 static TOTAL_MIRROR_FALLBACKS: AtomicU64 = AtomicU64::new(0);
+/// Requests the configured proxy could not take, sent directly instead.
+pub(crate) static TOTAL_PROXY_FALLBACKS: AtomicU64 = AtomicU64::new(0);
 
 /// Every HTTP request this process sent to registries and blob servers, over
 /// all clients (the number a server's access log shows).
@@ -63,6 +65,7 @@ pub fn totals() -> RequestStats {
         retries: g(&TOTAL_RETRIES),
         failures: g(&TOTAL_FAILURES),
         mirror_fallbacks: g(&TOTAL_MIRROR_FALLBACKS),
+        proxy_fallbacks: g(&TOTAL_PROXY_FALLBACKS),
     }
 }
 
@@ -103,6 +106,8 @@ impl Stats {
             retries: self.retries.get(),
             failures: self.failures.get(),
             mirror_fallbacks: self.mirror_fallbacks.get(),
+            // Counted per process only (a proxy serves every client).
+            proxy_fallbacks: 0,
         }
     }
 

@@ -150,7 +150,7 @@ pub struct DaemonArgs {
     /// unit_cache, readahead, insecure_registries, ca_files, docker_config,
     /// hosts_dir,
     /// request_timeout_secs, range_deadline_secs, min_throughput, retries,
-    /// outage_timeout_secs, circuit_breaker, max_meta_size.
+    /// outage_timeout_secs, circuit_breaker, proxy, max_meta_size.
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
 
@@ -199,6 +199,14 @@ pub struct DaemonArgs {
     /// succeeds); 0 fails at once. Default 30.
     #[arg(long, value_name = "SECS|wait", value_parser = parse_outage)]
     pub(crate) outage_timeout_secs: Option<Outage>,
+
+    /// An HTTP proxy for every backend request, range reads included
+    /// (`http://127.0.0.1:65001`, Dragonfly's daemon say), but for hosts
+    /// NO_PROXY names; a request the proxy takes no connection for goes
+    /// directly. Default: none (HTTPS_PROXY/HTTP_PROXY/ALL_PROXY apply, with
+    /// no fallback).
+    #[arg(long, value_name = "URL")]
+    pub(crate) proxy: Option<String>,
 
     /// Bytes filled per kernel miss: the READ is widened to whole windows of this
     /// size (power of two ≥ 4KiB; suffixes K, M, KiB, MiB).
@@ -258,6 +266,9 @@ pub(crate) struct FileConfig {
     /// Seconds a read waits for a backend that is down, or "wait" (default
     /// 30; see `--outage-timeout-secs`).
     pub(crate) outage_timeout_secs: Option<NumberOrText>,
+    /// An HTTP proxy for backend requests, with direct fallback (see
+    /// `--proxy`).
+    pub(crate) proxy: Option<String>,
     /// One circuit breaker per backend (default true): false lets every
     /// request go out and retry on its own while a backend is down.
     pub(crate) circuit_breaker: Option<bool>,
@@ -284,6 +295,18 @@ fn parse_cache_limit(s: &str) -> Result<lazypull_engine::CacheLimit, String> {
 /// and the snapshotter's Usage show what the cache holds.
 pub(crate) const DEFAULT_CACHE_LIMIT: lazypull_engine::CacheLimit =
     lazypull_engine::CacheLimit::Percent(20);
+
+/// A proxy URL: `http://` or `https://`, with a host.
+fn reqwest_url_check(s: &str) -> anyhow::Result<String> {
+    let t = s.trim();
+    let (scheme, rest) = t
+        .split_once("://")
+        .ok_or_else(|| anyhow::anyhow!("proxy {t:?} is not a URL (want http://HOST:PORT)"))?;
+    if !matches!(scheme, "http" | "https") || rest.is_empty() || rest.starts_with('/') {
+        anyhow::bail!("proxy {t:?}: want http://HOST:PORT or https://HOST:PORT");
+    }
+    Ok(t.to_string())
+}
 
 /// `outage_timeout_secs`: how long a read waits for a backend that is down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,6 +407,7 @@ pub(crate) struct DaemonConfig {
     /// How long a read waits for a backend that is down.
     pub(crate) outage: Outage,
     pub(crate) circuit_breaker: bool,
+    pub(crate) proxy: Option<String>,
     /// Largest meta blob fetched or read (default 1 GiB).
     pub(crate) max_meta_size: u64,
     pub(crate) tag: String,
@@ -518,6 +542,14 @@ impl DaemonArgs {
                 (None, None) => Outage::Secs(30),
             },
             circuit_breaker: file.circuit_breaker.unwrap_or(true),
+            proxy: match self.proxy.clone().or(file.proxy.clone()) {
+                Some(p) if p.trim().is_empty() => None,
+                Some(p) => {
+                    let url = reqwest_url_check(&p).context("config key proxy")?;
+                    Some(url)
+                }
+                None => None,
+            },
             max_meta_size: match &file.max_meta_size {
                 Some(v) => v.bytes().context("config key max_meta_size")?,
                 None => crate::catalog::DEFAULT_MAX_META_SIZE,
@@ -598,6 +630,7 @@ mod tests {
             max_in_flight: None,
             fill_window: None,
             outage_timeout_secs: None,
+            proxy: None,
         }
     }
 
@@ -630,6 +663,14 @@ mod tests {
             "{err}"
         );
         assert_eq!(parse_outage("0"), Ok(Outage::Secs(0)));
+        std::fs::write(&path, "proxy = \"http://127.0.0.1:65001\"\n").unwrap();
+        assert_eq!(
+            a.resolve().unwrap().proxy.as_deref(),
+            Some("http://127.0.0.1:65001")
+        );
+        std::fs::write(&path, "proxy = \"127.0.0.1:65001\"\n").unwrap();
+        let err = format!("{:#}", a.resolve().unwrap_err());
+        assert!(err.contains("proxy") && err.contains("http://"), "{err}");
         assert!(parse_outage("-1").is_err());
     }
 

@@ -130,6 +130,12 @@ fn render(status: &Status) -> String {
         "Requests a registry mirror (hosts.toml) did not answer, handed to the next host.",
         h.mirror_fallbacks,
     );
+    e.one(
+        "lazypull_backend_proxy_fallbacks_total",
+        "counter",
+        "Requests the configured proxy took no connection for, sent directly instead.",
+        h.proxy_fallbacks,
+    );
     let per_backend = |f: &dyn Fn(&lazypull_backend::BackendHealth) -> u64| -> Vec<(String, u64)> {
         status
             .backends

@@ -46,13 +46,30 @@ const FILE_SIZE: usize = 2 << 20;
 struct Outage {
     dir: PathBuf,
     _server: BlobServer,
-    proxy: Proxy,
+    /// In front of the server: a reverse proxy (the blob URL names it), or
+    /// with [`Front::Forward`] the daemon's `proxy`. None once stopped.
+    front: Option<Proxy>,
     daemon: Option<Proc>,
     want: Vec<[u8; 32]>,
 }
 
+/// How the testkit proxy stands in front of the blob server.
+#[derive(Clone, Copy, PartialEq)]
+enum Front {
+    /// The blob URL names the proxy (it stands for the backend).
+    Reverse,
+    /// The blob URL names the server, the daemon's `proxy` the proxy (which
+    /// forwards the absolute-form requests it gets to the server).
+    Forward,
+}
+
 impl Outage {
     fn start(dir: &Path, config: &str) -> Outage {
+        Outage::start_with(dir, config, Front::Reverse, None)
+    }
+
+    /// `no_proxy`: the daemon's `NO_PROXY` (else none).
+    fn start_with(dir: &Path, config: &str, front: Front, no_proxy: Option<&str>) -> Outage {
         let src = dir.join("src");
         fs::create_dir_all(&src).unwrap();
         let want = (0..FILES)
@@ -87,17 +104,36 @@ impl Outage {
         .unwrap();
         let config_path = dir.join("config.toml");
         // No read-ahead: the requests counted are the readers' own.
-        fs::write(&config_path, format!("readahead = 0\n{config}")).unwrap();
+        let (blob_url, proxy_setting) = match front {
+            Front::Reverse => (format!("http://{}/", proxy.addr()), String::new()),
+            Front::Forward => (
+                format!("http://{}/", server.addr()),
+                format!("proxy = \"http://{}\"\n", proxy.addr()),
+            ),
+        };
+        fs::write(
+            &config_path,
+            format!("readahead = 0\n{proxy_setting}{config}"),
+        )
+        .unwrap();
         let mut cmd = lazy_stack::daemon_in(dir, &config_path, "fuse");
         cmd.arg("--no-fd-store")
             .arg("--blob-url")
-            .arg(format!("http://{}/", proxy.addr()));
+            .arg(blob_url)
+            // Whatever this machine says, the test decides what is proxied.
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy");
+        if let Some(hosts) = no_proxy {
+            cmd.env("NO_PROXY", hosts);
+        }
         let mut daemon = Proc::spawn("lazypull daemon", cmd, &dir.join("daemon.log"));
         daemon.wait_answering(&dir.join("run/ctl.sock"));
         let site = Outage {
             dir: dir.to_path_buf(),
             _server: server,
-            proxy,
+            front: Some(proxy),
             daemon: Some(daemon),
             want,
         };
@@ -112,6 +148,10 @@ impl Outage {
             "lazypull mount --fsid",
         );
         site
+    }
+
+    fn proxy(&self) -> &Proxy {
+        self.front.as_ref().expect("the proxy was stopped")
     }
 
     fn socket(&self) -> PathBuf {
@@ -156,7 +196,7 @@ impl Outage {
         assert_eq!(backends.len(), 1, "{s}");
         assert_eq!(
             backends[0]["backend"],
-            format!("http://{}", self.proxy.addr()),
+            format!("http://{}", self.proxy().addr()),
             "{s}"
         );
         backends[0].clone()
@@ -164,17 +204,20 @@ impl Outage {
 
     /// Requests the proxy has answered (or reset) so far, once it is idle.
     fn requests(&self) -> usize {
-        assert!(self.proxy.wait_idle(Duration::from_secs(60)), "proxy busy");
+        assert!(
+            self.proxy().wait_idle(Duration::from_secs(60)),
+            "proxy busy"
+        );
         proxy::read_log(self.dir.join("proxy.log")).unwrap().len()
     }
 
     /// The backend goes down: every request is reset.
     fn down(&self) {
-        self.proxy.set_faults("reset:1,only:/").unwrap();
+        self.proxy().set_faults("reset:1,only:/").unwrap();
     }
 
     fn up(&self) {
-        self.proxy.set_faults("").unwrap();
+        self.proxy().set_faults("").unwrap();
     }
 
     fn log_tail(&self) -> String {
@@ -340,18 +383,18 @@ fn readers_of_a_backend_down_get_eio_in_time_and_the_same_daemon_serves_again_wh
     assert!(b["down_secs"].as_f64().unwrap() >= 3.0, "{b}");
     assert!(b["down_since_unix"].as_u64().is_some(), "{b}");
     let cause = b["last_cause"].as_str().unwrap();
-    assert!(cause.contains(&site.proxy.addr().to_string()), "{cause}");
+    assert!(cause.contains(&site.proxy().addr().to_string()), "{cause}");
     assert_eq!(b["opens"], 1, "{b}");
     let text = site.status_text();
     assert!(
         text.contains(&format!(
             "backend http://{}: DOWN (circuit",
-            site.proxy.addr()
+            site.proxy().addr()
         )),
         "{text}"
     );
     let page = metrics(port);
-    let label = format!("{{backend=\"http://{}\"}}", site.proxy.addr());
+    let label = format!("{{backend=\"http://{}\"}}", site.proxy().addr());
     assert_eq!(metric(&page, &format!("lazypull_backend_up{label}")), 0);
     assert_eq!(
         metric(
@@ -487,5 +530,72 @@ fn without_the_breaker_every_read_runs_its_own_retries() {
          slowest reader {:.2} s, second wave slowest {:.2} s",
         secs(first.iter().map(|(_, d)| *d).max().unwrap()),
         secs(second.iter().map(|(_, d)| *d).max().unwrap())
+    );
+}
+
+/// `proxy` (issue 18): range reads go through the configured HTTP proxy
+/// (its log shows them); stopped mid-read, the daemon goes directly to the
+/// backend and the bytes stay right, with the fallbacks counted.
+#[test]
+fn range_reads_go_through_the_proxy_and_directly_when_it_is_gone() {
+    require_host();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = temp_dir();
+    let port = free_port();
+    let site = Outage::start_with(
+        tmp.path(),
+        &format!("metrics_addr = \"127.0.0.1:{port}\"\n"),
+        Front::Forward,
+        None,
+    );
+    for i in 0..3 {
+        assert_eq!(sha(&site.file(i)).unwrap(), site.want[i], "big{i}.bin");
+    }
+    let log = proxy::read_log(site.dir.join("proxy.log")).unwrap();
+    let ranges = log.iter().filter(|e| e.range.is_some()).count();
+    assert!(ranges >= 3, "the proxy saw {ranges} range reads: {log:?}");
+    let server = site._server.addr().to_string();
+    assert!(
+        log.iter().all(|e| e.path.contains(&server)),
+        "a proxy gets absolute URLs of the server: {log:?}"
+    );
+    // The proxy goes away: the rest is read directly, right.
+    let mut site = site;
+    drop(site.front.take());
+    for i in 3..FILES {
+        assert_eq!(
+            sha(&site.file(i)).unwrap(),
+            site.want[i],
+            "big{i}.bin without the proxy"
+        );
+    }
+    let page = metrics(port);
+    let fallbacks = metric(&page, "lazypull_backend_proxy_fallbacks_total");
+    assert!(fallbacks >= 1, "{page}");
+    let text = site.status_text();
+    assert!(text.contains("proxy fallbacks"), "{text}");
+    let logged = fs::read_to_string(site.dir.join("daemon.log")).unwrap();
+    let warned = logged.matches("the proxy took no connection").count();
+    assert!(
+        warned >= 1 && warned as u64 <= fallbacks,
+        "{warned} warnings for {fallbacks} fallbacks"
+    );
+    eprintln!(
+        "FIGURES proxy: {ranges} range reads through the proxy; after it stopped, {fallbacks} requests went directly ({warned} logged)"
+    );
+}
+
+/// A host `NO_PROXY` names is read directly, the proxy configured or not.
+#[test]
+fn hosts_no_proxy_names_are_read_directly() {
+    require_host();
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = temp_dir();
+    let site = Outage::start_with(tmp.path(), "", Front::Forward, Some("127.0.0.1"));
+    assert_eq!(sha(&site.file(0)).unwrap(), site.want[0]);
+    assert_eq!(
+        site.requests(),
+        0,
+        "NO_PROXY=127.0.0.1, yet the proxy was asked"
     );
 }

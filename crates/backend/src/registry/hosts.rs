@@ -65,13 +65,20 @@ struct HostKey {
     request_timeout: Duration,
     user_agent: String,
     max_connections: usize,
+    proxy: Option<String>,
 }
 
 /// One host's client and connection limit.
 pub(crate) struct Host {
     /// `scheme://host:port`.
     origin: String,
-    pub(crate) client: Client,
+    client: Client,
+    /// With a configured proxy: the same client without it, for requests
+    /// the proxy cannot take.
+    direct: Option<Client>,
+    proxy: Option<String>,
+    /// When the last fallback was logged.
+    proxy_warned: Mutex<Option<std::time::Instant>>,
     /// At most `max_connections` requests to this host in flight, over every
     /// user of this `Host`. A request holds its permit until its body is read.
     pub(crate) limiter: Arc<Limiter>,
@@ -130,6 +137,7 @@ impl Hosts {
             request_timeout: opts.request_timeout,
             user_agent: opts.user_agent.clone(),
             max_connections: opts.max_connections.max(1),
+            proxy: opts.proxy.clone(),
         };
         // Held while a client is built (milliseconds, once per host): two
         // first users of a host must not build two clients.
@@ -137,7 +145,11 @@ impl Hosts {
         if let Some(h) = hosts.get(&key) {
             return Ok(h.clone());
         }
-        let client = opts.build_client(tls)?;
+        let client = opts.build_client(tls, false)?;
+        let direct = match &opts.proxy {
+            Some(_) => Some(opts.build_client(tls, true)?),
+            None => None,
+        };
         // `host_str` keeps an IPv6 address in brackets.
         let origin = format!("{}://{}:{}", key.scheme, key.host, key.port);
         tracing::debug!(%origin, "new HTTP client");
@@ -152,6 +164,9 @@ impl Hosts {
         let host = Arc::new(Host {
             origin,
             client,
+            direct,
+            proxy: opts.proxy.clone(),
+            proxy_warned: Mutex::new(None),
             limiter: Limiter::new(key.max_connections),
             breaker,
         });
@@ -203,6 +218,40 @@ impl fmt::Debug for Hosts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.inner.hosts.lock().map(|h| h.len()).unwrap_or_default();
         f.debug_struct("Hosts").field("clients", &n).finish()
+    }
+}
+
+impl Host {
+    /// Sends the request `build` makes on this host's client. Through a
+    /// configured proxy to which no connection can be made (refused,
+    /// unreachable, timed out connecting), it is built again and sent
+    /// directly: a proxy in front (Dragonfly's daemon, say) that is down
+    /// must not take the node's images with it.
+    pub(crate) fn send<E>(
+        &self,
+        build: impl Fn(&Client) -> Result<reqwest::blocking::RequestBuilder, E>,
+        send_error: impl Fn(reqwest::Error) -> E,
+    ) -> Result<reqwest::blocking::Response, E> {
+        let via_proxy = build(&self.client)?.send();
+        match (via_proxy, &self.direct) {
+            (Err(e), Some(direct)) if e.is_connect() => {
+                crate::transport::TOTAL_PROXY_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                // Once per 10 s of a proxy that stays down, not per request.
+                let mut last = self.proxy_warned.lock().unwrap_or_else(|p| p.into_inner());
+                if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    *last = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        target: "lazypull::backend",
+                        origin = %self.origin,
+                        proxy = self.proxy.as_deref().unwrap_or(""),
+                        "the proxy took no connection ({e}): requests go directly while it does not"
+                    );
+                }
+                drop(last);
+                build(direct)?.send().map_err(send_error)
+            }
+            (r, _) => r.map_err(send_error),
+        }
     }
 }
 

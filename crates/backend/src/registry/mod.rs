@@ -168,6 +168,9 @@ pub struct RequestStats {
     /// Requests a mirror (a `hosts.toml` `[host]`) did not answer, for
     /// which the next host, finally the upstream, was asked instead.
     pub mirror_fallbacks: u64,
+    /// Requests the configured proxy ([`ClientOptions::proxy`]) could not
+    /// take (no connection to it), sent directly instead (process totals).
+    pub proxy_fallbacks: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -672,11 +675,13 @@ impl Registry {
         realm_credentials(&ep.base_url, &url, ep.creds.is_some())
             .map_err(|why| self.protocol(ep, why))?;
         let identity = ep.creds.as_ref().filter(|c| c.is_identity_token());
-        let rb = if let Some(c) = identity {
+        let joined = scopes.join(" ");
+        let mut form: Vec<(&str, &str)> = Vec::new();
+        if let Some(c) = identity {
             // Docker's identity token is an OAuth2 refresh token: it is
             // exchanged at the realm for an access token by a POST, as the
             // distribution token spec's OAuth2 flow describes.
-            let mut form: Vec<(&str, &str)> = vec![
+            form = vec![
                 ("grant_type", "refresh_token"),
                 ("refresh_token", &c.password),
                 ("client_id", "lazypull"),
@@ -684,31 +689,33 @@ impl Registry {
             if let Some(s) = service {
                 form.push(("service", s));
             }
-            let joined = scopes.join(" ");
             form.push(("scope", &joined));
-            ep.host.client.post(url.clone()).form(&form)
         } else {
-            {
-                let mut q = url.query_pairs_mut();
-                if let Some(s) = service {
-                    q.append_pair("service", s);
-                }
-                for s in scopes {
-                    q.append_pair("scope", s);
-                }
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
             }
-            let mut rb = ep.host.client.get(url.clone());
-            if let Some(c) = &ep.creds {
-                rb = rb.basic_auth(&c.username, Some(&c.password));
+            for s in scopes {
+                q.append_pair("scope", s);
             }
-            rb
+        }
+        let build = |client: &reqwest::blocking::Client| {
+            Ok::<_, RegistryError>(if identity.is_some() {
+                client.post(url.clone()).form(&form)
+            } else {
+                let mut rb = client.get(url.clone());
+                if let Some(c) = &ep.creds {
+                    rb = rb.basic_auth(&c.username, Some(&c.password));
+                }
+                rb
+            })
         };
         let url_s = url.to_string();
         let _permit = ep.host.limiter.acquire();
         inc(&self.inner.stats.requests);
-        let resp = rb
-            .send()
-            .map_err(|source| self.send_error(ep, &url_s, source))?;
+        let resp = ep
+            .host
+            .send(build, |source| self.send_error(ep, &url_s, source))?;
         match resp.status().as_u16() {
             401 => return Err(self.rejected(ep)),
             // An OAuth2 token endpoint refusing a refresh token says 400
@@ -762,20 +769,23 @@ impl Registry {
             } else {
                 None
             };
-            let mut rb = build(&ep.host.client)?;
-            if same_origin {
-                for (k, v) in &ep.headers {
-                    rb = rb.header(k.as_str(), v.as_str());
+            let request = |client: &reqwest::blocking::Client| {
+                let mut rb = build(client)?;
+                if same_origin {
+                    for (k, v) in &ep.headers {
+                        rb = rb.header(k.as_str(), v.as_str());
+                    }
                 }
-            }
-            if let Some(a) = &auth {
-                rb = rb.header(AUTHORIZATION, a);
-            }
+                if let Some(a) = &auth {
+                    rb = rb.header(AUTHORIZATION, a);
+                }
+                Ok(rb)
+            };
             let permit = ep.host.limiter.acquire();
             inc(&self.inner.stats.requests);
-            let resp = rb
-                .send()
-                .map_err(|source| self.send_error(ep, url, source))?;
+            let resp = ep
+                .host
+                .send(request, |source| self.send_error(ep, url, source))?;
             if resp.status().as_u16() != 401 || !same_origin {
                 return Ok((resp, permit));
             }

@@ -51,6 +51,13 @@ pub struct ClientOptions {
     /// whichever was first (so once an outage is that old, requests fail at
     /// once, but for the probe); None: until it is back. Default 30 s.
     pub outage_timeout: Option<Duration>,
+    /// An HTTP proxy every request goes through (`http://host:port`;
+    /// Dragonfly's daemon is used this way), but for hosts `NO_PROXY` names.
+    /// When no connection to it can be made, the request is sent directly
+    /// (logged, counted in [`RequestStats::proxy_fallbacks`](super::RequestStats)).
+    /// None: reqwest's own reading of `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY`
+    /// and `NO_PROXY`, with no fallback.
+    pub proxy: Option<String>,
     /// Most requests in flight at once to one host, over every
     /// [`Registry`](super::Registry) and [`HttpBlob`](crate::http::HttpBlob)
     /// of that host sharing [`hosts`](Self::hosts) (token requests and
@@ -95,6 +102,7 @@ impl Default for ClientOptions {
             retry: RetryPolicy::default(),
             breaker: BreakerPolicy::default(),
             outage_timeout: Some(Duration::from_secs(30)),
+            proxy: None,
             max_connections: 8,
             user_agent: concat!("lazypull/", env!("CARGO_PKG_VERSION")).to_string(),
             hosts: Hosts::new(),
@@ -131,11 +139,28 @@ impl ClientOptions {
 
     /// A new client with these settings. Only [`Hosts`] calls it: everyone
     /// else gets the host's shared client from there.
+    /// The client for a host with `tls`: through [`proxy`](Self::proxy)
+    /// when one is set and `direct` is false, else without any proxy when
+    /// `direct` (the fallback), else as the environment says.
     pub(crate) fn build_client(
         &self,
         tls: &HostTls,
+        direct: bool,
     ) -> Result<reqwest::blocking::Client, RegistryError> {
-        let mut b = reqwest::blocking::Client::builder()
+        let mut b = reqwest::blocking::Client::builder();
+        match (&self.proxy, direct) {
+            (_, true) => b = b.no_proxy(),
+            (Some(url), false) => {
+                let proxy = reqwest::Proxy::all(url.as_str())
+                    .map_err(|e| RegistryError::Setup {
+                        why: format!("invalid proxy {url:?}: {e}"),
+                    })?
+                    .no_proxy(reqwest::NoProxy::from_env());
+                b = b.proxy(proxy);
+            }
+            (None, false) => {}
+        }
+        let mut b = b
             .connect_timeout(self.connect_timeout)
             .timeout(self.request_timeout)
             .user_agent(self.user_agent.clone())
@@ -279,7 +304,7 @@ mod tests {
                 ca_files: vec![path.clone()],
                 ..ClientOptions::default()
             };
-            let err = opts.build_client(&HostTls::default()).unwrap_err();
+            let err = opts.build_client(&HostTls::default(), false).unwrap_err();
             assert!(matches!(err, RegistryError::Setup { .. }), "{err}");
             assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
         }

@@ -149,12 +149,13 @@ fn daemon_lines(s: &serde_json::Value) {
         f["decode_micros"].as_u64().unwrap_or(0) / 1000
     );
     println!(
-        "  backend: {} HTTP requests ({} ranges, {} retries, {} failed, {} mirror fallbacks), {} received",
+        "  backend: {} HTTP requests ({} ranges, {} retries, {} failed, {} mirror fallbacks, {} proxy fallbacks), {} received",
         h["requests"],
         h["range_requests"],
         h["retries"],
         h["failures"],
         h["mirror_fallbacks"],
+        h["proxy_fallbacks"],
         bytes(&h["bytes_received"])
     );
     let cache = &s["cache"];

@@ -143,6 +143,7 @@ fn catalog(cfg: &DaemonConfig) -> Catalog {
             ..lazypull_backend::BreakerPolicy::default()
         },
         outage_timeout: cfg.outage.timeout(),
+        proxy: cfg.proxy.clone(),
         ..ClientOptions::default()
     };
     Catalog::new(
