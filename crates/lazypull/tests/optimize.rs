@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use lazypull_backend::registry::{ClientOptions, Registry};
 use lazypull_oci::lazy::{self, BlobRef, LazyImage};
 use lazypull_oci::prefetch::{Entry, Record};
-use lazypull_testkit::proxy::{read_log, FaultSource, Proxy};
+use lazypull_testkit::proxy::{read_log, FaultSource, LogEntry, Proxy};
 use lazypull_testkit::registry::RegistryServer;
 use sha2::{Digest, Sha256};
 
@@ -212,7 +212,19 @@ impl Site {
     }
 
     fn log_len(&self) -> usize {
-        read_log(&self.proxy_log).unwrap().len()
+        self.log().len()
+    }
+
+    /// The proxy's log once every request it has read is answered and
+    /// logged: it writes an entry after the answer, so a client that has
+    /// its answer can otherwise read a log without it (seen in CI: the
+    /// test's own chunk table fetch counted as a read after the prefetch).
+    fn log(&self) -> Vec<LogEntry> {
+        assert!(
+            self.proxy.wait_idle(std::time::Duration::from_secs(60)),
+            "the proxy is still busy after 60 s"
+        );
+        read_log(&self.proxy_log).unwrap()
     }
 }
 
@@ -388,7 +400,7 @@ fn the_record_is_what_the_workload_read_and_the_daemon_fetches_it_first() {
     // In the order the requests arrived (`n`), not the order they were
     // answered (the log's): the units of one prefetch piece are fetched
     // concurrently, so their answers can come back in any order.
-    let mut entries = read_log(&site.proxy_log).unwrap().split_off(before);
+    let mut entries = site.log().split_off(before);
     entries.sort_by_key(|e| e.n);
     let mut fetched: Vec<&str> = Vec::new();
     for e in &entries {
@@ -427,7 +439,7 @@ fn the_record_is_what_the_workload_read_and_the_daemon_fetches_it_first() {
         let want = fs::read(site.src.join(&f[1..])).unwrap();
         assert!(got == want, "{f}: the mounted image serves other bytes");
     }
-    let later: Vec<_> = read_log(&site.proxy_log).unwrap()[before_reads..]
+    let later: Vec<_> = site.log()[before_reads..]
         .iter()
         .filter(|e| e.path.contains("/blobs/"))
         .cloned()
