@@ -297,7 +297,7 @@ pub(crate) const DEFAULT_CACHE_LIMIT: lazypull_engine::CacheLimit =
     lazypull_engine::CacheLimit::Percent(20);
 
 /// A proxy URL: `http://` or `https://`, with a host.
-fn reqwest_url_check(s: &str) -> anyhow::Result<String> {
+fn check_proxy_url(s: &str) -> anyhow::Result<String> {
     let t = s.trim();
     let (scheme, rest) = t
         .split_once("://")
@@ -545,7 +545,7 @@ impl DaemonArgs {
             proxy: match self.proxy.clone().or(file.proxy.clone()) {
                 Some(p) if p.trim().is_empty() => None,
                 Some(p) => {
-                    let url = reqwest_url_check(&p).context("config key proxy")?;
+                    let url = check_proxy_url(&p).context("config key proxy")?;
                     Some(url)
                 }
                 None => None,

@@ -557,7 +557,7 @@ impl Server {
                     open.lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .values()
-                        .map(|o| cachefiles_cull::open_key(&o.volume, &o.cookie))
+                        .map(|o| cachefiles_cull::object_key(&o.volume, &o.cookie))
                         .collect()
                 };
                 Some(Culler::start(

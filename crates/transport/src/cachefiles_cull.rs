@@ -208,7 +208,7 @@ impl CullBudget {
 
 /// `I<volume>/<object name>`: an object's place in the cache, but for its
 /// fan-out directory (which hashes the key; the names are unique per volume).
-fn object_key(volume: &[u8], cookie: &[u8]) -> String {
+pub(crate) fn object_key(volume: &[u8], cookie: &[u8]) -> String {
     let mut key = String::from("I");
     key.push_str(&String::from_utf8_lossy(volume));
     key.push_str("/D");
@@ -327,8 +327,9 @@ impl Culler {
             data_limit: config.limit - config.limit / 64,
             account: Mutex::new(Account {
                 counted,
-                // One pass at start: what earlier runs left may be over.
-                asked: 1,
+                // A pass at once only if what earlier runs left is over: the
+                // count just made is the truth otherwise.
+                asked: u64::from(counted > config.limit - config.limit / 64),
                 ..Account::default()
             }),
             wake: Condvar::new(),
@@ -545,11 +546,6 @@ impl Worker {
     }
 }
 
-/// `I<volume>/D<cookie>` of an open object, as the counts name it.
-pub(crate) fn open_key(volume: &[u8], cookie: &[u8]) -> String {
-    object_key(volume, cookie)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -606,7 +602,7 @@ mod tests {
         );
         assert!(entries[1].bytes < 8192, "sparse: {}", entries[1].bytes);
         assert!(total >= entries[0].bytes + entries[1].bytes);
-        assert_eq!(open_key(b"erofs,img", b"sha256-x"), entries[0].key);
+        assert_eq!(object_key(b"erofs,img", b"sha256-x"), entries[0].key);
         // No cache yet: nothing.
         let empty = tempfile::tempdir().unwrap();
         assert_eq!(count(empty.path()).unwrap().1, 0);
