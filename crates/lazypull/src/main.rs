@@ -106,6 +106,29 @@ enum Command {
     #[command(verbatim_doc_comment)]
     Snapshotter(cli::SnapshotterArgs),
 
+    /// Stand between kubelet and containerd so that lazy images get kubelet's
+    /// registry credentials.
+    ///
+    /// Kubelet sends the credentials of an image (pull secrets, credential
+    /// provider plugins) with its CRI PullImage; containerd uses them for the
+    /// pull but gives them to no snapshotter, so the lazypull daemon, which
+    /// reads the image's data later, would have none. Point kubelet's image
+    /// service at this proxy:
+    ///
+    ///     kubelet --image-service-endpoint=unix:///run/lazypull/cri.sock ...
+    ///
+    /// Every call goes on to --runtime unchanged; when a PullImage succeeds,
+    /// its credentials go to the daemon at --daemon-socket before kubelet
+    /// gets the answer. The daemon keeps them in memory only, for the
+    /// registry host and repository of the image, as long as an image of
+    /// that repository is registered (unused ones go after 10 minutes), and
+    /// parks them in its fd store (a sealed memfd, never a file), so its
+    /// mounts keep reading after the daemon restarts. The proxy holds no
+    /// state: restarting it changes nothing for running containers.
+    /// The socket is 0600. `lazypull status` lists the repositories held.
+    #[command(verbatim_doc_comment)]
+    CriProxy(cli::CriProxyArgs),
+
     /// The fd store process (started by the daemon; see `lazypull daemon --help`).
     #[command(hide = true)]
     Fdstore(FdstoreArgs),
@@ -238,6 +261,7 @@ fn main() -> std::process::ExitCode {
         Command::Fdstore(args) if args.inherit_listener => fdstore::serve_inherited(&args.socket),
         Command::Fdstore(args) => fdstore::serve(&args.socket),
         Command::Snapshotter(args) => cli::snapshotter(args),
+        Command::CriProxy(args) => cli::cri_proxy(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -385,6 +385,7 @@ mod tests {
             prefetching: vec![],
             restoring: vec![],
             cache: None,
+            kubelet_credentials: Vec::new(),
         };
         let page = render(&status);
         assert!(
@@ -434,6 +435,7 @@ mod tests {
             prefetching: vec![],
             restoring: vec![],
             cache: None,
+            kubelet_credentials: Vec::new(),
         };
         let page = render(&status);
         for line in [

@@ -41,6 +41,9 @@ pub(crate) struct Status {
     /// The daemon's own cache against its `cache_limit` (FUSE, loop,
     /// fanotify); null when unlimited or on cachefiles.
     pub(crate) cache: Option<lazypull_engine::BudgetSnapshot>,
+    /// Repositories (`registry/repository`) the daemon holds kubelet's
+    /// credentials for (`lazypull cri-proxy`): names only, never a secret.
+    pub(crate) kubelet_credentials: Vec<String>,
 }
 
 /// The transport serving the kernel, and why it was chosen.
@@ -96,6 +99,7 @@ mod tests {
             prefetching: Vec::new(),
             restoring: Vec::new(),
             cache: None,
+            kubelet_credentials: Vec::new(),
         };
         let v = serde_json::to_value(&status).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -108,6 +112,7 @@ mod tests {
                 "cache",
                 "fetch",
                 "images",
+                "kubelet_credentials",
                 "pid",
                 "prefetching",
                 "restoring",

@@ -84,7 +84,9 @@ struct Process {
     child: Child,
     what: &'static str,
     log: PathBuf,
-    mounts: PathBuf,
+    /// Undone when dropped; None once [`Process::kill`] let it die as a
+    /// crash would.
+    mounts: Option<PathBuf>,
 }
 
 impl Process {
@@ -111,8 +113,16 @@ impl Process {
             child,
             what,
             log: log.to_path_buf(),
-            mounts: mounts.to_path_buf(),
+            mounts: Some(mounts.to_path_buf()),
         }
+    }
+
+    /// SIGKILL, as a crash: its mounts are left as they are (for a
+    /// successor to take over).
+    fn kill(mut self) {
+        self.mounts = None;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -128,7 +138,9 @@ impl Drop for Process {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        containerd::unmount_under(&self.mounts);
+        if let Some(m) = &self.mounts {
+            containerd::unmount_under(m);
+        }
     }
 }
 
@@ -154,10 +166,19 @@ fn snapshotter(root: &Path, socket: &Path, log: &Path, daemon: Option<&Path>) ->
 /// `lazypull daemon` over FUSE with everything under `dir`; its control
 /// socket is `dir/run/ctl.sock`.
 fn daemon(dir: &Path) -> Process {
+    daemon_logged(dir, "daemon.log")
+}
+
+/// [`daemon`], logging to `dir/<log>`.
+fn daemon_logged(dir: &Path, log: &str) -> Process {
     std::fs::create_dir_all(dir).unwrap();
     let config = dir.join("config.toml");
     std::fs::write(&config, "retries = 1\n").unwrap();
     let mut cmd = lazypull();
+    // No credentials but those the test gives: not the host's docker config.
+    let docker_config = dir.join("docker");
+    std::fs::create_dir_all(&docker_config).unwrap();
+    cmd.env("DOCKER_CONFIG", &docker_config);
     cmd.arg("daemon")
         .arg("--config")
         .arg(&config)
@@ -178,7 +199,7 @@ fn daemon(dir: &Path) -> Process {
         "lazypull daemon",
         cmd,
         &dir.join("run/ctl.sock"),
-        &dir.join("daemon.log"),
+        &dir.join(log),
         dir,
     )
 }
@@ -759,4 +780,280 @@ fn usage(ctr: &Containerd, keys: &[String]) -> u64 {
                 .unwrap_or_else(|| panic!("unexpected `ctr snapshots usage` row {l:?}:\n{text}"))
         })
         .sum()
+}
+
+/// `lazypull cri-proxy` on `socket` in front of containerd at `runtime`,
+/// handing credentials to the daemon at `daemon`.
+fn cri_proxy(socket: &Path, runtime: &Path, daemon: &Path, log: &Path) -> Process {
+    let mut cmd = lazypull();
+    cmd.arg("cri-proxy")
+        .arg("--listen")
+        .arg(socket)
+        .arg("--runtime")
+        .arg(runtime)
+        .arg("--daemon-socket")
+        .arg(daemon);
+    Process::start(
+        "lazypull cri-proxy",
+        cmd,
+        socket,
+        log,
+        Path::new("/nonexistent"),
+    )
+}
+
+/// Deterministic bytes (a xorshift stream) that compress to nothing useful.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Every regular file under `dir` holding `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
+        if !e.file_type().is_file() {
+            continue;
+        }
+        if let Ok(bytes) = std::fs::read(e.path()) {
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                out.push(e.path().to_path_buf());
+            }
+        }
+    }
+    out
+}
+
+/// Issue 18's Kubernetes credentials: a private lazy image (its registry
+/// needs a password for every request) pulled by CRI PullImage with the
+/// credentials kubelet would send.
+/// - Straight to containerd, the pull works (containerd uses the
+///   credentials) but the container cannot start: the daemon, which reads
+///   the image, never got them (containerd hands them to no snapshotter).
+/// - Through `lazypull cri-proxy`, the proxy hands them to the daemon after
+///   the pull; the container starts and reads its image lazily.
+/// - The daemon is killed (SIGKILL) and the proxy restarted; a new daemon
+///   takes the mounts over from the fd store, with the credentials (a
+///   sealed memfd there): the running container reads a layer it never read
+///   before, right, from the private registry.
+/// - Not one file under the test's directory (daemon cache, work and run
+///   dirs, snapshotter, containerd's root, state and logs) holds the
+///   password.
+#[test]
+fn cri_credentials_reach_the_daemon_through_the_cri_proxy_and_outlive_its_restart() {
+    require_remote_snapshots();
+    const USER: &str = "kubelet-user";
+    const PASSWORD: &str = "pw-9f2c4e7a1b-never-on-disk";
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    // The private registry holds the lazy image; the open one the sandbox
+    // image and the ordinary source (containerd pulls the sandbox with no
+    // credentials).
+    let private = RegistryServer::start(&dir.join("private"), Some((USER, PASSWORD))).unwrap();
+    let open = RegistryServer::start(&dir.join("open"), None).unwrap();
+    let before_bytes = noise(256 << 10, 1);
+    let after_bytes = noise(768 << 10, 2);
+    let mut layers = busybox_image().unwrap().layers;
+    layers.push(
+        lazypull_testkit::oci_image::LayerBuilder::new()
+            .dir("data", 0o755)
+            .unwrap()
+            .file("data/before", &before_bytes, 0o644)
+            .unwrap()
+            .finish()
+            .unwrap(),
+    );
+    layers.push(
+        lazypull_testkit::oci_image::LayerBuilder::new()
+            .dir("data", 0o755)
+            .unwrap()
+            .file("data/after", &after_bytes, 0o644)
+            .unwrap()
+            .finish()
+            .unwrap(),
+    );
+    let image = lazypull_testkit::oci_image::Image::new(
+        layers,
+        serde_json::json!({
+            "Env": ["PATH=/bin"],
+            "Entrypoint": ["/bin/sh", "-c"],
+            "Cmd": ["echo started; exec sleep 3600"],
+        }),
+    )
+    .unwrap();
+    image.push(open.addr(), "test/app", "v1").unwrap();
+    let source = format!("{}/test/app:v1", open.addr());
+    let reference = format!("{}/team/private:v1", private.addr());
+    let out = lazypull()
+        .args(["convert", &source, &reference])
+        .env("LAZYPULL_REGISTRY_USER", USER)
+        .env("LAZYPULL_REGISTRY_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lazypull convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest = registry_manifest(&dir.join("private"), "team/private", "v1");
+    let data_layers: Vec<String> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["annotations"]["containerd.io/snapshot/lazypull.role"] == "data")
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(data_layers.len(), 4, "{manifest}");
+    let sandbox = push_sandbox(&open);
+
+    let cgroup = CgroupParent::new("cri-auth");
+    let daemon_dir = dir.join("d");
+    let ctl = daemon_dir.join("run/ctl.sock");
+    let daemon1 = daemon(&daemon_dir);
+    let snap_socket = dir.join("snap.sock");
+    let _snap = snapshotter(
+        &dir.join("snap"),
+        &snap_socket,
+        &dir.join("snap.log"),
+        Some(&ctl),
+    );
+    let options = ContainerdOptions {
+        proxy_snapshotters: vec![("lazypull".into(), snap_socket.clone())],
+        cri_settings: Some(CriSettings {
+            sandbox_image: Some(sandbox.clone()),
+            plain_http_registries: vec![open.addr().to_string(), private.addr().to_string()],
+            snapshotter: Some("lazypull".into()),
+            snapshot_annotations: true,
+            restrict_oom_score_adj: true,
+        }),
+        ..ContainerdOptions::default()
+    };
+    let ctr = Containerd::start(&dir.join("c"), &options).unwrap();
+    let mut direct = Cri::connect(ctr.address()).unwrap();
+    let pod_config = cri::host_network_pod("private", &dir.join("pods/private"), &cgroup.0);
+    let pod = direct
+        .run_pod(&pod_config)
+        .unwrap_or_else(|e| panic!("{e}\ncontainerd's log ends:\n{}", ctr.log_tail(30)));
+    let config = cri::container_config("main", &reference, &[], "main.log");
+
+    // Without the proxy: containerd pulls, the daemon cannot read.
+    assert!(
+        direct.pull_image(&reference).is_err(),
+        "an anonymous pull of the private image succeeded: the registry is not private"
+    );
+    direct
+        .pull_image_with_auth(&reference, USER, PASSWORD)
+        .unwrap_or_else(|e| panic!("{e}\ncontainerd's log ends:\n{}", ctr.log_tail(30)));
+    let refused = direct.create_and_start(&pod, &config, &pod_config);
+    let err = refused.expect_err("the container started though the daemon has no credentials");
+    eprintln!("without the proxy: {err}");
+    assert!(
+        err.to_string().contains("requires authentication")
+            && err.to_string().contains("lazypull cri-proxy"),
+        "not refused for want of credentials: {err}"
+    );
+
+    // Through the proxy: the credentials reach the daemon.
+    let proxy_socket = dir.join("cri.sock");
+    let proxy1 = cri_proxy(&proxy_socket, ctr.address(), &ctl, &dir.join("proxy1.log"));
+    let mut kubelet = Cri::connect(&proxy_socket).unwrap();
+    kubelet
+        .pull_image_with_auth(&reference, USER, PASSWORD)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nthe proxy's log ends:\n{}",
+                tail(&dir.join("proxy1.log"), 20)
+            )
+        });
+    let status: serde_json::Value = {
+        let out = lazypull()
+            .args(["status", "--json", "--socket"])
+            .arg(&ctl)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "lazypull status --json: {e}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    assert_eq!(
+        status["kubelet_credentials"],
+        serde_json::json!([format!("{}/team/private", private.addr())]),
+        "{status}"
+    );
+    // A container on a fresh pod (the first pod's container name is taken
+    // by the failed attempt).
+    let pod_config2 = cri::host_network_pod("private2", &dir.join("pods/private2"), &cgroup.0);
+    let pod2 = kubelet.run_pod(&pod_config2).unwrap();
+    let id = kubelet
+        .create_and_start(&pod2, &config, &pod_config2)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nthe daemon's log ends:\n{}",
+                tail(&daemon_dir.join("daemon.log"), 30)
+            )
+        });
+    let log = dir.join("pods/private2/main.log");
+    assert!(
+        eventually(Duration::from_secs(30), || cri::read_log(&log)
+            .map(|l| l.iter().any(|l| l.text == "started"))
+            .unwrap_or(false)),
+        "the container did not start: {:?}",
+        std::fs::read_to_string(&log)
+    );
+    let (code, stdout, stderr) = kubelet
+        .exec_sync(&id, &["cat", "/data/before"], 60)
+        .unwrap();
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&stderr));
+    assert!(stdout == before_bytes, "/data/before read wrong");
+
+    // Both restart: the daemon killed as in a crash, the proxy stopped.
+    let log_before_restart = std::fs::metadata(access_log(&private)).unwrap().len() as usize;
+    daemon1.kill();
+    proxy1.kill();
+    let _daemon2 = daemon_logged(&daemon_dir, "daemon2.log");
+    let _proxy2 = cri_proxy(&proxy_socket, ctr.address(), &ctl, &dir.join("proxy2.log"));
+    let daemon2_log = std::fs::read_to_string(daemon_dir.join("daemon2.log")).unwrap();
+    assert!(
+        daemon2_log.contains("took back the credentials kubelet sent"),
+        "the new daemon did not take the credentials back:\n{}",
+        tail(&daemon_dir.join("daemon2.log"), 30)
+    );
+    // The running container reads a layer nobody read before.
+    let mut kubelet = Cri::connect(&proxy_socket).unwrap();
+    let (code, stdout, stderr) = kubelet.exec_sync(&id, &["cat", "/data/after"], 60).unwrap();
+    assert_eq!(
+        code,
+        0,
+        "{}\nthe new daemon's log ends:\n{}",
+        String::from_utf8_lossy(&stderr),
+        tail(&daemon_dir.join("daemon2.log"), 30)
+    );
+    assert!(
+        stdout == after_bytes,
+        "/data/after read wrong after the restart"
+    );
+    let after_layer = data_layers.last().unwrap();
+    let requests = blob_requests(&private, log_before_restart, "team/private");
+    assert!(
+        requests.iter().any(|(_, d)| d == after_layer),
+        "the last layer was not read from the private registry after the restart: {requests:?}"
+    );
+
+    kubelet.stop_container(&id, 5).unwrap();
+    kubelet.remove_container(&id).unwrap();
+    drop(kubelet);
+    drop(direct);
+    drop(ctr);
+    let holding = files_holding(dir, PASSWORD.as_bytes());
+    assert!(holding.is_empty(), "the password is on disk in {holding:?}");
 }

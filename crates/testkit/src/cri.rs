@@ -140,10 +140,32 @@ impl Cri {
     /// `PullImage` of `image` (no credentials, no pod): the image id
     /// (`image_ref`) the runtime answers.
     pub fn pull_image(&mut self, image: &str) -> io::Result<String> {
+        self.pull(image, None)
+    }
+
+    /// `PullImage` of `image` with the credentials kubelet would send for
+    /// it (`AuthConfig.username` / `.password`).
+    pub fn pull_image_with_auth(
+        &mut self,
+        image: &str,
+        username: &str,
+        password: &str,
+    ) -> io::Result<String> {
+        self.pull(
+            image,
+            Some(proto::AuthConfig {
+                username: username.into(),
+                password: password.into(),
+                ..Default::default()
+            }),
+        )
+    }
+
+    fn pull(&mut self, image: &str, auth: Option<proto::AuthConfig>) -> io::Result<String> {
         let mut c = self.images.clone();
         let r = self.rt.block_on(c.pull_image(proto::PullImageRequest {
             image: Some(image_spec(image)),
-            auth: None,
+            auth,
             sandbox_config: None,
         }));
         let id = r
@@ -332,6 +354,27 @@ impl Cri {
                     format!("CRI ContainerStatus {id} answered no status"),
                 )
             })
+    }
+
+    /// `ExecSync`: runs `cmd` in running container `id` (a process of its
+    /// own in the container, as `kubectl exec` does), at most `timeout_s`
+    /// seconds: (exit code, stdout, stderr).
+    pub fn exec_sync(
+        &mut self,
+        id: &str,
+        cmd: &[&str],
+        timeout_s: i64,
+    ) -> io::Result<(i32, Vec<u8>, Vec<u8>)> {
+        let mut c = self.runtime.clone();
+        let r = self.rt.block_on(c.exec_sync(proto::ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: timeout_s,
+        }));
+        let r = r
+            .map_err(|s| status_error(&format!("ExecSync {id} {cmd:?}"), s))?
+            .into_inner();
+        Ok((r.exit_code, r.stdout, r.stderr))
     }
 
     /// Polls [`container_status`](Self::container_status) until container

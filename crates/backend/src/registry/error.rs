@@ -19,7 +19,9 @@ pub enum RegistryError {
          --username and --password-stdin, with the environment variables \
          LAZYPULL_REGISTRY_USER and LAZYPULL_REGISTRY_PASSWORD, or in a docker \
          config file ($DOCKER_CONFIG/config.json or ~/.docker/config.json, as \
-         `docker login {registry}` writes it)"
+         `docker login {registry}` writes it); under Kubernetes, kubelet's \
+         credentials reach the daemon when kubelet pulls through \
+         `lazypull cri-proxy`"
     )]
     AuthRequired { registry: String },
 

@@ -14,6 +14,7 @@
 
 mod bindings;
 mod blob_store;
+pub(crate) mod kubelet_credentials;
 mod meta_dir;
 mod persist;
 mod recorded;
@@ -735,6 +736,40 @@ impl Catalog {
         (restored, left)
     }
 
+    /// Keeps the credentials kubelet sent with a successful pull of `image`
+    /// (see [`kubelet_credentials`]), dropping those no image has used for
+    /// long; returns the (registry, repository) they are for.
+    pub(crate) fn put_kubelet_credentials(
+        &self,
+        image: &str,
+        username: &str,
+        secret: &str,
+    ) -> anyhow::Result<(String, String)> {
+        let scope = self.remote.kubelet.put(image, username, secret)?;
+        self.prune_kubelet_credentials();
+        Ok(scope)
+    }
+
+    /// Drops kubelet credentials of repositories no registered or restoring
+    /// image is from, once old enough; whether any went.
+    pub(crate) fn prune_kubelet_credentials(&self) -> bool {
+        let in_use: Vec<(String, String)> = {
+            let st = self.lock();
+            st.images
+                .values()
+                .map(|i| i.info.reference.clone())
+                .chain(st.restoring.iter().map(|(_, r)| r.reference.clone()))
+                .filter_map(|r| kubelet_credentials::scope_of(&r).ok())
+                .collect()
+        };
+        self.remote.kubelet.prune(&in_use)
+    }
+
+    /// The kubelet credentials this daemon holds.
+    pub(crate) fn kubelet_credentials(&self) -> &Arc<kubelet_credentials::KubeletCredentials> {
+        &self.remote.kubelet
+    }
+
     /// The images a previous daemon served that are not back yet.
     pub(crate) fn restoring(&self) -> Vec<RestoringImage> {
         self.lock()
@@ -772,6 +807,7 @@ mod tests {
                 client: ClientOptions::default(),
                 docker_config: None,
                 max_meta_size: DEFAULT_MAX_META_SIZE,
+                kubelet: Default::default(),
             },
             None,
         )

@@ -37,6 +37,9 @@ pub(crate) struct RemoteSettings {
     pub(crate) docker_config: Option<PathBuf>,
     /// Largest meta blob fetched (from a registry, a blob URL or a blob dir).
     pub(crate) max_meta_size: u64,
+    /// What `lazypull cri-proxy` handed over from kubelet's pulls: used for
+    /// an image registered without credentials, before the docker config.
+    pub(crate) kubelet: Arc<super::kubelet_credentials::KubeletCredentials>,
 }
 
 /// Refuses a blob whose trusted descriptor declares more than `limit` bytes,
@@ -96,9 +99,18 @@ pub(crate) fn fetch_image(
         (Some(_), None) | (None, Some(_)) => {
             bail!("give both a username and a password, or neither")
         }
-        (None, None) => {
-            docker_config_credentials(remote.docker_config.as_deref(), &reference.registry)?
-        }
+        (None, None) => match remote
+            .kubelet
+            .get(&reference.registry, &reference.repository)
+        {
+            Some(c) => {
+                tracing::debug!(%reference, "logging in with the credentials kubelet sent for its pull");
+                Some(c)
+            }
+            None => {
+                docker_config_credentials(remote.docker_config.as_deref(), &reference.registry)?
+            }
+        },
     };
     let registry = Registry::new(&reference.registry, &reference.repository, creds, &client)?;
     let manifest = registry

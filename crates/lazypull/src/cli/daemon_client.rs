@@ -194,6 +194,16 @@ fn daemon_lines(s: &serde_json::Value) {
             i["mountpoints"]
         );
     }
+    if let Some(k) = s["kubelet_credentials"]
+        .as_array()
+        .filter(|k| !k.is_empty())
+    {
+        let names: Vec<&str> = k.iter().filter_map(|v| v.as_str()).collect();
+        println!(
+            "  kubelet credentials (in memory) for: {}",
+            names.join(", ")
+        );
+    }
     for f in s["prefetching"].as_array().into_iter().flatten() {
         println!("  prefetching image {}", short(f));
     }

@@ -9,6 +9,7 @@
 
 mod build;
 mod convert;
+mod cri_proxy;
 mod daemon_client;
 mod daemon_mounts;
 mod demo;
@@ -26,6 +27,7 @@ mod verify;
 
 pub use build::{build, BuildArgs};
 pub use convert::{convert, ConvertArgs};
+pub use cri_proxy::{cri_proxy, CriProxyArgs};
 pub use daemon_client::{handover, shutdown, status, HandoverArgs, ShutdownArgs, StatusArgs};
 pub use demo::{run as demo, DemoArgs};
 pub use image_dir::ImageArgs;

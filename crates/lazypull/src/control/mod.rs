@@ -7,5 +7,6 @@ pub(crate) mod protocol;
 
 pub(crate) use client::{call, wait_for_exit};
 pub(crate) use protocol::{
-    MountPlan, PrefetchSpec, RegisterRequest, Registered, Reply, Request, DEFAULT_SOCKET,
+    KubeletCredentialsRequest, MountPlan, PrefetchSpec, RegisterRequest, Registered, Reply,
+    Request, DEFAULT_SOCKET,
 };

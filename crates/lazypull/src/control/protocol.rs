@@ -65,6 +65,27 @@ impl std::fmt::Debug for RegisterRequest {
     }
 }
 
+/// What `lazypull cri-proxy` hands over after a CRI `PullImage` succeeded:
+/// the credentials kubelet sent for `image`. Its `Debug` hides the secret.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct KubeletCredentialsRequest {
+    /// The image as kubelet named it.
+    pub(crate) image: String,
+    pub(crate) username: String,
+    /// The password (or identity token, with username `<token>`).
+    pub(crate) secret: String,
+}
+
+impl std::fmt::Debug for KubeletCredentialsRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeletCredentialsRequest")
+            .field("image", &self.image)
+            .field("username", &self.username)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
 /// What registering an image did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Registered {
@@ -94,6 +115,9 @@ pub(crate) enum Request {
     },
     /// Whatever was mounted at `mountpoint` is gone.
     Unmounted { mountpoint: PathBuf },
+    /// Keep kubelet's credentials of a pull for the images of its repository
+    /// (in memory only): `lazypull cri-proxy`.
+    KubeletCredentials(KubeletCredentialsRequest),
     /// Start recording which data blob ranges the readers of image `fsid`
     /// wait for (first touch, in order): `lazypull optimize`.
     RecordStart { fsid: String },

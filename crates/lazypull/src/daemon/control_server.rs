@@ -106,6 +106,9 @@ fn handle(daemon: &Daemon, req: Request) -> anyhow::Result<serde_json::Value> {
                 warn!(reference = %r.reference, fsid = ?r.fsid, "register failed: {e:#}");
                 e
             })?;
+            if daemon.catalog.prune_kubelet_credentials() {
+                daemon.park_kubelet_credentials();
+            }
             let (blobs, _) = daemon
                 .catalog
                 .image(&registered.fsid)
@@ -205,6 +208,19 @@ fn handle(daemon: &Daemon, req: Request) -> anyhow::Result<serde_json::Value> {
                 }
             }
             Ok(json!({ "fsid": fsid }))
+        }
+        Request::KubeletCredentials(c) => {
+            let (registry, repository) =
+                daemon
+                    .catalog
+                    .put_kubelet_credentials(&c.image, &c.username, &c.secret)?;
+            let parked = daemon.park_kubelet_credentials();
+            info!(image = %c.image, %registry, %repository, parked, "keeping the credentials kubelet sent with its pull (in memory)");
+            Ok(json!({
+                "registry": registry,
+                "repository": repository,
+                "parked": parked,
+            }))
         }
         Request::Status => Ok(serde_json::to_value(daemon.status())?),
         Request::Handover => {

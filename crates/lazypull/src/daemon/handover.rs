@@ -38,6 +38,10 @@ const FANOTIFY_ENTRY: &str = "fanotify-group";
 const FANOTIFY_FILE_PREFIX: &str = "fanfile:";
 /// Fd store entries of handed-over cachefiles objects: `obj:<object id>`.
 const OBJECT_PREFIX: &str = "obj:";
+/// Fd store entry of the credentials kubelet sent (`lazypull cri-proxy`):
+/// a sealed memfd, so they outlive the daemon without touching a file
+/// system.
+const KUBELET_CREDENTIALS_ENTRY: &str = "kubelet-credentials";
 
 /// Asks the daemon on the control socket to hand over, and waits until it is gone.
 pub(crate) fn request_handover(cfg: &DaemonConfig) -> anyhow::Result<()> {
@@ -116,6 +120,12 @@ impl Parked {
             }
         }
         Some((fd, handed))
+    }
+
+    /// The memfd of kubelet credentials a previous daemon parked (it stays
+    /// in the store: the entry is replaced at the next change).
+    pub(crate) fn take_kubelet_credentials(&mut self) -> Option<OwnedFd> {
+        self.take(KUBELET_CREDENTIALS_ENTRY)
     }
 
     /// The fanotify group a previous daemon parked.
@@ -212,6 +222,51 @@ pub(crate) fn park_fanotify_group(
     store
         .put(FANOTIFY_ENTRY, fd, true)
         .context("parking the fanotify group in the fd store")
+}
+
+/// Parks `bytes` (the kubelet credentials' snapshot) in the fd store: a new
+/// memfd, sealed against any change, replacing the previous entry.
+pub(crate) fn park_kubelet_credentials(
+    store: &fdstore::Client,
+    bytes: &[u8],
+) -> anyhow::Result<()> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    use std::io::Write;
+    let fd = rustix::fs::memfd_create(
+        "lazypull-kubelet-credentials",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )
+    .context("creating a memfd for the kubelet credentials")?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes)
+        .context("writing the kubelet credentials into their memfd")?;
+    // Sealed: whoever gets it from the store can read it, nobody can change it.
+    rustix::fs::fcntl_add_seals(
+        &file,
+        SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
+    )
+    .context("sealing the kubelet credentials' memfd")?;
+    store
+        .put(KUBELET_CREDENTIALS_ENTRY, file.as_fd(), true)
+        .context("parking the kubelet credentials in the fd store")
+}
+
+/// What a parked kubelet credentials memfd holds. Read with `pread` from 0:
+/// the store's dup shares the file offset.
+pub(crate) fn read_kubelet_credentials(fd: OwnedFd) -> anyhow::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::from(fd);
+    let len = file
+        .metadata()
+        .context("the parked kubelet credentials' memfd")?
+        .len();
+    if len > 64 << 20 {
+        bail!("the parked kubelet credentials' memfd holds {len} bytes: not ours");
+    }
+    let mut bytes = vec![0; len as usize];
+    file.read_exact_at(&mut bytes, 0)
+        .context("reading the parked kubelet credentials")?;
+    Ok(bytes)
 }
 
 /// What is left of the transport once it stopped serving: what a handover

@@ -155,6 +155,7 @@ fn catalog(cfg: &DaemonConfig) -> Catalog {
             client,
             docker_config: cfg.docker_config.clone(),
             max_meta_size: cfg.max_meta_size,
+            kubelet: Default::default(),
         },
         Some(persist::images_file(&cfg.run_dir)),
     )
@@ -295,6 +296,18 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
         None => Parked::from_store(store.as_ref())?,
     };
     let catalog = Arc::new(catalog(&cfg));
+    // Before the images are registered again: theirs may be among them.
+    if let Some(fd) = parked.take_kubelet_credentials() {
+        match handover::read_kubelet_credentials(fd)
+            .and_then(|b| catalog.kubelet_credentials().load(&b))
+        {
+            Ok(n) => info!(
+                repositories = n,
+                "took back the credentials kubelet sent (held in memory, parked in the fd store)"
+            ),
+            Err(e) => warn!("{e:#}: images that need them will fail to read until pulled again"),
+        }
+    }
     steps.mark("catalog");
     if parked.has_cachefiles() {
         // The images restored next serve a kernel cache that outlived the
@@ -377,7 +390,14 @@ async fn serve(cfg: DaemonConfig, started: Instant, mut steps: Steps) -> anyhow:
 
     let listener = control_server::bind(&cfg.socket)?;
     let (exit_tx, exit_rx) = tokio::sync::oneshot::channel::<ExitRequest>();
-    let daemon = Arc::new(Daemon::new(catalog, view, started, reason, exit_tx));
+    let daemon = Arc::new(Daemon::new(
+        catalog,
+        view,
+        started,
+        reason,
+        exit_tx,
+        store.clone(),
+    ));
     let control_task = tokio::spawn(control_server::accept_loop(listener, daemon.clone()));
     let metrics_task = match cfg.metrics_addr {
         Some(addr) => Some(tokio::spawn(crate::metrics::serve(

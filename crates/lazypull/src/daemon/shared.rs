@@ -42,6 +42,11 @@ pub(crate) struct Daemon {
     /// Why this transport was chosen.
     reason: String,
     exit: Mutex<Option<tokio::sync::oneshot::Sender<ExitRequest>>>,
+    /// Where the kubelet credentials are parked for a successor (None: no
+    /// fd store, and they die with this daemon).
+    fd_store: Option<crate::fdstore::Client>,
+    /// Whether "no fd store" was said already.
+    told_no_store: std::sync::atomic::AtomicBool,
 }
 
 impl Daemon {
@@ -51,6 +56,7 @@ impl Daemon {
         started: Instant,
         reason: String,
         exit: tokio::sync::oneshot::Sender<ExitRequest>,
+        fd_store: Option<crate::fdstore::Client>,
     ) -> Self {
         Daemon {
             catalog,
@@ -59,6 +65,33 @@ impl Daemon {
             started,
             reason,
             exit: Mutex::new(Some(exit)),
+            fd_store,
+            told_no_store: Default::default(),
+        }
+    }
+
+    /// Parks the kubelet credentials as they are now in the fd store, for a
+    /// successor; whether they are parked. A failure is logged: they are
+    /// still used by this daemon.
+    pub(crate) fn park_kubelet_credentials(&self) -> bool {
+        let Some(store) = &self.fd_store else {
+            if !self
+                .told_no_store
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!("no fd store: the credentials kubelet sent are held by this daemon only, and a restart loses them (its images then fail to read until they are pulled again)");
+            }
+            return false;
+        };
+        let bytes = self.catalog.kubelet_credentials().snapshot();
+        match super::handover::park_kubelet_credentials(store, &bytes) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    "{e:#}: a restarted daemon will not have the credentials kubelet sent"
+                );
+                false
+            }
         }
     }
 
@@ -101,6 +134,7 @@ impl StatusSource for Daemon {
             prefetching: self.prefetches.running(),
             restoring: self.catalog.restoring(),
             cache: self.view.cache_budget(),
+            kubelet_credentials: self.catalog.kubelet_credentials().scopes(),
         }
     }
 }
