@@ -788,3 +788,126 @@ fn convert_sends_credentials_only_to_their_registry() {
     let basic = "Basic YWxpY2U6dGFyZ2V0LXNlY3JldA==".to_owned();
     assert!(target.seen().contains(&Some(basic)), "{:?}", target.seen());
 }
+
+/// `hosts.toml` for the commands (issue 18): `lazypull push` to a registry
+/// whose certificate is from a private CA fails naming the host without the
+/// host directory and works with its `ca`; `lazypull convert` reads its
+/// source through the mirror the upstream's `hosts.toml` declares (the
+/// mirror's log shows the source's blobs) and pushes to the upstream itself.
+#[test]
+fn the_commands_read_containerds_hosts_toml() {
+    use lazypull_testkit::registry::RegistryOptions;
+    use lazypull_testkit::tls::TestCa;
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let ca = TestCa::new(&dir.join("pki"), "lazypull-test-ca").unwrap();
+    let server = ca.server("registry").unwrap();
+    let tls = RegistryServer::start_with(
+        &dir.join("tls"),
+        &RegistryOptions {
+            tls: Some((&server.cert, &server.key)),
+            ..RegistryOptions::default()
+        },
+    )
+    .unwrap();
+    let src = dir.join("src");
+    make_tree(&src);
+    let img = dir.join("img");
+    ok(lazypull(&[
+        "build",
+        src.to_str().unwrap(),
+        "-o",
+        img.to_str().unwrap(),
+    ]));
+    let certs = dir.join("certs.d");
+    let target = format!("{}/lp/tls:v1", tls.host());
+
+    // A loopback registry is plain HTTP unless its hosts.toml says HTTPS:
+    // it does here, without the CA first.
+    let hosts = certs.join(tls.host()).join("hosts.toml");
+    fs::create_dir_all(hosts.parent().unwrap()).unwrap();
+    let server_line = format!("server = \"https://{}\"\n", tls.host());
+    fs::write(&hosts, &server_line).unwrap();
+    let without = Command::new(env!("CARGO_BIN_EXE_lazypull"))
+        .args(["push", img.to_str().unwrap(), &target])
+        .env("LAZYPULL_HOSTS_DIR", &certs)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&without.stderr);
+    assert!(!without.status.success(), "pushed to an unknown CA");
+    for needle in [&*tls.host(), "TLS", "ca = ", &*hosts.to_string_lossy()] {
+        assert!(err.contains(needle), "{needle:?} missing from: {err}");
+    }
+    fs::write(
+        &hosts,
+        format!("{server_line}ca = \"{}\"\n", ca.cert.display()),
+    )
+    .unwrap();
+    ok(lazypull(&[
+        "push",
+        img.to_str().unwrap(),
+        &target,
+        "--hosts-dir",
+        certs.to_str().unwrap(),
+    ]));
+
+    // convert through a pull-through mirror of a plain-HTTP upstream.
+    let upstream = RegistryServer::start(&dir.join("upstream"), None).unwrap();
+    let remote = format!("http://{}", upstream.host());
+    let mirror = RegistryServer::start_with(
+        &dir.join("mirror"),
+        &RegistryOptions {
+            proxy_remote: Some(&remote),
+            ..RegistryOptions::default()
+        },
+    )
+    .unwrap();
+    lazypull_testkit::oci_image::busybox_image()
+        .unwrap()
+        .push(upstream.addr(), "plain/box", "v1")
+        .unwrap();
+    fs::create_dir_all(certs.join(upstream.host())).unwrap();
+    fs::write(
+        certs.join(upstream.host()).join("hosts.toml"),
+        format!(
+            "server = \"{remote}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            mirror.host()
+        ),
+    )
+    .unwrap();
+    let source = format!("{}/plain/box:v1", upstream.host());
+    let lazy = format!("{}/lazy/box:v1", upstream.host());
+    ok(lazypull(&[
+        "convert",
+        &source,
+        &lazy,
+        "--hosts-dir",
+        certs.to_str().unwrap(),
+    ]));
+    let mirrored: Vec<String> = mirror
+        .access_log()
+        .into_iter()
+        .filter(|(m, p, s)| m == "GET" && p.contains("/plain/box/blobs/") && *s == 200)
+        .map(|(_, p, _)| p)
+        .collect();
+    assert!(
+        !mirrored.is_empty(),
+        "convert read no source blob through the mirror: {:?}",
+        mirror.access_log()
+    );
+    let pushed_to_mirror: Vec<_> = mirror
+        .access_log()
+        .into_iter()
+        .filter(|(m, _, _)| m == "PUT" || m == "POST" || m == "PATCH")
+        .collect();
+    assert!(pushed_to_mirror.is_empty(), "{pushed_to_mirror:?}");
+    let reg = Registry::new(
+        &upstream.host(),
+        "lazy/box",
+        None,
+        &ClientOptions::default(),
+    )
+    .unwrap();
+    let manifest = reg.get_manifest("v1").unwrap();
+    LazyImage::parse_manifest(&manifest.bytes).expect("the upstream holds the lazy image");
+}

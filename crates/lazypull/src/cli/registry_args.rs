@@ -1,6 +1,8 @@
-//! How the commands reach and log in to a registry (shared by push, convert
-//! and mount): the flags, the credentials they name, and the client options
-//! they imply. The daemon's registry settings are its config's, not these.
+//! How the commands reach and log in to a registry (shared by push, convert,
+//! pull, optimize and mount): the flags, the credentials they name, the
+//! host configuration (containerd's `hosts.toml`) they read, and the client
+//! options they imply. The daemon's registry settings are its config's, not
+//! these.
 
 use std::path::PathBuf;
 
@@ -30,6 +32,20 @@ pub(crate) struct RegistryArgs {
     /// $DOCKER_CONFIG/config.json, then ~/.docker/config.json.
     #[arg(long, value_name = "FILE")]
     pub(crate) docker_config: Option<PathBuf>,
+    /// containerd's registry host directory, read as containerd and the
+    /// daemon read it: `<DIR>/<host>/hosts.toml` (else
+    /// `<DIR>/_default/hosts.toml`) declares a registry's mirrors (for
+    /// reads: manifests and blobs come through them, pushes go to the
+    /// registry itself), its TLS (`ca`, `client`, `skip_verify`), `server`
+    /// and headers. Also LAZYPULL_HOSTS_DIR; "" reads none. (What a daemon
+    /// fetches for `mount` goes by the daemon's own `hosts_dir`.)
+    #[arg(
+        long,
+        env = "LAZYPULL_HOSTS_DIR",
+        value_name = "DIR",
+        default_value = crate::config::DEFAULT_HOSTS_DIR
+    )]
+    pub(crate) hosts_dir: PathBuf,
 }
 
 impl RegistryArgs {
@@ -60,8 +76,15 @@ impl RegistryArgs {
     }
 
     pub(crate) fn client_options(&self, registry: &str) -> ClientOptions {
+        let docker_config = self.docker_config.clone();
         let mut o = ClientOptions {
             ca_files: self.ca_files.clone(),
+            hosts_dir: (!self.hosts_dir.as_os_str().is_empty()).then(|| self.hosts_dir.clone()),
+            // A mirror gets its own credentials (by its host name), never
+            // the registry's: as the daemon does.
+            mirror_credentials: Some(lazypull_backend::CredentialLookup(std::sync::Arc::new(
+                move |host: &str| docker_config_credentials(docker_config.as_deref(), host),
+            ))),
             ..ClientOptions::default()
         };
         if self.insecure {
