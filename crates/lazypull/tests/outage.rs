@@ -54,13 +54,16 @@ struct Outage {
 }
 
 /// How the testkit proxy stands in front of the blob server.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum Front {
     /// The blob URL names the proxy (it stands for the backend).
     Reverse,
     /// The blob URL names the server, the daemon's `proxy` the proxy (which
     /// forwards the absolute-form requests it gets to the server).
     Forward,
+    /// As `Forward`, but the daemon has no `proxy`: its environment's
+    /// `HTTP_PROXY` names the proxy.
+    Environment,
 }
 
 impl Outage {
@@ -110,6 +113,7 @@ impl Outage {
                 format!("http://{}/", server.addr()),
                 format!("proxy = \"http://{}\"\n", proxy.addr()),
             ),
+            Front::Environment => (format!("http://{}/", server.addr()), String::new()),
         };
         fs::write(
             &config_path,
@@ -127,6 +131,9 @@ impl Outage {
             .env_remove("http_proxy");
         if let Some(hosts) = no_proxy {
             cmd.env("NO_PROXY", hosts);
+        }
+        if matches!(front, Front::Environment) {
+            cmd.env("HTTP_PROXY", format!("http://{}", proxy.addr()));
         }
         let mut daemon = Proc::spawn("lazypull daemon", cmd, &dir.join("daemon.log"));
         daemon.wait_answering(&dir.join("run/ctl.sock"));
@@ -538,6 +545,18 @@ fn without_the_breaker_every_read_runs_its_own_retries() {
 /// backend and the bytes stay right, with the fallbacks counted.
 #[test]
 fn range_reads_go_through_the_proxy_and_directly_when_it_is_gone() {
+    proxied_then_direct(Front::Forward);
+}
+
+/// The same with the proxy named by the daemon's environment
+/// (`HTTP_PROXY`, as `HTTPS_PROXY` for https URLs) rather than its config:
+/// the same use, the same fallback.
+#[test]
+fn the_environments_proxy_is_used_and_bypassed_when_it_is_gone() {
+    proxied_then_direct(Front::Environment);
+}
+
+fn proxied_then_direct(front: Front) {
     require_host();
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = temp_dir();
@@ -545,7 +564,7 @@ fn range_reads_go_through_the_proxy_and_directly_when_it_is_gone() {
     let site = Outage::start_with(
         tmp.path(),
         &format!("metrics_addr = \"127.0.0.1:{port}\"\n"),
-        Front::Forward,
+        front,
         None,
     );
     for i in 0..3 {
@@ -581,7 +600,7 @@ fn range_reads_go_through_the_proxy_and_directly_when_it_is_gone() {
         "{warned} warnings for {fallbacks} fallbacks"
     );
     eprintln!(
-        "FIGURES proxy: {ranges} range reads through the proxy; after it stopped, {fallbacks} requests went directly ({warned} logged)"
+        "FIGURES proxy ({front:?}): {ranges} range reads through the proxy; after it stopped, {fallbacks} requests went directly ({warned} logged)"
     );
 }
 

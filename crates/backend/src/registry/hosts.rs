@@ -137,7 +137,12 @@ impl Hosts {
             request_timeout: opts.request_timeout,
             user_agent: opts.user_agent.clone(),
             max_connections: opts.max_connections.max(1),
-            proxy: opts.proxy.clone(),
+            // The configured proxy, else the environment's for this scheme:
+            // either way with the direct fallback below.
+            proxy: opts
+                .proxy
+                .clone()
+                .or_else(|| super::options::proxy_from_env(url.scheme())),
         };
         // Held while a client is built (milliseconds, once per host): two
         // first users of a host must not build two clients.
@@ -145,6 +150,16 @@ impl Hosts {
         if let Some(h) = hosts.get(&key) {
             return Ok(h.clone());
         }
+        let with_proxy;
+        let opts = if key.proxy != opts.proxy {
+            with_proxy = ClientOptions {
+                proxy: key.proxy.clone(),
+                ..opts.clone()
+            };
+            &with_proxy
+        } else {
+            opts
+        };
         let client = opts.build_client(tls, false)?;
         let direct = match &opts.proxy {
             Some(_) => Some(opts.build_client(tls, true)?),

@@ -64,7 +64,7 @@ pub use auth::{docker_config_credentials, docker_config_credentials_with, Creden
 pub use error::RegistryError;
 pub use hosts::{HostLoad, Hosts};
 pub use hosts_toml::{Capabilities, HostTls};
-pub use options::{ClientOptions, CredentialLookup};
+pub use options::{proxy_from_env, ClientOptions, CredentialLookup};
 pub use reference::{validate_digest, Reference};
 
 use std::collections::HashMap;

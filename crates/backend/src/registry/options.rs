@@ -55,8 +55,10 @@ pub struct ClientOptions {
     /// Dragonfly's daemon is used this way), but for hosts `NO_PROXY` names.
     /// When no connection to it can be made, the request is sent directly
     /// (logged, counted in [`RequestStats::proxy_fallbacks`](super::RequestStats)).
-    /// None: reqwest's own reading of `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY`
-    /// and `NO_PROXY`, with no fallback.
+    /// None: the environment's, for each host by its scheme
+    /// ([`proxy_from_env`]: `https_proxy`/`HTTPS_PROXY` for https,
+    /// `http_proxy`/`HTTP_PROXY` for http, else `all_proxy`/`ALL_PROXY`),
+    /// with the same fallback; `NO_PROXY` is honoured either way.
     pub proxy: Option<String>,
     /// Most requests in flight at once to one host, over every
     /// [`Registry`](super::Registry) and [`HttpBlob`](crate::http::HttpBlob)
@@ -110,6 +112,31 @@ impl Default for ClientOptions {
             mirror_credentials: None,
         }
     }
+}
+
+/// The proxy the environment names for URLs of `scheme` (`http` or
+/// `https`), as curl and reqwest read it: the lower-case variable first,
+/// empty ones ignored, `http://` assumed when a value has no scheme.
+pub fn proxy_from_env(scheme: &str) -> Option<String> {
+    proxy_from(scheme, |name| std::env::var(name).ok())
+}
+
+fn proxy_from(scheme: &str, var: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let own = match scheme {
+        "https" => ["https_proxy", "HTTPS_PROXY"],
+        _ => ["http_proxy", "HTTP_PROXY"],
+    };
+    own.iter()
+        .chain(["all_proxy", "ALL_PROXY"].iter())
+        .find_map(|name| var(name).filter(|v| !v.trim().is_empty()))
+        .map(|v| {
+            let v = v.trim().to_owned();
+            if v.contains("://") {
+                v
+            } else {
+                format!("http://{v}")
+            }
+        })
 }
 
 impl ClientOptions {
@@ -253,6 +280,34 @@ fn is_loopback(host: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_environments_proxy_is_read_by_scheme_as_curl_reads_it() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let vars = env(&[
+            ("HTTPS_PROXY", "http://upper:1"),
+            ("https_proxy", "lower:2"),
+            ("HTTP_PROXY", " "),
+            ("ALL_PROXY", "http://all:3"),
+        ]);
+        assert_eq!(
+            proxy_from("https", &vars).as_deref(),
+            Some("http://lower:2")
+        );
+        assert_eq!(
+            proxy_from("http", &vars).as_deref(),
+            Some("http://all:3"),
+            "an empty HTTP_PROXY is none: ALL_PROXY then"
+        );
+        assert_eq!(proxy_from("http", env(&[])), None);
+    }
+
     use super::*;
 
     #[test]
