@@ -297,11 +297,11 @@ mod tests {
             ("ALL_PROXY", "http://all:3"),
         ]);
         assert_eq!(
-            proxy_from("https", &vars).as_deref(),
+            proxy_from("https", vars).as_deref(),
             Some("http://lower:2")
         );
         assert_eq!(
-            proxy_from("http", &vars).as_deref(),
+            proxy_from("http", vars).as_deref(),
             Some("http://all:3"),
             "an empty HTTP_PROXY is none: ALL_PROXY then"
         );
