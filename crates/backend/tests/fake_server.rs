@@ -1331,3 +1331,88 @@ fn a_whole_blob_damaged_once_is_fetched_again_and_one_always_damaged_fails_clear
     assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
     assert_eq!(srv.requests().len(), 4, "twice, then it fails");
 }
+
+/// Credentials that rotate under a long-lived reader (kubelet's newest for
+/// the repository, a credential helper's): once the registry refuses the
+/// ones in use, the client asks its credential source and goes on with the
+/// newer ones. For Basic (the request itself refused) and Bearer (the token
+/// server refusing them when the token is renewed); without a source, the
+/// read fails as "rejected the credentials".
+#[test]
+fn rotated_credentials_are_taken_from_the_credential_source() {
+    let blob = data(30_000);
+    let d = digest_of(&blob);
+    let path = format!("/v2/r/blobs/{d}");
+    for bearer in [false, true] {
+        // The password the registry accepts now.
+        let current = Arc::new(Mutex::new("pw-1".to_string()));
+        let issued = Arc::new(AtomicUsize::new(0));
+        let (cur, iss, blob2, path2) =
+            (current.clone(), issued.clone(), blob.clone(), path.clone());
+        let srv = Server::start(move |req, port| {
+            let ok_basic =
+                req.header("authorization") == Some(&basic("alice", &cur.lock().unwrap()));
+            if bearer {
+                if req.path() == "/token" {
+                    if !ok_basic {
+                        return reply(401, &[], "bad credentials");
+                    }
+                    let n = iss.fetch_add(1, Ordering::SeqCst) + 1;
+                    return reply(
+                        200,
+                        &[],
+                        format!(r#"{{"token":"tok-{n}-{}"}}"#, cur.lock().unwrap()),
+                    );
+                }
+                if req.path() == path2 {
+                    // Only tokens issued for the current password.
+                    let good = req
+                        .header("authorization")
+                        .is_some_and(|a| a.ends_with(&format!("-{}", cur.lock().unwrap())));
+                    if good {
+                        return serve_range(req, &blob2);
+                    }
+                    let challenge = format!(
+                        r#"Bearer realm="http://127.0.0.1:{port}/token",service="x",scope="repository:r:pull""#
+                    );
+                    return reply(401, &[("WWW-Authenticate", &challenge)], "{}");
+                }
+            } else if req.path() == path2 {
+                if ok_basic {
+                    return serve_range(req, &blob2);
+                }
+                return reply(401, &[("WWW-Authenticate", r#"Basic realm="r""#)], "");
+            }
+            reply(404, &[], "")
+        });
+        let read_all = |reg: &Registry| -> std::io::Result<()> {
+            let reader = reg.blob_reader(&d, blob.len() as u64);
+            for i in 0..3usize {
+                let mut buf = vec![0u8; 10_000];
+                reader.read_exact_at(&mut buf, (i * 10_000) as u64)?;
+                assert!(buf[..] == blob[i * 10_000..(i + 1) * 10_000]);
+            }
+            Ok(())
+        };
+        let with_source =
+            Registry::new(&srv.host(), "r", creds("alice", "pw-1"), &fast_opts(2)).unwrap();
+        let source_pw = Arc::new(Mutex::new("pw-1".to_string()));
+        let s = source_pw.clone();
+        with_source.set_credential_source(Arc::new(move || creds("alice", &s.lock().unwrap())));
+        let without =
+            Registry::new(&srv.host(), "r", creds("alice", "pw-1"), &fast_opts(2)).unwrap();
+        read_all(&with_source).unwrap();
+        read_all(&without).unwrap();
+
+        // The password rotates: the registry and the source have the new one.
+        *current.lock().unwrap() = "pw-2".into();
+        *source_pw.lock().unwrap() = "pw-2".into();
+        read_all(&with_source).unwrap_or_else(|e| panic!("bearer {bearer}: {e}"));
+        assert_eq!(with_source.stats().failures, 0);
+        let err = read_all(&without).unwrap_err();
+        assert!(
+            err.to_string().contains("rejected the credentials"),
+            "bearer {bearer}: {err}"
+        );
+    }
+}

@@ -221,7 +221,15 @@ struct Inner {
     hosts_file: Option<PathBuf>,
     opts: ClientOptions,
     stats: Stats,
+    /// Asked again for the registry's credentials when they were refused.
+    source: std::sync::OnceLock<CredentialSource>,
 }
+
+/// Where a registry's credentials come from, asked again when the registry
+/// refuses the ones in use (kubelet's newest for the repository, a
+/// credential helper's): a long-lived mount outlives credentials that
+/// rotate.
+pub type CredentialSource = Arc<dyn Fn() -> Option<Credentials> + Send + Sync>;
 
 /// How long a mirror that refused or timed out a connection is skipped
 /// before it is tried again.
@@ -248,8 +256,13 @@ struct Endpoint {
     /// registries tells them apart by it).
     ns: Option<String>,
     /// This host's own credentials: the registry's for the upstream, the
-    /// mirror's own (by its host name) for a mirror.
-    creds: Option<Credentials>,
+    /// mirror's own (by its host name) for a mirror. Replaced when the
+    /// registry's [credential source](Registry::set_credential_source)
+    /// has newer ones.
+    creds: Mutex<Option<Credentials>>,
+    /// Whether `creds` are the registry's (the upstream, or a mirror that is
+    /// the registry's own host): the ones the credential source renews.
+    registry_creds: bool,
     auth: Mutex<AuthState>,
     /// A mirror, not the upstream.
     mirror: bool,
@@ -264,7 +277,7 @@ impl fmt::Debug for Registry {
         f.debug_struct("Registry")
             .field("base", &up.base)
             .field("repository", &self.inner.repository)
-            .field("username", &up.creds.as_ref().map(|c| c.username.as_str()))
+            .field("username", &Self::creds_of(up).map(|c| c.username))
             .field(
                 "mirrors",
                 &self
@@ -386,7 +399,8 @@ impl Registry {
                 caps: e.capabilities,
                 headers: e.header,
                 ns: (!same_as_registry).then(|| registry.to_string()),
-                creds: ep_creds,
+                creds: Mutex::new(ep_creds),
+                registry_creds: !mirror || same_as_registry,
                 auth: Mutex::new(AuthState {
                     scheme: Scheme::Unknown,
                     tokens: HashMap::new(),
@@ -404,8 +418,53 @@ impl Registry {
                 hosts_file,
                 opts: opts.clone(),
                 stats: Stats::default(),
+                source: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Sets where the registry's credentials come from when the ones in
+    /// use are refused (a 401 for a request that carried them, or a token
+    /// server refusing them): asked then, and if it has different ones, they
+    /// replace them and the request authenticates once more with them. Once
+    /// per client (later calls are ignored).
+    pub fn set_credential_source(&self, source: CredentialSource) {
+        let _ = self.inner.source.set(source);
+    }
+
+    /// The credentials of `ep` now.
+    fn creds_of(ep: &Endpoint) -> Option<Credentials> {
+        ep.creds.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Asks the credential source again for `ep`'s credentials (the
+    /// registry's only); whether they changed.
+    fn renew_credentials(&self, ep: &Endpoint) -> bool {
+        if !ep.registry_creds {
+            return false;
+        }
+        let Some(source) = self.inner.source.get() else {
+            return false;
+        };
+        let Some(newer) = source() else {
+            return false;
+        };
+        let mut creds = ep.creds.lock().unwrap_or_else(|p| p.into_inner());
+        if creds.as_ref() == Some(&newer) {
+            return false;
+        }
+        tracing::info!(
+            target: "lazypull::backend",
+            registry = %self.inner.registry,
+            repository = %self.inner.repository,
+            username = %newer.username,
+            "the registry refused the credentials in use: authenticating with newer ones"
+        );
+        *creds = Some(newer);
+        drop(creds);
+        // Tokens got with the old credentials go with them.
+        self.auth_state(ep).tokens.clear();
+        true
     }
 
     /// The upstream: the last host.
@@ -465,7 +524,7 @@ impl Registry {
     }
 
     fn rejected(&self, ep: &Endpoint) -> RegistryError {
-        match &ep.creds {
+        match &Self::creds_of(ep) {
             None => RegistryError::AuthRequired {
                 registry: ep.name.clone(),
             },
@@ -485,6 +544,13 @@ impl Registry {
 
     fn auth_state<'a>(&self, ep: &'a Endpoint) -> std::sync::MutexGuard<'a, AuthState> {
         ep.auth.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `ep` is answered with Basic credentials (a 401 then refuses
+    /// the credentials themselves, where under Bearer it is most often a
+    /// token that expired).
+    fn auth_is_basic(&self, ep: &Endpoint) -> bool {
+        matches!(self.auth_state(ep).scheme, Scheme::Basic)
     }
 
     /// Where a missing piece of `ep`'s TLS configuration goes, for messages.
@@ -586,7 +652,7 @@ impl Registry {
             let st = self.auth_state(ep);
             match &st.scheme {
                 Scheme::Unknown => return Ok(None),
-                Scheme::Basic => return Ok(ep.creds.as_ref().map(|c| c.basic_header())),
+                Scheme::Basic => return Ok(Self::creds_of(ep).map(|c| c.basic_header())),
                 Scheme::Bearer { realm, service } => {
                     if let Some((tok, renew)) = st.tokens.get(&scope) {
                         if Instant::now() < *renew {
@@ -631,7 +697,7 @@ impl Registry {
             st.tokens.insert(scope, (tok, renew));
             Ok(())
         } else if challenges.iter().any(|c| c.scheme == "basic") {
-            match &ep.creds {
+            match &Self::creds_of(ep) {
                 None => return Err(self.rejected(ep)),
                 Some(c) if c.is_identity_token() => {
                     return Err(RegistryError::IdentityTokenNeedsBearer {
@@ -642,7 +708,7 @@ impl Registry {
             }
             self.auth_state(ep).scheme = Scheme::Basic;
             Ok(())
-        } else if ep.creds.is_none() {
+        } else if Self::creds_of(ep).is_none() {
             Err(self.rejected(ep))
         } else {
             Err(self.protocol(
@@ -672,9 +738,10 @@ impl Registry {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(self.protocol(ep, format!("Bearer realm {realm:?} is not http(s)")));
         }
-        realm_credentials(&ep.base_url, &url, ep.creds.is_some())
+        let creds = Self::creds_of(ep);
+        realm_credentials(&ep.base_url, &url, creds.is_some())
             .map_err(|why| self.protocol(ep, why))?;
-        let identity = ep.creds.as_ref().filter(|c| c.is_identity_token());
+        let identity = creds.as_ref().filter(|c| c.is_identity_token());
         let joined = scopes.join(" ");
         let mut form: Vec<(&str, &str)> = Vec::new();
         if let Some(c) = identity {
@@ -704,7 +771,7 @@ impl Registry {
                 client.post(url.clone()).form(&form)
             } else {
                 let mut rb = client.get(url.clone());
-                if let Some(c) = &ep.creds {
+                if let Some(c) = &creds {
                     rb = rb.basic_auth(&c.username, Some(&c.password));
                 }
                 rb
@@ -804,14 +871,24 @@ impl Registry {
             }
             challenged = true;
             // A 401 for a request that carried a token (expired or revoked
-            // early) or none yet: authenticate again, once.
+            // early) or none yet: authenticate again, once. With
+            // credentials refused, newer ones from the source (if any) first.
             if auth.is_some() {
                 tracing::debug!(
                     target: "lazypull::backend",
                     host = %ep.name, "{url}: HTTP 401 with credentials: authenticating again"
                 );
+                if self.auth_is_basic(ep) {
+                    self.renew_credentials(ep);
+                }
             }
-            self.answer_challenge(ep, &challenges, access)?;
+            match self.answer_challenge(ep, &challenges, access) {
+                // The token server refused the credentials: newer ones?
+                Err(RegistryError::AuthFailed { .. }) if self.renew_credentials(ep) => {
+                    self.answer_challenge(ep, &challenges, access)?
+                }
+                r => r?,
+            }
         }
     }
 

@@ -296,10 +296,7 @@ mod tests {
             ("HTTP_PROXY", " "),
             ("ALL_PROXY", "http://all:3"),
         ]);
-        assert_eq!(
-            proxy_from("https", vars).as_deref(),
-            Some("http://lower:2")
-        );
+        assert_eq!(proxy_from("https", vars).as_deref(), Some("http://lower:2"));
         assert_eq!(
             proxy_from("http", vars).as_deref(),
             Some("http://all:3"),

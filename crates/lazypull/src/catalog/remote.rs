@@ -112,7 +112,22 @@ pub(crate) fn fetch_image(
             }
         },
     };
+    let explicit = req.username.is_some();
     let registry = Registry::new(&reference.registry, &reference.repository, creds, &client)?;
+    if !explicit {
+        // Credentials that rotate under a long-lived mount (kubelet's for a
+        // newer pull, a credential helper's): asked again when the registry
+        // refuses the ones in use.
+        let (kubelet, docker_config) = (remote.kubelet.clone(), remote.docker_config.clone());
+        let (host, repository) = (reference.registry.clone(), reference.repository.clone());
+        registry.set_credential_source(Arc::new(move || {
+            kubelet.get(&host, &repository).or_else(|| {
+                docker_config_credentials(docker_config.as_deref(), &host)
+                    .ok()
+                    .flatten()
+            })
+        }));
+    }
     let manifest = registry
         .get_manifest(&reference.reference)
         .with_context(|| format!("fetching the manifest of {reference}"))?;
