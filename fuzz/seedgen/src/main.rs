@@ -625,6 +625,59 @@ fn tar_seeds(o: &Out) {
     o.put("tar_ingest", "docker_save.tar", &b.into_inner().unwrap());
 }
 
+fn cri_pull(o: &Out) {
+    use base64::Engine;
+    use lazypull_cri_proxy::pull::{AuthConfig, ImageSpec, PullImageRequest};
+    let frame = |req: &PullImageRequest| {
+        let m = req.encode_to_vec();
+        let mut out = vec![0];
+        out.extend_from_slice(&(m.len() as u32).to_be_bytes());
+        out.extend_from_slice(&m);
+        out
+    };
+    let image = Some(ImageSpec {
+        image: "registry.lan:5000/team/app:v1".into(),
+    });
+    let auth = |a: AuthConfig| PullImageRequest {
+        image: image.clone(),
+        auth: Some(a),
+    };
+    o.put(
+        "cri_pull",
+        "password",
+        &frame(&auth(AuthConfig {
+            username: "alice".into(),
+            password: "s3cret".into(),
+            server_address: "registry.lan:5000".into(),
+            ..AuthConfig::default()
+        })),
+    );
+    o.put(
+        "cri_pull",
+        "auth",
+        &frame(&auth(AuthConfig {
+            auth: base64::engine::general_purpose::STANDARD.encode("bob:pa:ss"),
+            ..AuthConfig::default()
+        })),
+    );
+    o.put(
+        "cri_pull",
+        "identity_token",
+        &frame(&auth(AuthConfig {
+            identity_token: "refresh-me".into(),
+            ..AuthConfig::default()
+        })),
+    );
+    o.put(
+        "cri_pull",
+        "anonymous",
+        &frame(&PullImageRequest {
+            image,
+            auth: None,
+        }),
+    );
+}
+
 fn main() {
     let dir = std::env::args()
         .nth(1)
@@ -641,5 +694,6 @@ fn main() {
     registry(&o);
     snapshotter(&o);
     tar_seeds(&o);
+    cri_pull(&o);
     eprintln!("seeds written to {}", o.dir.display());
 }
