@@ -47,6 +47,9 @@ pub(crate) struct Daemon {
     fd_store: Option<crate::fdstore::Client>,
     /// Whether "no fd store" was said already.
     told_no_store: std::sync::atomic::AtomicBool,
+    /// Serialises parking the kubelet credentials (snapshot, then put), so
+    /// the last put is of the newest snapshot. Held on blocking threads only.
+    parking: Mutex<()>,
 }
 
 impl Daemon {
@@ -67,12 +70,14 @@ impl Daemon {
             exit: Mutex::new(Some(exit)),
             fd_store,
             told_no_store: Default::default(),
+            parking: Mutex::new(()),
         }
     }
 
     /// Parks the kubelet credentials as they are now in the fd store, for a
     /// successor; whether they are parked. A failure is logged: they are
-    /// still used by this daemon.
+    /// still used by this daemon. Blocking (the fd store): call it from a
+    /// control handler (the blocking pool).
     pub(crate) fn park_kubelet_credentials(&self) -> bool {
         let Some(store) = &self.fd_store else {
             if !self
@@ -83,6 +88,7 @@ impl Daemon {
             }
             return false;
         };
+        let _one = self.parking.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = self.catalog.kubelet_credentials().snapshot();
         match super::handover::park_kubelet_credentials(store, &bytes) {
             Ok(()) => true,
