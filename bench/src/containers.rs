@@ -295,16 +295,15 @@ pub(crate) fn lazypull_pull(
     Ok(())
 }
 
-/// `lazypull daemon` (FUSE, `daemon_args` added) and `lazypull snapshotter`
-/// in `dir`, then a containerd with the snapshotter as proxy `lazypull`;
-/// each returned once it listens. Drop them in the order returned reversed:
-/// containerd, the snapshotter, the daemon.
-pub(crate) fn start_lazypull(
+/// `lazypull daemon` (FUSE, `daemon_args` added) with everything of its
+/// own under `dir/d` (cache, work, run and FUSE directories; control socket
+/// `dir/d/run/ctl.sock`), its log `dir/daemon.log`; returned once it listens.
+pub(crate) fn start_daemon(
     dir: &Path,
     lazypull: &Path,
     daemon_config: &Path,
     daemon_args: &[&str],
-) -> Result<(Proc, Proc, Containerd)> {
+) -> Result<Proc> {
     fs::create_dir_all(dir)?;
     let d = dir.join("d");
     let control = d.join("run/ctl.sock");
@@ -332,7 +331,21 @@ pub(crate) fn start_lazypull(
     daemon
         .wait_listening(&control, &daemon_log)
         .context("lazypull daemon")?;
+    Ok(daemon)
+}
 
+/// `lazypull daemon` ([`start_daemon`]) and `lazypull snapshotter`
+/// in `dir`, then a containerd with the snapshotter as proxy `lazypull`;
+/// each returned once it listens. Drop them in the order returned reversed:
+/// containerd, the snapshotter, the daemon.
+pub(crate) fn start_lazypull(
+    dir: &Path,
+    lazypull: &Path,
+    daemon_config: &Path,
+    daemon_args: &[&str],
+) -> Result<(Proc, Proc, Containerd)> {
+    let daemon = start_daemon(dir, lazypull, daemon_config, daemon_args)?;
+    let control = dir.join("d/run/ctl.sock");
     let snap_root = dir.join("snap");
     let snap_socket = dir.join("snap.sock");
     let mut snap_cmd = Command::new(lazypull);

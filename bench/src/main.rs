@@ -27,6 +27,11 @@
 //! network namespace behind a shaped veth: containerd's pull against lazypull
 //! cold, with a recorded prefetch, and warm (issue 14; `startup.rs`).
 //!
+//! `mirror`: on the host, a second node's cold read of a lazy image through
+//! a pull-through mirror (Debian's docker-registry) of a shaped upstream,
+//! against the first node's and a node with no mirror: the upstream traffic
+//! the mirror saved, and the time (issue 18; `mirror.rs`).
+//!
 //! `soak`: on the host, a long run under load and every fault kind, with
 //! periodic SIGKILL and a cache limit: wrong bytes and hangs (both must be
 //! 0), EIOs and their causes, peak RSS and fds (`soak.rs`, RELIABILITY.md).
@@ -38,7 +43,8 @@
 //! against zstd decoding of them; run natively and under `qemu-x86_64 -cpu max`.
 //!
 //! Run: `cargo build --release -p lazypull -p lazypull-bench && target/release/lazypull-bench cachefiles`
-//! (or `... registry`, `... build`, `... fuse`, `... soak`, `... containers`, `... startup`, `... digest`).
+//! (or `... registry`, `... build`, `... fuse`, `... soak`, `... containers`, `... startup`,
+//! `... mirror`, `... digest`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -50,6 +56,8 @@ mod containers;
 mod digest;
 mod fuse;
 mod loop_guest;
+mod mirror;
+mod shaped;
 mod soak;
 mod startup;
 
@@ -195,6 +203,26 @@ enum Bench {
         #[arg(long)]
         prepare: bool,
     },
+    /// On the host, over an emulated network: a pull-through mirror in front of the
+    /// registry, a second node's cold read against the first node's and no mirror's:
+    /// upstream traffic saved, time (issue 18).
+    Mirror {
+        /// Samples (each with a fresh mirror and fresh nodes).
+        #[arg(long, default_value_t = 3)]
+        samples: u32,
+        /// The upstream's network shape: 1g (1 Gbit/s, 0.5 ms RTT) or 100m (100 Mbit/s, 20 ms RTT).
+        #[arg(long, default_value = "100m")]
+        network: String,
+        /// Work directory (rebuilt; short: sockets live in it); gets mirror.json and mirror.svg.
+        #[arg(long, default_value = "/tmp/lpbench-mirror")]
+        work: PathBuf,
+        /// Print JSON instead of Markdown tables.
+        #[arg(long)]
+        json: bool,
+        /// The lazypull binary (default: beside this one).
+        #[arg(long)]
+        lazypull: Option<PathBuf>,
+    },
     /// Image build throughput and memory vs. mkfs.erofs; dedup of overlapping layers.
     Build {
         /// Rounds per builder.
@@ -294,6 +322,19 @@ fn main() -> Result<()> {
             full_read: !no_full_read,
             lazypull,
             prepare,
+        }),
+        Bench::Mirror {
+            samples,
+            network,
+            work,
+            json,
+            lazypull,
+        } => mirror::run(&mirror::Args {
+            samples,
+            network,
+            work,
+            json,
+            lazypull,
         }),
         Bench::Digest {
             mib,

@@ -10,11 +10,11 @@
 //! to Debian's `docker-registry` as an ordinary image (one gzip layer) and
 //! converted with `lazypull convert`.
 //!
-//! Network: the registry runs in a network namespace of its own
-//! (testkit's `netns`), reached over a veth pair shaped with `tbf` on both
-//! ends; in front of it, on the host end's address, testkit's proxy adds
-//! the round-trip time (this kernel has no netem) and logs every response
-//! (its body bytes: the bytes moved, and the requests). Shapes: `1g`
+//! Network (`shaped.rs`): the registry runs in a network namespace of its
+//! own (testkit's `netns`), reached over a veth pair shaped with `tbf` on
+//! both ends; in front of it, on the host end's address, testkit's proxy
+//! adds the round-trip time (this kernel has no netem) and logs every
+//! response (its body bytes: the bytes moved, and the requests). Shapes: `1g`
 //! (1 Gbit/s, 0.5 ms RTT) and `100m` (100 Mbit/s, 20 ms RTT). The registry
 //! is plain HTTP on a non-loopback address: `ctr images pull --plain-http`,
 //! `lazypull daemon --insecure-registry`, `lazypull pull --insecure`.
@@ -46,27 +46,22 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use lazypull_testkit::containerd::{self, Containerd, ContainerdOptions};
 use lazypull_testkit::debian_image;
-use lazypull_testkit::netns::Netns;
 use lazypull_testkit::oci_image::Image;
-use lazypull_testkit::proxy::{read_log, FaultSource, Proxy};
+use lazypull_testkit::proxy::read_log;
 use lazypull_testkit::python_image::{python_image, PYTHON_OUTPUT};
-use lazypull_testkit::registry::RegistryServer;
 use serde_json::{json, Value};
 
-use crate::containers::{drop_caches, image_bytes, lazypull_pull, median, start_lazypull};
+use crate::containers::{drop_caches, lazypull_pull, median, start_lazypull};
+use crate::shaped::{self, push_and_convert, Converted, Net, Shape, SHAPES};
 
-mod chart;
-
-/// The port the registry listens on in its namespace.
-const REGISTRY_PORT: u16 = 5000;
+pub(crate) mod chart;
 
 /// What `lazypull-bench startup` was asked to do.
 #[derive(Debug, Clone)]
@@ -89,30 +84,8 @@ pub struct Args {
     pub prepare: bool,
 }
 
-/// One network shape.
-#[derive(Debug, Clone, Copy)]
-struct Shape {
-    name: &'static str,
-    bits_per_sec: u64,
-    rtt: Duration,
-}
-
-const SHAPES: [Shape; 2] = [
-    Shape {
-        name: "1g",
-        bits_per_sec: 1_000_000_000,
-        rtt: Duration::from_micros(500),
-    },
-    Shape {
-        name: "100m",
-        bits_per_sec: 100_000_000,
-        rtt: Duration::from_millis(20),
-    },
-];
-
 /// An image under test and how its container is run.
 struct Subject {
-    name: String,
     image: Image,
     ready_line: String,
     /// `ctr run ... REF ID <command...>`: ready, then (with the full read)
@@ -161,7 +134,6 @@ fn subject(name: &str, full_read: bool) -> Result<Subject> {
     if name == "testkit-python" {
         let full = if full_read { PY_FULL_READ } else { "" };
         return Ok(Subject {
-            name: name.into(),
             image: python_image()?,
             ready_line: PYTHON_OUTPUT.into(),
             command: vec![
@@ -182,7 +154,6 @@ fn subject(name: &str, full_read: bool) -> Result<Subject> {
         w.ready.to_owned()
     };
     Ok(Subject {
-        name: name.into(),
         image: w.image()?,
         ready_line: w.ready_line.into(),
         command: vec!["/bin/sh".into(), "-c".into(), script],
@@ -239,72 +210,6 @@ fn arm_title(arm: &str) -> &'static str {
         "D-A" => "D-A: warm second run of A",
         "D-B" => "D-B: warm second run of B",
         _ => "?",
-    }
-}
-
-/// The registry side: namespace, registry, proxy.
-struct Net {
-    ns: Netns,
-    registry: RegistryServer,
-    proxy: Proxy,
-    log: PathBuf,
-}
-
-impl Net {
-    fn start(work: &Path) -> Result<Net> {
-        let ns = Netns::create().context("creating the network namespace")?;
-        let registry = RegistryServer::start_in(&work.join("registry"), &ns, REGISTRY_PORT)
-            .context("starting the registry in its namespace")?;
-        let log = work.join("proxy.log");
-        let proxy = Proxy::start_on(
-            SocketAddr::from((ns.host_addr(), 0)),
-            registry.addr(),
-            log.clone(),
-            FaultSource::Fixed(String::new()),
-        )?;
-        Ok(Net {
-            ns,
-            registry,
-            proxy,
-            log,
-        })
-    }
-
-    /// `host:port` of the proxy: the registry as clients name it.
-    fn host(&self) -> String {
-        self.proxy.addr().to_string()
-    }
-
-    fn log_len(&self) -> Result<usize> {
-        self.proxy.wait_idle(Duration::from_secs(5));
-        Ok(read_log(&self.log)?.len())
-    }
-
-    /// (requests, body bytes) answered after entry `from`.
-    fn sent_since(&self, from: usize) -> Result<(u64, u64)> {
-        let log = read_log(&self.log)?;
-        let tail = &log[from.min(log.len())..];
-        Ok((tail.len() as u64, tail.iter().map(|e| e.bytes).sum()))
-    }
-
-    /// (requests, bytes) after waiting for the proxy to be idle.
-    fn settled_since(&self, from: usize) -> Result<(u64, u64)> {
-        self.proxy.wait_idle(Duration::from_secs(10));
-        self.sent_since(from)
-    }
-
-    fn set_shape(&self, shape: Option<Shape>) -> Result<()> {
-        match shape {
-            Some(s) => {
-                self.ns.shape(s.bits_per_sec)?;
-                self.proxy.set_latency(s.rtt);
-            }
-            None => {
-                self.ns.unshape()?;
-                self.proxy.set_latency(Duration::ZERO);
-            }
-        }
-        Ok(())
     }
 }
 
@@ -673,13 +578,7 @@ pub fn run(args: &Args) -> Result<()> {
     let shapes: Vec<Shape> = args
         .networks
         .iter()
-        .map(|n| {
-            SHAPES
-                .iter()
-                .copied()
-                .find(|s| s.name == n)
-                .with_context(|| format!("unknown network {n:?}: 1g or 100m"))
-        })
+        .map(|n| shaped::shape(n))
         .collect::<Result<_>>()?;
     let work = &args.work;
     if work.exists() {
@@ -696,37 +595,18 @@ pub fn run(args: &Args) -> Result<()> {
         net.registry.addr(),
         net.host()
     );
-    let host = net.host();
     let mut results = Vec::new();
     for name in &args.images {
         eprintln!("[{name}] building the image");
         let subject = subject(name, args.full_read)?;
         // Pushed and converted unshaped.
         net.set_shape(None)?;
-        let repo = format!("bench/{name}");
-        subject.image.push(net.registry.addr(), &repo, "v1")?;
-        let ordinary = format!("{host}/{repo}:v1");
-        let lazy = format!("{host}/{repo}-lazy:v1");
-        eprintln!("[{name}] lazypull convert {ordinary} {lazy}");
-        let out = Command::new(&lazypull)
-            .args(["convert", &ordinary, &lazy, "--json", "--insecure"])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "lazypull convert {ordinary}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let converted: Value = serde_json::from_slice(&out.stdout)?;
-        let lazy_digest = converted["manifest_digest"]
-            .as_str()
-            .context("lazypull convert --json: manifest_digest")?;
-        let (ordinary_bytes, _) = image_bytes(&net.registry, &subject.image.manifest_digest())?;
-        let (lazy_bytes, _) = image_bytes(&net.registry, lazy_digest)?;
-        eprintln!(
-            "[{}] ordinary {ordinary_bytes} bytes, lazy {lazy_bytes} bytes",
-            subject.name
-        );
+        let Converted {
+            ordinary,
+            lazy,
+            ordinary_bytes,
+            lazy_bytes,
+        } = push_and_convert(&net, &lazypull, &subject.image, name)?;
         let optimized = optimized_reference(
             &work.join(format!("optimize-{name}")),
             &lazypull,
@@ -878,7 +758,7 @@ fn chart_rows(results: &[ImageResult]) -> Vec<chart::Row> {
                 if let Ok(s) = v {
                     rows.push(chart::Row {
                         image: r.name.clone(),
-                        network: net.clone(),
+                        panel: net.clone(),
                         arm: arm.to_string(),
                         median: med(s, |x| x.ready_secs),
                         p95: percentile(s.iter().map(|x| x.ready_secs).collect(), 95.0),

@@ -1,7 +1,8 @@
-//! The time-to-ready chart: one panel per network, a group of bars per
-//! workload, one bar per arm (its median, a whisker up to its p95), drawn
-//! as SVG by `plotters` (SVG text needs no fonts on this side: the viewer
-//! renders it).
+//! Bar charts in SVG: panels, a group of bars per image in each, one bar
+//! per arm (its median, a whisker up to its p95 or maximum), drawn by
+//! `plotters` (SVG text needs no fonts on this side: the viewer renders
+//! it). [`draw`] is `startup`'s time-to-ready chart (a panel per network);
+//! [`draw_panels`] takes any panels (`mirror`: bytes and seconds).
 
 use std::path::Path;
 
@@ -12,32 +13,66 @@ use plotters::prelude::*;
 #[derive(Debug, Clone)]
 pub struct Row {
     pub image: String,
-    pub network: String,
+    /// The [`Panel::key`] of the panel it is drawn in (`startup`: the network).
+    pub panel: String,
     pub arm: String,
     pub median: f64,
     pub p95: f64,
 }
 
-fn color(arm: &str) -> RGBColor {
+/// One panel of the chart.
+#[derive(Debug, Clone)]
+pub struct Panel {
+    /// The rows whose [`Row::panel`] is this.
+    pub key: String,
+    pub caption: String,
+    /// The y axis' name.
+    pub y_desc: String,
+}
+
+/// `startup`'s arms have colours of their own; others take the palette's
+/// in the order they come.
+fn color(arm: &str, k: usize) -> RGBColor {
+    const PALETTE: [RGBColor; 4] = [
+        RGBColor(127, 127, 127),
+        RGBColor(31, 119, 180),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+    ];
     match arm {
         "A" => RGBColor(214, 39, 40),
         "B" => RGBColor(31, 119, 180),
         "C" => RGBColor(44, 160, 44),
         "D-A" => RGBColor(240, 150, 150),
-        _ => RGBColor(150, 190, 230),
+        "D-B" => RGBColor(150, 190, 230),
+        _ => PALETTE[k % PALETTE.len()],
     }
 }
 
 /// Draws `rows` into the SVG file `path`, a panel per network of
-/// `networks` (in that order).
+/// `networks` (in that order): time to ready.
 pub fn draw(path: &Path, rows: &[Row], networks: &[String]) -> Result<()> {
+    let panels: Vec<Panel> = networks
+        .iter()
+        .map(|net| Panel {
+            key: net.clone(),
+            caption: format!("Time to ready (s), network {net}: median, whisker to p95"),
+            y_desc: "seconds".into(),
+        })
+        .collect();
+    draw_panels(path, rows, &panels)
+}
+
+/// Draws `rows` into the SVG file `path`, one panel of `panels` under the
+/// other.
+pub fn draw_panels(path: &Path, rows: &[Row], panels: &[Panel]) -> Result<()> {
     let e = |e: &dyn std::fmt::Display| anyhow!("drawing {}: {e}", path.display());
-    let panels_n = networks.len().max(1);
+    let panels_n = panels.len().max(1);
     let root = SVGBackend::new(path, (960, 380 * panels_n as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
-    let panels = root.split_evenly((panels_n, 1));
-    for (panel, net) in panels.iter().zip(networks) {
-        let rows: Vec<&Row> = rows.iter().filter(|r| &r.network == net).collect();
+    let areas = root.split_evenly((panels_n, 1));
+    for (area, spec) in areas.iter().zip(panels) {
+        let rows: Vec<&Row> = rows.iter().filter(|r| r.panel == spec.key).collect();
         let mut images: Vec<&str> = Vec::new();
         let mut arms: Vec<&str> = Vec::new();
         for r in &rows {
@@ -54,11 +89,8 @@ pub fn draw(path: &Path, rows: &[Row], networks: &[String]) -> Result<()> {
             .fold(0.0f64, f64::max)
             .max(0.1)
             * 1.2;
-        let mut chart = ChartBuilder::on(panel)
-            .caption(
-                format!("Time to ready (s), network {net}: median, whisker to p95"),
-                ("sans-serif", 18),
-            )
+        let mut chart = ChartBuilder::on(area)
+            .caption(&spec.caption, ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(10)
             .y_label_area_size(50)
@@ -68,12 +100,12 @@ pub fn draw(path: &Path, rows: &[Row], networks: &[String]) -> Result<()> {
             .configure_mesh()
             .disable_x_mesh()
             .x_labels(0)
-            .y_desc("seconds")
+            .y_desc(&spec.y_desc)
             .draw()
             .map_err(|x| e(&x))?;
         let width = 0.8 / arms.len().max(1) as f64;
         for (k, arm) in arms.iter().enumerate() {
-            let c = color(arm);
+            let c = color(arm, k);
             let bars: Vec<(f64, &Row)> = rows
                 .iter()
                 .filter(|r| r.arm == *arm)
@@ -137,7 +169,7 @@ mod tests {
         let path = dir.join("c.svg");
         let row = |image: &str, arm: &str, median| Row {
             image: image.into(),
-            network: "1g".into(),
+            panel: "1g".into(),
             arm: arm.into(),
             median,
             p95: median * 1.1,
