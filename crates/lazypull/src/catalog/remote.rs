@@ -78,6 +78,24 @@ pub(crate) struct FetchedBlob {
     pub(crate) source: Arc<ChunkedBlob>,
 }
 
+/// The credentials the daemon itself has for `reference`, in order: what
+/// kubelet sent for its repository (`lazypull cri-proxy`), else the docker
+/// config's (its entry or credential helper) for its registry.
+fn own_credentials(
+    kubelet: &super::kubelet_credentials::KubeletCredentials,
+    docker_config: Option<&std::path::Path>,
+    reference: &Reference,
+) -> anyhow::Result<Option<Credentials>> {
+    if let Some(c) = kubelet.get(&reference.registry, &reference.repository) {
+        tracing::debug!(%reference, "logging in with the credentials kubelet sent for its pull");
+        return Ok(Some(c));
+    }
+    Ok(docker_config_credentials(
+        docker_config,
+        &reference.registry,
+    )?)
+}
+
 /// Fetches and verifies what image `req.reference` needs at mount. Blocking
 /// (network I/O): call it off the async runtime.
 pub(crate) fn fetch_image(
@@ -99,18 +117,9 @@ pub(crate) fn fetch_image(
         (Some(_), None) | (None, Some(_)) => {
             bail!("give both a username and a password, or neither")
         }
-        (None, None) => match remote
-            .kubelet
-            .get(&reference.registry, &reference.repository)
-        {
-            Some(c) => {
-                tracing::debug!(%reference, "logging in with the credentials kubelet sent for its pull");
-                Some(c)
-            }
-            None => {
-                docker_config_credentials(remote.docker_config.as_deref(), &reference.registry)?
-            }
-        },
+        (None, None) => {
+            own_credentials(&remote.kubelet, remote.docker_config.as_deref(), &reference)?
+        }
     };
     let explicit = req.username.is_some();
     let registry = Registry::new(&reference.registry, &reference.repository, creds, &client)?;
@@ -119,13 +128,11 @@ pub(crate) fn fetch_image(
         // newer pull, a credential helper's): asked again when the registry
         // refuses the ones in use.
         let (kubelet, docker_config) = (remote.kubelet.clone(), remote.docker_config.clone());
-        let (host, repository) = (reference.registry.clone(), reference.repository.clone());
+        let reference = reference.clone();
         registry.set_credential_source(Arc::new(move || {
-            kubelet.get(&host, &repository).or_else(|| {
-                docker_config_credentials(docker_config.as_deref(), &host)
-                    .ok()
-                    .flatten()
-            })
+            own_credentials(&kubelet, docker_config.as_deref(), &reference)
+                .ok()
+                .flatten()
         }));
     }
     let manifest = registry
