@@ -150,19 +150,11 @@ impl Hosts {
         if let Some(h) = hosts.get(&key) {
             return Ok(h.clone());
         }
-        let with_proxy;
-        let opts = if key.proxy != opts.proxy {
-            with_proxy = ClientOptions {
-                proxy: key.proxy.clone(),
-                ..opts.clone()
-            };
-            &with_proxy
-        } else {
-            opts
-        };
-        let client = opts.build_client(tls, false)?;
-        let direct = match &opts.proxy {
-            Some(_) => Some(opts.build_client(tls, true)?),
+        // Through the proxy, and a client without it for the requests the
+        // proxy takes no connection for.
+        let client = opts.build_client(tls, key.proxy.as_deref())?;
+        let direct = match &key.proxy {
+            Some(_) => Some(opts.build_client(tls, None)?),
             None => None,
         };
         // `host_str` keeps an IPv6 address in brackets.
@@ -180,7 +172,7 @@ impl Hosts {
             origin,
             client,
             direct,
-            proxy: opts.proxy.clone(),
+            proxy: key.proxy.clone(),
             proxy_warned: Mutex::new(None),
             limiter: Limiter::new(key.max_connections),
             breaker,

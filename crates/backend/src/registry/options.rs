@@ -164,29 +164,26 @@ impl ClientOptions {
         }
     }
 
-    /// A new client with these settings. Only [`Hosts`] calls it: everyone
-    /// else gets the host's shared client from there.
-    /// The client for a host with `tls`: through [`proxy`](Self::proxy)
-    /// when one is set and `direct` is false, else without any proxy when
-    /// `direct` (the fallback), else as the environment says.
+    /// A new client with these settings for a host with `tls`, through
+    /// `proxy` (but for the hosts `NO_PROXY` names), or without any proxy
+    /// when None. Only [`Hosts`] calls it: everyone else gets the host's
+    /// shared client from there.
     pub(crate) fn build_client(
         &self,
         tls: &HostTls,
-        direct: bool,
+        proxy: Option<&str>,
     ) -> Result<reqwest::blocking::Client, RegistryError> {
         let mut b = reqwest::blocking::Client::builder();
-        match (&self.proxy, direct) {
-            (_, true) => b = b.no_proxy(),
-            (Some(url), false) => {
-                let proxy = reqwest::Proxy::all(url.as_str())
+        b = match proxy {
+            None => b.no_proxy(),
+            Some(url) => b.proxy(
+                reqwest::Proxy::all(url)
                     .map_err(|e| RegistryError::Setup {
                         why: format!("invalid proxy {url:?}: {e}"),
                     })?
-                    .no_proxy(reqwest::NoProxy::from_env());
-                b = b.proxy(proxy);
-            }
-            (None, false) => {}
-        }
+                    .no_proxy(reqwest::NoProxy::from_env()),
+            ),
+        };
         let mut b = b
             .connect_timeout(self.connect_timeout)
             .timeout(self.request_timeout)
@@ -280,6 +277,7 @@ fn is_loopback(host: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn the_environments_proxy_is_read_by_scheme_as_curl_reads_it() {
@@ -304,8 +302,6 @@ mod tests {
         );
         assert_eq!(proxy_from("http", env(&[])), None);
     }
-
-    use super::*;
 
     #[test]
     fn loopback_and_insecure_hosts_use_plain_http() {
@@ -356,7 +352,7 @@ mod tests {
                 ca_files: vec![path.clone()],
                 ..ClientOptions::default()
             };
-            let err = opts.build_client(&HostTls::default(), false).unwrap_err();
+            let err = opts.build_client(&HostTls::default(), None).unwrap_err();
             assert!(matches!(err, RegistryError::Setup { .. }), "{err}");
             assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
         }
