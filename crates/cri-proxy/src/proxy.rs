@@ -226,30 +226,27 @@ impl Proxy {
         let image = c.image.clone();
         let sink = self.sink.clone();
         let call = tokio::task::spawn_blocking(move || sink(c));
-        match tokio::time::timeout(SINK_TIMEOUT, call).await {
-            Ok(Ok(Ok(line))) => {
+        let handed = match tokio::time::timeout(SINK_TIMEOUT, call).await {
+            Ok(Ok(r)) => r.map_err(|e| {
+                format!("lazypull's daemon did not take them (a lazy image of it will fail to mount): {e}")
+            }),
+            Ok(Err(e)) => Err(format!("handing them on failed (a bug): {e}")),
+            Err(_) => Err(format!(
+                "lazypull's daemon did not take them within {SINK_TIMEOUT:?}: answering the pull without waiting longer"
+            )),
+        };
+        match handed {
+            Ok(line) => {
                 self.stats
                     .credentials_handed
                     .fetch_add(1, Ordering::Relaxed);
                 info!(%image, "handed the pull's credentials on: {line}");
             }
-            Ok(Ok(Err(e))) => {
+            Err(why) => {
                 self.stats
                     .credentials_failed
                     .fetch_add(1, Ordering::Relaxed);
-                warn!(%image, "the pull succeeded, but lazypull's daemon did not take its credentials (a lazy image of it will fail to mount): {e}");
-            }
-            Ok(Err(e)) => {
-                self.stats
-                    .credentials_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                warn!(%image, "handing the pull's credentials on failed (a bug): {e}");
-            }
-            Err(_) => {
-                self.stats
-                    .credentials_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                warn!(%image, "lazypull's daemon did not take the pull's credentials within {SINK_TIMEOUT:?}: answering the pull without waiting longer");
+                warn!(%image, "a pull succeeded but its credentials were not handed on: {why}");
             }
         }
     }
