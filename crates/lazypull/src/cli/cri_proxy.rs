@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::signal::unix::{signal, SignalKind};
 
 use crate::control::{KubeletCredentialsRequest, Request};
 
@@ -40,21 +39,7 @@ pub struct CriProxyArgs {
 
 /// Serves until SIGTERM or SIGINT.
 pub fn cri_proxy(args: CriProxyArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("lazypull-cri-proxy")
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
-    runtime.block_on(async move {
-        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-        let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-        let shutdown = async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = int.recv() => tracing::info!("SIGINT: stopping"),
-            }
-        };
+    super::until_signal::run_until_signal("lazypull-cri-proxy", |stop| async move {
         let daemon = args.daemon_socket.clone();
         let sink: lazypull_cri_proxy::CredentialSink =
             Arc::new(move |c: lazypull_cri_proxy::PullCredentials| {
@@ -85,7 +70,7 @@ pub fn cri_proxy(args: CriProxyArgs) -> anyhow::Result<()> {
             "lazypull cri-proxy ready"
         );
         let proxy = lazypull_cri_proxy::Proxy::new(args.runtime, sink);
-        lazypull_cri_proxy::serve(listener, proxy, shutdown)
+        lazypull_cri_proxy::serve(listener, proxy, stop)
             .await
             .context("cri-proxy")?;
         let _ = std::fs::remove_file(&args.listen);

@@ -23,6 +23,7 @@ mod pull;
 mod push;
 mod registry_args;
 mod snapshotter;
+mod until_signal;
 mod verify;
 
 pub use build::{build, BuildArgs};

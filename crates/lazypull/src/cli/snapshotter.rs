@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::signal::unix::{signal, SignalKind};
 
 /// Flags of `lazypull snapshotter`.
 #[derive(Debug, clap::Args)]
@@ -32,27 +31,13 @@ pub struct SnapshotterArgs {
 
 /// Serves until SIGTERM or SIGINT, then stops gracefully.
 pub fn snapshotter(args: SnapshotterArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("lazypull-snapshotter")
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
-    runtime.block_on(async move {
-        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-        let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-        let shutdown = async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = int.recv() => tracing::info!("SIGINT: stopping"),
-            }
-        };
+    super::until_signal::run_until_signal("lazypull-snapshotter", |stop| async move {
         let config = lazypull_snapshotter::Config {
             root: args.root,
             address: args.address,
         };
         let daemon = Arc::new(super::daemon_mounts::DaemonMounts::new(args.daemon_socket));
-        lazypull_snapshotter::serve_with(config, daemon, shutdown)
+        lazypull_snapshotter::serve_with(config, daemon, stop)
             .await
             .context("snapshotter")
     })
