@@ -213,24 +213,8 @@ impl Mirror {
 fn write_hosts_dir(dir: &Path, upstream: &str, mirror: &str) -> Result<()> {
     let host_dir = dir.join(upstream);
     fs::create_dir_all(&host_dir).with_context(|| format!("creating {}", host_dir.display()))?;
-    let toml = format!(
-        "server = \"http://{upstream}\"\n\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-    );
+    let toml = lazypull_testkit::containerd::mirror_hosts_toml(upstream, mirror);
     fs::write(host_dir.join("hosts.toml"), toml).context("writing hosts.toml")
-}
-
-/// `s` as a TOML basic string.
-fn toml_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Reads every regular file under `root` once, in path order: (files,
@@ -321,7 +305,7 @@ fn node(
         &config,
         format!(
             "hosts_dir = {}\n",
-            toml_string(hosts.as_deref().unwrap_or(""))
+            lazypull_testkit::containerd::toml_string(hosts.as_deref().unwrap_or(""))
         ),
     )
     .context("writing the daemon's config")?;
@@ -782,12 +766,5 @@ mod tests {
         assert_eq!((t.requests, t.bytes), (5, 8710));
         assert_eq!((t.whole_blob_requests, t.whole_blob_bytes), (2, 8000));
         assert_eq!((t.range_requests, t.range_bytes), (1, 10));
-    }
-
-    #[test]
-    fn toml_strings_are_quoted_and_escaped() {
-        assert_eq!(toml_string(""), "\"\"");
-        assert_eq!(toml_string("/a/b"), "\"/a/b\"");
-        assert_eq!(toml_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
     }
 }

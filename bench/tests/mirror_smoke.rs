@@ -13,55 +13,17 @@
 //! binary beside this crate's (`cargo build -p lazypull`): each missing
 //! one is a failure that names it.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-fn lazypull_binary() -> PathBuf {
-    // target/<profile>/deps/mirror_smoke-<hash> -> target/<profile>/lazypull
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("lazypull");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first (cargo build -p lazypull; cargo test --workspace does)",
-        bin.display()
-    );
-    bin
-}
+mod common;
 
 #[test]
 fn mirror_harness_measures_every_arm_and_the_second_node_spares_the_upstream() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "this test creates network namespaces and FUSE mounts: run it as root"
+    common::require_root_and_fuse("creates network namespaces and FUSE mounts");
+    let report = common::run_bench(
+        env!("CARGO_BIN_EXE_lazypull-bench"),
+        &["mirror", "--network", "1g", "--samples", "1"],
+        "lpbmsmoke",
+        "mirror",
     );
-    assert!(
-        std::path::Path::new("/dev/fuse").exists(),
-        "this test needs /dev/fuse"
-    );
-    let work = PathBuf::from(format!("/tmp/lpbmsmoke{}", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_lazypull-bench"))
-        .args(["mirror", "--network", "1g", "--samples", "1", "--json"])
-        .arg("--work")
-        .arg(&work)
-        .arg("--lazypull")
-        .arg(lazypull_binary())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "lazypull-bench mirror failed ({}):\n{stderr}",
-        out.status
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)));
-    assert!(work.join("mirror.svg").is_file(), "no chart written");
-    assert!(work.join("mirror.json").is_file(), "no JSON written");
-    let _ = std::fs::remove_dir_all(&work);
 
     let image = &report["image"];
     let bytes_read = image["bytes_read"].as_u64().unwrap_or(0);

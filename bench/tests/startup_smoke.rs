@@ -15,38 +15,14 @@
 //! `lazypull` binary beside this crate's (`cargo build -p lazypull`): each
 //! missing one is a failure that names it.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-fn lazypull_binary() -> PathBuf {
-    // target/<profile>/deps/startup_smoke-<hash> -> target/<profile>/lazypull
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("lazypull");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first (cargo build -p lazypull; cargo test --workspace does)",
-        bin.display()
-    );
-    bin
-}
+mod common;
 
 #[test]
 fn startup_harness_runs_every_arm_on_one_small_image() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "this test creates network namespaces, mounts and runs containerd: run it as root"
-    );
-    assert!(
-        std::path::Path::new("/dev/fuse").exists(),
-        "this test needs /dev/fuse"
-    );
-    let work = PathBuf::from(format!("/tmp/lpbsmoke{}", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_lazypull-bench"))
-        .args([
+    common::require_root_and_fuse("creates network namespaces, mounts and runs containerd");
+    let report = common::run_bench(
+        env!("CARGO_BIN_EXE_lazypull-bench"),
+        &[
             "startup",
             "--images",
             "testkit-python",
@@ -54,25 +30,10 @@ fn startup_harness_runs_every_arm_on_one_small_image() {
             "1g",
             "--samples",
             "1",
-            "--json",
-        ])
-        .arg("--work")
-        .arg(&work)
-        .arg("--lazypull")
-        .arg(lazypull_binary())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "lazypull-bench startup failed ({}):\n{stderr}",
-        out.status
+        ],
+        "lpbsmoke",
+        "startup",
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)));
-    assert!(work.join("startup.svg").is_file(), "no chart written");
-    assert!(work.join("startup.json").is_file(), "no JSON written");
-    let _ = std::fs::remove_dir_all(&work);
 
     let image = &report["images"][0];
     assert_eq!(image["image"], "testkit-python", "{report:#}");

@@ -802,19 +802,6 @@ fn cri_proxy(socket: &Path, runtime: &Path, daemon: &Path, log: &Path) -> Proces
     )
 }
 
-/// Deterministic bytes (a xorshift stream) that compress to nothing useful.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// Every regular file under `dir` holding `needle`.
 fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -858,8 +845,8 @@ fn cri_credentials_reach_the_daemon_through_the_cri_proxy_and_outlive_its_restar
     // credentials).
     let private = RegistryServer::start(&dir.join("private"), Some((USER, PASSWORD))).unwrap();
     let open = RegistryServer::start(&dir.join("open"), None).unwrap();
-    let before_bytes = noise(256 << 10, 1);
-    let after_bytes = noise(768 << 10, 2);
+    let before_bytes = lazypull_testkit::maketree::random_bytes(256 << 10, 1);
+    let after_bytes = lazypull_testkit::maketree::random_bytes(768 << 10, 2);
     let mut layers = busybox_image().unwrap().layers;
     layers.push(
         lazypull_testkit::oci_image::LayerBuilder::new()

@@ -1797,10 +1797,7 @@ fn a_lazy_image_reads_through_a_pull_through_mirror_and_from_the_upstream_when_i
     fs::create_dir_all(certs.join(upstream.host())).unwrap();
     fs::write(
         certs.join(upstream.host()).join("hosts.toml"),
-        format!(
-            "server = \"{remote}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            mirror.host()
-        ),
+        lazypull_testkit::containerd::mirror_hosts_toml(&upstream.host(), &mirror.host()),
     )
     .unwrap();
     // No read-ahead: what is read is what is fetched, so the second file's

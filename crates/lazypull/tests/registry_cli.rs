@@ -869,10 +869,7 @@ fn the_commands_read_containerds_hosts_toml() {
     fs::create_dir_all(certs.join(upstream.host())).unwrap();
     fs::write(
         certs.join(upstream.host()).join("hosts.toml"),
-        format!(
-            "server = \"{remote}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            mirror.host()
-        ),
+        lazypull_testkit::containerd::mirror_hosts_toml(&upstream.host(), &mirror.host()),
     )
     .unwrap();
     let source = format!("{}/plain/box:v1", upstream.host());

@@ -101,6 +101,17 @@ pub fn plain_http_hosts_toml(host: &str) -> String {
     )
 }
 
+/// The `hosts.toml` of plain-HTTP registry `upstream` (`host:port`) that
+/// declares `mirror` (`host:port`, plain HTTP) before it, with pull and
+/// resolve capabilities, as for a pull-through cache.
+pub fn mirror_hosts_toml(upstream: &str, mirror: &str) -> String {
+    format!(
+        "server = {}\n\n[host.{}]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        toml_string(&format!("http://{upstream}")),
+        toml_string(&format!("http://{mirror}"))
+    )
+}
+
 /// The CRI plugin's section of the config for a daemon living in `dir`.
 fn cri_section(dir: &Path, settings: Option<&CriSettings>) -> io::Result<String> {
     let cri = "[plugins.\"io.containerd.grpc.v1.cri\"]";
@@ -188,8 +199,9 @@ pub fn find(binary: &str, package: &str) -> io::Result<PathBuf> {
     ))
 }
 
-/// A TOML basic string holding `s`.
-fn toml_string(s: &str) -> String {
+/// A TOML basic string holding `s` (quotes, backslashes and control
+/// characters escaped).
+pub fn toml_string(s: &str) -> String {
     let mut out = String::from("\"");
     for c in s.chars() {
         match c {
@@ -701,6 +713,25 @@ pub fn snapshot_rows(ctr: &Containerd, snapshotter: &str) -> Vec<(String, String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn toml_strings_are_quoted_and_escaped() {
+        assert_eq!(toml_string(""), "\"\"");
+        assert_eq!(toml_string("/a/b"), "\"/a/b\"");
+        assert_eq!(toml_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        assert_eq!(toml_string("a\nb"), "\"a\\u000ab\"");
+    }
+
+    #[test]
+    fn a_mirror_hosts_toml_puts_the_mirror_before_the_upstream() {
+        let text = mirror_hosts_toml("127.0.0.1:5000", "127.0.0.1:5001");
+        let doc: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(doc["server"].as_str(), Some("http://127.0.0.1:5000"));
+        assert_eq!(
+            doc["host"]["http://127.0.0.1:5001"]["capabilities"],
+            toml::Value::Array(vec!["pull".into(), "resolve".into()])
+        );
+    }
 
     #[test]
     fn config_quotes_paths_and_lists_proxies() {
