@@ -172,7 +172,7 @@ pub struct DaemonArgs {
     /// (else `<DIR>/_default/hosts.toml`) declares mirrors, TLS (ca,
     /// client, skip_verify) and headers per registry, read as containerd
     /// reads it. Default /etc/containerd/certs.d; "" reads none.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", value_parser = path_or_empty)]
     pub(crate) hosts_dir: Option<PathBuf>,
 
     /// Most requests in flight to one host (registry or web server), shared by
@@ -295,6 +295,12 @@ fn parse_cache_limit(s: &str) -> Result<lazypull_engine::CacheLimit, String> {
 /// and the snapshotter's Usage show what the cache holds.
 pub(crate) const DEFAULT_CACHE_LIMIT: lazypull_engine::CacheLimit =
     lazypull_engine::CacheLimit::Percent(20);
+
+/// A path flag that may be given empty (clap's own path parser refuses ""),
+/// where "" means none: `--hosts-dir ""`.
+pub(crate) fn path_or_empty(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
+}
 
 /// A proxy URL: `http://` or `https://`, with a host.
 fn check_proxy_url(s: &str) -> anyhow::Result<String> {
@@ -796,6 +802,20 @@ mod tests {
         // "" reads none.
         a.hosts_dir = Some(PathBuf::new());
         assert_eq!(a.resolve().unwrap().hosts_dir, None);
+    }
+
+    #[test]
+    fn an_empty_hosts_dir_flag_is_taken_on_the_command_line() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            daemon: DaemonArgs,
+        }
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["lazypull", "--hosts-dir", ""])
+            .unwrap_or_else(|e| panic!("--hosts-dir \"\" refused: {e}"));
+        assert_eq!(cli.daemon.hosts_dir, Some(PathBuf::new()));
+        assert_eq!(cli.daemon.resolve().unwrap().hosts_dir, None);
     }
 
     #[test]

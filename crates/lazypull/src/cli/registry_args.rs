@@ -43,7 +43,8 @@ pub(crate) struct RegistryArgs {
         long,
         env = "LAZYPULL_HOSTS_DIR",
         value_name = "DIR",
-        default_value = crate::config::DEFAULT_HOSTS_DIR
+        default_value = crate::config::DEFAULT_HOSTS_DIR,
+        value_parser = crate::config::path_or_empty
     )]
     pub(crate) hosts_dir: PathBuf,
 }
@@ -132,5 +133,29 @@ impl RegistryArgs {
             self.connect_with(flags_for, creds)?,
             self.connect_with(other, other_creds)?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        registry: RegistryArgs,
+    }
+
+    #[test]
+    fn hosts_dir_defaults_to_containerds_and_an_empty_one_reads_none() {
+        let default = Cli::try_parse_from(["lazypull"]).unwrap();
+        assert_eq!(
+            default.registry.client_options("r.lan").hosts_dir,
+            Some(PathBuf::from(crate::config::DEFAULT_HOSTS_DIR))
+        );
+        let none = Cli::try_parse_from(["lazypull", "--hosts-dir", ""])
+            .unwrap_or_else(|e| panic!("--hosts-dir \"\" refused: {e}"));
+        assert_eq!(none.registry.client_options("r.lan").hosts_dir, None);
     }
 }
