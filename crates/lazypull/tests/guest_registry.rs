@@ -734,6 +734,9 @@ fn faults_give_right_bytes_or_eio_never_wrong_bytes() {
     let status: serde_json::Value =
         serde_json::from_str(&run.read_out("status.json").unwrap()).unwrap();
     println!("status after faults: {}", status["fetch"]);
+    // Concurrent faulty ranges may open the breaker (5 consecutive failures):
+    // its tries are retries all the same, counted below.
+    println!("backends after faults: {}", status["backends"]);
     // The daemon's counters agree: one retry per transient fault, and the
     // retries hid them all; one verification failure for the corrupted
     // fetch (nothing of it kept), one fetch per range fetched.
