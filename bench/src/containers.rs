@@ -295,23 +295,25 @@ pub(crate) fn lazypull_pull(
     Ok(())
 }
 
-/// `lazypull daemon` (FUSE, `daemon_args` added) with everything of its
+/// `lazypull daemon` (FUSE, its config file if any, `daemon_args` added)
+/// with everything of its
 /// own under `dir/d` (cache, work, run and FUSE directories; control socket
 /// `dir/d/run/ctl.sock`), its log `dir/daemon.log`; returned once it listens.
 pub(crate) fn start_daemon(
     dir: &Path,
     lazypull: &Path,
-    daemon_config: &Path,
+    daemon_config: Option<&Path>,
     daemon_args: &[&str],
 ) -> Result<Proc> {
     fs::create_dir_all(dir)?;
     let d = dir.join("d");
     let control = d.join("run/ctl.sock");
     let mut daemon_cmd = Command::new(lazypull);
+    daemon_cmd.arg("daemon");
+    if let Some(config) = daemon_config {
+        daemon_cmd.arg("--config").arg(config);
+    }
     daemon_cmd
-        .arg("daemon")
-        .arg("--config")
-        .arg(daemon_config)
         .args(["--transport", "fuse"])
         .arg("--cache-dir")
         .arg(d.join("cache"))
@@ -344,7 +346,7 @@ pub(crate) fn start_lazypull(
     daemon_config: &Path,
     daemon_args: &[&str],
 ) -> Result<(Proc, Proc, Containerd)> {
-    let daemon = start_daemon(dir, lazypull, daemon_config, daemon_args)?;
+    let daemon = start_daemon(dir, lazypull, Some(daemon_config), daemon_args)?;
     let control = dir.join("d/run/ctl.sock");
     let snap_root = dir.join("snap");
     let snap_socket = dir.join("snap.sock");

@@ -283,8 +283,8 @@ fn settled_tail(proxy: &Proxy, log: &Path, from: usize) -> Result<Vec<LogEntry>>
     Ok(all[from.min(all.len())..].to_vec())
 }
 
-/// One node: a fresh daemon in `dir` (its config file: `hosts_dir` that
-/// directory, or none at all with `None`; else the defaults), caches dropped, `lazypull mount` of
+/// One node: a fresh daemon in `dir` (`--hosts-dir` that directory, or none
+/// at all with `None`; else the defaults), caches dropped, `lazypull mount` of
 /// `reference`, every file read; traffic counted until the proxies settle
 /// after the daemon stopped.
 fn node(
@@ -296,20 +296,20 @@ fn node(
     reference: &str,
 ) -> Result<NodeSample> {
     let upstream = net.host();
-    // In the config file: `--hosts-dir ""` is refused by the command line's
-    // parser (an empty value), though the key's `""` means "read none".
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let config = dir.join("config.toml");
+    // `--hosts-dir ""`: none, not the node's /etc/containerd/certs.d.
     let hosts = hosts_dir.map(|p| p.to_string_lossy().into_owned());
-    fs::write(
-        &config,
-        format!(
-            "hosts_dir = {}\n",
-            lazypull_testkit::containerd::toml_string(hosts.as_deref().unwrap_or(""))
-        ),
-    )
-    .context("writing the daemon's config")?;
-    let daemon = start_daemon(dir, lazypull, &config, &["--insecure-registry", &upstream])?;
+    let daemon = start_daemon(
+        dir,
+        lazypull,
+        None,
+        &[
+            "--insecure-registry",
+            &upstream,
+            "--hosts-dir",
+            hosts.as_deref().unwrap_or(""),
+        ],
+    )?;
     let socket = dir.join("d/run/ctl.sock");
     let mnt = dir.join("mnt");
     fs::create_dir_all(&mnt)?;
