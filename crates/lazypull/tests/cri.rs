@@ -943,8 +943,9 @@ fn cri_credentials_reach_the_daemon_through_the_cri_proxy_and_outlive_its_restar
     eprintln!("without the proxy: {err}");
     assert!(
         err.to_string().contains("requires authentication")
-            && err.to_string().contains("lazypull cri-proxy"),
-        "not refused for want of credentials: {err}"
+            && err.to_string().contains("lazypull cri-proxy")
+            && err.to_string().contains("pull it again"),
+        "not refused for want of credentials, or not saying how they come back: {err}"
     );
 
     // Through the proxy: the credentials reach the daemon.

@@ -21,7 +21,9 @@ pub enum RegistryError {
          config file ($DOCKER_CONFIG/config.json or ~/.docker/config.json, as \
          `docker login {registry}` writes it); under Kubernetes, kubelet's \
          credentials reach the daemon when kubelet pulls through \
-         `lazypull cri-proxy`"
+         `lazypull cri-proxy` and are held in memory only, so after a node \
+         reboot an image already on the node needs kubelet to pull it again \
+         (imagePullPolicy: Always, or remove the image)"
     )]
     AuthRequired { registry: String },
 
