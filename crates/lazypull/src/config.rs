@@ -203,8 +203,9 @@ pub struct DaemonArgs {
     /// An HTTP proxy for every backend request, range reads included
     /// (`http://127.0.0.1:65001`, Dragonfly's daemon say), but for hosts
     /// NO_PROXY names; a request the proxy takes no connection for goes
-    /// directly. Default: the environment's (HTTPS_PROXY for https hosts,
-    /// HTTP_PROXY for http ones, else ALL_PROXY), with the same fallback.
+    /// directly. Default: the environment's (HTTPS_PROXY for https URLs,
+    /// HTTP_PROXY for http ones, redirects included, else ALL_PROXY), with
+    /// the same fallback.
     #[arg(long, value_name = "URL")]
     pub(crate) proxy: Option<String>,
 

@@ -20,6 +20,7 @@ use reqwest::blocking::Client;
 use reqwest::Url;
 
 use super::hosts_toml::HostTls;
+use super::options::ProxyRoute;
 use super::{ClientOptions, RegistryError};
 use crate::breaker::{BackendHealth, Breaker};
 use crate::transport::Limiter;
@@ -65,7 +66,7 @@ struct HostKey {
     request_timeout: Duration,
     user_agent: String,
     max_connections: usize,
-    proxy: Option<String>,
+    proxy: ProxyRoute,
 }
 
 /// One host's client and connection limit.
@@ -73,9 +74,10 @@ pub(crate) struct Host {
     /// `scheme://host:port`.
     origin: String,
     client: Client,
-    /// With a configured proxy: the same client without it, for requests
-    /// the proxy cannot take.
+    /// When requests to this origin go through a proxy: the same client
+    /// without it, for requests the proxy cannot take.
     direct: Option<Client>,
+    /// That proxy (for the log).
     proxy: Option<String>,
     /// When the last fallback was logged.
     proxy_warned: Mutex<Option<std::time::Instant>>,
@@ -137,12 +139,9 @@ impl Hosts {
             request_timeout: opts.request_timeout,
             user_agent: opts.user_agent.clone(),
             max_connections: opts.max_connections.max(1),
-            // The configured proxy, else the environment's for this scheme:
+            // The configured proxy, else the environment's by scheme:
             // either way with the direct fallback below.
-            proxy: opts
-                .proxy
-                .clone()
-                .or_else(|| super::options::proxy_from_env(url.scheme())),
+            proxy: ProxyRoute::of(opts),
         };
         // Held while a client is built (milliseconds, once per host): two
         // first users of a host must not build two clients.
@@ -150,11 +149,13 @@ impl Hosts {
         if let Some(h) = hosts.get(&key) {
             return Ok(h.clone());
         }
-        // Through the proxy, and a client without it for the requests the
-        // proxy takes no connection for.
-        let client = opts.build_client(tls, key.proxy.as_deref())?;
-        let direct = match &key.proxy {
-            Some(_) => Some(opts.build_client(tls, None)?),
+        // Through the proxy, and when this origin's own requests take one,
+        // a client without it for the requests the proxy takes no
+        // connection for.
+        let client = opts.build_client(tls, &key.proxy)?;
+        let proxy = key.proxy.for_scheme(&key.scheme).map(str::to_owned);
+        let direct = match &proxy {
+            Some(_) => Some(opts.build_client(tls, &ProxyRoute::Direct)?),
             None => None,
         };
         // `host_str` keeps an IPv6 address in brackets.
@@ -172,7 +173,7 @@ impl Hosts {
             origin,
             client,
             direct,
-            proxy: key.proxy.clone(),
+            proxy,
             proxy_warned: Mutex::new(None),
             limiter: Limiter::new(key.max_connections),
             breaker,

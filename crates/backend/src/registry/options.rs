@@ -55,8 +55,8 @@ pub struct ClientOptions {
     /// Dragonfly's daemon is used this way), but for hosts `NO_PROXY` names.
     /// When no connection to it can be made, the request is sent directly
     /// (logged, counted in [`RequestStats::proxy_fallbacks`](super::RequestStats)).
-    /// None: the environment's, for each host by its scheme
-    /// ([`proxy_from_env`]: `https_proxy`/`HTTPS_PROXY` for https,
+    /// None: the environment's, for each request by the scheme of its URL
+    /// (redirects included; [`proxy_from_env`]: `https_proxy`/`HTTPS_PROXY` for https,
     /// `http_proxy`/`HTTP_PROXY` for http, else `all_proxy`/`ALL_PROXY`),
     /// with the same fallback; `NO_PROXY` is honoured either way.
     pub proxy: Option<String>,
@@ -121,6 +121,57 @@ pub fn proxy_from_env(scheme: &str) -> Option<String> {
     proxy_from(scheme, |name| std::env::var(name).ok())
 }
 
+/// Which proxy a client sends each request through.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) enum ProxyRoute {
+    /// None: every request goes directly.
+    #[default]
+    Direct,
+    /// Every request, whatever its scheme, through this proxy
+    /// ([`ClientOptions::proxy`]).
+    All(String),
+    /// The environment's: each request by the scheme of its own URL, so a
+    /// redirect to the other scheme (an `https` registry sending a blob to
+    /// `http` storage, say) takes that scheme's proxy, or none, as curl
+    /// does.
+    ByScheme {
+        http: Option<String>,
+        https: Option<String>,
+    },
+}
+
+impl ProxyRoute {
+    /// The route of clients built with `opts`: its `proxy`, else the
+    /// environment's ([`proxy_from_env`]).
+    pub(crate) fn of(opts: &ClientOptions) -> ProxyRoute {
+        ProxyRoute::new(
+            opts.proxy.as_deref(),
+            proxy_from_env("http"),
+            proxy_from_env("https"),
+        )
+    }
+
+    fn new(configured: Option<&str>, http: Option<String>, https: Option<String>) -> ProxyRoute {
+        match (configured, http, https) {
+            (Some(p), _, _) => ProxyRoute::All(p.to_owned()),
+            (None, None, None) => ProxyRoute::Direct,
+            (None, http, https) => ProxyRoute::ByScheme { http, https },
+        }
+    }
+
+    /// The proxy a request to a URL of `scheme` goes through, if any.
+    pub(crate) fn for_scheme(&self, scheme: &str) -> Option<&str> {
+        match self {
+            ProxyRoute::Direct => None,
+            ProxyRoute::All(p) => Some(p),
+            ProxyRoute::ByScheme { http, https } => match scheme {
+                "https" => https.as_deref(),
+                _ => http.as_deref(),
+            },
+        }
+    }
+}
+
 fn proxy_from(scheme: &str, var: impl Fn(&str) -> Option<String>) -> Option<String> {
     let own = match scheme {
         "https" => ["https_proxy", "HTTPS_PROXY"],
@@ -164,26 +215,38 @@ impl ClientOptions {
         }
     }
 
-    /// A new client with these settings for a host with `tls`, through
-    /// `proxy` (but for the hosts `NO_PROXY` names), or without any proxy
-    /// when None. Only [`Hosts`] calls it: everyone else gets the host's
-    /// shared client from there.
+    /// A new client with these settings for a host with `tls`, sending its
+    /// requests by `route` (but for the hosts `NO_PROXY` names). Only
+    /// [`Hosts`] calls it: everyone else gets the host's shared client from
+    /// there.
     pub(crate) fn build_client(
         &self,
         tls: &HostTls,
-        proxy: Option<&str>,
+        route: &ProxyRoute,
     ) -> Result<reqwest::blocking::Client, RegistryError> {
-        let mut b = reqwest::blocking::Client::builder();
-        b = match proxy {
-            None => b.no_proxy(),
-            Some(url) => b.proxy(
-                reqwest::Proxy::all(url)
-                    .map_err(|e| RegistryError::Setup {
-                        why: format!("invalid proxy {url:?}: {e}"),
-                    })?
-                    .no_proxy(reqwest::NoProxy::from_env()),
-            ),
+        type ProxyFor = fn(&str) -> reqwest::Result<reqwest::Proxy>;
+        let proxy = |make: ProxyFor, url: &str| {
+            make(url)
+                .map(|p| p.no_proxy(reqwest::NoProxy::from_env()))
+                .map_err(|e| RegistryError::Setup {
+                    why: format!("invalid proxy {url:?}: {e}"),
+                })
         };
+        // `no_proxy` first: no proxy reqwest would find on its own, only
+        // those added here.
+        let mut b = reqwest::blocking::Client::builder().no_proxy();
+        match route {
+            ProxyRoute::Direct => {}
+            ProxyRoute::All(url) => b = b.proxy(proxy(|u| reqwest::Proxy::all(u), url)?),
+            ProxyRoute::ByScheme { http, https } => {
+                if let Some(url) = http {
+                    b = b.proxy(proxy(|u| reqwest::Proxy::http(u), url)?);
+                }
+                if let Some(url) = https {
+                    b = b.proxy(proxy(|u| reqwest::Proxy::https(u), url)?);
+                }
+            }
+        }
         let mut b = b
             .connect_timeout(self.connect_timeout)
             .timeout(self.request_timeout)
@@ -304,6 +367,98 @@ mod tests {
     }
 
     #[test]
+    fn a_configured_proxy_takes_every_scheme_the_environments_each_its_own() {
+        let some = |s: &str| Some(s.to_owned());
+        let all = ProxyRoute::new(Some("http://p:1"), some("http://e:2"), None);
+        assert_eq!(all, ProxyRoute::All("http://p:1".into()));
+        assert_eq!(all.for_scheme("http"), Some("http://p:1"));
+        assert_eq!(all.for_scheme("https"), Some("http://p:1"));
+        let env = ProxyRoute::new(None, None, some("http://s:3"));
+        assert_eq!(env.for_scheme("http"), None);
+        assert_eq!(env.for_scheme("https"), Some("http://s:3"));
+        assert_eq!(ProxyRoute::new(None, None, None), ProxyRoute::Direct);
+        assert_eq!(ProxyRoute::Direct.for_scheme("https"), None);
+    }
+
+    /// One request line (or CONNECT line) a listener received, or None when
+    /// nothing connected within the wait.
+    fn first_line_received(listener: std::net::TcpListener, answer: String) -> Option<String> {
+        use std::io::{BufRead, BufReader, Write};
+        listener.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let (stream, _) = loop {
+            match listener.accept() {
+                Ok(c) => break c,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(_) => return None,
+            }
+        };
+        stream.set_nonblocking(false).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut first = String::new();
+        reader.read_line(&mut first).unwrap();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                break;
+            }
+        }
+        (&stream).write_all(answer.as_bytes()).unwrap();
+        Some(first.trim_end().to_owned())
+    }
+
+    #[test]
+    fn a_redirect_to_the_other_scheme_takes_that_schemes_environment_proxy() {
+        // An http origin with no proxy of its own redirects to https; the
+        // environment names a proxy for https only. Choosing one proxy by
+        // the origin's scheme (as before) sent the redirected request
+        // directly, past the https proxy.
+        let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (origin, https_target, https_proxy) = (bind(), bind(), bind());
+        let target_addr = https_target.local_addr().unwrap();
+        let origin_url = format!("http://{}/blob", origin.local_addr().unwrap());
+        let route = ProxyRoute::new(
+            None,
+            None,
+            Some(format!("http://{}", https_proxy.local_addr().unwrap())),
+        );
+        let client = ClientOptions::default()
+            .build_client(&HostTls::default(), &route)
+            .unwrap();
+        let redirect = format!(
+            "HTTP/1.1 302 Found\r\nLocation: https://{target_addr}/blob\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        std::thread::scope(|s| {
+            let origin = s.spawn(move || first_line_received(origin, redirect));
+            let proxy = s.spawn(move || {
+                first_line_received(https_proxy, "HTTP/1.1 502 Bad Gateway\r\n\r\n".into())
+            });
+            // The proxy refuses the tunnel: the request fails, which is not
+            // what this test is about.
+            let _ = client.get(&origin_url).send();
+            assert_eq!(
+                origin.join().unwrap().as_deref(),
+                Some("GET /blob HTTP/1.1")
+            );
+            assert_eq!(
+                proxy.join().unwrap(),
+                Some(format!("CONNECT {target_addr} HTTP/1.1")),
+                "the redirected https request did not go through the https proxy"
+            );
+            // A direct connection, had one been made, waits in the accept
+            // queue.
+            https_target.set_nonblocking(true).unwrap();
+            assert!(
+                https_target.accept().is_err(),
+                "the redirected https request went directly"
+            );
+        });
+    }
+
+    #[test]
     fn loopback_and_insecure_hosts_use_plain_http() {
         let opts = ClientOptions {
             insecure_hosts: vec!["reg.lan:5000".into(), "other.lan".into()],
@@ -352,7 +507,9 @@ mod tests {
                 ca_files: vec![path.clone()],
                 ..ClientOptions::default()
             };
-            let err = opts.build_client(&HostTls::default(), None).unwrap_err();
+            let err = opts
+                .build_client(&HostTls::default(), &ProxyRoute::Direct)
+                .unwrap_err();
             assert!(matches!(err, RegistryError::Setup { .. }), "{err}");
             assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
         }
