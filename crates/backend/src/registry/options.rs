@@ -224,10 +224,8 @@ impl ClientOptions {
         tls: &HostTls,
         route: &ProxyRoute,
     ) -> Result<reqwest::blocking::Client, RegistryError> {
-        type ProxyFor = fn(&str) -> reqwest::Result<reqwest::Proxy>;
-        let proxy = |make: ProxyFor, url: &str| {
-            make(url)
-                .map(|p| p.no_proxy(reqwest::NoProxy::from_env()))
+        let checked = |made: reqwest::Result<reqwest::Proxy>, url: &str| {
+            made.map(|p| p.no_proxy(reqwest::NoProxy::from_env()))
                 .map_err(|e| RegistryError::Setup {
                     why: format!("invalid proxy {url:?}: {e}"),
                 })
@@ -237,13 +235,13 @@ impl ClientOptions {
         let mut b = reqwest::blocking::Client::builder().no_proxy();
         match route {
             ProxyRoute::Direct => {}
-            ProxyRoute::All(url) => b = b.proxy(proxy(|u| reqwest::Proxy::all(u), url)?),
+            ProxyRoute::All(url) => b = b.proxy(checked(reqwest::Proxy::all(url), url)?),
             ProxyRoute::ByScheme { http, https } => {
                 if let Some(url) = http {
-                    b = b.proxy(proxy(|u| reqwest::Proxy::http(u), url)?);
+                    b = b.proxy(checked(reqwest::Proxy::http(url), url)?);
                 }
                 if let Some(url) = https {
-                    b = b.proxy(proxy(|u| reqwest::Proxy::https(u), url)?);
+                    b = b.proxy(checked(reqwest::Proxy::https(url), url)?);
                 }
             }
         }
